@@ -1,0 +1,116 @@
+"""The `pdserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+
+def _add_make_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make-model", help="write a tiny random-weight HF checkpoint")
+    p.add_argument("--arch", required=True, help="llama, qwen2 or qwen3")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", choices=["qwen", "deepseek"], default="qwen")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.set_defaults(func=_make_model)
+
+
+def _make_model(args: argparse.Namespace) -> int:
+    from engine.checkpoint import make_model
+
+    path = make_model(
+        args.arch,
+        args.out,
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        intermediate=args.intermediate,
+        seed=args.seed,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+    )
+    print(path)
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="run prompts through the offline engine")
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for more prompts")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--attention-backend", default="torch")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine.llm import LLM
+    from engine.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        page_size=args.page_size,
+        attention_backend=args.attention_backend,
+    )
+    for done in llm.generate(args.prompt, params):
+        if args.json:
+            record = {
+                "text": done.text,
+                "token_ids": done.token_ids,
+                "finish_reason": done.finish_reason,
+            }
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        else:
+            print(done.text, flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_make_model(sub)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"pdserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

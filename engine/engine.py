@@ -1,0 +1,169 @@
+"""The engine: requests in, tokens and text out, one `step()` at a time.
+
+It glues the scheduler (what runs), the runner (the model), the sampler, and per-request
+detokenization and stop rules. It knows nothing of HTTP or other nodes; servers drive it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.kv.radix import RadixCache
+from engine.request import Req
+from engine.runner import ModelRunner, StepResult
+from engine.sampling import SamplerState, SamplingParams
+from engine.scheduler import Scheduler
+from engine.stop import StopChecker
+from engine.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (a streaming delta)."""
+
+    rid: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None = None
+    matched_stop: int | str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    logits: torch.Tensor | None = None  # only when the engine keeps logits (tests)
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, *, keep_logits: bool = False) -> None:
+        self.cfg = cfg
+        self.model_cfg = ModelConfig.load(cfg.model_path)
+        self.tokenizer = load_tokenizer(cfg.model_path)
+        self.eos_token_ids = frozenset(eos_token_ids(cfg.model_path, self.tokenizer))
+        torch.manual_seed(cfg.seed)
+        self.runner = ModelRunner(cfg, self.model_cfg, self.eos_token_ids)
+        self.pool = self.runner.pool
+        cache = RadixCache(self.pool) if cfg.cache.enable_prefix_cache else None
+        self.scheduler = Scheduler(cfg.scheduler, self.pool, cache)
+        self.max_model_len = cfg.max_model_len or self.model_cfg.max_position_embeddings
+        self.keep_logits = keep_logits
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def add_request(self, rid: str, prompt_ids: Sequence[int], params: SamplingParams) -> Req:
+        """Queue a request; raises ValueError with the fix when it cannot run."""
+        prompt = [int(t) for t in prompt_ids]
+        self._validate(prompt, params)
+        req = Req(rid, prompt, params)
+        req.sampler_state = SamplerState.create(params, prompt)
+        req.detokenizer = IncrementalDetokenizer(
+            self.tokenizer, skip_special_tokens=params.skip_special_tokens
+        )
+        req.stop_checker = StopChecker(params, self.eos_token_ids)
+        self.scheduler.add(req)
+        return req
+
+    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise ValueError("prompt is empty (send at least one token or a non-empty text)")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt)} tokens but the model's context is "
+                f"{self.max_model_len} (shorten the prompt to leave room for output)"
+            )
+        vocab = self.model_cfg.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        params.validate(self.max_model_len)
+        pages = -(-(len(prompt) + 1) // self.pool.page_size)
+        if pages > self.pool.total_pages:
+            raise ValueError(
+                f"prompt needs {pages} KV pages but the pool holds {self.pool.total_pages} "
+                "(raise cache.max_tokens or cache.mem_fraction)"
+            )
+
+    def abort(self, rid: str) -> bool:
+        req = self.scheduler.find(rid)
+        if req is None:
+            return False
+        self.scheduler.finish(req, "abort", cache=False)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- stepping ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        result = self.runner.run(batch)
+        self.scheduler.advance(batch)
+        return [self._emit(i, req, result) for i, req in enumerate(result.sampled)]
+
+    def _emit(self, i: int, req: Req, result: StepResult) -> RequestOutput:
+        assert result.output is not None
+        token = result.output.token_ids[i]
+        req.output_ids.append(token)
+        req.sampler_state.append(token)
+        out = RequestOutput(req.rid, [token], "", False)
+        if result.output.logprobs is not None:
+            out.logprobs = [result.output.logprobs[i]]
+            out.top_logprobs = [result.output.top_logprobs[i]] if result.output.top_logprobs else []
+        if self.keep_logits and result.logits is not None:
+            out.logits = result.logits[i].clone()
+        self._apply_stop_rules(req, token, out)
+        out.prompt_tokens = len(req.prompt_ids)
+        out.completion_tokens = len(req.output_ids)
+        out.cached_tokens = req.num_cached_prompt
+        return out
+
+    def _apply_stop_rules(self, req: Req, token: int, out: RequestOutput) -> None:
+        delta = req.detokenizer.add(token)
+        verdict = req.stop_checker.check(token, len(req.output_ids), req.text + delta, len(delta))
+        reason = verdict.finish_reason
+        if reason is None and req.seq_len >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            req.text = verdict.text
+            self.scheduler.finish(req, reason)
+            req.matched_stop = verdict.matched_stop
+            shown = req.text
+        else:
+            req.text = verdict.text
+            shown = verdict.streamable_text
+            if len(req.output_ids) == 1:
+                self.scheduler.cache_prefix(req)
+        out.text_delta = shown[req.num_sent_chars :]
+        req.num_sent_chars = max(req.num_sent_chars, len(shown))
+        out.finished = reason is not None
+        out.finish_reason = reason
+        out.matched_stop = req.matched_stop
+
+    # ---- maintenance -------------------------------------------------------------------------
+
+    def flush_cache(self) -> bool:
+        """Drop the prefix cache; refused (False) while requests run."""
+        if self.scheduler.has_work() or self.scheduler.cache is None:
+            return self.scheduler.cache is None and not self.scheduler.has_work()
+        self.scheduler.cache.reset()
+        return True
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()
+
+    @property
+    def num_free_pages(self) -> int:
+        """Pages not held by any request (free or only in the prefix cache)."""
+        cache = self.scheduler.cache
+        return self.pool.num_free + (cache.evictable_pages if cache is not None else 0)

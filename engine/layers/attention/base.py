@@ -1,0 +1,49 @@
+"""The attention backend interface.
+
+A backend is built once per engine with the KV page pool. Every step the runner describes the
+batch once (`AttentionBatch`); the backend turns it into its own metadata (`prepare`), and each
+layer then calls `forward`, which stores the step's K/V into the pages and attends over the
+request's whole context.
+
+Token layout of a step (requests back to back, new tokens only):
+
+    q rows:  | req0: q_len0 | req1: q_len1 | ... |
+    req i's new tokens sit at positions [kv_len_i - q_len_i, kv_len_i) of its sequence;
+    its page table maps sequence position p to slot page_table[p // page_size] * page_size
+    + p % page_size in every layer's buffer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    q_lens: Sequence[int]
+    kv_lens: Sequence[int]
+    page_tables: Sequence[Sequence[int]]
+    page_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.q_lens)
+
+
+class AttentionBackend(ABC):
+    """Paged attention over the engine's KV pool."""
+
+    @abstractmethod
+    def prepare(self, batch: AttentionBatch) -> Any:
+        """Build the per-step metadata shared by all layers."""
+
+    @abstractmethod
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: Any
+    ) -> torch.Tensor:
+        """q: [T, q_heads, D]; k, v: [T, kv_heads, D] (this step's). Returns [T, q_heads, D]."""

@@ -1,0 +1,92 @@
+"""Offline API: `LLM(model_path, **options).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.config import CacheConfig, EngineConfig, SchedulerConfig, parse_dtype
+from engine.engine import Engine, RequestOutput
+from engine.sampling import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class Completion:
+    """The finished result of one prompt."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    matched_stop: int | str | None = None
+    cached_tokens: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, out: RequestOutput) -> None:
+        self.token_ids.extend(out.new_token_ids)
+        self.text += out.text_delta
+        self.logprobs.extend(out.logprobs)
+        self.top_logprobs.extend(out.top_logprobs)
+        self.cached_tokens = out.cached_tokens
+        if out.logits is not None:
+            self.logits.append(out.logits)
+        if out.finished:
+            self.finish_reason, self.matched_stop = out.finish_reason, out.matched_stop
+
+
+def engine_config(model: str, **options: Any) -> EngineConfig:
+    """EngineConfig from flat keyword options (the names the CLI and YAML use)."""
+    cache_keys = {"page_size", "max_tokens", "mem_fraction", "enable_prefix_cache"}
+    sched_keys = {"max_running", "max_batch_tokens", "chunk_size"}
+    cache = CacheConfig(**{k: options.pop(k) for k in list(options) if k in cache_keys})
+    sched = SchedulerConfig(**{k: options.pop(k) for k in list(options) if k in sched_keys})
+    if options.get("dtype") is not None:
+        options["dtype"] = parse_dtype(options["dtype"])
+    return EngineConfig(model_path=str(model), cache=cache, scheduler=sched, **options)
+
+
+class LLM:
+    """Runs prompts to completion on one in-process engine (continuous batching inside)."""
+
+    def __init__(self, model: str, *, keep_logits: bool = False, **options: Any) -> None:
+        self.engine = Engine(engine_config(model, **options), keep_logits=keep_logits)
+        self.tokenizer = self.engine.tokenizer
+        self._next_id = 0
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer(prompt)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[Completion]:
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = sampling_params or SamplingParams()
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else params
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(per_prompt)} sampling params")
+        ids = [self.encode(p) for p in prompts]
+        results: dict[str, Completion] = {}
+        for prompt_ids, p in zip(ids, per_prompt):
+            rid = f"offline-{self._next_id}"
+            self._next_id += 1
+            self.engine.add_request(rid, prompt_ids, p)
+            results[rid] = Completion(prompt_ids)
+        self.run_until_done(results)
+        return list(results.values())
+
+    def run_until_done(self, results: dict[str, Completion]) -> None:
+        while self.engine.has_work():
+            for out in self.engine.step():
+                results[out.rid].add(out)

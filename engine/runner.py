@@ -1,0 +1,114 @@
+"""Model runner: owns the model, the KV pool and the attention backend; runs one step.
+
+A step's requests are flattened into one token batch (see attention/base.py for the layout);
+only the rows of requests that reach the end of their sequence go through the LM head.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.kv.pool import KVLayout, PagePool, available_memory_bytes, pages_for_budget
+from engine.layers.attention import AttentionBackend, AttentionBatch, create_backend
+from engine.models import model_class
+from engine.sampling import SampleOutput, Sampler
+from engine.scheduler import ScheduledBatch
+from engine.weights import iter_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ForwardContext:
+    """What the model's attention layers need for this step."""
+
+    backend: AttentionBackend
+    meta: Any
+
+    def attention(self, q, k, v, layer: int) -> torch.Tensor:
+        return self.backend.forward(q, k, v, layer, self.meta)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Requests that sampled this step, their tokens, and the logits they were drawn from."""
+
+    sampled: list[Any]
+    output: SampleOutput | None
+    logits: torch.Tensor | None
+
+
+def load_model(model_cfg: ModelConfig, path: str, dtype: torch.dtype, device: str) -> Any:
+    """Build the model for `model_cfg` and load the checkpoint at `path` into it."""
+    with torch.device(device):
+        model = model_class(model_cfg)(model_cfg)
+    model.load_weights(iter_weights(path))
+    return model.to(dtype=dtype).eval()
+
+
+def kv_layout(model_cfg: ModelConfig, dtype: torch.dtype) -> KVLayout:
+    return KVLayout.mha(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, dtype)
+
+
+class ModelRunner:
+    def __init__(
+        self, cfg: EngineConfig, model_cfg: ModelConfig, eos_token_ids: frozenset[int]
+    ) -> None:
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.device = torch.device(cfg.device)
+        self.dtype = cfg.dtype or model_cfg.dtype
+        self.model = load_model(model_cfg, cfg.model_path, self.dtype, cfg.device)
+        layout = kv_layout(model_cfg, self.dtype)
+        self.pool = PagePool(layout, self._num_pages(layout), cfg.cache.page_size, cfg.device)
+        self.attention = create_backend(cfg.attention_backend, self.pool, model_cfg.head_dim**-0.5)
+        self.sampler = Sampler(eos_token_ids, seed=cfg.seed)
+        log.info(
+            "model loaded: %s, %d KV pages of %d tokens",
+            model_cfg.family,
+            self.pool.total_pages,
+            cfg.cache.page_size,
+        )
+
+    def _num_pages(self, layout: KVLayout) -> int:
+        cache = self.cfg.cache
+        if cache.max_tokens is not None:
+            return pages_for_budget(layout, cache.page_size, max_tokens=cache.max_tokens)
+        mem = int(available_memory_bytes(self.device) * cache.mem_fraction)
+        return pages_for_budget(layout, cache.page_size, mem_bytes=mem)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> StepResult:
+        """Compute the batch's tokens; sample for requests that reach their sequence end."""
+        ids, positions, logit_rows, sampled = [], [], [], []
+        row = 0
+        for req, n, samples in zip(batch.reqs, batch.num_tokens, batch.samples):
+            start = req.num_computed
+            ids.extend(req.token_slice(start, start + n))
+            positions.extend(range(start, start + n))
+            row += n
+            if samples:
+                logit_rows.append(row - 1)
+                sampled.append(req)
+        meta = self.attention.prepare(
+            AttentionBatch(
+                q_lens=batch.num_tokens,
+                kv_lens=[r.num_computed + n for r, n in zip(batch.reqs, batch.num_tokens)],
+                page_tables=[r.page_table for r in batch.reqs],
+                page_size=self.pool.page_size,
+            )
+        )
+        ctx = ForwardContext(self.attention, meta)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, pos, ctx)
+        if not sampled:
+            return StepResult([], None, None)
+        logits = self.model.compute_logits(hidden[logit_rows])
+        out = self.sampler(logits, [r.params for r in sampled], [r.sampler_state for r in sampled])
+        return StepResult(sampled, out, logits)
