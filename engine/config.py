@@ -139,19 +139,19 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache sizing. Give `max_tokens` or `mem_fraction` (of available memory)."""
+    """Paged KV cache sizing. Give `max_total_tokens` or `mem_fraction` (of available memory)."""
 
     page_size: int = 16
-    max_tokens: int | None = None
+    max_total_tokens: int | None = None
     mem_fraction: float = 0.1
     enable_prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
-        if self.max_tokens is not None and self.max_tokens < self.page_size:
+        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
             raise ValueError(
-                f"max_tokens ({self.max_tokens}) must hold at least one page ({self.page_size})"
+                f"max_total_tokens ({self.max_total_tokens}) must hold at least one page ({self.page_size})"
             )
         if not 0.0 < self.mem_fraction <= 1.0:
             raise ValueError(f"mem_fraction must be in (0, 1], got {self.mem_fraction}")

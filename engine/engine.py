@@ -129,13 +129,15 @@ class Engine:
         return out
 
     def _apply_stop_rules(self, req: Req, token: int, out: RequestOutput) -> None:
-        delta = req.detokenizer.add(token)
+        delta = req.detokenizer.push(token)
         verdict = req.stop_checker.check(token, len(req.output_ids), req.text + delta, len(delta))
         reason = verdict.finish_reason
         if reason is None and req.seq_len >= self.max_model_len:
             reason = "length"
         if reason is not None:
-            req.text = verdict.text
+            # a cut at max length keeps any bytes the detokenizer still holds, as decode() would
+            tail = req.detokenizer.finish() if reason == "length" else ""
+            req.text = verdict.text + tail
             self.scheduler.finish(req, reason)
             req.matched_stop = verdict.matched_stop
             shown = req.text

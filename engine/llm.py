@@ -43,7 +43,7 @@ class Completion:
 
 def engine_config(model: str, **options: Any) -> EngineConfig:
     """EngineConfig from flat keyword options (the names the CLI and YAML use)."""
-    cache_keys = {"page_size", "max_tokens", "mem_fraction", "enable_prefix_cache"}
+    cache_keys = {"page_size", "max_total_tokens", "mem_fraction", "enable_prefix_cache"}
     sched_keys = {"max_running", "max_batch_tokens", "chunk_size"}
     cache = CacheConfig(**{k: options.pop(k) for k in list(options) if k in cache_keys})
     sched = SchedulerConfig(**{k: options.pop(k) for k in list(options) if k in sched_keys})

@@ -77,8 +77,8 @@ class ModelRunner:
 
     def _num_pages(self, layout: KVLayout) -> int:
         cache = self.cfg.cache
-        if cache.max_tokens is not None:
-            return pages_for_budget(layout, cache.page_size, max_tokens=cache.max_tokens)
+        if cache.max_total_tokens is not None:
+            return pages_for_budget(layout, cache.page_size, max_tokens=cache.max_total_tokens)
         mem = int(available_memory_bytes(self.device) * cache.mem_fraction)
         return pages_for_budget(layout, cache.page_size, mem_bytes=mem)
 

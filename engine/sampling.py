@@ -1,0 +1,411 @@
+"""Sampling: per-request parameters, per-request state, and one batched sampler.
+
+One step turns a batch of logits ``[B, V]`` into one token per row, in this order::
+
+    min_tokens mask -> penalties -> (logprobs) -> temperature -> top-k -> top-p -> min-p -> draw
+
+Logprobs are ``log_softmax`` of the logits after the min_tokens mask and the penalties, before
+temperature and truncation: they do not depend on temperature/top-k/top-p/min-p, so a greedy run
+and a sampled run report the same numbers for the same token, and without penalties they equal
+``log_softmax`` of the raw model logits (what ``transformers`` reports).
+
+The draw uses the exponential race: ``argmax(probs / q)`` with ``q ~ Exp(1)`` per vocab entry picks
+token ``i`` with probability ``probs[i]``. Rows without a seed share one batched draw from the
+sampler's own generator; a row with a seed draws its noise from a generator re-seeded from
+``(seed, output position)``, so its tokens do not depend on the batch it rides in, its position in
+that batch, or on which node (prefill or decode) drew the token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+# Temperatures below this are greedy: dividing logits by them only overflows.
+GREEDY_TEMPERATURE_EPS = 1e-5
+MAX_LOGPROBS = 20
+_U64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks tokens and when it stops (names as vLLM / OpenAI spell them)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
+
+    def validate(self, max_model_len: int | None = None) -> None:
+        """Raise ValueError naming the first bad field and how to fix it."""
+        problems = _param_problems(self, max_model_len)
+        if problems:
+            raise ValueError(problems[0])
+
+
+def _param_problems(p: SamplingParams, max_model_len: int | None) -> list[str]:
+    checks = [
+        (
+            p.max_tokens < 1,
+            f"max_tokens must be >= 1, got {p.max_tokens} (ask for at least one token)",
+        ),
+        (
+            max_model_len is not None and p.max_tokens > max_model_len,
+            f"max_tokens must be <= max_model_len {max_model_len}, got {p.max_tokens} "
+            "(lower max_tokens)",
+        ),
+        (
+            not 0 <= p.temperature < math.inf,
+            f"temperature must be a finite number >= 0, got {p.temperature} (use 0 for greedy)",
+        ),
+        (
+            not 0 < p.top_p <= 1,
+            f"top_p must be in (0, 1], got {p.top_p} (use 1 to disable top-p)",
+        ),
+        (p.top_k < -1, f"top_k must be -1, 0 or positive, got {p.top_k} (use -1 to disable top-k)"),
+        (not 0 <= p.min_p <= 1, f"min_p must be in [0, 1], got {p.min_p} (use 0 to disable min-p)"),
+        (
+            not 0 < p.repetition_penalty < math.inf,
+            f"repetition_penalty must be a finite number > 0, got {p.repetition_penalty} "
+            "(use 1 to disable it)",
+        ),
+        (
+            not -2 <= p.frequency_penalty <= 2,
+            f"frequency_penalty must be in [-2, 2], got {p.frequency_penalty} "
+            "(use 0 to disable it)",
+        ),
+        (
+            not -2 <= p.presence_penalty <= 2,
+            f"presence_penalty must be in [-2, 2], got {p.presence_penalty} (use 0 to disable it)",
+        ),
+        (
+            p.min_tokens < 0 or p.min_tokens > p.max_tokens,
+            f"min_tokens must be in [0, max_tokens={p.max_tokens}], got {p.min_tokens} "
+            "(lower min_tokens or raise max_tokens)",
+        ),
+        (
+            p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS,
+            f"logprobs must be in [0, {MAX_LOGPROBS}], got {p.logprobs} "
+            "(use None for no logprobs, 0 for the chosen token only)",
+        ),
+        (
+            any(not isinstance(s, str) or not s for s in p.stop),
+            f"stop must hold non-empty strings, got {p.stop!r} (pass non-empty strings)",
+        ),
+        (
+            any(not isinstance(t, int) or t < 0 for t in p.stop_token_ids),
+            f"stop_token_ids must be token ids >= 0, got {p.stop_token_ids!r} "
+            "(pass vocabulary ids)",
+        ),
+    ]
+    return [message for bad, message in checks if bad]
+
+
+@dataclass
+class SamplerState:
+    """What the sampler remembers about one request between steps; the engine keeps one each.
+
+    The caller appends every token the request outputs (``state.append(token_id)``), the first
+    one included; a decode node resuming a request appends the tokens the prefill node drew.
+    """
+
+    seed: int | None
+    prompt_token_ids: frozenset[int] = frozenset()
+    output_counts: dict[int, int] = field(default_factory=dict)
+    num_output_tokens: int = 0
+    _generator: torch.Generator | None = field(default=None, repr=False)
+    _prompt_ids_tensor: torch.Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def create(cls, params: SamplingParams, prompt_ids: Sequence[int]) -> SamplerState:
+        # Only the repetition penalty reads the prompt; skip the set for everyone else.
+        prompt = frozenset(prompt_ids) if params.repetition_penalty != 1.0 else frozenset()
+        return cls(seed=params.seed, prompt_token_ids=prompt)
+
+    def append(self, token_id: int) -> None:
+        self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
+        self.num_output_tokens += 1
+
+    def generator_for_step(self, device: torch.device) -> torch.Generator:
+        """This request's generator, seeded for its current output position.
+
+        NOTE: re-seeding from (seed, position) instead of letting one stream run on makes the draw
+        for position i the same on a prefill node, a decode node, or after a recompute.
+        """
+        assert self.seed is not None, "generator_for_step needs a seeded request"
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(step_seed(self.seed, self.num_output_tokens))
+        return self._generator
+
+    def prompt_ids_tensor(self, device: torch.device) -> torch.Tensor:
+        if self._prompt_ids_tensor is None or self._prompt_ids_tensor.device != device:
+            ids = sorted(self.prompt_token_ids)
+            self._prompt_ids_tensor = torch.tensor(ids, dtype=torch.long, device=device)
+        return self._prompt_ids_tensor
+
+
+def step_seed(seed: int, position: int) -> int:
+    """A well-mixed 64-bit seed for output position ``position`` of a request seeded ``seed``."""
+    x = ((seed & _U64) * 0x9E3779B97F4A7C15 + position) & _U64
+    # splitmix64 finalizer: nearby (seed, position) pairs give unrelated seeds.
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
+    return x ^ (x >> 31)
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    """One step's picks. ``logprobs`` / ``top_logprobs`` are None when no row asked for them;
+    otherwise ``logprobs`` has every row's chosen-token logprob and ``top_logprobs[i]`` holds row
+    i's ``params.logprobs`` best ``(token_id, logprob)`` pairs, best first (empty for 0 or None)."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+class Sampler:
+    """Picks one token per row of a logits batch. Holds the generator for unseeded requests."""
+
+    def __init__(self, eos_token_ids: frozenset[int] = frozenset(), seed: int | None = None):
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        states: Sequence[SamplerState],
+    ) -> SampleOutput:
+        """One token per row of ``logits [B, V]`` (any float dtype; not modified).
+
+        Row ``i`` follows ``params[i]`` and reads ``states[i]``; the caller then appends the
+        chosen token to each state (the sampler never does, so a step can be dropped or redone).
+        """
+        if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(states):
+            raise ValueError(
+                f"Sampler got logits {tuple(logits.shape)}, {len(params)} params and "
+                f"{len(states)} states (pass one params and one state per logits row)"
+            )
+        logits = self._processed_logits(logits.float(), params, states)
+        if all(p.is_greedy for p in params):
+            token_ids = logits.argmax(dim=-1)
+        else:
+            token_ids = self._sample(logits, params, states)
+        return _with_logprobs(logits, token_ids, params)
+
+    def _processed_logits(
+        self, logits: torch.Tensor, params: Sequence[SamplingParams], states: Sequence[SamplerState]
+    ) -> torch.Tensor:
+        logits = self._mask_early_stops(logits, params, states)
+        rows = [i for i, p in enumerate(params) if p.has_penalties]
+        if not rows:
+            return logits
+        picked = [params[i] for i in rows]
+        penalized = apply_penalties(
+            logits[rows],
+            *_penalty_inputs([states[i] for i in rows], logits.shape[1], logits.device),
+            repetition=_column(picked, "repetition_penalty", logits.device),
+            frequency=_column(picked, "frequency_penalty", logits.device),
+            presence=_column(picked, "presence_penalty", logits.device),
+        )
+        if len(rows) == len(params):
+            return penalized
+        logits = logits.clone()
+        logits[rows] = penalized
+        return logits
+
+    def _mask_early_stops(
+        self, logits: torch.Tensor, params: Sequence[SamplingParams], states: Sequence[SamplerState]
+    ) -> torch.Tensor:
+        """Forbid EOS and stop tokens for rows that have not yet output ``min_tokens`` tokens."""
+        rows: list[int] = []
+        cols: list[int] = []
+        vocab = logits.shape[1]
+        for i, (p, s) in enumerate(zip(params, states, strict=True)):
+            if s.num_output_tokens >= p.min_tokens:
+                continue
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+            ids = [t for t in sorted(banned) if t < vocab]
+            rows += [i] * len(ids)
+            cols += ids
+        if not rows:
+            return logits
+        logits = logits.clone()
+        logits[rows, cols] = float("-inf")
+        return logits
+
+    def _sample(
+        self, logits: torch.Tensor, params: Sequence[SamplingParams], states: Sequence[SamplerState]
+    ) -> torch.Tensor:
+        device = logits.device
+        greedy = torch.tensor([p.is_greedy for p in params], device=device)
+        temperature = torch.tensor(
+            [1.0 if p.is_greedy else p.temperature for p in params], device=device
+        )
+        sampled_params = [p for p in params if not p.is_greedy]
+        scaled = apply_top_k_top_p(
+            logits / temperature[:, None],
+            _column(params, "top_k", device) if any(p.top_k > 0 for p in sampled_params) else None,
+            _column(params, "top_p", device) if any(p.top_p < 1 for p in sampled_params) else None,
+        )
+        if any(p.min_p > 0 for p in sampled_params):
+            scaled = apply_min_p(scaled, _column(params, "min_p", device))
+        sampled = (scaled.softmax(dim=-1) / self._exponential_noise(scaled, states)).argmax(dim=-1)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    def _exponential_noise(
+        self, like: torch.Tensor, states: Sequence[SamplerState]
+    ) -> torch.Tensor:
+        noise = torch.empty_like(like)
+        if any(s.seed is None for s in states):
+            noise.exponential_(generator=self._generator(like.device))
+        for i, s in enumerate(states):
+            if s.seed is not None:
+                noise[i].exponential_(generator=s.generator_for_step(like.device))
+        # NOTE: exponential_ may return exactly 0; 0/0 is NaN and argmax would pick a banned token.
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            generator = torch.Generator(device=device)
+            if self._seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(self._seed & _U64)
+            self._generators[device] = generator
+        return self._generators[device]
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    output_counts: torch.Tensor,
+    *,
+    repetition: torch.Tensor,
+    frequency: torch.Tensor,
+    presence: torch.Tensor,
+) -> torch.Tensor:
+    """Penalized copy of ``logits [B, V]``.
+
+    Repetition (HF/CTRL): every token in the prompt or the output so far has a positive logit
+    divided by ``repetition[b]``, a negative one multiplied. Then frequency and presence (OpenAI),
+    over output tokens only: ``logit -= frequency[b] * count + presence[b] * (count > 0)``.
+    ``prompt_mask`` is bool ``[B, V]``, ``output_counts`` is ``[B, V]``, the penalties ``[B]``.
+    """
+    counts = output_counts.to(logits.dtype)
+    appeared = counts > 0
+    rep = repetition[:, None].to(logits.dtype)
+    repeated = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(prompt_mask | appeared, repeated, logits)
+    logits = logits - frequency[:, None].to(logits.dtype) * counts
+    return logits - presence[:, None].to(logits.dtype) * appeared.to(logits.dtype)
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Logits with everything outside each row's top-k, then top-p, set to -inf.
+
+    ``top_k[b] <= 0`` keeps all; exactly k tokens survive, ties broken towards the lower id.
+    Top-p keeps the smallest set of best tokens (renormalized after top-k) whose mass reaches
+    ``top_p[b]``; the best token always survives, and ``top_p[b] >= 1`` keeps all.
+    """
+    if top_k is None and top_p is None:
+        return logits
+    ordered, order = logits.sort(dim=-1, descending=True, stable=True)
+    rank = torch.arange(logits.shape[1], device=logits.device).expand_as(logits)
+    drop = torch.zeros_like(logits, dtype=torch.bool)
+    if top_k is not None:
+        k = torch.where(top_k > 0, top_k, logits.shape[1])
+        drop = rank >= k[:, None]
+    if top_p is not None:
+        probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        # NOTE: p >= 1 must keep everything, and the cumsum's rounding can pass 1.0 on the tail.
+        p = torch.where(top_p >= 1, float("inf"), top_p.to(probs.dtype))
+        drop |= mass_before >= p[:, None]
+    ordered = ordered.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, ordered)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Logits with every token whose probability is below ``min_p[b]`` times the row's best
+    token's probability set to -inf (compared in log space: no softmax needed)."""
+    threshold = logits.amax(dim=-1, keepdim=True) + torch.log(min_p.to(logits.dtype))[:, None]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def _penalty_inputs(
+    states: Sequence[SamplerState], vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense ``prompt_mask [R, V]`` and ``output_counts [R, V]`` for the penalized rows."""
+    prompt_flat, count_flat, count_values = [], [], []
+    for row, s in enumerate(states):
+        if s.prompt_token_ids:
+            prompt_flat.append(s.prompt_ids_tensor(device) + row * vocab)
+        count_flat += [row * vocab + t for t in s.output_counts]
+        count_values += list(s.output_counts.values())
+    prompt_mask = torch.zeros(len(states) * vocab, dtype=torch.bool, device=device)
+    if prompt_flat:
+        prompt_mask[torch.cat(prompt_flat)] = True
+    counts = torch.zeros(len(states) * vocab, dtype=torch.float32, device=device)
+    if count_flat:
+        index = torch.tensor(count_flat, dtype=torch.long, device=device)
+        counts[index] = torch.tensor(count_values, dtype=torch.float32, device=device)
+    return prompt_mask.view(-1, vocab), counts.view(-1, vocab)
+
+
+def _column(params: Sequence[SamplingParams], name: str, device: torch.device) -> torch.Tensor:
+    return torch.tensor([getattr(p, name) for p in params], device=device)
+
+
+def _with_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, params: Sequence[SamplingParams]
+) -> SampleOutput:
+    wanted = [p.logprobs for p in params]
+    if all(n is None for n in wanted):
+        return SampleOutput(token_ids=token_ids.tolist())
+    logprobs = logits.log_softmax(dim=-1)
+    chosen = logprobs.gather(-1, token_ids[:, None]).squeeze(-1).tolist()
+    widest = max(n or 0 for n in wanted)
+    tops: list[list[tuple[int, float]]] = [[] for _ in params]
+    if widest > 0:
+        values, ids = logprobs.topk(widest, dim=-1)
+        for row, (n, vs, ts) in enumerate(zip(wanted, values.tolist(), ids.tolist(), strict=True)):
+            tops[row] = list(zip(ts[: n or 0], vs[: n or 0], strict=True))
+    return SampleOutput(token_ids=token_ids.tolist(), logprobs=chosen, top_logprobs=tops)

@@ -1,0 +1,123 @@
+"""Offline throughput: pdserve's engine vs `transformers.generate` on the same checkpoint.
+
+Workload (defaults): 64 prompts of 256 random tokens, 64 output tokens each (EOS ignored),
+greedy, at most 16 sequences in flight for both (transformers runs batches of 16).
+The last printed line is JSON.
+
+    python scripts/bench_offline.py [--model DIR | --arch llama] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.checkpoint import make_model  # noqa: E402
+from engine.llm import LLM  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="checkpoint dir (default: a tiny generated one)")
+    p.add_argument("--arch", default="llama")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def default_model(args: argparse.Namespace) -> Path:
+    cache = Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
+    out = cache / "models" / f"bench-{args.arch}-l{args.layers}-h{args.hidden}-{args.dtype}"
+    if not (out / "config.json").is_file():
+        make_model(args.arch, out, layers=args.layers, hidden=args.hidden, dtype=args.dtype)
+    return out
+
+
+def make_prompts(args: argparse.Namespace, vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(args.seed)
+    # stay clear of special tokens at the top of the vocabulary
+    ids = torch.randint(100, min(vocab, 100_000), (args.num_prompts, args.input_len), generator=gen)
+    return ids.tolist()
+
+
+def bench_engine(model: Path, prompts: list[list[int]], args: argparse.Namespace) -> float:
+    llm = LLM(
+        str(model),
+        dtype=args.dtype,
+        page_size=args.page_size,
+        max_running=args.batch,
+        max_batch_tokens=max(4096, args.input_len * 4),
+        max_total_tokens=(args.input_len + args.output_len) * args.batch * 2,
+        enable_prefix_cache=False,
+    )
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.token_ids) == args.output_len for o in outs)
+    return sum(len(o.token_ids) for o in outs) / elapsed
+
+
+def bench_hf(model: Path, prompts: list[list[int]], args: argparse.Namespace) -> float:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, args.dtype)).eval()
+    kw = dict(do_sample=False, max_new_tokens=args.output_len, min_new_tokens=args.output_len)
+    with torch.inference_mode():
+        warm = torch.tensor(prompts[:2])
+        hf.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, do_sample=False)
+        start = time.perf_counter()
+        produced = 0
+        for i in range(0, len(prompts), args.batch):
+            ids = torch.tensor(prompts[i : i + args.batch])
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+            produced += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+        elapsed = time.perf_counter() - start
+    return produced / elapsed
+
+
+def main() -> None:
+    args = parse_args()
+    model = Path(args.model) if args.model else default_model(args)
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    prompts = make_prompts(args, vocab)
+    engine_tps = bench_engine(model, prompts, args)
+    print(f"pdserve engine: {engine_tps:.1f} output tok/s", flush=True)
+    hf_tps = None if args.skip_hf else bench_hf(model, prompts, args)
+    if hf_tps is not None:
+        print(f"transformers.generate: {hf_tps:.1f} output tok/s", flush=True)
+    result = {
+        "model": str(model),
+        "num_prompts": args.num_prompts,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "engine_output_tok_s": round(engine_tps, 1),
+        "hf_output_tok_s": None if hf_tps is None else round(hf_tps, 1),
+        "speedup": None if hf_tps is None else round(engine_tps / hf_tps, 2),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
