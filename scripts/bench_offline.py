@@ -12,17 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.checkpoint import make_model  # noqa: E402
-from engine.llm import LLM  # noqa: E402
-from engine.sampling import SamplingParams  # noqa: E402
+from engine.checkpoint import make_model
+from engine.llm import LLM
+from engine.sampling import SamplingParams
 
 
 def parse_args() -> argparse.Namespace:
