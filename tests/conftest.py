@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random-weight checkpoints (written once per session) and their tokenizers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.checkpoint import make_model
+from engine.tokenizer import load_tokenizer
+
+
+def _cache_key(arch: str, tokenizer: str, kw: dict[str, Any]) -> str:
+    # NOTE: JSON so that dict arguments (rope_scaling) are hashable and order-independent.
+    return json.dumps({"arch": arch, "tokenizer": tokenizer, **kw}, sort_keys=True, default=repr)
+
+
+@pytest.fixture(scope="session")
+def make_tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`make_tiny(arch="llama", tokenizer="qwen", **make_model_kwargs) -> Path`.
+
+    Writes a tiny HF checkpoint with `engine.checkpoint.make_model` the first time a combination
+    of arguments is asked for, and returns the same directory afterwards. Treat it as read-only:
+    it is shared by every test of the session.
+    """
+    written: dict[str, Path] = {}
+
+    def make(arch: str = "llama", tokenizer: str = "qwen", **kw: Any) -> Path:
+        key = _cache_key(arch, tokenizer, kw)
+        if key not in written:
+            out = tmp_path_factory.mktemp(f"tiny-{arch}-{tokenizer}")
+            written[key] = make_model(arch, out, tokenizer=tokenizer, **kw)
+        return written[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(make_tiny: Callable[..., Path]) -> Callable[[str], Any]:
+    """`tiny_tokenizer("qwen" | "deepseek")`: the HF tokenizer of a tiny checkpoint, loaded once.
+
+    Shared by the session: do not change its settings.
+    """
+    loaded: dict[str, Any] = {}
+
+    def get(name: str = "qwen") -> Any:
+        if name not in loaded:
+            loaded[name] = load_tokenizer(make_tiny("llama", tokenizer=name))
+        return loaded[name]
+
+    return get
