@@ -29,8 +29,13 @@ else
 	$(PIP) install -q --no-deps nixl-cu12
 endif
 
+# Until the cluster lands: the offline engine on the default tiny model.
+DEFAULT_MODEL ?= $(HOME)/.cache/pdserve/models/default-qwen3
 run: setup
-	$(PYTHON) -m cluster.cli run-default
+	@test -f $(DEFAULT_MODEL)/config.json || \
+		$(PYTHON) -m cluster.cli make-model --arch qwen3 --out $(DEFAULT_MODEL)
+	$(PYTHON) -m cluster.cli generate --model $(DEFAULT_MODEL) --json --max-tokens 24 \
+		--prompt "The quick brown fox" --prompt "Prefill and decode, disaggregated:"
 
 test: setup
 	$(PYTHON) -m ruff check .
