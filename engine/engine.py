@@ -58,17 +58,88 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def add_request(self, rid: str, prompt_ids: Sequence[int], params: SamplingParams) -> Req:
-        """Queue a request; raises ValueError with the fix when it cannot run."""
+    def add_request(
+        self,
+        rid: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        prefill_only: bool = False,
+    ) -> Req:
+        """Queue a request; raises ValueError with the fix when it cannot run.
+
+        `prefill_only` (a prefill node): the request ends after its first token, and its pages
+        stay held (`kv_pages`) until `release` once they have been sent.
+        """
+        req = self._new_req(rid, prompt_ids, params)
+        req.prefill_only = prefill_only
+        self.scheduler.add(req)
+        return req
+
+    def _new_req(self, rid: str, prompt_ids: Sequence[int], params: SamplingParams) -> Req:
         prompt = [int(t) for t in prompt_ids]
         self._validate(prompt, params)
+        if self.scheduler.find(rid) is not None:
+            raise ValueError(f"request id {rid!r} is already in use (send a unique rid)")
         req = Req(rid, prompt, params)
         req.sampler_state = SamplerState.create(params, prompt)
         req.detokenizer = IncrementalDetokenizer(
             self.tokenizer, skip_special_tokens=params.skip_special_tokens
         )
         req.stop_checker = StopChecker(params, self.eos_token_ids)
-        self.scheduler.add(req)
+        return req
+
+    # ---- PD --------------------------------------------------------------------------------
+
+    def reserve(
+        self, rid: str, prompt_ids: Sequence[int], params: SamplingParams, headroom: int = 0
+    ) -> list[int] | None:
+        """Decode side: hold pages for the prompt (+ headroom tokens) before its KV arrives.
+
+        Returns the page ids that will hold the prompt's KV, or None when memory is short (try
+        again later; nothing is held). Raises ValueError for a request that can never run.
+        """
+        req = self._new_req(rid, prompt_ids, params)
+        tokens = min(len(req.prompt_ids) + max(headroom, 1), self.max_model_len)
+        if not self.scheduler.reserve(req, tokens):
+            return None
+        return self.kv_pages(rid)
+
+    def activate(
+        self,
+        rid: str,
+        first_token: int,
+        logprob: float | None = None,
+        top_logprobs: Sequence[tuple[int, float]] = (),
+        cached_tokens: int = 0,
+    ) -> RequestOutput:
+        """Decode side: the prompt's KV and first token arrived; the request starts decoding."""
+        req = self._held(rid)
+        self.scheduler.activate(req)
+        req.num_cached_prompt = cached_tokens
+        req.output_ids.append(first_token)
+        req.sampler_state.append(first_token)
+        out = RequestOutput(rid, [first_token], "", False)
+        if req.params.logprobs is not None and logprob is not None:
+            out.logprobs, out.top_logprobs = [logprob], [list(top_logprobs)]
+        self._finish_output(req, first_token, out)
+        return out
+
+    def kv_pages(self, rid: str) -> list[int]:
+        """The pages holding a held request's prompt KV, in sequence order."""
+        req = self._held(rid)
+        return req.page_table[: -(-len(req.prompt_ids) // self.pool.page_size)]
+
+    def release(self, rid: str, *, cache: bool = True) -> None:
+        """End a held request (sent, failed or aborted): its pages go back exactly once.
+
+        NOTE: call it only once no transfer can still touch the pages (the room is final)."""
+        self.scheduler.finish(self._held(rid), "released", cache=cache)
+
+    def _held(self, rid: str) -> Req:
+        req = self.scheduler.held.get(rid)
+        if req is None:
+            raise KeyError(f"no reserved or parked request {rid!r}")
         return req
 
     def _validate(self, prompt: list[int], params: SamplingParams) -> None:
@@ -88,10 +159,12 @@ class Engine:
         if pages > self.pool.total_pages:
             raise ValueError(
                 f"prompt needs {pages} KV pages but the pool holds {self.pool.total_pages} "
-                "(raise cache.max_tokens or cache.mem_fraction)"
+                "(raise max_total_tokens or mem_fraction)"
             )
 
     def abort(self, rid: str) -> bool:
+        """Drop a request wherever it is; False if unknown. For a held request whose pages a
+        transfer may still write, wait for the room to end and call `release` instead."""
         req = self.scheduler.find(rid)
         if req is None:
             return False
@@ -122,11 +195,24 @@ class Engine:
             out.top_logprobs = [result.output.top_logprobs[i]] if result.output.top_logprobs else []
         if self.keep_logits and result.logits is not None:
             out.logits = result.logits[i].clone()
-        self._apply_stop_rules(req, token, out)
+        self._finish_output(req, token, out)
+        return out
+
+    def _finish_output(self, req: Req, token: int, out: RequestOutput) -> None:
+        if req.prefill_only:
+            self._end_prefill(req, token, out)
+        else:
+            self._apply_stop_rules(req, token, out)
         out.prompt_tokens = len(req.prompt_ids)
         out.completion_tokens = len(req.output_ids)
         out.cached_tokens = req.num_cached_prompt
-        return out
+
+    def _end_prefill(self, req: Req, token: int, out: RequestOutput) -> None:
+        """A prefill node's request is done after one token; its pages wait to be sent."""
+        req.text = req.detokenizer.push(token) + req.detokenizer.finish()
+        self.scheduler.park(req)
+        out.text_delta = req.text
+        out.finished, out.finish_reason = True, "length"
 
     def _apply_stop_rules(self, req: Req, token: int, out: RequestOutput) -> None:
         delta = req.detokenizer.push(token)

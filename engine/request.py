@@ -22,6 +22,10 @@ from engine.sampling import SamplingParams
 class ReqStatus(Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    # PD: pages held outside the batch. RESERVED: a decode node's pages waiting for the
+    # prefill node's KV. PARKED: a prefill node's pages being sent after the first token.
+    RESERVED = "reserved"
+    PARKED = "parked"
     FINISHED = "finished"
 
 

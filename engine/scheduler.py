@@ -45,6 +45,7 @@ class Scheduler:
         self.page_size = pool.page_size
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
+        self.held: dict[str, Req] = {}  # RESERVED and PARKED requests, by rid
 
     # ---- queues ------------------------------------------------------------------------------
 
@@ -52,9 +53,12 @@ class Scheduler:
         self.waiting.append(req)
 
     def has_work(self) -> bool:
+        """Whether stepping would compute anything (held requests wait on other nodes)."""
         return bool(self.waiting or self.running)
 
     def find(self, rid: str) -> Req | None:
+        if rid in self.held:
+            return self.held[rid]
         for req in (*self.running, *self.waiting):
             if req.rid == rid:
                 return req
@@ -172,9 +176,49 @@ class Scheduler:
         req.page_table[:num_pages] = match.pages
         req.num_tree_pages = num_pages
 
+    # ---- PD: pages held outside the batch -----------------------------------------------------
+
+    def reserve(self, req: Req, num_tokens: int) -> bool:
+        """Hold pages for num_tokens of req before its KV arrives; False when they don't fit.
+
+        Like admission, leaves a page of decode headroom per running request, so a reservation
+        never forces running requests out.
+        """
+        need = _ceil_div(num_tokens, self.page_size)
+        if self._available_pages() < need + len(self.running):
+            return False
+        pages = self._alloc(need)
+        if pages is None:
+            return False
+        req.page_table, req.num_tree_pages = pages, 0
+        req.status = ReqStatus.RESERVED
+        self.held[req.rid] = req
+        return True
+
+    def activate(self, req: Req) -> None:
+        """A reserved request's prompt KV has arrived: it joins the running batch."""
+        assert req.status is ReqStatus.RESERVED, f"{req.rid} is {req.status}, not reserved"
+        del self.held[req.rid]
+        req.num_computed = len(req.prompt_ids)
+        req.status = ReqStatus.RUNNING
+        self.running.append(req)
+
+    def park(self, req: Req) -> None:
+        """Take req out of the batch but keep its pages (a prefill node sends them next)."""
+        assert req.status is ReqStatus.RUNNING, f"{req.rid} is {req.status}, not running"
+        self.running.remove(req)
+        req.status = ReqStatus.PARKED
+        self.held[req.rid] = req
+
     def finish(self, req: Req, reason: str, cache: bool = True) -> None:
         """End req: cache what it computed, free the rest, drop it from the queues."""
-        if req.status is ReqStatus.RUNNING:
+        if req.status in (ReqStatus.RESERVED, ReqStatus.PARKED):
+            del self.held[req.rid]
+            if cache and req.status is ReqStatus.PARKED:
+                self.cache_prefix(req)
+            self._free_own(req)
+            self._unlock(req)
+        elif req.status is ReqStatus.RUNNING:
             if cache:
                 self.cache_prefix(req)
             self._free_own(req)
@@ -200,11 +244,11 @@ class Scheduler:
     def held_pages(self) -> Iterable[list[int]]:
         if self.cache is not None:
             yield self.cache.all_pages()
-        for req in self.running:
+        for req in (*self.running, *self.held.values()):
             yield req.own_pages
 
     def check_integrity(self) -> None:
-        """Every page is free, in the radix cache, or owned by exactly one running request."""
+        """Every page is free, in the radix cache, or owned by exactly one live request."""
         self.pool.check_integrity(self.held_pages())
         if self.cache is not None:
             self.cache.check_integrity()

@@ -1,0 +1,75 @@
+"""Settings of one running component (node or gateway), as plain frozen dataclasses.
+
+The cluster YAML (cluster/config.py) and the command line both resolve to these; the node and
+gateway entry points take nothing else. `engine` holds engine keyword options by the names
+`engine.llm.engine_config` accepts (dtype, page_size, max_total_tokens, mem_fraction,
+enable_prefix_cache, max_running, max_batch_tokens, chunk_size, max_model_len, seed,
+attention_backend, device).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Role = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    backend: Literal["mooncake", "nixl"] = "mooncake"
+    protocol: str = "tcp"  # mooncake: tcp | rdma
+    timeout_s: float = 30.0  # every waiting state of a room
+    heartbeat_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """One prefill or decode node: HTTP server + scheduler process (+ bootstrap server)."""
+
+    role: Role
+    model: str
+    name: str = "node"
+    host: str = "127.0.0.1"
+    port: int = 30001
+    bootstrap_port: int | None = None  # prefill only; the port SGLang's router is told
+    served_model_name: str | None = None  # the `model` id clients use (default: dir name)
+    engine: dict[str, Any] = field(default_factory=dict)
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+    # decode only: prefill locally when no bootstrap fields arrive, or when the uncached part of
+    # the prompt is shorter than this many tokens (0: always disaggregate when asked to)
+    local_prefill_threshold: int = 0
+    decode_headroom_tokens: int = 64  # pages reserved beyond the prompt before any transfer
+    log_level: str = "warning"
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A node as the gateway sees it."""
+
+    url: str  # http://host:port
+    bootstrap_port: int | None = None  # prefill instances
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    port: int = 30000
+    prefill: tuple[Instance, ...] = ()
+    decode: tuple[Instance, ...] = ()
+    prefill_policy: str = "cache_aware"
+    decode_policy: str = "least_load"
+    api_key: str | None = None
+    admin_key: str | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_prompt_tokens: int | None = None
+    max_tokens_limit: int | None = None
+    max_inflight: int = 1024
+    request_timeout_s: float = 600.0
+    health_interval_s: float = 5.0
+    health_failures: int = 3  # consecutive failed checks before an instance is taken out
+    breaker_errors: int = 5  # consecutive request errors that open an instance's breaker
+    breaker_cooldown_s: float = 10.0
+    max_retries: int = 2
+    tokenizer: str | None = None  # a checkpoint dir, for prompt-length limits and cache_aware
+    log_level: str = "warning"
