@@ -17,10 +17,16 @@ Role = Literal["prefill", "decode"]
 
 @dataclass(frozen=True)
 class TransferSettings:
-    backend: Literal["mooncake", "nixl"] = "mooncake"
+    """KV transfer options; the names are transfer.TransferConfig's (the node adds host/port)."""
+
+    backend: Literal["mooncake", "nixl", "none"] = "mooncake"  # none: colocated only
     protocol: str = "tcp"  # mooncake: tcp | rdma
-    timeout_s: float = 30.0  # every waiting state of a room
-    heartbeat_s: float = 2.0
+    bootstrap_timeout_s: float = 30.0  # a room waits this long for its peer to show up
+    waiting_timeout_s: float = 300.0  # ... for the prefill to produce the KV
+    transfer_timeout_s: float = 60.0  # ... for the write to finish
+    abort_timeout_s: float = 10.0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 6.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class NodeSettings:
     # the prompt is shorter than this many tokens (0: always disaggregate when asked to)
     local_prefill_threshold: int = 0
     decode_headroom_tokens: int = 64  # pages reserved beyond the prompt before any transfer
+    prealloc_timeout_s: float = 300.0  # a decode request waits this long for free pages
     log_level: str = "warning"
 
 
@@ -72,4 +79,11 @@ class GatewaySettings:
     breaker_cooldown_s: float = 10.0
     max_retries: int = 2
     tokenizer: str | None = None  # a checkpoint dir, for prompt-length limits and cache_aware
+    # cache_aware: send a prompt to the instance whose seen prompts share the longest prefix with
+    # it when that covers more than cache_threshold of it, unless the loads are out of balance
+    # (max - min > balance_abs_threshold and max > min * balance_rel_threshold: least load then)
+    cache_threshold: float = 0.5
+    balance_abs_threshold: int = 32
+    balance_rel_threshold: float = 1.5
+    cache_max_chars: int = 1 << 22  # per instance prefix tree; least recently used text evicted
     log_level: str = "warning"

@@ -1,0 +1,82 @@
+"""One HTTP request's jobs in flight: submit them, read their outputs, abort what is left."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from api.errors import ApiError, server_error
+from api.ipc import SchedulerClient
+from api.messages import TokenOutput
+from api.node_format import JobState
+from api.node_requests import Job
+
+
+class JobRun:
+    def __init__(self, client: SchedulerClient, jobs: Sequence[Job], timeout_s: float) -> None:
+        self.client = client
+        self.queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
+        self.states = {job.request.rid: JobState(job) for job in jobs}
+        self.deadline = time.monotonic() + timeout_s
+        self.timeout_s = timeout_s
+        self.started = time.monotonic()
+        self.first_token_s: float | None = None
+        self._opened: list[str] = []
+
+    @property
+    def ordered(self) -> list[JobState]:
+        return sorted(self.states.values(), key=lambda s: s.job.index)
+
+    @property
+    def done(self) -> bool:
+        return all(s.finished for s in self.states.values())
+
+    async def start(self) -> None:
+        for rid in self.states:
+            self.client.open(rid, self.queue)
+            self._opened.append(rid)
+        for state in self.states.values():
+            await self.client.send(state.job.request)
+
+    async def next(self) -> tuple[JobState, TokenOutput]:
+        """The next output of any job; raises ApiError for a job's error or the timeout."""
+        remaining = self.deadline - time.monotonic()
+        try:
+            out = await asyncio.wait_for(self.queue.get(), max(remaining, 0.001))
+        except TimeoutError:
+            raise server_error(
+                f"request timed out after {self.timeout_s:.0f}s", status=504, code="timeout"
+            ) from None
+        state = self.states[out.rid]
+        if out.error is not None:
+            state.finished = True
+            raise ApiError(out.status, out.error)
+        if self.first_token_s is None and out.token_ids:
+            self.first_token_s = time.monotonic() - self.started
+        state.apply(out)
+        return state, out
+
+    async def first_outputs(self) -> list[tuple[JobState, TokenOutput]]:
+        """Wait until every job answered once (so a bad request fails before any byte is sent)."""
+        waiting = set(self.states)
+        got = []
+        while waiting:
+            state, out = await self.next()
+            waiting.discard(state.job.request.rid)
+            got.append((state, out))
+        return got
+
+    async def rest(self) -> list[tuple[JobState, TokenOutput]]:
+        got = []
+        while not self.done:
+            got.append(await self.next())
+        return got
+
+    async def close(self) -> None:
+        """Abort unfinished jobs on the scheduler and stop routing their outputs."""
+        for rid in self._opened:
+            if not self.states[rid].finished:
+                await self.client.abort(rid)
+            self.client.close(rid)
+        self._opened = []

@@ -1,0 +1,95 @@
+"""Prometheus text for a node: request counts, latency histograms, and the scheduler's gauges."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from api.settings import NodeSettings
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+GAUGES = {
+    "free_pages": "KV pages not held by any request",
+    "total_pages": "KV pages in the pool",
+    "running": "requests in the running batch",
+    "waiting": "requests waiting to be scheduled",
+    "held": "requests holding pages outside the batch (PD transfer)",
+}
+
+
+class Histogram:
+    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
+        self.buckets = tuple(buckets)
+        self.counts = [0] * len(self.buckets)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.total += 1
+        self.sum += value
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        sep = "," if labels else ""
+        out = [
+            f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)
+        ]
+        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.total}')
+        out.append(f"{name}_sum{{{labels}}} {self.sum}")
+        out.append(f"{name}_count{{{labels}}} {self.total}")
+        return out
+
+
+class NodeMetrics:
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.ttft = Histogram()
+        self.e2e = Histogram()
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.cached_tokens = 0
+
+    def count(self, route: str, status: int) -> None:
+        self.requests[(route, status)] += 1
+
+    def observe_first_token(self, ttft_s: float | None) -> None:
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+
+    def observe_done(self, ttft_s: float | None, e2e_s: float, states: Sequence[Any]) -> None:
+        self.observe_first_token(ttft_s)
+        self.e2e.observe(e2e_s)
+        for s in states:
+            self.prompt_tokens += s.prompt_tokens
+            self.generation_tokens += s.completion_tokens
+            self.cached_tokens += s.cached_tokens
+
+    def render(self, info: dict[str, Any], settings: NodeSettings) -> str:
+        labels = f'role="{settings.role}",name="{settings.name}"'
+        lines = ["# TYPE pdserve_node_requests_total counter"]
+        for (route, status), n in sorted(self.requests.items()):
+            lines.append(
+                f'pdserve_node_requests_total{{{labels},route="{route}",status="{status}"}} {n}'
+            )
+        for name, value in (
+            ("prompt_tokens_total", self.prompt_tokens),
+            ("generation_tokens_total", self.generation_tokens),
+            ("cached_tokens_total", self.cached_tokens),
+        ):
+            lines += [
+                f"# TYPE pdserve_node_{name} counter",
+                f"pdserve_node_{name}{{{labels}}} {value}",
+            ]
+        for key, help_text in GAUGES.items():
+            if key in info:
+                metric = f"pdserve_node_{key}"
+                lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} gauge"]
+                lines.append(f"{metric}{{{labels}}} {info[key]}")
+        lines.append("# TYPE pdserve_node_time_to_first_token_seconds histogram")
+        lines += self.ttft.lines("pdserve_node_time_to_first_token_seconds", labels)
+        lines.append("# TYPE pdserve_node_e2e_request_latency_seconds histogram")
+        lines += self.e2e.lines("pdserve_node_e2e_request_latency_seconds", labels)
+        return "\n".join(lines) + "\n"

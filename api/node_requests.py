@@ -1,0 +1,153 @@
+"""From an HTTP body (OpenAI or SGLang native) to the node's tokenized jobs.
+
+A job is one prompt and one sample: a completions request with 2 prompts and n=3 makes 6 jobs,
+indexed prompt * n + sample (OpenAI's choice order). Sampling options become SamplingParams
+fields by name; the scheduler validates them and answers 400 for bad values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from api.errors import invalid_request
+from api.messages import GenerateRequest
+from api.openai import ChatCompletionRequest, CompletionRequest
+
+# Extra sampling fields clients may send beside OpenAI's (SGLang / vLLM extensions).
+EXTRA_PARAMS = (
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "ignore_eos",
+    "min_tokens",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+)
+# SGLang's /generate sampling_params names that differ from ours.
+NATIVE_RENAMES = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "no_stop_trim": "include_stop_str_in_output",
+}
+NATIVE_IGNORED = ("spaces_between_special_tokens", "n", "sampling_seed")
+
+
+@dataclass(frozen=True)
+class Job:
+    index: int  # choice index
+    prompt_index: int
+    request: GenerateRequest
+
+
+def job_rid(base: str, index: int, total: int) -> str:
+    return base if total == 1 else f"{base}-{index}"
+
+
+def bootstrap_of(body: dict[str, Any], prompt_index: int, num_prompts: int) -> dict[str, Any]:
+    """bootstrap_host/port/room for one prompt: scalars, or lists with one item per prompt."""
+    fields = {}
+    for key in ("bootstrap_host", "bootstrap_port", "bootstrap_room"):
+        value = body.get(key)
+        if isinstance(value, list):
+            if len(value) != num_prompts:
+                raise invalid_request(
+                    f"{key} has {len(value)} items for {num_prompts} prompts (send one per prompt)",
+                    param=key,
+                )
+            value = value[prompt_index]
+        fields[key] = value
+    if fields["bootstrap_room"] is not None and None in fields.values():
+        raise invalid_request("PD requests need bootstrap_host, bootstrap_port and bootstrap_room")
+    return fields
+
+
+def make_jobs(
+    rid: str,
+    prompts: Sequence[list[int]],
+    params: dict[str, Any],
+    n: int,
+    body: dict[str, Any],
+) -> list[Job]:
+    total = len(prompts) * n
+    if n > 1 and body.get("bootstrap_room") is not None:
+        raise invalid_request("n > 1 cannot be disaggregated in one room (send n requests)", "n")
+    jobs = []
+    for p, prompt in enumerate(prompts):
+        boot = bootstrap_of(body, p, len(prompts))
+        for i in range(n):
+            sample = dict(params)
+            if n > 1 and sample.get("seed") is not None:
+                sample["seed"] = sample["seed"] + i  # n different samples, still reproducible
+            index = p * n + i
+            req = GenerateRequest(job_rid(rid, index, total), list(prompt), sample, **boot)
+            jobs.append(Job(index, p, req))
+    return jobs
+
+
+def openai_params(req: Any, max_tokens: int, logprobs: int | None) -> dict[str, Any]:
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    params: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "stop": stop,
+        "seed": req.seed,
+        "presence_penalty": req.presence_penalty or 0.0,
+        "frequency_penalty": req.frequency_penalty or 0.0,
+        "logprobs": logprobs,
+    }
+    extra = req.model_extra or {}
+    params.update({k: extra[k] for k in EXTRA_PARAMS if k in extra})
+    return params
+
+
+def completion_prompts(
+    req: CompletionRequest, encode: Callable[[str], list[int]]
+) -> list[list[int]]:
+    return [encode(p) if isinstance(p, str) else list(p) for p in req.prompts]
+
+
+def completion_max_tokens(req: CompletionRequest) -> int:
+    return 16 if req.max_tokens is None else req.max_tokens
+
+
+def chat_max_tokens(req: ChatCompletionRequest, prompt_len: int, max_model_len: int) -> int:
+    limit = req.output_limit
+    return max(max_model_len - prompt_len, 1) if limit is None else limit
+
+
+def chat_logprobs(req: ChatCompletionRequest) -> int | None:
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def native_params(body: dict[str, Any]) -> dict[str, Any]:
+    raw = body.get("sampling_params") or {}
+    if not isinstance(raw, dict):
+        raise invalid_request("sampling_params must be an object", param="sampling_params")
+    params: dict[str, Any] = {"max_tokens": 128}
+    for key, value in raw.items():
+        if key in NATIVE_IGNORED:
+            continue
+        params[NATIVE_RENAMES.get(key, key)] = value
+    if body.get("return_logprob"):
+        params["logprobs"] = int(body.get("top_logprobs_num") or 0)
+    return params
+
+
+def native_prompts(body: dict[str, Any], encode: Callable[[str], list[int]]) -> tuple[list, bool]:
+    """(token-id prompts, whether the input was a batch)."""
+    text, ids = body.get("text"), body.get("input_ids")
+    if (text is None) == (ids is None):
+        raise invalid_request("send exactly one of text or input_ids", param="text")
+    if text is not None:
+        batch = isinstance(text, list)
+        prompts = [encode(t) for t in (text if batch else [text])]
+    else:
+        batch = bool(ids) and isinstance(ids[0], list)
+        prompts = [list(p) for p in (ids if batch else [ids])]
+    if not prompts or any(not p for p in prompts):
+        raise invalid_request("prompt is empty (send a non-empty text or input_ids)", param="text")
+    return prompts, batch

@@ -1,0 +1,165 @@
+"""The decode node's scheduler process.
+
+Three queues, in DESIGN.md's words: prealloc (requests waiting for pages: reserved for prompt +
+decode headroom before any transfer, never overcommitted, FIFO, with a timeout), transfer
+(rooms in flight; pages return only when the transfer layer says no write can touch them), and
+running (the engine's continuous batch). Requests without bootstrap fields, or whose uncached
+prompt is shorter than `local_prefill_threshold`, are prefilled here (the colocated path).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from api.messages import GenerateRequest, TokenOutput
+from api.node_loop import NodeLoop
+from api.node_server import scheduler_process
+from api.settings import NodeSettings
+from engine.sampling import SamplingParams
+from transfer import KVReceiver, TransferConfig, TransferState
+from transfer.pool_view import pool_view
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pending:
+    req: GenerateRequest
+    params: SamplingParams
+    since: float
+
+
+class DecodeLoop(NodeLoop):
+    def __init__(self, engine: Any, channel: Any, settings: NodeSettings, receiver: Any) -> None:
+        super().__init__(engine, channel, "decode")
+        self.settings = settings
+        self.receiver = receiver
+        self.prealloc: OrderedDict[str, Pending] = OrderedDict()
+        self.rooms: dict[int, str] = {}  # room -> rid, while the transfer is in flight
+        self.room_of: dict[str, int] = {}
+
+    def sampling_params(self, params: dict[str, Any]) -> SamplingParams:
+        return SamplingParams(**params)
+
+    def on_generate(self, req: GenerateRequest) -> None:
+        params = self.sampling_params(req.params)
+        if not req.disaggregated or self._prefill_here(req):
+            self.engine.add_request(req.rid, req.prompt_ids, params)
+            return
+        if req.bootstrap_room in self.rooms:
+            raise ValueError(f"bootstrap_room {req.bootstrap_room} is already in use")
+        self.engine.check_request(req.prompt_ids, params)
+        self.prealloc[req.rid] = Pending(req, params, time.monotonic())
+
+    def _prefill_here(self, req: GenerateRequest) -> bool:
+        threshold = self.settings.local_prefill_threshold
+        if threshold <= 0 or self.receiver is None:
+            return self.receiver is None
+        uncached = len(req.prompt_ids) - self.engine.cached_prefix_len(req.prompt_ids)
+        if uncached >= threshold:
+            return False
+        # NOTE: the prefill node got the same request; tell it to drop the room.
+        self.receiver.decline(req.bootstrap_room, _address(req), "decode prefills locally")
+        return True
+
+    def on_abort(self, rid: str) -> None:
+        if self.prealloc.pop(rid, None) is not None:
+            return
+        room = self.room_of.get(rid)
+        if room is not None:
+            self.receiver.abort(room, "aborted by client")  # pages come back via poll()
+            return
+        self.engine.abort(rid)
+
+    def has_pending(self) -> bool:
+        return bool(self.prealloc or self.rooms)
+
+    def poll(self) -> None:
+        self._reserve_pages()
+        self._expire_prealloc()
+        if self.receiver is not None:
+            for status in self.receiver.pop_finished():
+                self._room_done(status)
+
+    def _reserve_pages(self) -> None:
+        while self.prealloc:
+            rid, pending = next(iter(self.prealloc.items()))
+            req = pending.req
+            pages = self.engine.reserve(
+                rid, req.prompt_ids, pending.params, self.settings.decode_headroom_tokens
+            )
+            if pages is None:
+                return  # FIFO: wait until running requests give pages back
+            del self.prealloc[rid]
+            self.rooms[req.bootstrap_room] = rid
+            self.room_of[rid] = req.bootstrap_room
+            self.receiver.open_room(req.bootstrap_room, _address(req), pages)
+
+    def _expire_prealloc(self) -> None:
+        limit = self.settings.prealloc_timeout_s
+        now = time.monotonic()
+        while self.prealloc:
+            rid, pending = next(iter(self.prealloc.items()))
+            if now - pending.since < limit:
+                return
+            del self.prealloc[rid]
+            msg = f"no KV pages became free within prealloc_timeout_s={limit}s (node overloaded)"
+            self.send(TokenOutput.failure(rid, msg, status=503))
+
+    def _room_done(self, status: Any) -> None:
+        rid = self.rooms.pop(status.room, None)
+        if rid is None:
+            return
+        del self.room_of[rid]
+        if status.state is TransferState.SUCCESS and status.metadata is not None:
+            meta = status.metadata
+            out = self.engine.activate(
+                rid, meta.first_token_id, meta.logprob, meta.top_logprobs, meta.cached_tokens
+            )
+            self.on_output(out)
+            return
+        self.engine.release(rid, cache=False)
+        self.send(TokenOutput.failure(rid, f"KV transfer failed: {status.reason}", status=502))
+
+    def extra_info(self) -> dict[str, Any]:
+        return {"prealloc": len(self.prealloc), "transferring": len(self.rooms)}
+
+    def close(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
+        super().close()
+
+
+def _address(req: GenerateRequest) -> str:
+    return f"{req.bootstrap_host}:{req.bootstrap_port}"
+
+
+def build_receiver(engine: Any, settings: NodeSettings) -> KVReceiver:
+    config = TransferConfig(host=settings.host, **asdict(settings.transfer))
+    buffers, compat = pool_view(
+        engine.pool, settings.served_model_name or Path(settings.model).name
+    )
+    return KVReceiver(config, buffers, compat)
+
+
+def scheduler_main(
+    settings: NodeSettings, requests_addr: str, outputs_addr: str, conn: Any
+) -> None:
+    """Entry point of the decode node's scheduler process."""
+
+    def build() -> tuple[DecodeLoop, dict[str, Any]]:
+        from api.ipc import SchedulerChannel
+        from engine.engine import Engine
+        from engine.llm import engine_config
+
+        engine = Engine(engine_config(settings.model, **settings.engine))
+        receiver = None if settings.transfer.backend == "none" else build_receiver(engine, settings)
+        loop = DecodeLoop(engine, SchedulerChannel(requests_addr, outputs_addr), settings, receiver)
+        return loop, {"max_model_len": engine.max_model_len}
+
+    scheduler_process(settings, conn, build)
