@@ -76,6 +76,17 @@ class Engine:
         self.scheduler.add(req)
         return req
 
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise ValueError (naming the fix) if this request could never run here."""
+        self._validate([int(t) for t in prompt_ids], params)
+
+    def cached_prefix_len(self, prompt_ids: Sequence[int]) -> int:
+        """How many leading prompt tokens the prefix cache holds now."""
+        cache = self.scheduler.cache
+        if cache is None:
+            return 0
+        return cache.match_prefix(list(prompt_ids)[:-1]).num_tokens
+
     def _new_req(self, rid: str, prompt_ids: Sequence[int], params: SamplingParams) -> Req:
         prompt = [int(t) for t in prompt_ids]
         self._validate(prompt, params)
