@@ -8,6 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from cluster import commands
+
 
 def _add_make_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-model", help="write a tiny random-weight HF checkpoint")
@@ -99,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_model(sub)
     _add_generate(sub)
+    commands.add_launch(sub)
+    commands.add_node(sub, "prefill")
+    commands.add_node(sub, "decode")
+    commands.add_gateway(sub)
     return parser
 
 

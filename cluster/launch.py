@@ -1,0 +1,97 @@
+"""`pdserve launch`: every component of a cluster config on this machine, supervised as one.
+
+Each component is `python -m cluster.cli prefill|decode|gateway --config CONFIG --name NAME
+[--set ...]`, the same command a multi-host cluster runs on each host, so both resolve the
+settings alike.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import ClusterConfig, http_url, load_cluster, resolve_config_path
+from .schema import ConfigError
+from .supervisor import Component, Supervisor
+from .validate import GATEWAY, listeners
+
+ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+
+
+def launch(
+    config: str | None,
+    overrides: Sequence[str] = (),
+    *,
+    log_dir: Path | None = None,
+    timeout_s: float = 600.0,
+    grace_s: float = 10.0,
+) -> int:
+    """Start the cluster, print its URL when every component is healthy, run until stopped."""
+    path = resolve_config_path(config).resolve()  # the components may not share our cwd
+    cluster = load_cluster(path, list(overrides))
+    check_can_listen(cluster)
+    if not Path(cluster.model_path()).exists():
+        print(f"pdserve launch: writing model.make to {cluster.model_path()}", file=sys.stderr)
+    cluster.ensure_model()  # once, here, before the nodes would race to write it
+    components = cluster_components(cluster, path, overrides)
+    host, port = cluster.address_of(GATEWAY)
+    ready = f"pdserve cluster ready: {http_url(ANY_ADDRESS.get(host, host), port)}/v1"
+    return Supervisor(components, log_dir=log_dir, grace_s=grace_s).run(ready, timeout_s)
+
+
+def cluster_components(
+    cluster: ClusterConfig, path: Path, overrides: Sequence[str]
+) -> list[Component]:
+    """The command and health URL of every component; the gateway starts once nodes are up."""
+    return [
+        Component(
+            name,
+            component_argv(cluster.role_of(name), path, name, overrides),
+            health(cluster, name),
+            stage=1 if name == GATEWAY else 0,
+        )
+        for name in cluster.component_names()
+    ]
+
+
+def component_argv(role: str, path: Path, name: str, overrides: Sequence[str]) -> tuple[str, ...]:
+    sets = [arg for text in overrides for arg in ("--set", text)]
+    command = ("-m", "cluster.cli", role, "--config", str(path), "--name", name)
+    return (sys.executable, *command, *sets)
+
+
+def health(cluster: ClusterConfig, name: str) -> str:
+    host, port = cluster.address_of(name)
+    return f"{http_url(ANY_ADDRESS.get(host, host), port)}/health"
+
+
+def check_can_listen(cluster: ClusterConfig) -> None:
+    """Every host is this machine's and every port is free: fail before starting anything."""
+    for label, host, port in listeners(cluster):
+        try:
+            try_bind(host, port)
+        except OSError as exc:
+            raise ConfigError(f"{label}: {bind_problem(exc, host, port)}") from None
+
+
+def try_bind(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # NOTE: as the servers bind (SO_REUSEADDR), so a port in TIME_WAIT does not count as taken.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+
+
+def bind_problem(exc: OSError, host: str, port: int) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return f"{host}:{port} is already in use (stop what holds it, or move it with --set)"
+    if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        return (
+            f"{host} is not an address of this machine, and `pdserve launch` starts every "
+            "component here; on a multi-host cluster run `pdserve prefill|decode|gateway "
+            "--config CONFIG --name NAME` on each host"
+        )
+    return f"cannot listen on {host}:{port} ({exc})"

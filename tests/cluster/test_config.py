@@ -1,0 +1,412 @@
+"""Cluster YAML: validation errors, overrides, resolved settings, generated models, shipped configs."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import threading
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from api.settings import GatewaySettings, Instance, NodeSettings, TransferSettings
+from cluster import modelcache
+from cluster.cli import main as pdserve
+from cluster.config import CONFIGS_DIR, DEFAULT_CONFIG, load_cluster, parse_cluster
+from cluster.modelcache import MakeSpec, ensure_model, model_dir
+from cluster.schema import ConfigError
+
+BASE: dict[str, Any] = {
+    "model": {"path": "/models/tiny"},
+    "served_model_name": "tiny",
+    "engine": {"page_size": 16, "dtype": "float32"},
+    "transfer": {"backend": "mooncake", "protocol": "tcp"},
+    "gateway": {"port": 30000, "prefill_policy": "round_robin", "api_key": "k"},
+    "prefill": [{"name": "p0", "port": 30001, "bootstrap_port": 8998}],
+    "decode": [
+        {"name": "d0", "port": 30002, "engine": {"max_running": 8}, "local_prefill_threshold": 64}
+    ],
+}
+
+
+def config_with(**changes: Any) -> dict[str, Any]:
+    data = copy.deepcopy(BASE)
+    data.update(changes)
+    return data
+
+
+def write(tmp_path: Path, data: dict[str, Any]) -> Path:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def error_of(data: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_cluster(data)
+    return str(info.value)
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def test_unknown_key_names_path_and_suggests() -> None:
+    data = config_with(gateway={"port": 30000, "prefill_polcy": "random"})
+    message = error_of(data)
+    assert "gateway.prefill_polcy" in message
+    assert "did you mean 'prefill_policy'?" in message
+
+
+def test_unknown_key_nested_in_a_list_item() -> None:
+    data = config_with(prefill=[{"name": "p0", "port": 1, "bootstrap_port": 2, "engin": {}}])
+    message = error_of(data)
+    assert "prefill.0.engin" in message and "did you mean 'engine'?" in message
+
+
+def test_unknown_engine_option_and_top_level_key() -> None:
+    assert "did you mean 'page_size'?" in error_of(config_with(engine={"page_sise": 16}))
+    message = error_of({**BASE, "modle": {}})
+    assert "unknown key 'modle' at the top level" in message and "'model'" in message
+
+
+def test_unknown_key_without_close_match_lists_valid_keys() -> None:
+    message = error_of(config_with(transfer={"zzz": 1}))
+    assert "transfer.zzz" in message and "valid: " in message and "backend" in message
+
+
+def test_missing_required_fields() -> None:
+    assert "prefill.0: missing required key 'bootstrap_port'" in error_of(
+        config_with(prefill=[{"name": "p0", "port": 30001}])
+    )
+    assert "missing required key 'decode'" in error_of({"model": {"path": "/m"}})
+    assert "missing required key 'arch'" in error_of(config_with(model={"make": {"layers": 2}}))
+
+
+def test_model_needs_exactly_one_of_path_and_make() -> None:
+    assert "exactly one of path" in error_of(config_with(model={}))
+    both = {"path": "/m", "make": {"arch": "qwen3"}}
+    assert "exactly one of path" in error_of(config_with(model=both))
+
+
+def test_wrong_types() -> None:
+    message = error_of(config_with(gateway={"port": "thirty"}))
+    assert message == "gateway.port: expected int, got str 'thirty'"
+    assert "quote it" in error_of(config_with(gateway={"api_key": 1234}))
+    assert "prefill: expected a list" in error_of(config_with(prefill={"name": "p0"}))
+    assert "expected bool" in error_of(config_with(engine={"enable_prefix_cache": "yes"}))
+
+
+def test_floats_accept_ints_but_ints_reject_bools() -> None:
+    cluster = parse_cluster(config_with(engine={"mem_fraction": 1}))
+    assert cluster.engine.mem_fraction == 1.0
+    assert "expected int" in error_of(config_with(engine={"page_size": True}))
+
+
+def test_port_clash_names_both_components() -> None:
+    decode = [{"name": "d0", "port": 8998}]
+    message = error_of(config_with(decode=decode))
+    assert "port clash on 127.0.0.1:8998" in message
+    assert "prefill 'p0' bootstrap_port" in message and "decode 'd0' port" in message
+
+
+def test_port_clash_sees_localhost_as_loopback_and_other_hosts_as_apart() -> None:
+    decode = [{"name": "d0", "host": "localhost", "port": 30000}]
+    assert "gateway port" in error_of(config_with(decode=decode))
+    elsewhere = [{"name": "d0", "host": "10.0.0.2", "port": 30000}]
+    assert parse_cluster(config_with(decode=elsewhere)).decode[0].host == "10.0.0.2"
+
+
+def test_port_out_of_range() -> None:
+    assert "70000 is not a port number" in error_of(config_with(gateway={"port": 70000}))
+
+
+def test_duplicate_and_reserved_names() -> None:
+    decode = [{"name": "p0", "port": 30002}]
+    message = error_of(config_with(decode=decode))
+    assert "decode.0.name: duplicate name 'p0' (also at prefill.0.name)" in message
+    assert "names the gateway" in error_of(config_with(decode=[{"name": "gateway", "port": 1}]))
+    assert "not a usable name" in error_of(config_with(decode=[{"name": "a/b", "port": 1}]))
+
+
+def test_bad_backend_policy_and_protocol() -> None:
+    message = error_of(config_with(transfer={"backend": "mooncak"}))
+    assert "transfer.backend: 'mooncak' is not one of mooncake, nixl" in message
+    assert "did you mean 'mooncake'?" in message
+    message = error_of(config_with(gateway={"decode_policy": "least_loaded"}))
+    assert "gateway.decode_policy: unknown policy 'least_loaded'" in message
+    assert "did you mean 'least_load'?" in message
+    assert "transfer.protocol" in error_of(config_with(transfer={"protocol": "udp"}))
+
+
+def test_transfer_timeouts_must_be_positive_and_ordered() -> None:
+    assert "transfer.transfer_timeout_s: must be > 0" in error_of(
+        config_with(transfer={"transfer_timeout_s": 0})
+    )
+    late = {"heartbeat_interval_s": 5, "heartbeat_timeout_s": 2}
+    assert "must exceed transfer.heartbeat_interval_s" in error_of(config_with(transfer=late))
+
+
+def test_at_least_one_decode_node() -> None:
+    assert "at least one decode node" in error_of(config_with(decode=[]))
+
+
+def test_errors_from_a_file_name_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, config_with(gateway={"portt": 1}))
+    with pytest.raises(ConfigError, match=rf"^{path}: gateway.portt"):
+        load_cluster(path)
+
+
+# --- overrides -----------------------------------------------------------------------------------
+
+
+def test_set_overrides_scalars_and_list_items(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    cluster = load_cluster(
+        path,
+        ["gateway.port=31000", "prefill.0.engine.page_size=32", "gateway.api_key=null"],
+    )
+    assert cluster.gateway.port == 31000
+    assert cluster.gateway.api_key is None
+    assert cluster.node_settings("p0").engine["page_size"] == 32
+    assert cluster.node_settings("d0").engine["page_size"] == 16
+
+
+def test_set_values_are_yaml(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    overrides = [
+        "engine.enable_prefix_cache=false",
+        "engine.mem_fraction=0.5",
+        "served_model_name=x",
+    ]
+    cluster = load_cluster(path, overrides)
+    assert cluster.engine.enable_prefix_cache is False
+    assert cluster.engine.mem_fraction == 0.5
+    assert cluster.served_model_name == "x"
+
+
+def test_set_errors(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    cases = {
+        "prefill.3.port=1": "index 3 is out of range",
+        "prefill.first.port=1": "address its items by index",
+        "gateway.port.x=1": "gateway.port is int 30000, not a mapping",
+        "gateway.port": "expects dotted.key=value",
+        "gateway.portt=1": "did you mean 'port'?",
+    }
+    for text, expected in cases.items():
+        with pytest.raises(ConfigError, match=expected):
+            load_cluster(path, [text])
+
+
+# --- resolved settings ---------------------------------------------------------------------------
+
+
+def test_node_settings_merge_engine_options() -> None:
+    cluster = parse_cluster(config_with(transfer={"backend": "nixl", "bootstrap_timeout_s": 5}))
+    prefill = cluster.node_settings("p0")
+    assert prefill == NodeSettings(
+        role="prefill",
+        model="/models/tiny",
+        name="p0",
+        host="127.0.0.1",
+        port=30001,
+        bootstrap_port=8998,
+        served_model_name="tiny",
+        engine={"page_size": 16, "dtype": "float32"},
+        transfer=TransferSettings(backend="nixl", bootstrap_timeout_s=5.0),
+    )
+    decode = cluster.node_settings("d0")
+    assert decode.role == "decode" and decode.bootstrap_port is None
+    assert decode.engine == {"page_size": 16, "dtype": "float32", "max_running": 8}
+    assert decode.local_prefill_threshold == 64
+    assert decode.decode_headroom_tokens == NodeSettings.decode_headroom_tokens
+
+
+def test_gateway_settings_list_instances() -> None:
+    data = config_with(decode=[{"name": "d0", "host": "10.0.0.2", "port": 30002}])
+    settings = parse_cluster(data).gateway_settings()
+    assert settings.prefill == (Instance("http://127.0.0.1:30001", 8998),)
+    assert settings.decode == (Instance("http://10.0.0.2:30002"),)
+    assert settings.port == 30000 and settings.prefill_policy == "round_robin"
+    assert settings.api_key == "k"
+    assert settings.decode_policy == GatewaySettings.decode_policy
+    assert settings.tokenizer == "/models/tiny"
+
+
+def test_component_names_and_unknown_component() -> None:
+    cluster = parse_cluster(BASE)
+    assert cluster.component_names() == ("p0", "d0", "gateway")
+    assert [cluster.role_of(n) for n in cluster.component_names()] == [
+        "prefill",
+        "decode",
+        "gateway",
+    ]
+    with pytest.raises(ConfigError, match="did you mean 'd0'"):
+        cluster.node_settings("d00")
+
+
+def test_empty_sections_read_as_defaults() -> None:
+    cluster = parse_cluster(config_with(engine=None, gateway=None))
+    assert cluster.engine.options() == {}
+    assert cluster.gateway.port == GatewaySettings.port
+
+
+# --- model.make ----------------------------------------------------------------------------------
+
+
+def test_make_model_is_generated_once_into_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PDSERVE_CACHE", str(tmp_path / "cache"))
+    make = {"arch": "qwen3", "layers": 1, "hidden": 32, "heads": 2, "kv_heads": 1}
+    cluster = parse_cluster(config_with(model={"make": make}))
+    path = Path(cluster.model_path())
+    assert path.parent == tmp_path / "cache" and not path.exists()
+    assert Path(cluster.ensure_model()) == path
+    assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+    assert list(path.glob("*.safetensors"))
+    assert cluster.node_settings("d0").model == str(path)
+    stamp = (path / "config.json").stat().st_mtime_ns
+    assert Path(cluster.ensure_model()) == path
+    assert (path / "config.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in path.parent.iterdir() if not p.name.startswith(".")] == [path.name]
+
+
+def test_make_args_pick_the_directory(tmp_path: Path) -> None:
+    a = model_dir(MakeSpec("qwen3"), tmp_path)
+    assert a == model_dir(MakeSpec("qwen3", layers=2), tmp_path)
+    assert a != model_dir(MakeSpec("qwen3", layers=3), tmp_path)
+    assert a.name.startswith("qwen3-")
+
+
+def test_racing_writers_generate_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Path] = []
+    started = threading.Barrier(4)
+
+    def fake_make_model(arch: str, out: Path, **kw: Any) -> Path:
+        calls.append(Path(out))
+        (Path(out) / "config.json").write_text("{}")
+        return Path(out)
+
+    monkeypatch.setattr("engine.checkpoint.make_model", fake_make_model)
+    results: list[Path] = []
+
+    def worker() -> None:
+        started.wait()
+        results.append(ensure_model(MakeSpec("qwen3"), tmp_path))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(results)) == 1 and len(results) == 4
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
+        results[0].name
+    ]
+
+
+def test_failed_generation_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(modelcache.CACHE_ENV, str(tmp_path))
+    with pytest.raises(ValueError, match=r"model\.make: unknown arch 'gpt9'"):
+        ensure_model(MakeSpec("gpt9"))
+    assert [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+# --- shipped configs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    cluster = load_cluster(path)
+    for name in cluster.component_names()[:-1]:
+        assert cluster.node_settings(name).name == name
+    assert cluster.gateway_settings().decode
+
+
+def test_default_config_is_local_cpu() -> None:
+    cluster = load_cluster(DEFAULT_CONFIG)
+    assert DEFAULT_CONFIG.name == "local-cpu.yaml"
+    assert cluster.gateway.port == 30000 and cluster.gateway.host == "127.0.0.1"
+    assert len(cluster.prefill) == 1 and len(cluster.decode) == 1
+    assert cluster.model.make is not None and cluster.model.make.arch == "qwen3"
+    assert (cluster.model.make.layers, cluster.model.make.hidden) == (2, 64)
+    assert (cluster.transfer.backend, cluster.transfer.protocol) == ("mooncake", "tcp")
+
+
+# --- settings from the command line --------------------------------------------------------------
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Stand-in server modules: `pdserve prefill|decode|gateway` hand their settings here."""
+    got: dict[str, Any] = {}
+    for role in ("prefill", "decode", "gateway"):
+        module = types.ModuleType(f"{role}.server")
+        module.run = lambda settings, role=role: got.__setitem__(role, settings)  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, f"{role}.server", module)
+    return got
+
+
+def test_component_commands_resolve_the_config(tmp_path: Path, served: dict[str, Any]) -> None:
+    path = str(write(tmp_path, BASE))
+    assert pdserve(["decode", "--config", path, "--name", "d0", "--set", "decode.0.port=4000"]) == 0
+    expected = dataclasses.replace(parse_cluster(BASE).node_settings("d0"), port=4000)
+    assert served["decode"] == expected
+    assert pdserve(["prefill", "--config", path, "--name", "p0"]) == 0
+    assert served["prefill"] == parse_cluster(BASE).node_settings("p0")
+    assert pdserve(["gateway", "--config", path, "--set", "gateway.port=4001"]) == 0
+    assert served["gateway"].port == 4001 and served["gateway"].decode
+
+
+def test_component_command_errors(
+    tmp_path: Path, served: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = str(write(tmp_path, BASE))
+    assert pdserve(["prefill", "--config", path, "--name", "d0"]) == 2
+    assert "'d0' is a decode component: start it with `pdserve decode`" in capsys.readouterr().err
+    assert pdserve(["decode", "--config", path]) == 2
+    assert "--name is required with --config" in capsys.readouterr().err
+    assert pdserve(["decode", "--config", path, "--name", "d0", "--port", "1"]) == 2
+    assert "use --set" in capsys.readouterr().err
+    assert served == {}
+
+
+def test_node_from_flags(served: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["prefill", "--model", "/m", "--port", "31001", "--bootstrap-port", "8998"]
+    extra = ["--engine-opt", "page_size=32", "--engine-opt", "enable_prefix_cache=false"]
+    assert pdserve([*argv, *extra, "--transfer-backend", "nixl"]) == 0
+    settings = served["prefill"]
+    assert (settings.role, settings.model, settings.port, settings.bootstrap_port) == (
+        "prefill",
+        "/m",
+        31001,
+        8998,
+    )
+    assert settings.engine == {"page_size": 32, "enable_prefix_cache": False}
+    assert settings.transfer.backend == "nixl"
+    assert pdserve(["decode", "--model", "/m", "--port", "1", "--engine-opt", "page_sise=3"]) == 2
+    assert "did you mean 'page_size'?" in capsys.readouterr().err
+    assert pdserve(["prefill", "--model", "/m", "--port", "1"]) == 2
+    assert "--bootstrap-port is required" in capsys.readouterr().err
+
+
+def test_gateway_from_flags(served: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["gateway", "--prefill", "10.0.0.1:30001@8998", "--decode", "http://10.0.0.2:30002/"]
+    assert pdserve([*argv, "--port", "31000", "--opt", "max_inflight=8", "--api-key", "k"]) == 0
+    settings = served["gateway"]
+    assert settings.prefill == (Instance("http://10.0.0.1:30001", 8998),)
+    assert settings.decode == (Instance("http://10.0.0.2:30002"),)
+    assert (settings.port, settings.max_inflight, settings.api_key) == (31000, 8, "k")
+    assert pdserve(["gateway", "--prefill", "http://h:1", "--decode", "http://h:2"]) == 2
+    assert "add the bootstrap port" in capsys.readouterr().err
+    assert pdserve(["gateway", "--decode", "http://h:2", "--opt", "max_inflght=3"]) == 2
+    assert "did you mean 'max_inflight'?" in capsys.readouterr().err
+    assert pdserve(["gateway", "--prefill", "http://h:1@2"]) == 2
+    assert "at least one --decode" in capsys.readouterr().err

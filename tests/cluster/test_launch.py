@@ -1,0 +1,373 @@
+"""The launcher's supervision with real child processes: clean stops, dying children, health waits.
+
+Stand-in components are small real servers (Python's http.server, each starting a grandchild
+process the way a node starts its scheduler process), so the process-tree handling is what runs
+under `pdserve launch`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster.cli import main as pdserve_main
+from cluster.config import DEFAULT_CONFIG, load_cluster
+from cluster.launch import check_can_listen, cluster_components
+from cluster.schema import ConfigError
+from cluster.supervisor import group_has_live_member
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A component: serves `directory` on `port` (GET /health answers 200 when the directory holds a
+# `health` file), after starting a grandchild; writes "own_pid grandchild_pid" to `pidfile`.
+COMPONENT = """
+import functools, http.server, os, signal, subprocess, sys
+port, directory, pidfile, ignore_term = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+if ignore_term == "1":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+with open(pidfile + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {grandchild.pid}")
+os.rename(pidfile + ".tmp", pidfile)
+print(f"serving on {port}", flush=True)
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
+http.server.ThreadingHTTPServer(("127.0.0.1", port), handler).serve_forever()
+"""
+
+SUPERVISE = """
+import json, sys
+from pathlib import Path
+from cluster.supervisor import Component, Supervisor
+spec = json.loads(sys.argv[1])
+components = [
+    Component(c["name"], tuple(c["argv"]), c["health_url"], c["stage"]) for c in spec["components"]
+]
+log_dir = Path(spec["log_dir"]) if spec["log_dir"] else None
+supervisor = Supervisor(components, log_dir=log_dir, grace_s=spec["grace_s"])
+sys.exit(supervisor.run("READY", spec["timeout_s"]))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
+@dataclass
+class StandIn:
+    name: str
+    port: int
+    pidfile: Path
+
+    def pids(self) -> list[int]:
+        assert wait_until(self.pidfile.exists), f"{self.name} never wrote {self.pidfile}"
+        return [int(p) for p in self.pidfile.read_text().split()]
+
+
+class Run:
+    """A supervisor process (the code `pdserve launch` runs) over stand-in components."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.components: list[dict[str, Any]] = []
+        self.stand_ins: list[StandIn] = []
+        self.ready = threading.Event()
+        self.stdout: list[str] = []
+
+    def add(
+        self, name: str, healthy: bool = True, ignore_term: bool = False, stage: int = 0
+    ) -> StandIn:
+        port, site = free_port(), self.tmp / f"site-{name}"
+        site.mkdir()
+        if healthy:
+            (site / "health").write_text("ok")
+        stand_in = StandIn(name, port, self.tmp / f"{name}.pids")
+        argv = [sys.executable, "-c", COMPONENT, str(port), str(site), str(stand_in.pidfile)]
+        self.add_command(name, [*argv, "1" if ignore_term else "0"], port, stage)
+        self.stand_ins.append(stand_in)
+        return stand_in
+
+    def add_command(self, name: str, argv: list[str], port: int | None, stage: int = 0) -> None:
+        url = f"http://127.0.0.1:{port}/health" if port else None
+        self.components.append({"name": name, "argv": argv, "health_url": url, "stage": stage})
+
+    def start(self, timeout_s: float = 20.0, grace_s: float = 5.0, log_dir: Path | None = None):
+        spec = {
+            "components": self.components,
+            "timeout_s": timeout_s,
+            "grace_s": grace_s,
+            "log_dir": str(log_dir) if log_dir else None,
+        }
+        self.stderr_path = self.tmp / "supervisor.stderr"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SUPERVISE, json.dumps(spec)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr_path.open("w"),
+            text=True,
+        )
+        threading.Thread(target=self.read_stdout, daemon=True).start()
+        return self
+
+    def read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.stdout.append(line)
+            if line.strip() == "READY":
+                self.ready.set()
+
+    def wait_ready(self) -> None:
+        assert self.ready.wait(30), f"not ready; stderr:\n{self.stderr()}"
+
+    def wait_exit(self, timeout_s: float = 30.0) -> int:
+        return self.proc.wait(timeout=timeout_s)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def all_pids(self) -> list[int]:
+        return [pid for s in self.stand_ins for pid in s.pids()]
+
+
+@pytest.fixture
+def run(tmp_path: Path):
+    started = Run(tmp_path)
+    yield started
+    if getattr(started, "proc", None) is not None and started.proc.poll() is None:
+        started.proc.kill()
+        started.proc.wait()
+    for stand_in in started.stand_ins:  # never leave a process behind, even when a test fails
+        if stand_in.pidfile.exists():
+            for pid in stand_in.pids():
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_every_process_tree(run: Run, signum: int) -> None:
+    run.add("prefill-0")
+    run.add("decode-0")
+    run.add("gateway", stage=1)
+    run.start()
+    run.wait_ready()
+    pids = run.all_pids()
+    assert len(pids) == 6 and all(alive(pid) for pid in pids)
+    run.proc.send_signal(signum)
+    assert run.wait_exit() == 0
+    assert wait_until(lambda: not any(alive(pid) for pid in pids)), "orphans left behind"
+    assert "[decode-0] serving on" in run.stderr()  # logs: prefixed, on stderr
+
+
+def test_stubborn_component_is_killed_after_the_grace_period(run: Run) -> None:
+    stubborn = run.add("stubborn", ignore_term=True)
+    run.start(grace_s=0.5)
+    run.wait_ready()
+    pids = stubborn.pids()
+    started = time.monotonic()
+    run.proc.terminate()
+    assert run.wait_exit() == 0
+    assert time.monotonic() - started < 10
+    assert wait_until(lambda: not any(alive(pid) for pid in pids))
+
+
+def test_a_dying_component_stops_the_rest_and_is_named(run: Run) -> None:
+    run.add("prefill-0")
+    victim = run.add("decode-0")
+    run.start()
+    run.wait_ready()
+    pids = run.all_pids()
+    os.kill(victim.pids()[0], signal.SIGKILL)
+    assert run.wait_exit() == 1
+    assert "component 'decode-0' was killed by SIGKILL" in run.stderr()
+    assert wait_until(lambda: not any(alive(pid) for pid in pids)), "orphans left behind"
+
+
+def test_a_component_failing_at_start_names_itself_with_its_log(run: Run) -> None:
+    run.add("prefill-0")
+    crash = "print('bad option: --frobnicate'); raise SystemExit(3)"
+    run.add_command("decode-0", [sys.executable, "-c", crash], free_port())
+    run.start()
+    assert run.wait_exit() == 1
+    assert not run.ready.is_set()
+    message = run.stderr()
+    assert "component 'decode-0' exited with code 3" in message
+    assert "its log ends with" in message.lower() and "bad option: --frobnicate" in message
+    assert wait_until(lambda: not any(alive(pid) for pid in run.all_pids()))
+
+
+def test_health_timeout_names_the_component(run: Run) -> None:
+    run.add("prefill-0")
+    never = run.add("decode-0", healthy=False)  # serves, but /health is a 404
+    gateway = run.add("gateway", stage=1)
+    run.start(timeout_s=1.0)
+    assert run.wait_exit() == 1
+    message = run.stderr()
+    url = f"http://127.0.0.1:{never.port}/health"
+    assert f"component 'decode-0' did not become healthy at {url} within 1s" in message
+    assert "HTTP 404" in message and "serving on" in message
+    assert not gateway.pidfile.exists()  # the next stage waits for this one
+    run.stand_ins.remove(gateway)
+    assert wait_until(lambda: not any(alive(pid) for pid in run.all_pids()))
+
+
+def test_log_dir_gets_one_file_per_component(run: Run, tmp_path: Path) -> None:
+    run.add("prefill-0")
+    run.start(log_dir=tmp_path / "logs")
+    run.wait_ready()
+    run.proc.terminate()
+    assert run.wait_exit() == 0
+    assert "serving on" in (tmp_path / "logs" / "prefill-0.log").read_text()
+    assert "[prefill-0]" not in run.stderr()
+
+
+# --- the launcher's plan of a config -------------------------------------------------------------
+
+
+def test_components_of_a_config_run_the_cli_with_the_same_overrides() -> None:
+    overrides = ["gateway.port=31000", "prefill.0.engine.page_size=32"]
+    cluster = load_cluster(DEFAULT_CONFIG, overrides)
+    components = cluster_components(cluster, DEFAULT_CONFIG, overrides)
+    assert [c.name for c in components] == ["prefill-0", "decode-0", "gateway"]
+    gateway = components[-1]
+    assert gateway.health_url == "http://127.0.0.1:31000/health"
+    assert gateway.argv[1:] == (
+        "-m",
+        "cluster.cli",
+        "gateway",
+        "--config",
+        str(DEFAULT_CONFIG),
+        "--name",
+        "gateway",
+        "--set",
+        "gateway.port=31000",
+        "--set",
+        "prefill.0.engine.page_size=32",
+    )
+    assert components[0].argv[3] == "prefill" and components[1].argv[3] == "decode"
+    assert [c.stage for c in components] == [0, 0, 1]  # the gateway finds its nodes up
+
+
+def test_busy_port_is_reported_before_anything_starts() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cluster = load_cluster(DEFAULT_CONFIG, [f"gateway.port={port}"])
+        with pytest.raises(
+            ConfigError, match=rf"gateway port .*127.0.0.1:{port} is already in use"
+        ):
+            check_can_listen(cluster)
+
+
+def test_foreign_host_is_reported_with_the_multi_host_commands(tmp_path: Path) -> None:
+    cluster = load_cluster(DEFAULT_CONFIG, ["decode.0.host=192.0.2.10"])
+    with pytest.raises(ConfigError, match=r"192\.0\.2\.10 is not an address of this machine"):
+        check_can_listen(cluster)
+
+
+def test_launch_with_a_bad_config_fails_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert pdserve_main(["launch", str(DEFAULT_CONFIG), "--set", "gateway.prot=1"]) == 2
+    assert "did you mean 'port'?" in capsys.readouterr().err
+    assert pdserve_main(["launch", str(tmp_path / "missing.yaml")]) == 2
+    assert "local-cpu" in capsys.readouterr().err  # lists the shipped configs
+
+
+# --- the real cluster ----------------------------------------------------------------------------
+
+REAL = all(importlib.util.find_spec(f"{m}.server") for m in ("prefill", "decode", "gateway"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL, reason="prefill/decode/gateway servers are not written yet")
+def test_pdserve_launch_serves_the_default_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ports = [free_port() for _ in range(4)]
+    overrides = [
+        f"gateway.port={ports[0]}",
+        f"prefill.0.port={ports[1]}",
+        f"prefill.0.bootstrap_port={ports[2]}",
+        f"decode.0.port={ports[3]}",
+    ]
+    sets = [arg for text in overrides for arg in ("--set", text)]
+    env = {**os.environ, "PDSERVE_CACHE": str(tmp_path / "models")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "launch", *sets, "--timeout", "120"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "stderr").open("w"),
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == f"pdserve cluster ready: http://127.0.0.1:{ports[0]}/v1", (
+            tmp_path / "stderr"
+        ).read_text()
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://127.0.0.1:{ports[0]}/v1/models", timeout=10) as response:
+            assert "tiny-qwen3" in response.read().decode()
+        body = {"model": "tiny-qwen3", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{ports[0]}/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with opener.open(request, timeout=60) as response:
+            assert json.loads(response.read())["usage"]["completion_tokens"] == 4
+        groups = children_of(proc.pid)  # each component leads its own process group
+        assert len(groups) == 3
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+        assert not any(group_has_live_member(g) for g in groups), "orphans left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
