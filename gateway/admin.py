@@ -1,0 +1,85 @@
+"""Membership at run time, behind the admin key: `GET /workers` lists, `POST /workers` adds
+(`{"role", "url", "bootstrap_port"}`), `DELETE /workers` (`{"url"}`) or `DELETE /workers/{url}`
+removes. Without an admin key configured these routes answer 403."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from api.errors import ApiError, invalid_request, not_found
+from api.settings import Instance
+
+from .limits import check_admin_key, parse_json, read_body
+from .routes import error_response, gateway_of, request_id
+from .workers import ROLES
+
+MAX_ADMIN_BODY = 64 * 1024
+
+
+async def workers(request: Request) -> Response:
+    gw, rid = gateway_of(request), request_id(request)
+    try:
+        check_admin_key(request.headers, gw.settings.admin_key)
+        if request.method == "GET":
+            return _listing(request)
+        body = parse_json(await read_body(request, MAX_ADMIN_BODY))
+        if request.method == "POST":
+            return _add(request, body)
+        return _remove(request, _url_of(body))
+    except ApiError as exc:
+        return error_response(exc, rid)
+
+
+async def worker_by_url(request: Request) -> Response:
+    """DELETE /workers/{url} (the url percent-encoded, or written out after the slash)."""
+    gw, rid = gateway_of(request), request_id(request)
+    try:
+        check_admin_key(request.headers, gw.settings.admin_key)
+        return _remove(request, unquote(request.path_params["url"]))
+    except ApiError as exc:
+        return error_response(exc, rid)
+
+
+def _listing(request: Request) -> Response:
+    gw = gateway_of(request)
+    now = gw.clock()
+    return JSONResponse({"workers": [w.describe(now) for w in gw.pool.all()]})
+
+
+def _add(request: Request, body: dict[str, Any]) -> Response:
+    gw = gateway_of(request)
+    role = body.get("role")
+    if role not in ROLES:
+        raise invalid_request(f"role must be one of {', '.join(ROLES)} (got {role!r})", "role")
+    port = body.get("bootstrap_port")
+    if port is not None and (type(port) is not int or not 0 < port < 65536):
+        raise invalid_request(
+            f"bootstrap_port must be a port number (got {port!r})", "bootstrap_port"
+        )
+    try:
+        worker = gw.add_worker(role, Instance(_url_of(body), port))
+    except ValueError as exc:
+        raise invalid_request(str(exc), "url") from None
+    except KeyError as exc:
+        raise ApiError(409, exc.args[0], param="url", code="worker_exists") from None
+    return JSONResponse(worker.describe(gw.clock()), status_code=201)
+
+
+def _remove(request: Request, url: str) -> Response:
+    gw = gateway_of(request)
+    try:
+        worker = gw.remove_worker(url)
+    except (KeyError, ValueError) as exc:
+        raise not_found(str(exc.args[0]), param="url", code="worker_not_found") from None
+    return JSONResponse(worker.describe(gw.clock()))
+
+
+def _url_of(body: dict[str, Any]) -> str:
+    url = body.get("url")
+    if not isinstance(url, str) or not url:
+        raise invalid_request("url must be the instance's http://host:port", "url")
+    return url

@@ -1,0 +1,62 @@
+"""A request's attempts: pick a pair, open an exchange, retry on another pair while nothing has
+reached the client (at most `max_retries` more times)."""
+
+from __future__ import annotations
+
+import logging
+
+from api.errors import ApiError, server_error
+
+from .context import Gateway
+from .exchange import Exchange
+from .logs import log_event
+from .pd import AttemptFailed, Finished, Refused
+from .requests import Prepared
+
+
+def attempt_rid(rid: str, attempt: int) -> str:
+    """The `rid` the nodes see: the request id, suffixed on retries so that a node still
+    dropping an aborted attempt never sees the same rid twice."""
+    return rid if attempt == 0 else f"{rid}-retry{attempt}"
+
+
+async def open_request(
+    gw: Gateway, req: Prepared, rid: str
+) -> tuple[Exchange | None, Finished | list[bytes]]:
+    """The exchange that answers `req` with its whole answer or first stream events.
+
+    A refusal (a node's 4xx) comes back as `(None, answer)`; when every attempt fails, the last
+    failure is raised as a 502 `ApiError` (503 when no instance can take requests at all).
+    """
+    attempts = gw.settings.max_retries + 1
+    failed: list[str] = []
+    last: AttemptFailed | None = None
+    for attempt in range(attempts):
+        try:
+            pair = gw.pick_pair(req.key, failed)
+        except ApiError:
+            if last is None:
+                raise
+            break  # NOTE: the failure says more than "no instance left"
+        exchange = Exchange(gw, req, rid, attempt_rid(rid, attempt), pair)
+        try:
+            return exchange, await exchange.open()
+        except Refused as refused:
+            return None, refused.answer
+        except AttemptFailed as exc:
+            failed.append(exc.worker.url)
+            last = exc
+            if attempt + 1 < attempts:
+                gw.metrics.retries += 1
+                log_event(logging.WARNING, "retry", rid, attempt=attempt + 1, after=exc.worker.url)
+    assert last is not None
+    return _give_up(last, len(failed))
+
+
+def _give_up(last: AttemptFailed, tries: int) -> tuple[Exchange | None, Finished]:
+    error = last.error
+    raise server_error(
+        f"{error.message} (gave up after {tries} attempt{'s' if tries > 1 else ''})",
+        502,
+        code=error.code or "upstream_error",
+    )

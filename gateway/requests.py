@@ -1,0 +1,179 @@
+"""Incoming requests, validated and summarized for routing (`Prepared`).
+
+The client's JSON is forwarded as it came (plus the PD fields): validation here only rejects what
+no node would take, applies the gateway's limits, and extracts what the policies look at.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from api.errors import ApiError, invalid_request, not_found
+from api.openai import ChatCompletionRequest, CompletionRequest, parse_request
+
+from .limits import PromptCounter
+from .policies import RouteKey
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+GENERATE = "/generate"
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_tokens: int | None = None
+    max_prompt_tokens: int | None = None
+    counter: PromptCounter | None = None
+    models: frozenset[str] = frozenset()  # served model ids; empty: not known yet, allow any
+
+
+@dataclass(frozen=True)
+class Prepared:
+    route: str
+    body: dict[str, Any]
+    stream: bool
+    key: RouteKey
+    # PD fields as lists of this many items (one room per generated sequence, prompt-major:
+    # prompt p's sample i is item p * n + i), for batched input or n > 1; None: scalars
+    rooms: int | None = None
+
+
+def prepare(route: str, body: dict[str, Any], limits: RequestLimits) -> Prepared:
+    """Validate `body` for `route`; raises `ApiError` (400/404) naming what to fix."""
+    if route == COMPLETIONS:
+        return _completion(body, limits)
+    if route == CHAT:
+        return _chat(body, limits)
+    return _generate(body, limits)
+
+
+def _completion(body: dict[str, Any], limits: RequestLimits) -> Prepared:
+    req = parse_request(CompletionRequest, body)
+    _check_model(req.model, limits)
+    _check_max_tokens(req.max_tokens, "max_tokens", limits)
+    prompts = req.prompts
+    counts = [_prompt_tokens(p, limits, "prompt") for p in prompts]
+    # NOTE: a list of token ids is one prompt; a list of strings or of id lists is a batch.
+    batched = isinstance(req.prompt, list) and not isinstance(req.prompt[0], int)
+    key = _key(_routing_text(prompts[0]), counts, req.max_tokens, req.n)
+    return Prepared(COMPLETIONS, body, req.stream, key, _rooms(len(prompts), req.n, batched))
+
+
+def _chat(body: dict[str, Any], limits: RequestLimits) -> Prepared:
+    req = parse_request(ChatCompletionRequest, body)
+    _check_model(req.model, limits)
+    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    _check_max_tokens(req.output_limit, name, limits)
+    messages = [{"role": m.role, "content": m.text} for m in req.messages]
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    count = None
+    if limits.counter is not None:
+        count = limits.counter.count_chat(messages)
+        _check_prompt_length(count, limits, "messages")
+    key = _key(text, [count], req.output_limit, req.n)
+    return Prepared(CHAT, body, req.stream, key, _rooms(1, req.n, batched=False))
+
+
+def _generate(body: dict[str, Any], limits: RequestLimits) -> Prepared:
+    inputs = _generate_inputs(body)
+    params = body.get("sampling_params")
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+        raise invalid_request("sampling_params must be an object", param="sampling_params")
+    max_new = params.get("max_new_tokens")
+    if max_new is not None and (not isinstance(max_new, int) or max_new < 0):
+        raise invalid_request(
+            f"sampling_params.max_new_tokens must be an integer >= 0 (got {max_new!r})",
+            param="sampling_params.max_new_tokens",
+        )
+    _check_max_tokens(max_new, "sampling_params.max_new_tokens", limits)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise invalid_request(f"stream must be true or false (got {stream!r})", param="stream")
+    name = "text" if "text" in body else "input_ids"
+    counts = [_prompt_tokens(p, limits, name) for p in inputs]
+    key = _key(_routing_text(inputs[0]), counts, max_new, 1)
+    return Prepared(GENERATE, body, stream, key, _rooms(len(inputs), 1, _is_batch(body)))
+
+
+def _generate_inputs(body: dict[str, Any]) -> list[str | list[int]]:
+    """The prompts of a /generate body (`text` or `input_ids`, one or a batch)."""
+    if ("text" in body) == ("input_ids" in body):
+        raise invalid_request("send exactly one of text or input_ids", param="text")
+    value = body.get("text", body.get("input_ids"))
+    if isinstance(value, str) or _is_ids(value):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) or _is_ids(v) for v in value):
+        return list(value)
+    name = "text" if "text" in body else "input_ids"
+    raise invalid_request(
+        f"{name} must be a string, a list of token ids, or a non-empty list of those", param=name
+    )
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(v) is int for v in value)
+
+
+def _rooms(prompts: int, n: int, batched: bool) -> int | None:
+    """SGLang router's rule: lists for batched input or n > 1, one item per sequence."""
+    return prompts * n if batched or n > 1 else None
+
+
+def _is_batch(body: dict[str, Any]) -> bool:
+    """SGLang's rule: `text` a list, or `input_ids` a list of lists."""
+    if isinstance(body.get("text"), list):
+        return True
+    ids = body.get("input_ids")
+    return isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
+
+
+def _check_model(model: str, limits: RequestLimits) -> None:
+    if limits.models and model not in limits.models:
+        served = ", ".join(sorted(limits.models))
+        raise not_found(
+            f"the model {model!r} does not exist (this cluster serves: {served})",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _check_max_tokens(value: int | None, name: str, limits: RequestLimits) -> None:
+    if value is not None and limits.max_tokens is not None and value > limits.max_tokens:
+        raise invalid_request(
+            f"{name} is {value}, above this gateway's limit of {limits.max_tokens} "
+            "(ask for fewer tokens)",
+            param=name,
+        )
+
+
+def _prompt_tokens(prompt: str | list[int], limits: RequestLimits, param: str) -> int | None:
+    if isinstance(prompt, list):
+        count: int | None = len(prompt)
+    else:
+        count = limits.counter.count_text(prompt) if limits.counter is not None else None
+    _check_prompt_length(count, limits, param)
+    return count
+
+
+def _check_prompt_length(count: int | None, limits: RequestLimits, param: str) -> None:
+    if count is None or limits.max_prompt_tokens is None or count <= limits.max_prompt_tokens:
+        return
+    raise ApiError(
+        400,
+        f"the prompt has {count} tokens, above this gateway's limit of "
+        f"{limits.max_prompt_tokens} (shorten the prompt)",
+        param=param,
+        code="context_length_exceeded",
+    )
+
+
+def _routing_text(prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else ",".join(map(str, prompt))
+
+
+def _key(text: str, counts: Sequence[int | None], max_tokens: int | None, n: int) -> RouteKey:
+    prompt = sum(c if c is not None else len(text) // 4 + 1 for c in counts)
+    return RouteKey(text, n * (prompt + (max_tokens or 0)))

@@ -1,0 +1,141 @@
+"""The client-facing routes: OpenAI completions/chat, native /generate, /v1/models, /health,
+/metrics. Every response carries the request's `X-Request-Id`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from api.errors import ApiError, server_error
+
+from .context import Gateway
+from .dispatch import open_request
+from .limits import check_api_key, parse_json, read_body
+from .logs import log, log_event
+from .metrics import CONTENT_TYPE
+from .pd import Finished
+from .requests import Prepared, prepare
+from .streaming import ClientGone, EventStreamResponse, until_disconnect
+from .tracker import Tracker
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
+THREADED_BODY_BYTES = 32 * 1024  # counting tokens of bodies this big leaves the event loop
+
+
+def gateway_of(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+def request_id(request: Request) -> str:
+    """The client's X-Request-Id when it is a sane token, else a fresh one."""
+    given = request.headers.get("x-request-id", "")
+    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def error_response(error: ApiError, rid: str) -> JSONResponse:
+    headers = {**error.headers, "X-Request-Id": rid}
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+def generation_route(route: str) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        return await generate(request, route)
+
+    return endpoint
+
+
+async def generate(request: Request, route: str) -> Response:
+    gw, rid = gateway_of(request), request_id(request)
+    tracker = Tracker(gw.metrics, route, rid, gw.clock)
+    try:
+        check_api_key(request.headers, gw.settings.api_key)
+        tracker.admit(gw.settings.max_inflight)
+        raw = await read_body(request, gw.settings.max_body_bytes)
+        prepared = await _prepare(gw, route, parse_json(raw), len(raw))
+        exchange, answer = await until_disconnect(request, open_request(gw, prepared, rid))
+    except ApiError as exc:
+        tracker.finish(exc.status)
+        return error_response(exc, rid)
+    except ClientGone:
+        tracker.finish(CLIENT_CLOSED)
+        return Response(status_code=CLIENT_CLOSED)
+    except Exception:
+        log.exception("request_crashed rid=%s route=%s", rid, route)
+        tracker.finish(500)
+        return error_response(server_error("the gateway failed on this request (see its log)"), rid)
+    headers = {"X-Request-Id": rid}
+    if isinstance(answer, Finished):
+        tracker.finish(answer.status)
+        return Response(answer.body, answer.status, headers=headers, media_type=answer.media_type)
+    assert exchange is not None
+    return EventStreamResponse(
+        exchange.relay(answer, tracker), headers, on_close=lambda: tracker.finish(200)
+    )
+
+
+async def _prepare(gw: Gateway, route: str, body: dict[str, Any], size: int) -> Prepared:
+    limits = gw.limits()
+    if limits.counter is not None and size > THREADED_BODY_BYTES:
+        return await asyncio.to_thread(prepare, route, body, limits)
+    return prepare(route, body, limits)
+
+
+async def models(request: Request) -> Response:
+    """The union of the decode instances' /v1/models."""
+    gw, rid = gateway_of(request), request_id(request)
+    try:
+        check_api_key(request.headers, gw.settings.api_key)
+        cards = await fetch_models(gw)
+    except ApiError as exc:
+        return error_response(exc, rid)
+    gw.models = frozenset(card["id"] for card in cards)
+    return JSONResponse({"object": "list", "data": cards}, headers={"X-Request-Id": rid})
+
+
+async def fetch_models(gw: Gateway) -> list[dict[str, Any]]:
+    """Model cards of the healthy decode instances (first card per id); 503 when none answer."""
+    workers = [w for w in gw.pool.of_role("decode") if w.healthy]
+    answers = await asyncio.gather(
+        *(gw.client.get(f"{w.url}/v1/models", timeout=10.0) for w in workers),
+        return_exceptions=True,
+    )
+    cards: dict[str, dict[str, Any]] = {}
+    answered = False
+    for worker, answer in zip(workers, answers):
+        if isinstance(answer, BaseException) or answer.status_code != 200:
+            log_event(logging.INFO, "models_failed", url=worker.url, error=repr(answer))
+            continue
+        answered = True
+        for card in answer.json().get("data", []):
+            cards.setdefault(card["id"], card)
+    if not answered:
+        raise server_error(
+            "no decode instance answered /v1/models (GET /workers shows their health)",
+            503,
+            code="no_healthy_instance",
+        )
+    return list(cards.values())
+
+
+async def health(request: Request) -> Response:
+    """200 while a request could be served (a decode instance, and a prefill one in PD mode)."""
+    gw = gateway_of(request)
+    now = gw.clock()
+    ready = {role: len(gw.pool.available(role, now)) for role in ("prefill", "decode")}
+    ok = ready["decode"] > 0 and (ready["prefill"] > 0 or not gw.pool.has_prefill())
+    body = {"status": "ok" if ok else "unavailable", "available": ready}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    gw = gateway_of(request)
+    text = gw.metrics.render(gw.pool.all(), gw.clock())
+    return Response(text, media_type=CONTENT_TYPE)

@@ -1,0 +1,143 @@
+"""1P1D through `pdserve launch`, with each transfer backend, driven by the `openai` client.
+
+The gateway pairs each request with the prefill and the decode node; the KV pages cross
+processes through Mooncake or NIXL. Outputs must equal transformers' greedy output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from engine.tokenizer import load_tokenizer
+from tests.e2e.cluster_util import Cluster, cluster_yaml, launched
+from tests.test_engine_oracle import MAX_NEW, hf_reference
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "A prefill/decode disaggregated cluster moves KV pages between nodes: " * 6,
+    "日本語のテキストと emoji 🎉 mixed in",
+]
+GREEDY = {"temperature": 0, "max_tokens": MAX_NEW, "extra_body": {"ignore_eos": True}}
+
+
+@pytest.fixture(scope="module", params=["mooncake", "nixl"])
+def cluster(request, make_tiny, tmp_path_factory) -> Cluster:
+    model = make_tiny("qwen3")
+    config = cluster_yaml(model, request.param, prefill=1, decode=1)
+    with launched(config, tmp_path_factory.mktemp(f"pd-{request.param}")) as c:
+        c.model = model
+        yield c
+
+
+def client(cluster: Cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+
+
+def expected_text(model: Path, ids: list[int]) -> tuple[str, int]:
+    tokens, _ = hf_reference(str(model), tuple(ids))
+    return load_tokenizer(model).decode(tokens, skip_special_tokens=True), len(tokens)
+
+
+def test_completions_and_chat_equal_transformers(cluster: Cluster) -> None:
+    tok = load_tokenizer(cluster.model)
+    api = client(cluster)
+    for prompt in PROMPTS:
+        out = api.completions.create(model="tiny", prompt=prompt, **GREEDY)
+        text, n = expected_text(cluster.model, tok(prompt)["input_ids"])
+        assert out.choices[0].text == text
+        assert out.usage.completion_tokens == n == MAX_NEW
+        assert out.usage.prompt_tokens == len(tok(prompt)["input_ids"])
+    messages = [{"role": "user", "content": "Tell me about disaggregated serving."}]
+    chat = api.chat.completions.create(model="tiny", messages=messages, **GREEDY)
+    ids = tok.encode(
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )
+    assert chat.choices[0].message.content == expected_text(cluster.model, ids)[0]
+    assert chat.usage.prompt_tokens == len(ids)
+
+
+def test_stream_equals_non_stream_with_usage(cluster: Cluster) -> None:
+    api = client(cluster)
+    prompt = PROMPTS[2]
+    whole = api.completions.create(model="tiny", prompt=prompt, **GREEDY)
+    chunks = list(
+        api.completions.create(
+            model="tiny",
+            prompt=prompt,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == MAX_NEW
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    messages = [{"role": "user", "content": "stream me"}]
+    chat_whole = api.chat.completions.create(model="tiny", messages=messages, **GREEDY)
+    chat_stream = api.chat.completions.create(
+        model="tiny", messages=messages, stream=True, **GREEDY
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat_stream if c.choices)
+    assert streamed == chat_whole.choices[0].message.content
+
+
+def test_32_concurrent_requests_of_mixed_lengths(cluster: Cluster) -> None:
+    from engine.llm import LLM
+    from engine.sampling import SamplingParams
+
+    prompts = [("word " * (1 + 7 * i)) + f"number {i}" for i in range(32)]
+    api = openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+
+    async def one(prompt: str) -> str:
+        out = await api.completions.create(model="tiny", prompt=prompt, **GREEDY)
+        return out.choices[0].text
+
+    async def run_all() -> list[str]:
+        try:
+            return await asyncio.gather(*(one(p) for p in prompts))
+        finally:
+            await api.close()
+
+    got = asyncio.run(run_all())
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
+    local = LLM(str(cluster.model), dtype="float32", max_total_tokens=16384)
+    assert got == [o.text for o in local.generate(prompts, params)]
+
+
+def test_repeated_prefix_hits_the_prefill_cache(cluster: Cluster) -> None:
+    api = client(cluster)
+    shared = "This long shared system preamble is the same for every request. " * 8
+    first = api.completions.create(model="tiny", prompt=shared + "Question one?", **GREEDY)
+    second = api.completions.create(model="tiny", prompt=shared + "Question two?", **GREEDY)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens >= 64
+
+
+def test_bad_request_is_an_openai_error(cluster: Cluster) -> None:
+    api = client(cluster)
+    with pytest.raises(openai.BadRequestError) as err:
+        api.completions.create(model="tiny", prompt="x", max_tokens=0)
+    assert "max_tokens" in str(err.value)
+    too_long = "word " * 5000
+    with pytest.raises(openai.BadRequestError, match="context"):
+        api.completions.create(model="tiny", prompt=too_long, max_tokens=4)
+
+
+def test_pages_all_free_after_load(cluster: Cluster) -> None:
+    infos = cluster.wait_pages_free()
+    assert {i["role"] for i in infos} == {"prefill", "decode"}
+    for url, info in zip(cluster.node_urls(), infos):
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        free = re.search(r"^pdserve_node_free_pages\{[^}]*\} (\d+)$", metrics, re.M)
+        assert free and int(free.group(1)) == info["total_pages"]
