@@ -29,13 +29,10 @@ else
 	$(PIP) install -q --no-deps nixl-cu12
 endif
 
-# Until the cluster lands: the offline engine on the default tiny model.
-DEFAULT_MODEL ?= $(HOME)/.cache/pdserve/models/default-qwen3
+# The local cluster from the embedded default (configs/local-cpu.yaml): 1 prefill + 1 decode +
+# the gateway on 127.0.0.1:30000, a tiny generated model. Ctrl-C stops everything.
 run: setup
-	@test -f $(DEFAULT_MODEL)/config.json || \
-		$(PYTHON) -m cluster.cli make-model --arch qwen3 --out $(DEFAULT_MODEL)
-	$(PYTHON) -m cluster.cli generate --model $(DEFAULT_MODEL) --json --max-tokens 24 \
-		--prompt "The quick brown fox" --prompt "Prefill and decode, disaggregated:"
+	$(PYTHON) -m cluster.cli launch
 
 test: setup
 	$(PYTHON) -m ruff check .

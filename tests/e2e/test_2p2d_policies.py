@@ -44,8 +44,11 @@ def start_gateway(cluster: Cluster, prefill_policy: str, decode_policy: str) -> 
     argv += ["--prefill-policy", prefill_policy, "--decode-policy", decode_policy]
     argv += ["--tokenizer", str(cluster.model)]
     cluster.extra.append(subprocess.Popen(argv, cwd=REPO, stderr=subprocess.DEVNULL))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    return wait_healthy(f"http://127.0.0.1:{port}", f"gateway {prefill_policy}/{decode_policy}")
+
+
+def wait_healthy(url: str, what: str, timeout_s: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
@@ -53,7 +56,7 @@ def start_gateway(cluster: Cluster, prefill_policy: str, decode_policy: str) -> 
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise AssertionError(f"gateway with {prefill_policy}/{decode_policy} did not come up")
+    raise AssertionError(f"{what} did not come up at {url}")
 
 
 def node_generate_counts(cluster: Cluster) -> dict[str, int]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -15,7 +17,7 @@ import openai
 import pytest
 
 from engine.tokenizer import load_tokenizer
-from tests.e2e.cluster_util import Cluster, cluster_yaml, launched
+from tests.e2e.cluster_util import Cluster, cluster_yaml, free_ports, launched
 from tests.test_engine_oracle import MAX_NEW, hf_reference
 
 pytestmark = pytest.mark.slow
@@ -141,3 +143,32 @@ def test_pages_all_free_after_load(cluster: Cluster) -> None:
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         free = re.search(r"^pdserve_node_free_pages\{[^}]*\} (\d+)$", metrics, re.M)
         assert free and int(free.group(1)) == info["total_pages"]
+
+
+def test_sglang_router_drives_our_nodes_unchanged(cluster: Cluster) -> None:
+    """SGLang's own router in --pd-disaggregation mode in front of our 1P1D."""
+    pytest.importorskip("sglang_router")
+    from tests.e2e.test_2p2d_policies import wait_healthy
+
+    port = free_ports(1)[0]
+    prefill, decode = cluster.config["prefill"][0], cluster.config["decode"][0]
+    argv = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation"]
+    argv += ["--prefill", f"http://127.0.0.1:{prefill['port']}", str(prefill["bootstrap_port"])]
+    argv += ["--decode", f"http://127.0.0.1:{decode['port']}", "--host", "127.0.0.1"]
+    argv += ["--port", str(port)]
+    cluster.extra.append(
+        subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    )
+    url = wait_healthy(f"http://127.0.0.1:{port}", "sglang router")
+    tok = load_tokenizer(cluster.model)
+    api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    prompt = PROMPTS[1]
+    out = api.completions.create(model="tiny", prompt=prompt, **GREEDY)
+    assert out.choices[0].text == expected_text(cluster.model, tok(prompt)["input_ids"])[0]
+    body = {
+        "text": prompt,
+        "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True},
+    }
+    native = httpx.post(f"{url}/generate", json=body, timeout=60).json()
+    assert native["text"] == out.choices[0].text
+    assert native["meta_info"]["completion_tokens"] == MAX_NEW
