@@ -19,14 +19,13 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from api import node_format as fmt
 from api import node_requests as nreq
 from api.errors import ApiError, invalid_request
 from api.ipc import SchedulerClient
-from api.messages import AbortRequest
 from api.node_jobs import JobRun
 from api.node_metrics import NodeMetrics
 from api.openai import (
@@ -38,8 +37,6 @@ from api.openai import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
-    ModelCard,
-    ModelList,
     ResponseMessage,
     parse_request,
 )
@@ -326,6 +323,8 @@ def generation_route(handler: Callable[..., Awaitable[Response]], ctx: NodeConte
 
 
 def create_node_app(ctx: NodeContext) -> Starlette:
+    from api.node_admin import NodeAdmin
+
     routes = NodeRoutes(ctx)
     admin = NodeAdmin(ctx)
     return Starlette(
@@ -353,80 +352,3 @@ def create_node_app(ctx: NodeContext) -> Starlette:
             Route("/abort_request", admin.abort_request, methods=["POST"]),
         ]
     )
-
-
-class NodeAdmin:
-    """The non-generation routes."""
-
-    def __init__(self, ctx: NodeContext) -> None:
-        self.ctx = ctx
-
-    async def models(self, _request: Request) -> Response:
-        card = ModelCard(
-            id=self.ctx.model_name,
-            root=self.ctx.settings.model,
-            max_model_len=self.ctx.max_model_len,
-        )
-        return JSONResponse(ModelList(data=[card]).model_dump())
-
-    async def health(self, _request: Request) -> Response:
-        if not self.ctx.alive():
-            return PlainTextResponse("scheduler process is not running", status_code=503)
-        return PlainTextResponse("ok")
-
-    async def health_generate(self, _request: Request) -> Response:
-        rid = f"health-{uuid.uuid4().hex}"
-        params = {"max_tokens": 1, "temperature": 0.0}
-        job = nreq.Job(0, 0, nreq.GenerateRequest(rid, self.ctx.encode("ping") or [0], params))
-        run = JobRun(self.ctx.client, [job], 20.0)
-        try:
-            await run.start()
-            await run.rest()
-        except ApiError as err:
-            return PlainTextResponse(f"generation failed: {err.message}", status_code=503)
-        finally:
-            await run.close()
-        return PlainTextResponse("ok")
-
-    async def model_info(self, _request: Request) -> Response:
-        return JSONResponse(
-            {
-                "model_path": self.ctx.settings.model,
-                "tokenizer_path": self.ctx.settings.model,
-                "is_generation": True,
-                "served_model_name": self.ctx.model_name,
-                "max_model_len": self.ctx.max_model_len,
-            }
-        )
-
-    async def server_info(self, _request: Request) -> Response:
-        reply = await self.ctx.client.call("server_info")
-        s = self.ctx.settings
-        info = {
-            "name": s.name,
-            "model_path": s.model,
-            "served_model_name": self.ctx.model_name,
-            "bootstrap_port": s.bootstrap_port,
-            "transfer_backend": s.transfer.backend,
-            "engine": s.engine,
-            **reply.data,
-        }
-        return JSONResponse(info)
-
-    async def flush_cache(self, _request: Request) -> Response:
-        reply = await self.ctx.client.call("flush_cache")
-        if not reply.ok:
-            return PlainTextResponse("requests are running; cache not flushed", status_code=400)
-        return PlainTextResponse("cache flushed")
-
-    async def metrics(self, _request: Request) -> Response:
-        info = (await self.ctx.client.call("server_info")).data
-        return PlainTextResponse(self.ctx.metrics.render(info, self.ctx.settings))
-
-    async def abort_request(self, request: Request) -> Response:
-        body = await read_body(request)
-        rid = body.get("rid")
-        if not rid:
-            return error_response(invalid_request("abort_request needs a rid", param="rid"))
-        await self.ctx.client.send(AbortRequest(str(rid)))
-        return JSONResponse({"rid": rid, "aborted": True})
