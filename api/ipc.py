@@ -95,6 +95,9 @@ class SchedulerClient:
     def close(self, rid: str) -> None:
         self._queues.pop(rid, None)
 
+    def open_rids(self) -> list[str]:
+        return list(self._queues)
+
     async def send(self, msg: Any) -> None:
         await self._push.send(encode(msg))
 

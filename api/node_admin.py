@@ -88,5 +88,9 @@ class NodeAdmin:
         rid = body.get("rid")
         if not rid:
             return error_response(invalid_request("abort_request needs a rid", param="rid"))
-        await self.ctx.client.send(AbortRequest(str(rid)))
+        rid = str(rid)
+        # a request with several prompts or samples runs as jobs "<rid>-<i>"
+        jobs = [r for r in self.ctx.client.open_rids() if r.startswith(f"{rid}-")]
+        for job in [rid, *jobs]:
+            await self.ctx.client.send(AbortRequest(job))
         return JSONResponse({"rid": rid, "aborted": True})

@@ -46,18 +46,20 @@ def job_rid(base: str, index: int, total: int) -> str:
     return base if total == 1 else f"{base}-{index}"
 
 
-def bootstrap_of(body: dict[str, Any], prompt_index: int, num_prompts: int) -> dict[str, Any]:
-    """bootstrap_host/port/room for one prompt: scalars, or lists with one item per prompt."""
+def bootstrap_of(body: dict[str, Any], index: int, total: int) -> dict[str, Any]:
+    """bootstrap_host/port/room for job `index` of `total`: scalars, or lists with one item per
+    job in prompt-major order (sample i of prompt p at p * n + i), as SGLang's router sends."""
     fields = {}
     for key in ("bootstrap_host", "bootstrap_port", "bootstrap_room"):
         value = body.get(key)
         if isinstance(value, list):
-            if len(value) != num_prompts:
+            if len(value) != total:
                 raise invalid_request(
-                    f"{key} has {len(value)} items for {num_prompts} prompts (send one per prompt)",
+                    f"{key} has {len(value)} items for {total} prompts x samples "
+                    "(send one per prompt and sample)",
                     param=key,
                 )
-            value = value[prompt_index]
+            value = value[index]
         fields[key] = value
     if fields["bootstrap_room"] is not None and None in fields.values():
         raise invalid_request("PD requests need bootstrap_host, bootstrap_port and bootstrap_room")
@@ -72,16 +74,20 @@ def make_jobs(
     body: dict[str, Any],
 ) -> list[Job]:
     total = len(prompts) * n
-    if n > 1 and body.get("bootstrap_room") is not None:
-        raise invalid_request("n > 1 cannot be disaggregated in one room (send n requests)", "n")
+    room = body.get("bootstrap_room")
+    if room is not None and not isinstance(room, list) and total > 1:
+        raise invalid_request(
+            f"{total} prompts x samples need {total} bootstrap rooms (send bootstrap_room as a list)",
+            param="bootstrap_room",
+        )
     jobs = []
     for p, prompt in enumerate(prompts):
-        boot = bootstrap_of(body, p, len(prompts))
         for i in range(n):
             sample = dict(params)
             if n > 1 and sample.get("seed") is not None:
                 sample["seed"] = sample["seed"] + i  # n different samples, still reproducible
             index = p * n + i
+            boot = bootstrap_of(body, index, total)
             req = GenerateRequest(job_rid(rid, index, total), list(prompt), sample, **boot)
             jobs.append(Job(index, p, req))
     return jobs

@@ -86,6 +86,9 @@ def node_app(
         yield
         watcher.cancel()
         await client.stop()
+        # NOTE: here, not only in serve_node's finally: uvicorn re-raises SIGTERM after its
+        # graceful shutdown, so code after uvicorn.run may never run.
+        stop_process(proc)
 
     app.router.lifespan_context = lifespan
     return app
@@ -115,12 +118,18 @@ def serve_node(settings: NodeSettings, main: SchedulerMain, tokenizer: Any) -> N
             timeout_graceful_shutdown=5,
         )
     finally:
-        if proc is not None and proc.is_alive():
-            proc.terminate()
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
+        if proc is not None:
+            stop_process(proc)
         shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
+def stop_process(proc: Any, grace_s: float = 10.0) -> None:
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(grace_s)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
 
 
 def scheduler_process(settings: NodeSettings, conn: Any, build: Callable[[], Any]) -> None:

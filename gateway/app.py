@@ -6,8 +6,12 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
+from api.errors import ApiError
 from api.settings import GatewaySettings
 
 from . import admin, routes
@@ -41,6 +45,17 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Sta
             Route("/workers/{url:path}", admin.worker_by_url, methods=["DELETE"]),
         ],
         lifespan=lifespan,
+        exception_handlers={HTTPException: http_error},
     )
     app.state.gateway = gw
     return app
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405, in OpenAI's shape."""
+    assert isinstance(exc, HTTPException)
+    where = f"{request.method} {request.url.path}"
+    message = f"{where}: {exc.detail} (the gateway serves /v1/completions, /v1/chat/completions,"
+    message += " /v1/models, /generate, /health, /metrics, /workers)"
+    error = ApiError(exc.status_code, message, code=exc.status_code)
+    return routes.error_response(error, routes.request_id(request))

@@ -129,6 +129,31 @@ class Gateway:
         log_event(logging.WARNING, "worker_removed", role=worker.role, url=worker.url)
         return worker
 
+    async def fetch_models(self) -> list[dict[str, Any]]:
+        """Model cards of the healthy decode instances (first card per id); 503 when none answer."""
+        workers = [w for w in self.pool.of_role("decode") if w.healthy]
+        answers = await asyncio.gather(
+            *(self.client.get(f"{w.url}/v1/models", timeout=10.0) for w in workers),
+            return_exceptions=True,
+        )
+        cards: dict[str, dict[str, Any]] = {}
+        answered = False
+        for worker, answer in zip(workers, answers):
+            listed = _model_cards(answer)
+            if listed is None:
+                log_event(logging.INFO, "models_failed", url=worker.url, error=repr(answer))
+                continue
+            answered = True
+            for card in listed:
+                cards.setdefault(card["id"], card)
+        if not answered:
+            raise server_error(
+                "no decode instance answered /v1/models (GET /workers shows their health)",
+                503,
+                code="no_healthy_instance",
+            )
+        return list(cards.values())
+
     async def abort(self, worker: Worker, rid: str) -> None:
         """Ask `worker` to drop request `rid` (best effort: a node that is gone has dropped it)."""
         try:
@@ -140,3 +165,16 @@ class Gateway:
             )
         except httpx.HTTPError as exc:
             log_event(logging.INFO, "abort_failed", rid, url=worker.url, error=repr(exc))
+
+
+def _model_cards(answer: httpx.Response | BaseException) -> list[dict[str, Any]] | None:
+    """The cards of a /v1/models answer, None when it is not one."""
+    if isinstance(answer, BaseException) or answer.status_code != 200:
+        return None
+    try:
+        data = answer.json().get("data")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(data, list):
+        return None
+    return [card for card in data if isinstance(card, dict) and isinstance(card.get("id"), str)]

@@ -13,7 +13,6 @@ import httpx
 
 from .context import Gateway
 from .logs import log_event
-from .routes import fetch_models
 from .workers import Worker
 
 
@@ -62,7 +61,7 @@ class HealthMonitor:
 
     async def refresh_models(self) -> None:
         try:
-            cards = await fetch_models(self.gw)
+            cards = await self.gw.fetch_models()
         except Exception:  # NOTE: keep the last known ids; routing does not depend on them
             return
         self.gw.models = frozenset(card["id"] for card in cards)

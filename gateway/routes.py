@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -17,8 +16,9 @@ from api.errors import ApiError, server_error
 
 from .context import Gateway
 from .dispatch import open_request
+from .exchange import Exchange
 from .limits import check_api_key, parse_json, read_body
-from .logs import log, log_event
+from .logs import log
 from .metrics import CONTENT_TYPE
 from .pd import Finished
 from .requests import Prepared, prepare
@@ -56,11 +56,7 @@ async def generate(request: Request, route: str) -> Response:
     gw, rid = gateway_of(request), request_id(request)
     tracker = Tracker(gw.metrics, route, rid, gw.clock)
     try:
-        check_api_key(request.headers, gw.settings.api_key)
-        tracker.admit(gw.settings.max_inflight)
-        raw = await read_body(request, gw.settings.max_body_bytes)
-        prepared = await _prepare(gw, route, parse_json(raw), len(raw))
-        exchange, answer = await until_disconnect(request, open_request(gw, prepared, rid))
+        exchange, answer = await _open(request, gw, route, rid, tracker)
     except ApiError as exc:
         tracker.finish(exc.status)
         return error_response(exc, rid)
@@ -71,14 +67,34 @@ async def generate(request: Request, route: str) -> Response:
         log.exception("request_crashed rid=%s route=%s", rid, route)
         tracker.finish(500)
         return error_response(server_error("the gateway failed on this request (see its log)"), rid)
-    headers = {"X-Request-Id": rid}
+    return _respond(exchange, answer, tracker)
+
+
+async def _open(
+    request: Request, gw: Gateway, route: str, rid: str, tracker: Tracker
+) -> tuple[Exchange | None, Finished | list[bytes]]:
+    """Checks, then the exchange that answers (see `open_request`)."""
+    check_api_key(request.headers, gw.settings.api_key)
+    tracker.admit(gw.settings.max_inflight)
+    raw = await read_body(request, gw.settings.max_body_bytes)
+    prepared = await _prepare(gw, route, parse_json(raw), len(raw))
+    return await until_disconnect(request, open_request(gw, prepared, rid))
+
+
+def _respond(
+    exchange: Exchange | None, answer: Finished | list[bytes], tracker: Tracker
+) -> Response:
+    headers = {"X-Request-Id": tracker.rid}
     if isinstance(answer, Finished):
         tracker.finish(answer.status)
         return Response(answer.body, answer.status, headers=headers, media_type=answer.media_type)
     assert exchange is not None
-    return EventStreamResponse(
-        exchange.relay(answer, tracker), headers, on_close=lambda: tracker.finish(200)
-    )
+
+    def on_close() -> None:
+        exchange.abandon()  # NOTE: a no-op after a whole stream; covers one that never started
+        tracker.finish(200)
+
+    return EventStreamResponse(exchange.relay(answer, tracker), headers, on_close)
 
 
 async def _prepare(gw: Gateway, route: str, body: dict[str, Any], size: int) -> Prepared:
@@ -93,36 +109,11 @@ async def models(request: Request) -> Response:
     gw, rid = gateway_of(request), request_id(request)
     try:
         check_api_key(request.headers, gw.settings.api_key)
-        cards = await fetch_models(gw)
+        cards = await gw.fetch_models()
     except ApiError as exc:
         return error_response(exc, rid)
     gw.models = frozenset(card["id"] for card in cards)
     return JSONResponse({"object": "list", "data": cards}, headers={"X-Request-Id": rid})
-
-
-async def fetch_models(gw: Gateway) -> list[dict[str, Any]]:
-    """Model cards of the healthy decode instances (first card per id); 503 when none answer."""
-    workers = [w for w in gw.pool.of_role("decode") if w.healthy]
-    answers = await asyncio.gather(
-        *(gw.client.get(f"{w.url}/v1/models", timeout=10.0) for w in workers),
-        return_exceptions=True,
-    )
-    cards: dict[str, dict[str, Any]] = {}
-    answered = False
-    for worker, answer in zip(workers, answers):
-        if isinstance(answer, BaseException) or answer.status_code != 200:
-            log_event(logging.INFO, "models_failed", url=worker.url, error=repr(answer))
-            continue
-        answered = True
-        for card in answer.json().get("data", []):
-            cards.setdefault(card["id"], card)
-    if not answered:
-        raise server_error(
-            "no decode instance answered /v1/models (GET /workers shows their health)",
-            503,
-            code="no_healthy_instance",
-        )
-    return list(cards.values())
 
 
 async def health(request: Request) -> Response:

@@ -67,8 +67,8 @@ class EventStreamResponse:
                 await asyncio.wait({pump, gone}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 gone.cancel()
-                pump.cancel()
-                with contextlib.suppress(BaseException):
+                pump.cancel()  # the client left first: stop relaying (the events clean up)
+                with contextlib.suppress(asyncio.CancelledError):
                     await pump
         finally:
             self.on_close()

@@ -1,0 +1,136 @@
+"""A controllable upstream for fault tests: a real HTTP server that speaks the node routes the
+gateway uses and fails on demand (HTTP 500, a cut stream, a hang, failing health checks).
+
+It is not a model of our nodes' behaviour; tests that need real answers drive real nodes
+(test_gateway_nodes.py). It records what it received, so tests can check the PD protocol fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from api.errors import error_body
+from api.sse import DONE, encode_event
+
+GENERATION_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
+
+
+@dataclass
+class Behavior:
+    mode: str = "ok"  # ok | error500 | error400 | hang | cut | error_event
+    delay_s: float = 0.0  # before the answer starts
+    events: int = 3  # events in a stream
+    event_delay_s: float = 0.0
+    hang_after: int = 1  # mode "hang" on a stream: events sent before hanging
+    healthy: bool = True
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass
+class StandIn:
+    name: str
+    model: str = "tiny"
+    behavior: Behavior = field(default_factory=Behavior)
+    received: list[Received] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
+    health_checks: int = 0
+    cancelled: list[str] = field(default_factory=list)  # rids whose handler was cancelled
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def app(self) -> Starlette:
+        routes = [Route(p, self.generate, methods=["POST"]) for p in GENERATION_ROUTES]
+        routes += [
+            Route("/health", self.health),
+            Route("/v1/models", self.models),
+            Route("/abort_request", self.abort, methods=["POST"]),
+        ]
+        return Starlette(routes=routes)
+
+    def bodies(self, path: str | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            return [r.body for r in self.received if path is None or r.path == path]
+
+    async def health(self, request: Request) -> Response:
+        self.health_checks += 1
+        return Response(status_code=200 if self.behavior.healthy else 503)
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+
+    async def abort(self, request: Request) -> Response:
+        self.aborts.append((await request.json())["rid"])
+        return JSONResponse({"ok": True})
+
+    async def generate(self, request: Request) -> Response:
+        body = await request.json()
+        with self.lock:
+            self.received.append(Received(request.url.path, dict(request.headers), body))
+        b = self.behavior
+        try:
+            await asyncio.sleep(b.delay_s)
+            if b.mode == "hang" and not body.get("stream"):
+                await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.cancelled.append(body.get("rid"))
+            raise
+        if b.mode == "error500":
+            return JSONResponse(error_body(f"{self.name} broke", "server_error"), 500)
+        if b.mode == "error400":
+            return JSONResponse(error_body(f"{self.name} refuses", param="prompt", code=400), 400)
+        if body.get("stream"):
+            return StreamingResponse(self.events(body), media_type="text/event-stream")
+        return JSONResponse(self.answer(body, "".join(self.tokens())))
+
+    def tokens(self) -> list[str]:
+        return [f"{self.name}-t{i} " for i in range(self.behavior.events)]
+
+    def answer(self, body: dict[str, Any], text: str) -> dict[str, Any]:
+        usage = {"prompt_tokens": 5, "completion_tokens": self.behavior.events, "total_tokens": 8}
+        usage["prompt_tokens_details"] = {"cached_tokens": 2}
+        return {
+            "id": f"cmpl-{body.get('rid')}",
+            "object": "text_completion",
+            "created": 0,
+            "model": self.model,
+            "node": self.name,
+            "choices": [{"index": 0, "text": text, "finish_reason": "length", "logprobs": None}],
+            "usage": usage,
+        }
+
+    async def events(self, body: dict[str, Any]) -> Any:
+        b = self.behavior
+        if b.mode == "error_event":
+            yield encode_event(error_body(f"{self.name} failed", "server_error"))
+            yield DONE
+            return
+        for i, token in enumerate(self.tokens()):
+            if b.mode == "hang" and i == b.hang_after:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    self.cancelled.append(body.get("rid"))
+                    raise
+            if b.mode == "cut" and i == b.hang_after:
+                raise ConnectionResetError(f"{self.name} cut the stream")  # uvicorn drops it
+            await asyncio.sleep(b.event_delay_s)
+            yield encode_event(self.answer(body, token))
+        yield DONE
+
+
+def body_json(text: bytes) -> Any:
+    return json.loads(text)

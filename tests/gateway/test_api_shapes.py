@@ -1,0 +1,123 @@
+"""The shared wire pieces in api/: OpenAI error shape, SSE encoding/decoding, request models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from api.errors import ApiError, from_body, invalid_request, rate_limited, server_error
+from api.openai import ChatCompletionRequest, CompletionRequest, parse_request
+from api.sse import DONE, DONE_PAYLOAD, SSEDecoder, encode_event, error_event, error_in
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def test_error_shape_and_types() -> None:
+    assert invalid_request("bad", param="n").body() == {
+        "error": {"message": "bad", "type": "invalid_request_error", "param": "n", "code": None}
+    }
+    assert server_error("down", 503).body()["error"]["type"] == "server_error"
+    limited = rate_limited("busy")
+    assert limited.status == 429 and limited.headers == {"Retry-After": "1"}
+    assert set(limited.body()["error"]) == ERROR_KEYS
+
+
+def test_from_body_reads_openai_and_other_shapes() -> None:
+    e = from_body(400, {"error": {"message": "m", "type": "t", "param": "p", "code": 400}})
+    assert (e.status, e.message, e.type, e.param, e.code) == (400, "m", "t", "p", 400)
+    assert from_body(500, {"error": "plain"}).message == "plain"
+    assert "HTTP 502" in from_body(502, "gateway timeout").message
+
+
+def test_sse_encoding() -> None:
+    assert encode_event({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()
+    assert encode_event(b'{"x":1}') == b'data: {"x":1}\n\n'
+    assert DONE == b"data: [DONE]\n\n"
+    event = error_event(ApiError(502, "cut", code="upstream_error"))
+    payload = event.removeprefix(b"data: ").strip()
+    assert json.loads(payload)["error"]["code"] == "upstream_error"
+    assert error_in(payload) == json.loads(payload)["error"]
+    assert error_in(b'{"text":"no error here"}') is None
+    assert error_in(b'{"text":"\\"error\\" in text"}') is None
+
+
+def test_sse_decoder_reassembles_events_cut_anywhere() -> None:
+    stream = b'data: {"i":0}\n\n: comment\n\nevent: x\ndata: {"i":1}\n\r\ndata: [DONE]\n\n'
+    for cut in range(1, len(stream)):
+        decoder = SSEDecoder()
+        events = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:])
+        assert events == [b'{"i":0}', b'{"i":1}', DONE_PAYLOAD], cut
+        assert decoder.pending == b""
+
+
+def test_sse_decoder_joins_multiline_data() -> None:
+    assert SSEDecoder().feed(b"data: a\ndata:b\n\n") == [b"a\nb"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x"}, "model"),
+        ({"model": "m", "prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+        ({"model": "m", "prompt": []}, "prompt"),
+        ({"model": "m", "prompt": {"text": "x"}}, "prompt"),
+        ({"model": "m", "prompt": "x", "n": 0}, "n"),
+        ({"model": "m", "prompt": "x", "temperature": 3}, "temperature"),
+        ({"model": "m", "prompt": "x", "logprobs": 50}, "logprobs"),
+        (
+            {"model": "m", "prompt": "x", "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),
+        ({"model": "m", "prompt": "x", "stop": [""]}, "stop"),
+    ],
+)
+def test_completion_validation_names_the_field(body: dict, param: str) -> None:
+    with pytest.raises(ApiError) as info:
+        parse_request(CompletionRequest, body)
+    assert info.value.status == 400 and info.value.param == param
+    assert info.value.body()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "m", "messages": []}, "messages"),
+        ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"model": "m", "messages": [{"content": "x"}]}, "messages[0].role"),
+        ({"model": "m", "messages": [{"role": "user"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"model": "m", "messages": [{"role": "user"}], "max_completion_tokens": -2},
+         "max_completion_tokens"),
+    ],
+)  # fmt: skip
+def test_chat_validation_names_the_field(body: dict, param: str) -> None:
+    with pytest.raises(ApiError) as info:
+        parse_request(ChatCompletionRequest, body)
+    assert info.value.param == param
+
+
+def test_requests_keep_extensions_and_read_helpers() -> None:
+    chat = parse_request(
+        ChatCompletionRequest,
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            "max_tokens": 9,
+            "max_completion_tokens": 7,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "logprobs": True,
+            "top_logprobs": 2,
+            "seed": 3,
+            "stop": ["\n"],
+            "top_k": 5,
+        },
+    )
+    assert chat.output_limit == 7 and chat.include_usage and chat.messages[0].text == "hi"
+    assert chat.model_extra == {"top_k": 5}
+    done = parse_request(CompletionRequest, {"model": "m", "prompt": [[1, 2], [3]], "n": 2})
+    assert done.prompts == [[1, 2], [3]] and done.max_tokens == 16
+    assert parse_request(CompletionRequest, {"model": "m", "prompt": [1, 2]}).prompts == [[1, 2]]
+    with pytest.raises(ApiError, match="JSON object"):
+        parse_request(CompletionRequest, ["not", "an", "object"])

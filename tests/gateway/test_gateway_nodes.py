@@ -1,0 +1,217 @@
+"""The gateway in front of real nodes (one prefill, one decode, started as `pdserve` processes),
+driven by the `openai` client: colocated (decode only) and 1P1D through the same decode node."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from api.settings import GatewaySettings, Instance
+from gateway.app import create_app
+
+from .servers import ServerThread, free_port, wait_until
+
+NODE_START_TIMEOUT_S = 240.0
+STOP_TIMEOUT_S = 20.0
+ENGINE = ["--served-model-name", "tiny", "--engine-opt", "max_total_tokens=4096"]
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
+
+
+@dataclass
+class Nodes:
+    prefill: Instance
+    decode: Instance
+    colocated: ServerThread  # gateway -> decode
+    pd: ServerThread  # gateway -> prefill + decode
+    limited: ServerThread  # colocated, with an API key and limits
+
+    def client(self, gateway: ServerThread, api_key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"{gateway.url}/v1", api_key=api_key, max_retries=0, timeout=60.0
+        )
+
+
+def start_node(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "cluster.cli", *args, *ENGINE]
+    # NOTE: a session of its own, so that stopping it reaches its scheduler process too
+    return subprocess.Popen(
+        command, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop_nodes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each node, then SIGKILL whatever is left of its process group."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(STOP_TIMEOUT_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> bool:
+    if proc.poll() is not None:
+        raise RuntimeError(f"node exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+    try:
+        return httpx.get(f"{url}/health", timeout=2.0, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def nodes(
+    make_tiny: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Nodes]:
+    model, logs = str(make_tiny("llama")), tmp_path_factory.mktemp("node-logs")
+    pp, bp, dp = free_port(), free_port(), free_port()
+    prefill = Instance(f"http://127.0.0.1:{pp}", bp)
+    decode = Instance(f"http://127.0.0.1:{dp}")
+    procs = [
+        (prefill.url, start_node(["prefill", "--model", model, "--port", str(pp),
+                                  "--bootstrap-port", str(bp)], logs / "prefill.log"),
+         logs / "prefill.log"),
+        (decode.url, start_node(["decode", "--model", model, "--port", str(dp)],
+                                logs / "decode.log"), logs / "decode.log"),
+    ]  # fmt: skip
+    gateways: list[ServerThread] = []
+    try:
+        wait_until(
+            lambda: all([healthy(*node) for node in procs]), NODE_START_TIMEOUT_S, "both nodes"
+        )
+        settings = [
+            GatewaySettings(decode=(decode,)),
+            GatewaySettings(prefill=(prefill,), decode=(decode,)),
+            GatewaySettings(decode=(decode,), api_key="sk-key", max_tokens_limit=32),
+        ]
+        gateways = [ServerThread(create_app(s)).start() for s in settings]
+        yield Nodes(prefill, decode, *gateways)
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+        stop_nodes([proc for _, proc, _ in procs])
+
+
+@pytest.fixture(params=["colocated", "pd"])
+def gateway(request: pytest.FixtureRequest, nodes: Nodes) -> ServerThread:
+    return getattr(nodes, request.param)
+
+
+def test_models(nodes: Nodes) -> None:
+    assert [m.id for m in nodes.client(nodes.pd).models.list().data] == ["tiny"]
+
+
+def test_completion_stream_equals_whole(nodes: Nodes, gateway: ServerThread) -> None:
+    client = nodes.client(gateway)
+    whole = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert whole.usage.completion_tokens == 12 and whole.usage.prompt_tokens > 0
+    assert whole.usage.prompt_tokens_details is not None
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_pd_and_colocated_agree(nodes: Nodes) -> None:
+    def greedy(gateway: ServerThread) -> str:
+        answer = nodes.client(gateway).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Say something."}],
+            max_completion_tokens=10, temperature=0,
+        )  # fmt: skip
+        return answer.choices[0].message.content
+
+    assert greedy(nodes.pd) == greedy(nodes.colocated)
+
+
+def test_chat_options(nodes: Nodes, gateway: ServerThread) -> None:
+    client = nodes.client(gateway)
+    answer = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=6, seed=7,
+        temperature=1.0, logprobs=True, top_logprobs=2, stop=["\n\n\n"],
+    )  # fmt: skip
+    assert len(answer.choices[0].logprobs.content[0].top_logprobs) == 2
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=6,
+        stream=True, stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens == 6
+
+
+def n_samples(nodes: Nodes, gateway: ServerThread) -> None:
+    answer = nodes.client(gateway).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=6, n=2, seed=7,
+        temperature=1.0,
+    )  # fmt: skip
+    assert [c.index for c in answer.choices] == [0, 1]
+
+
+def test_n_samples_colocated(nodes: Nodes) -> None:
+    n_samples(nodes, nodes.colocated)
+
+
+def test_n_samples_pd(nodes: Nodes) -> None:
+    n_samples(nodes, nodes.pd)
+
+
+def test_generate_passthrough(nodes: Nodes, gateway: ServerThread) -> None:
+    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 5, "temperature": 0}}
+    with httpx.Client(base_url=gateway.url, timeout=60.0, trust_env=False) as c:
+        answer = c.post("/generate", json=body, headers={"X-Request-Id": "gen-1"})
+        assert answer.status_code == 200 and answer.headers["x-request-id"] == "gen-1"
+        assert answer.json()["meta_info"]["completion_tokens"] == 5
+        with c.stream("POST", "/generate", json={**body, "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and len(lines) >= 2
+
+
+def test_repeated_prefix_is_cached(nodes: Nodes) -> None:
+    client = nodes.client(nodes.pd)
+    prompt = "A long shared preamble about routing and caches. " * 8
+    client.completions.create(model="tiny", prompt=prompt + "one", max_tokens=2)
+    again = client.completions.create(model="tiny", prompt=prompt + "two", max_tokens=2)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_errors_reach_the_client_in_openai_shape(nodes: Nodes) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        nodes.client(nodes.limited, api_key="wrong").models.list()
+    client = nodes.client(nodes.limited, api_key="sk-key")
+    with pytest.raises(openai.BadRequestError, match="limit of 32"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=33)
+    client.models.list()  # learns the served ids
+    with pytest.raises(openai.NotFoundError, match="tiny"):
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices
+
+
+def test_disconnect_mid_stream_frees_pages_on_both_nodes(nodes: Nodes) -> None:
+    client = nodes.client(nodes.pd)
+    stream = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=2000, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    next(iter(stream))
+    stream.close()
+
+    def all_free(instance: Instance) -> bool:
+        info = httpx.get(f"{instance.url}/get_server_info", timeout=5.0, trust_env=False).json()
+        return info["running"] == 0 and info["free_pages"] == info["total_pages"]
+
+    wait_until(lambda: all_free(nodes.decode), 30.0, "decode pages freed")
+    wait_until(lambda: all_free(nodes.prefill), 30.0, "prefill pages freed")
