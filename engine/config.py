@@ -13,14 +13,25 @@ from typing import Any
 
 import torch
 
+from engine.arch_config import Fp8Config, MLAConfig, MoEConfig
+
 # HF architecture name -> our model family. Qwen2 and Qwen3 are Llama with small twists.
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }
-MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "deepseek_v2": "deepseek_v2",
+    "deepseek_v3": "deepseek_v3",
+}
 
 DTYPES = {
     "float32": torch.float32,
@@ -95,7 +106,15 @@ class ModelConfig:
     qk_norm: bool = False
     dtype: torch.dtype = torch.float32
     eos_token_ids: tuple[int, ...] = ()
+    mla: MLAConfig | None = None  # DeepSeek latent attention (KV cache: one latent per token)
+    moe: MoEConfig | None = None  # routed experts
+    fp8: Fp8Config | None = None  # FP8 block-quantized weights (dequantized on load)
     hf: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def softmax_scale(self) -> float:
+        """The attention softmax scale (MLA: over qk_head_dim, with YaRN's mscale)."""
+        return self.head_dim**-0.5 if self.mla is None else self.mla.softmax_scale
 
     @staticmethod
     def from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -105,6 +124,7 @@ class ModelConfig:
         hidden = int(hf["hidden_size"])
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        mla = MLAConfig.from_hf(hf, scaling)
         return ModelConfig(
             family=family,
             vocab_size=int(hf["vocab_size"]),
@@ -113,7 +133,7 @@ class ModelConfig:
             num_layers=int(hf["num_hidden_layers"]),
             num_heads=heads,
             num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or hidden // heads),
+            head_dim=mla.qk_head_dim if mla else int(hf.get("head_dim") or hidden // heads),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
@@ -123,6 +143,9 @@ class ModelConfig:
             qk_norm=family == "qwen3",
             dtype=parse_dtype(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
             eos_token_ids=eos_ids,
+            mla=mla,
+            moe=MoEConfig.from_hf(hf, family),
+            fp8=Fp8Config.from_hf(hf),
             hf=hf,
         )
 
@@ -185,5 +208,6 @@ class EngineConfig:
     attention_backend: str = "torch"
     max_model_len: int | None = None
     seed: int = 0
+    threads: int | None = None  # torch intra-op threads (None: torch's default, all cores)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

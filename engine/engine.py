@@ -49,6 +49,8 @@ class Engine:
         self.tokenizer = load_tokenizer(cfg.model_path)
         self.eos_token_ids = frozenset(eos_token_ids(cfg.model_path, self.tokenizer))
         torch.manual_seed(cfg.seed)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         self.runner = ModelRunner(cfg, self.model_cfg, self.eos_token_ids)
         self.pool = self.runner.pool
         cache = RadixCache(self.pool) if cfg.cache.enable_prefix_cache else None
