@@ -1,0 +1,200 @@
+"""Room state machine on the in-process fake backend: races, timeouts, heartbeats, misuse.
+
+The fake backend can hold a write at a gate, which makes "abort while the write is in flight"
+deterministic; real engines are exercised in test_transfer_engines / test_transfer_failures.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import zmq
+
+from transfer import KVBuffer, KVCompat, KVReceiver, KVSender, RoomMetadata, RoomStatus
+from transfer import TransferState as S
+from transfer.fake import FakeBackend
+from transfer.protocol import Register, RegisterReply, RoomRequest, decode, encode
+
+from .harness import fast_config
+
+COMPAT = KVCompat("tiny", "uint8", 1, 1, "mla")
+META = RoomMetadata(first_token_id=3)
+
+
+class Pair:
+    def __init__(self, sender_backend: FakeBackend, **config) -> None:
+        config = fast_config("fake", heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0, **config)
+        self.src = np.random.default_rng(0).integers(0, 255, (64, 32), dtype=np.uint8)
+        self.dst = np.zeros((64, 32), np.uint8)
+        buffers = [KVBuffer.from_array(self.src)]
+        self.sender = KVSender(config, buffers, COMPAT, backend=sender_backend)
+        dst_buffers = [KVBuffer.from_array(self.dst)]
+        self.receiver = KVReceiver(config, dst_buffers, COMPAT, backend=FakeBackend())
+        self.popped: dict[int, list[RoomStatus]] = {}
+
+    def open(self, room: int, src=(1, 2, 3), dst=(10, 11, 40)) -> None:
+        self.sender.open_room(room)
+        self.receiver.open_room(room, self.sender.bootstrap_address, dst)
+        self.src_pages, self.dst_pages = src, dst
+        eventually(lambda: self.sender.status(room).state is S.WAITING_FOR_INPUT)
+
+    def popped_from(self, side) -> list[RoomStatus]:
+        out = self.popped.setdefault(id(side), [])
+        out.extend(side.pop_finished())
+        return out
+
+    def finished(self, side, room: int, timeout: float = 5.0) -> RoomStatus:
+        eventually(lambda: any(s.room == room for s in self.popped_from(side)), timeout)
+        matches = [s for s in self.popped_from(side) if s.room == room]
+        assert len(matches) == 1, f"room {room} finished {len(matches)} times"
+        return matches[0]
+
+
+def eventually(check, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.002)
+
+
+@pytest.fixture
+def gate() -> threading.Event:
+    return threading.Event()
+
+
+@pytest.fixture
+def pair(request: pytest.FixtureRequest, gate: threading.Event) -> Iterator[Pair]:
+    options = dict(getattr(request, "param", {}))
+    p = Pair(FakeBackend(gate=gate, fail_batches=options.pop("fail", False)), **options)
+    yield p
+    gate.set()
+    eventually(lambda: p.sender.open_rooms() == 0 and p.receiver.open_rooms() == 0)
+    p.receiver.close()
+    p.sender.close()
+
+
+def test_success_even_when_prefill_is_ready_before_decode_asks(pair: Pair, gate) -> None:
+    gate.set()
+    pair.sender.open_room(1)
+    pair.sender.send(1, [5, 6], META)
+    assert pair.sender.status(1).state is S.BOOTSTRAPPING
+    pair.receiver.open_room(1, pair.sender.bootstrap_address, [7, 8])
+    status = pair.finished(pair.receiver, 1)
+    assert status.state is S.SUCCESS and status.metadata == META
+    assert (pair.dst[[7, 8]] == pair.src[[5, 6]]).all()
+    assert pair.finished(pair.sender, 1).state is S.SUCCESS
+
+
+def test_decode_abort_racing_the_write_frees_pages_only_after_prefill_stops(pair, gate) -> None:
+    pair.open(2)
+    pair.sender.send(2, pair.src_pages, META)
+    eventually(pair.sender.backend.writing.is_set)
+    pair.receiver.abort(2, "client went away")
+    assert pair.receiver.status(2).state is S.FAILED
+    time.sleep(0.2)  # the write is held at the gate: decode must keep its pages
+    assert pair.popped_from(pair.receiver) == [] and pair.popped_from(pair.sender) == []
+    gate.set()
+    assert "aborted by decode: client went away" in pair.finished(pair.receiver, 2).reason
+    assert pair.finished(pair.sender, 2).state is S.FAILED
+
+
+def test_prefill_abort_during_the_write_waits_for_it(pair: Pair, gate) -> None:
+    pair.open(3)
+    pair.sender.send(3, pair.src_pages, META)
+    eventually(pair.sender.backend.writing.is_set)
+    pair.sender.abort(3, "engine shutting down")
+    assert pair.sender.status(3).state is S.FAILED
+    time.sleep(0.2)
+    assert pair.popped_from(pair.sender) == [] and pair.popped_from(pair.receiver) == []
+    gate.set()
+    assert pair.finished(pair.sender, 3).reason == "aborted by prefill: engine shutting down"
+    assert "aborted by prefill" in pair.finished(pair.receiver, 3).reason
+
+
+@pytest.mark.parametrize("pair", [{"transfer_timeout_s": 0.3}], indirect=True)
+def test_transfer_timeout(pair: Pair) -> None:
+    pair.open(4)
+    pair.sender.send(4, pair.src_pages, META)
+    expected = "timed out in TRANSFERRING after 0.3s (raise transfer.transfer_timeout_s)"
+    # either side's timer may fire first; the other side then reports the abort
+    assert expected in pair.finished(pair.sender, 4).reason
+    assert expected in pair.finished(pair.receiver, 4).reason
+
+
+@pytest.mark.parametrize("pair", [{"fail": True}], indirect=True)
+def test_engine_failure_fails_both_sides(pair: Pair, gate) -> None:
+    gate.set()
+    pair.open(5)
+    pair.sender.send(5, pair.src_pages, META)
+    assert "fake batch failed on purpose" in pair.finished(pair.sender, 5).reason
+    assert "fake batch failed on purpose" in pair.finished(pair.receiver, 5).reason
+
+
+def test_page_count_mismatch_fails_with_both_counts(pair: Pair) -> None:
+    pair.open(6, src=(1, 2), dst=(3, 4, 5))
+    pair.sender.send(6, pair.src_pages, META)
+    reason = pair.finished(pair.sender, 6).reason
+    assert reason.startswith("page count differs: prefill sends 2 pages, decode reserved 3")
+    assert pair.finished(pair.receiver, 6).state is S.FAILED
+
+
+def test_api_misuse_raises(pair: Pair, gate) -> None:
+    with pytest.raises(ValueError, match="call open_room first"):
+        pair.sender.send(99, [1], META)
+    pair.sender.open_room(7)
+    with pytest.raises(ValueError, match="already opened"):
+        pair.sender.open_room(7)
+    pair.sender.send(7, [1], META)
+    with pytest.raises(ValueError, match="send called twice"):
+        pair.sender.send(7, [1], META)
+    pair.sender.abort(7, "done with the test")
+    assert pair.finished(pair.sender, 7).state is S.FAILED
+
+
+def test_decode_fails_rooms_of_a_silent_prefill(pair: Pair) -> None:
+    context = zmq.Context()
+    mute = context.socket(zmq.ROUTER)  # registers decode, then never says a word again
+    port = mute.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        pair.receiver.open_room(8, f"127.0.0.1:{port}", [1])
+        identity, data = mute.recv_multipart()
+        assert isinstance(decode(data), Register)
+        mute.send_multipart([identity, encode(RegisterReply(""))])
+        assert isinstance(decode(mute.recv_multipart()[1]), RoomRequest)
+        status = pair.finished(pair.receiver, 8, timeout=5)
+        assert status.state is S.FAILED and "silent" in status.reason
+    finally:
+        mute.close(linger=0)
+        context.term()
+
+
+def test_prefill_fails_rooms_of_a_silent_decode(pair: Pair) -> None:
+    context = zmq.Context()
+    ghost = context.socket(zmq.DEALER)  # registers, asks for a room, then goes quiet
+    ghost.setsockopt(zmq.IDENTITY, b"ghost")
+    ghost.connect(f"tcp://{pair.sender.bootstrap_address}")
+    try:
+        buffers = ((0, 32, 64, 32, "cpu"),)
+        wire_compat = ("tiny", "uint8", 1, 1, "mla")
+        register = Register(1, "ghost", "fake", "nowhere", b"", buffers, wire_compat, 0, 256, 4)
+        ghost.send(encode(register))
+        assert decode(ghost.recv()) == RegisterReply("")
+        pair.sender.open_room(9)
+        ghost.send(encode(RoomRequest(9, (1,), 0)))
+        status = pair.finished(pair.sender, 9, timeout=5)
+        assert status.state is S.FAILED and "decode ghost silent" in status.reason
+    finally:
+        ghost.close(linger=0)
+        context.term()
+
+
+def test_destination_pages_outside_the_decode_pool_are_refused(pair: Pair) -> None:
+    pair.sender.open_room(10)
+    pair.receiver.open_room(10, pair.sender.bootstrap_address, [1, 1000])
+    expected = "destination page 1000 out of range (decode has 64 pages)"
+    assert pair.finished(pair.sender, 10).reason == expected
+    assert expected in pair.finished(pair.receiver, 10).reason

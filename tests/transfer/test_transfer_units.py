@@ -1,0 +1,110 @@
+"""Pure units: states, descriptors, messages, compatibility, metadata slots, config."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from transfer import KVBuffer, KVCompat, RoomMetadata, TransferConfig, TransferState
+from transfer.base import regions_for
+from transfer.compat import check_compatible
+from transfer.descriptors import build_descriptors, page_runs, split_batches
+from transfer.metaslots import SlotPool, decode_slot, encode_slot
+from transfer.protocol import ProtocolError, RoomRequest, RoomUpdate, decode, encode
+from transfer.registry import create_backend
+
+S = TransferState
+
+
+def test_states_only_move_forward() -> None:
+    assert S.BOOTSTRAPPING.can_move_to(S.WAITING_FOR_INPUT)
+    assert S.BOOTSTRAPPING.can_move_to(S.TRANSFERRING)
+    assert S.TRANSFERRING.can_move_to(S.FAILED)
+    assert not S.TRANSFERRING.can_move_to(S.WAITING_FOR_INPUT)
+    assert not S.SUCCESS.can_move_to(S.FAILED)
+    assert not S.FAILED.can_move_to(S.SUCCESS)
+
+
+def test_runs_merge_only_when_both_sides_are_consecutive() -> None:
+    runs = page_runs(np.array([7, 8, 9, 3, 4, 5]), np.array([40, 41, 42, 90, 92, 93]))
+    assert runs.src_start.tolist() == [7, 3, 4]
+    assert runs.dst_start.tolist() == [40, 90, 92]
+    assert runs.length.tolist() == [3, 1, 2]
+
+
+def test_descriptors_for_packed_and_strided_buffers() -> None:
+    packed = KVBuffer(base_ptr=1000, page_bytes=10, num_pages=100)
+    strided = KVBuffer(base_ptr=5000, page_bytes=10, num_pages=100, page_stride=40)
+    descs = build_descriptors([packed, strided], [packed, packed], [1, 2, 3], [5, 6, 9])
+    # packed: runs (1-2 -> 5-6) and (3 -> 9); strided source: one descriptor per page
+    assert descs.src.tolist() == [1010, 1030, 5040, 5080, 5120]
+    assert descs.dst.tolist() == [1050, 1090, 1050, 1060, 1090]
+    assert descs.lengths.tolist() == [20, 10, 10, 10, 10]
+    assert [len(b) for b in split_batches(descs, 2)] == [2, 2, 1]
+
+
+def test_descriptors_reject_pages_out_of_range() -> None:
+    buf = KVBuffer(base_ptr=0, page_bytes=8, num_pages=4)
+    with pytest.raises(ValueError, match="destination page 4 out of range"):
+        build_descriptors([buf], [buf], [0], [4])
+    with pytest.raises(ValueError, match="page count differs"):
+        build_descriptors([buf], [buf], [0, 1], [2])
+
+
+def test_buffer_views_from_arrays_and_registration_regions() -> None:
+    whole = np.zeros((8, 2, 16), np.uint8)  # page-major: [pages, layers, bytes]
+    views = [KVBuffer.from_array(whole[:, layer]) for layer in range(2)]
+    assert views[1].base_ptr == views[0].base_ptr + 16
+    assert (views[0].page_bytes, views[0].stride) == (16, 32)
+    regions = regions_for(views)
+    assert len(regions) == 1 and regions[0].length == whole.nbytes
+
+
+def test_messages_round_trip_and_reject_garbage() -> None:
+    for msg in (RoomRequest(5, (1, 2, 3), 7), RoomUpdate(5, 3, "", (10, 2, 1, 0.5))):
+        assert decode(encode(msg)) == msg
+    with pytest.raises(ProtocolError):
+        decode(b"\x93\xa4nope\x01\x02")
+    with pytest.raises(ProtocolError):
+        decode(encode(RoomRequest(1, (), 0))[:-1])
+
+
+def test_compat_mismatch_names_both_values_and_the_fix() -> None:
+    a = KVCompat("llama", "bfloat16", 16, 32, "mha")
+    b = KVCompat("llama", "bfloat16", 64, 32, "mha")
+    with pytest.raises(RuntimeError) as info:
+        check_compatible(a, b, [], [])
+    assert str(info.value) == "page_size differs: prefill 16, decode 64 (set cache.page_size alike)"
+    buf = KVBuffer(0, 128, 4)
+    with pytest.raises(RuntimeError, match="KV buffer count differs: prefill 1, decode 2"):
+        check_compatible(a, a, [buf], [buf, buf])
+
+
+def test_metadata_slot_round_trip_guards_room_and_size() -> None:
+    meta = RoomMetadata(9, -0.1, ((9, -0.1), (4, -2.5)), cached_tokens=32)
+    pool = SlotPool(num_slots=2, slot_bytes=256)
+    slot = pool.acquire()
+    data = encode_slot(77, meta, 256)
+    pool.view(slot)[: len(data)] = data
+    assert decode_slot(pool.view(slot), 77) == meta
+    with pytest.raises(ValueError, match="holds room 77, expected room 78"):
+        decode_slot(pool.view(slot), 78)
+    huge = RoomMetadata(1, 0.0, tuple((i, 0.5) for i in range(100)))
+    with pytest.raises(ValueError, match=re.escape("raise transfer.meta_slot_bytes")):
+        encode_slot(1, huge, 256)
+    pool.acquire()
+    with pytest.raises(RuntimeError, match=re.escape("raise transfer.meta_slots")):
+        pool.acquire()
+
+
+def test_config_errors_name_the_setting() -> None:
+    with pytest.raises(ValueError, match=re.escape("transfer.waiting_timeout_s must be > 0")):
+        TransferConfig(waiting_timeout_s=0)
+    with pytest.raises(ValueError, match=re.escape("transfer.protocol must be tcp or rdma")):
+        TransferConfig(protocol="udp")
+    with pytest.raises(
+        ValueError, match=re.escape("set transfer.backend to one of fake, mooncake, nixl")
+    ):
+        create_backend(TransferConfig(backend="gloo"))

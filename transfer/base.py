@@ -1,0 +1,205 @@
+"""The transfer interface: room states, KV buffer views, room results and the backend ABC.
+
+Transfer knows nothing of models. A KV pool is a set of buffers indexed by page; the transfer
+layer sees each buffer only as (base pointer, bytes per page, stride between pages), so MHA
+(K and V per layer), MLA (one latent buffer per layer), layer-major and page-major pools all
+move through the same path.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .descriptors import DescriptorBatch
+
+if TYPE_CHECKING:
+    from .config import TransferConfig
+
+
+class TransferState(enum.IntEnum):
+    """Where a room is. States only move forward; FAILED is reachable from any live state."""
+
+    BOOTSTRAPPING = 0
+    WAITING_FOR_INPUT = 1
+    TRANSFERRING = 2
+    SUCCESS = 3
+    FAILED = 4
+
+    @property
+    def is_final(self) -> bool:
+        return self >= TransferState.SUCCESS
+
+    def can_move_to(self, new: TransferState) -> bool:
+        return not self.is_final and new > self
+
+
+class IncompatiblePeerError(RuntimeError):
+    """Prefill and decode cannot exchange KV pages (the message names both values and the fix)."""
+
+
+class TransferError(RuntimeError):
+    """A transfer engine failed to start or to register memory."""
+
+
+@dataclass(frozen=True)
+class KVBuffer:
+    """One buffer holding one slice of every page, e.g. one layer's K, V or MLA latent.
+
+    Page ``p`` lives at ``base_ptr + p * stride`` and is ``page_bytes`` long. ``page_stride``
+    defaults to ``page_bytes`` (pages back to back, as in a layer-major pool); a page-major pool
+    can instead register one buffer whose page covers every layer, or one view per layer with a
+    stride of the whole page.
+    """
+
+    base_ptr: int
+    page_bytes: int
+    num_pages: int
+    page_stride: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.page_bytes <= 0 or self.num_pages <= 0:
+            raise ValueError(f"KVBuffer needs page_bytes > 0 and num_pages > 0, got {self}")
+        if self.page_stride and self.page_stride < self.page_bytes:
+            raise ValueError(f"page_stride {self.page_stride} < page_bytes {self.page_bytes}")
+
+    @property
+    def stride(self) -> int:
+        return self.page_stride or self.page_bytes
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """The [start, end) address range this buffer touches."""
+        return self.base_ptr, self.base_ptr + (self.num_pages - 1) * self.stride + self.page_bytes
+
+    @classmethod
+    def from_desc(
+        cls, base_ptr: int, nbytes: int, page_bytes: int, device: str = "cpu"
+    ) -> KVBuffer:
+        """A packed buffer from (base pointer, total bytes, bytes per page)."""
+        return cls(base_ptr, page_bytes, nbytes // page_bytes, 0, device)
+
+    @classmethod
+    def from_array(cls, array: Any) -> KVBuffer:
+        """View a numpy array or torch tensor whose first dimension is the page index."""
+        if hasattr(array, "data_ptr"):  # torch.Tensor, without importing torch
+            itemsize = array.element_size()
+            page_bytes = array[0].numel() * itemsize
+            stride = array.stride(0) * itemsize
+            return cls(array.data_ptr(), page_bytes, array.shape[0], stride, str(array.device))
+        return cls(array.ctypes.data, array[0].nbytes, array.shape[0], array.strides[0])
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """A contiguous range handed to the transfer engine for registration."""
+
+    base_ptr: int
+    length: int
+    device: str = "cpu"
+
+
+def regions_for(buffers: Sequence[KVBuffer]) -> list[MemoryRegion]:
+    """Registration ranges covering every buffer; overlapping or touching views are merged."""
+    spans = sorted((*b.span, b.device) for b in buffers)
+    merged: list[list[Any]] = []
+    for start, end, device in spans:
+        if merged and start <= merged[-1][1] and device == merged[-1][2]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end, device])
+    return [MemoryRegion(s, e - s, d) for s, e, d in merged]
+
+
+@dataclass(frozen=True)
+class RoomMetadata:
+    """What prefill hands decode with the pages: the first token and how much was cached."""
+
+    first_token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TransferMetrics:
+    """What one room's transfer cost."""
+
+    bytes: int
+    descriptors: int
+    batches: int
+    duration_s: float
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / self.duration_s / 1e9 if self.duration_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class RoomStatus:
+    """A room's state as one side sees it; final ones come back once from ``pop_finished``."""
+
+    room: int
+    state: TransferState
+    reason: str = ""
+    metadata: RoomMetadata | None = None
+    metrics: TransferMetrics | None = None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """What a peer needs to write into this engine: a session name and an engine blob."""
+
+    backend: str
+    session: str
+    blob: bytes = b""
+    device: str = "cpu"
+
+
+class TransferBackend(ABC):
+    """A transfer engine that writes local registered memory into a peer's registered memory.
+
+    Implementations: ``mooncake`` (Mooncake Transfer Engine), ``nixl`` (NIXL/UCX) and ``fake``
+    (in-process memmove, for state-machine unit tests only). One instance per node; ``submit``
+    and ``wait`` may be called from several worker threads at once.
+    """
+
+    name: ClassVar[str]
+    default_batch_descriptors: ClassVar[int] = 512
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: TransferConfig) -> TransferBackend:
+        """Build the engine from the node's transfer settings."""
+
+    @abstractmethod
+    def register(self, regions: Sequence[MemoryRegion]) -> None:
+        """Make local memory readable/writable by the engine (before ``endpoint``)."""
+
+    @abstractmethod
+    def endpoint(self) -> Endpoint:
+        """This engine's address, sent to peers in the registration message."""
+
+    @abstractmethod
+    def connect(self, peer: Endpoint) -> str:
+        """Learn a peer we will write to; returns the key that ``submit`` takes."""
+
+    @abstractmethod
+    def disconnect(self, peer_key: str) -> None:
+        """Forget a peer (it died or left)."""
+
+    @abstractmethod
+    def submit(self, peer_key: str, batch: DescriptorBatch) -> Any:
+        """Start writing one batch; returns a handle for ``wait`` (raises on a failed submit)."""
+
+    @abstractmethod
+    def wait(self, handle: Any, deadline: float) -> str:
+        """Block until the batch is done: "" on success, else why it failed."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the engine and deregister memory."""

@@ -1,0 +1,61 @@
+"""Transfer settings: one frozen dataclass shared by the prefill and decode sides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """How a node moves KV pages and how long it waits for each step.
+
+    Every waiting state has a timeout: BOOTSTRAPPING (the peer has not shown up),
+    WAITING_FOR_INPUT (prefill has not produced the KV yet), TRANSFERRING (the write has not
+    finished). ``abort_timeout_s`` bounds how long decode waits for prefill to confirm that it
+    stopped writing into an aborted room before freeing the pages anyway.
+    """
+
+    backend: str = "mooncake"  # mooncake | nixl (fake: unit tests only)
+    host: str = "127.0.0.1"  # this node's address for the engine and the bootstrap server
+    protocol: str = "tcp"  # mooncake: tcp | rdma
+    device: str = ""  # mooncake rdma: comma-separated NIC names ("" = all)
+    bootstrap_port: int = 0  # prefill: the bootstrap server's port (0 = any free port)
+    bootstrap_timeout_s: float = 30.0
+    waiting_timeout_s: float = 300.0
+    transfer_timeout_s: float = 60.0
+    abort_timeout_s: float = 10.0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 6.0
+    max_batch_descriptors: int = 0  # 0 = the backend's default
+    max_inflight_batches: int = 4  # batches of one room submitted at once
+    num_workers: int = 2  # prefill writer threads (rooms written at once)
+    meta_slots: int = 1024  # decode: rooms that can be open at once
+    meta_slot_bytes: int = 2048  # room metadata block (first token, top logprobs)
+    mooncake_tcp_lanes: int = 0  # MC_TCP_LANES_PER_PEER (0 = Mooncake's default, 4)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_s") and value <= 0:
+                raise ValueError(f"transfer.{f.name} must be > 0, got {value}")
+        if self.protocol not in ("tcp", "rdma"):
+            raise ValueError(f"transfer.protocol must be tcp or rdma, got {self.protocol!r}")
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"transfer.heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed "
+                f"transfer.heartbeat_interval_s ({self.heartbeat_interval_s})"
+            )
+        for name in ("max_inflight_batches", "num_workers", "meta_slots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"transfer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.meta_slot_bytes < 256:
+            raise ValueError(f"transfer.meta_slot_bytes must be >= 256, got {self.meta_slot_bytes}")
+
+    def timeout_for(self, state_name: str) -> tuple[float, str]:
+        """(seconds, setting name) bounding how long a room may stay in ``state_name``."""
+        name = {
+            "BOOTSTRAPPING": "bootstrap_timeout_s",
+            "WAITING_FOR_INPUT": "waiting_timeout_s",
+            "TRANSFERRING": "transfer_timeout_s",
+        }[state_name]
+        return getattr(self, name), name

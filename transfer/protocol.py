@@ -1,0 +1,165 @@
+"""Control-plane messages between decode and prefill: typed dataclasses, msgpack, a type tag.
+
+Decode opens a ZMQ DEALER to the prefill node's bootstrap ROUTER and says, in order::
+
+    decode                                   prefill
+      Register(endpoint, buffers, compat) ->
+                                          <- RegisterReply(error="")      (or the mismatch)
+      RoomRequest(room, dst_pages, slot)  ->
+                                          <- RoomUpdate(WAITING_FOR_INPUT)
+                                          <- RoomUpdate(TRANSFERRING)
+                                          <- RoomUpdate(SUCCESS | FAILED, reason, metrics)
+      RoomAbort(room, reason)             ->  (prefill answers with a final RoomUpdate once it
+                                               has stopped writing into the room)
+      Heartbeat                           <-> HeartbeatReply
+
+Every value is a msgpack native (int, float, str, bytes, tuples); nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import msgpack
+
+from .base import KVBuffer, TransferMetrics, TransferState
+from .compat import KVCompat
+
+PROTOCOL_VERSION = 1
+
+WireBuffer = tuple[int, int, int, int, str]
+
+
+class ProtocolError(ValueError):
+    """A control message that does not decode into a known type."""
+
+
+@dataclass(frozen=True)
+class Register:
+    """Decode introduces itself to a prefill node (once per peer)."""
+
+    TAG: ClassVar[str] = "register"
+    version: int
+    decode_id: str
+    backend: str
+    session: str
+    blob: bytes
+    buffers: tuple[WireBuffer, ...]
+    compat: tuple[str, str, int, int, str]
+    meta_base: int
+    meta_slot_bytes: int
+    meta_slots: int
+
+
+@dataclass(frozen=True)
+class RegisterReply:
+    """Prefill's answer to Register: an empty error means registered."""
+
+    TAG: ClassVar[str] = "register_reply"
+    error: str
+
+
+@dataclass(frozen=True)
+class RoomRequest:
+    """Decode reserved ``dst_pages`` and metadata slot ``meta_slot`` for ``room``."""
+
+    TAG: ClassVar[str] = "room_request"
+    room: int
+    dst_pages: tuple[int, ...]
+    meta_slot: int
+
+
+@dataclass(frozen=True)
+class RoomAbort:
+    """Decode gives up on a room; prefill must stop writing and confirm with a final update."""
+
+    TAG: ClassVar[str] = "room_abort"
+    room: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class RoomUpdate:
+    """Prefill reports a room's state; a final one means prefill no longer writes into it."""
+
+    TAG: ClassVar[str] = "room_update"
+    room: int
+    state: int
+    reason: str = ""
+    metrics: tuple[int, int, int, float] = ()  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Decode is alive (sent to every prefill peer each heartbeat interval)."""
+
+    TAG: ClassVar[str] = "heartbeat"
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    """Prefill is alive."""
+
+    TAG: ClassVar[str] = "heartbeat_reply"
+
+
+@dataclass(frozen=True)
+class UnknownPeer:
+    """Prefill does not know this decode (it restarted, or timed the decode out)."""
+
+    TAG: ClassVar[str] = "unknown_peer"
+    reason: str
+
+
+Message = (
+    Register
+    | RegisterReply
+    | RoomRequest
+    | RoomAbort
+    | RoomUpdate
+    | Heartbeat
+    | HeartbeatReply
+    | UnknownPeer
+)
+_TYPES: dict[str, type] = {cls.TAG: cls for cls in Message.__args__}
+
+
+def encode(msg: Message) -> bytes:
+    """Pack a message as [tag, field values...]."""
+    return msgpack.packb([msg.TAG, *(getattr(msg, f.name) for f in fields(msg))])
+
+
+def decode(data: bytes) -> Message:
+    """Unpack a message; raise ProtocolError for anything unknown or malformed."""
+    try:
+        tag, *values = msgpack.unpackb(data, use_list=False, raw=False)
+        return _TYPES[tag](*values)
+    except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
+        raise ProtocolError(f"bad control message ({e!r}): {data[:64]!r}") from e
+
+
+def buffers_to_wire(buffers: tuple[KVBuffer, ...] | list[KVBuffer]) -> tuple[WireBuffer, ...]:
+    return tuple((b.base_ptr, b.page_bytes, b.num_pages, b.stride, b.device) for b in buffers)
+
+
+def buffers_from_wire(wire: tuple[WireBuffer, ...]) -> tuple[KVBuffer, ...]:
+    return tuple(KVBuffer(*w) for w in wire)
+
+
+def compat_to_wire(compat: KVCompat) -> tuple[str, str, int, int, str]:
+    return (compat.model, compat.dtype, compat.page_size, compat.num_layers, compat.kv_layout)
+
+
+def metrics_to_wire(metrics: TransferMetrics | None) -> tuple:
+    if metrics is None:
+        return ()
+    return (metrics.bytes, metrics.descriptors, metrics.batches, metrics.duration_s)
+
+
+def metrics_from_wire(wire: tuple) -> TransferMetrics | None:
+    return TransferMetrics(*wire) if wire else None
+
+
+def update_state(msg: RoomUpdate) -> TransferState:
+    return TransferState(msg.state)

@@ -1,0 +1,154 @@
+"""Prefill-side writer threads: build a room's descriptors and push them through the engine.
+
+Each room's descriptors go out in batches under the engine's limit with up to
+``max_inflight_batches`` submitted at once, so the engine's queue never drains between batches.
+The metadata block goes last, after every page batch has completed. A job always waits for all
+of its submitted batches before it reports, so once a room is reported done (or failed) no write
+of it is still in flight.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .base import KVBuffer, MemoryRegion, TransferBackend, TransferError, TransferMetrics
+from .descriptors import DescriptorBatch, build_descriptors, split_batches
+from .metaslots import SlotPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TransferJob:
+    """Everything a worker needs to write one room."""
+
+    room: int
+    peer_key: str
+    src_pages: tuple[int, ...]
+    dst_pages: tuple[int, ...]
+    dst_buffers: tuple[KVBuffer, ...]
+    meta_bytes: bytes
+    meta_dst: int
+    deadline: float
+    cancel: threading.Event
+
+
+@dataclass(frozen=True)
+class JobResult:
+    room: int
+    error: str
+    metrics: TransferMetrics | None
+
+
+class TransferWorkers:
+    """A few threads writing rooms; results go to ``on_done`` from a worker thread."""
+
+    def __init__(
+        self,
+        backend: TransferBackend,
+        src_buffers: tuple[KVBuffer, ...],
+        num_workers: int,
+        max_batch: int,
+        max_inflight: int,
+        slot_bytes: int,
+        on_done: Callable[[JobResult], None],
+    ) -> None:
+        self._backend = backend
+        self._src_buffers = src_buffers
+        self._max_batch = max_batch
+        self._max_inflight = max_inflight
+        self._on_done = on_done
+        self._jobs: queue.SimpleQueue[TransferJob | None] = queue.SimpleQueue()
+        self.staging = SlotPool(num_workers, slot_bytes)  # one metadata staging slot per thread
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), name=f"kv-writer-{i}", daemon=True)
+            for i in range(num_workers)
+        ]
+
+    @property
+    def staging_region(self) -> MemoryRegion:
+        return MemoryRegion(self.staging.base_ptr, len(self.staging.array))
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def submit(self, job: TransferJob) -> None:
+        self._jobs.put(job)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout_s)
+
+    def _run(self, slot: int) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                result = self._write_room(job, slot)
+            except Exception as e:  # never lose a room: report whatever broke
+                log.exception("room %d: writer crashed", job.room)
+                result = JobResult(job.room, f"writer crashed: {e!r}", None)
+            self._on_done(result)
+
+    def _write_room(self, job: TransferJob, slot: int) -> JobResult:
+        start = time.perf_counter()
+        if job.cancel.is_set():
+            return JobResult(job.room, "cancelled before the write started", None)
+        try:
+            descs = build_descriptors(
+                self._src_buffers, job.dst_buffers, job.src_pages, job.dst_pages
+            )
+        except ValueError as e:
+            return JobResult(job.room, str(e), None)
+        batches = split_batches(descs, self._max_batch) if len(descs) else []
+        error = self._write_batches(job, batches)
+        if not error:
+            error = self._write_metadata(job, slot)
+        metrics = TransferMetrics(
+            bytes=descs.nbytes + len(job.meta_bytes),
+            descriptors=len(descs) + 1,
+            batches=len(batches) + 1,
+            duration_s=time.perf_counter() - start,
+        )
+        return JobResult(job.room, error, metrics)
+
+    def _write_batches(self, job: TransferJob, batches: list[DescriptorBatch]) -> str:
+        inflight: deque[object] = deque()
+        error = ""
+        for batch in batches:
+            if job.cancel.is_set():
+                error = "cancelled"
+                break
+            if len(inflight) >= self._max_inflight:
+                error = self._backend.wait(inflight.popleft(), job.deadline)
+                if error:
+                    break
+            try:
+                inflight.append(self._backend.submit(job.peer_key, batch))
+            except TransferError as e:
+                error = str(e)
+                break
+        # NOTE: drain even after an error, so nothing of this room is in flight when we report.
+        for handle in inflight:
+            waited = self._backend.wait(handle, job.deadline)
+            error = error or waited
+        return error
+
+    def _write_metadata(self, job: TransferJob, slot: int) -> str:
+        src = self.staging.address(slot)
+        ctypes.memmove(src, job.meta_bytes, len(job.meta_bytes))
+        batch = DescriptorBatch.single(src, job.meta_dst, len(job.meta_bytes))
+        try:
+            handle = self._backend.submit(job.peer_key, batch)
+        except TransferError as e:
+            return str(e)
+        return self._backend.wait(handle, job.deadline)
