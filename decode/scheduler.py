@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ class DecodeLoop(NodeLoop):
         if uncached >= threshold:
             return False
         # NOTE: the prefill node got the same request; tell it to drop the room.
-        self.receiver.decline(req.bootstrap_room, _address(req), "decode prefills locally")
+        self.receiver.decline(req.bootstrap_room, _address(req), "it prefills locally")
         return True
 
     def on_abort(self, rid: str) -> None:
@@ -140,7 +140,7 @@ def _address(req: GenerateRequest) -> str:
 
 
 def build_receiver(engine: Any, settings: NodeSettings) -> KVReceiver:
-    config = TransferConfig(host=settings.host, **asdict(settings.transfer))
+    config = TransferConfig(host=settings.host, **settings.transfer.config_options())
     buffers, compat = pool_view(
         engine.pool, settings.served_model_name or Path(settings.model).name
     )

@@ -10,7 +10,8 @@ prefix cache) only when the sender says the room is over, exactly once.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from transfer.pool_view import pool_view
 
 log = logging.getLogger(__name__)
 
+DECLINED = "declined by decode"  # transfer's reason when decode prefills the request itself
+
 
 @dataclass
 class Room:
@@ -34,11 +37,20 @@ class Room:
 
 
 class PrefillLoop(NodeLoop):
-    def __init__(self, engine: Any, channel: Any, sender: KVSender) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        channel: Any,
+        sender: KVSender,
+        fault_fraction: float = 0.0,
+        seed: str = "",
+    ) -> None:
         super().__init__(engine, channel, "prefill")
         self.sender = sender
         self.by_rid: dict[str, Room] = {}
         self.by_room: dict[int, Room] = {}
+        self.fault_fraction = fault_fraction  # transfer.fault_fraction: fail rooms on purpose
+        self.fault_rng = random.Random(seed)
 
     def sampling_params(self, params: dict[str, Any]) -> SamplingParams:
         return SamplingParams(**params)
@@ -50,6 +62,11 @@ class PrefillLoop(NodeLoop):
             return
         if req.bootstrap_room in self.by_room:
             raise ValueError(f"bootstrap_room {req.bootstrap_room} is already in use")
+        ended = self.sender.status(req.bootstrap_room)
+        if ended is not None and ended.state.is_final:
+            # decode declined the room (it prefills locally) before this request got here
+            self.send(TokenOutput(req.rid, finished=True, finish_reason="abort"))
+            return
         self.engine.add_request(req.rid, req.prompt_ids, params, prefill_only=True)
         room = Room(req.rid, req.bootstrap_room)
         self.by_rid[req.rid], self.by_room[room.room] = room, room
@@ -61,6 +78,10 @@ class PrefillLoop(NodeLoop):
             super().on_output(out)
             return
         room.output, room.sending = out, True
+        if self.fault_fraction and self.fault_rng.random() < self.fault_fraction:
+            # NOTE: the real failure path: decode hears FAILED, poll() releases our pages once.
+            self.sender.abort(room.room, "injected transfer fault")
+            return
         meta = RoomMetadata(
             first_token_id=out.new_token_ids[0],
             logprob=out.logprobs[0] if out.logprobs else None,
@@ -97,6 +118,8 @@ class PrefillLoop(NodeLoop):
             self.engine.abort(room.rid)  # failed before prefill finished
         if ok:
             self.send(TokenOutput.from_output(room.output))
+        elif DECLINED in status.reason:
+            self.send(TokenOutput(room.rid, finished=True, finish_reason="abort"))  # not an error
         else:
             message = f"KV transfer for room {room.room} failed: {status.reason}"
             self.send(TokenOutput.failure(room.rid, message, status=502))
@@ -111,7 +134,8 @@ class PrefillLoop(NodeLoop):
 
 def build_sender(engine: Any, settings: NodeSettings) -> KVSender:
     port = settings.bootstrap_port or 0
-    config = TransferConfig(host=settings.host, bootstrap_port=port, **asdict(settings.transfer))
+    options = settings.transfer.config_options()
+    config = TransferConfig(host=settings.host, bootstrap_port=port, **options)
     buffers, compat = pool_view(
         engine.pool, settings.served_model_name or Path(settings.model).name
     )
@@ -130,7 +154,9 @@ def scheduler_main(
 
         engine = Engine(engine_config(settings.model, **settings.engine))
         sender = build_sender(engine, settings)
-        loop = PrefillLoop(engine, SchedulerChannel(requests_addr, outputs_addr), sender)
+        channel = SchedulerChannel(requests_addr, outputs_addr)
+        fraction = settings.transfer.fault_fraction
+        loop = PrefillLoop(engine, channel, sender, fraction, seed=settings.name)
         return loop, {"max_model_len": engine.max_model_len, "bootstrap": sender.bootstrap_address}
 
     scheduler_process(settings, conn, build)

@@ -80,6 +80,15 @@ class RoomAbort:
 
 
 @dataclass(frozen=True)
+class RoomDecline:
+    """Decode will not ask for this room (it prefills the request itself): prefill drops it."""
+
+    TAG: ClassVar[str] = "room_decline"
+    room: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class RoomUpdate:
     """Prefill reports a room's state; a final one means prefill no longer writes into it."""
 
@@ -117,6 +126,7 @@ Message = (
     | RegisterReply
     | RoomRequest
     | RoomAbort
+    | RoomDecline
     | RoomUpdate
     | Heartbeat
     | HeartbeatReply

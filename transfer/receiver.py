@@ -47,6 +47,7 @@ from .protocol import (
     Register,
     RegisterReply,
     RoomAbort,
+    RoomDecline,
     RoomRequest,
     RoomUpdate,
     UnknownPeer,
@@ -70,6 +71,7 @@ class PrefillPeer:
     socket: zmq.Socket
     registered: bool = False
     pending: list[int] = field(default_factory=list)
+    declines: list[tuple[int, str]] = field(default_factory=list)
     last_seen: float = field(default_factory=time.monotonic)
 
 
@@ -105,6 +107,11 @@ class KVReceiver:
         """Ask the prefill node at ``bootstrap_address`` to write ``room`` into ``dst_pages``."""
         pages = tuple(int(p) for p in dst_pages)
         self._loop.call(lambda: self._open(room, bootstrap_address, pages))
+
+    def decline(self, room: int, bootstrap_address: str, reason: str) -> None:
+        """Tell the prefill node at ``bootstrap_address`` that ``room`` will never be asked for
+        (this decode prefills the request itself), so it drops the room instead of waiting."""
+        self._loop.call(lambda: self._decline(room, bootstrap_address, reason))
 
     def abort(self, room: int, reason: str) -> None:
         """Give up on ``room``; its pages come back through ``pop_finished`` once safe."""
@@ -143,6 +150,13 @@ class KVReceiver:
             self._request(peer, room)
         else:
             peer.pending.append(room_id)
+
+    def _decline(self, room_id: int, address: str, reason: str) -> None:
+        peer = self._peers.get(address) or self._connect(address)
+        if peer.registered:
+            self._send(peer, RoomDecline(room_id, reason))
+        else:
+            peer.declines.append((room_id, reason))
 
     def _request(self, peer: PrefillPeer, room: Room) -> None:
         room.busy = True  # from here prefill may write into the pages until it says otherwise
@@ -262,6 +276,9 @@ class KVReceiver:
         if msg.error:
             return self._drop_peer(peer, f"prefill {peer.address} refused this decode: {msg.error}")
         peer.registered = True
+        declines, peer.declines = peer.declines, []
+        for room_id, reason in declines:
+            self._send(peer, RoomDecline(room_id, reason))
         pending, peer.pending = peer.pending, []
         for room_id in pending:
             room = self._table.get(room_id)

@@ -43,6 +43,7 @@ from .protocol import (
     Register,
     RegisterReply,
     RoomAbort,
+    RoomDecline,
     RoomRequest,
     RoomUpdate,
     UnknownPeer,
@@ -284,6 +285,8 @@ class KVSender:
             self._on_room_request(peer, msg)
         elif isinstance(msg, RoomAbort):
             self._on_room_abort(peer, msg)
+        elif isinstance(msg, RoomDecline):
+            self._abort(msg.room, f"declined by decode: {msg.reason}")
         else:
             log.warning("unexpected %s from decode %s", type(msg).__name__, decode_id)
 

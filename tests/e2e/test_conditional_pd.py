@@ -1,0 +1,55 @@
+"""Conditional disaggregation: a decode node prefills short prompts itself and declines their
+rooms at the prefill node, which drops them without computing; long prompts still go PD."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import openai
+import pytest
+
+from engine.llm import LLM
+from engine.sampling import SamplingParams
+from tests.e2e.cluster_util import Cluster, cluster_yaml, launched
+
+pytestmark = pytest.mark.slow
+THRESHOLD = 64
+
+
+@pytest.fixture(scope="module")
+def cluster(make_tiny, tmp_path_factory) -> Cluster:
+    model = make_tiny("llama")
+    config = cluster_yaml(model, "mooncake", prefill=1, decode=1)
+    config["decode"][0]["local_prefill_threshold"] = THRESHOLD
+    config["transfer"]["bootstrap_timeout_s"] = 20.0
+    with launched(config, tmp_path_factory.mktemp("conditional")) as c:
+        c.model = model
+        yield c
+
+
+def prefill_prompt_tokens(cluster: Cluster) -> int:
+    node = cluster.config["prefill"][0]
+    text = httpx.get(f"http://127.0.0.1:{node['port']}/metrics", timeout=10).text
+    return int(re.search(r"^pdserve_node_prompt_tokens_total\{[^}]*\} (\d+)", text, re.M).group(1))
+
+
+def test_short_prompts_prefill_on_decode_long_ones_disaggregate(cluster: Cluster) -> None:
+    api = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+    short, long = "short prompt", "a much longer prompt " * 20
+    params = {"temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
+    before = prefill_prompt_tokens(cluster)
+    start = time.monotonic()
+    got_short = api.completions.create(model="tiny", prompt=short, **params)
+    # declined at once: no wait for the prefill's bootstrap timeout
+    assert time.monotonic() - start < 10
+    assert prefill_prompt_tokens(cluster) == before  # the prefill node computed nothing
+    got_long = api.completions.create(model="tiny", prompt=long, **params)
+    assert got_long.usage.prompt_tokens >= THRESHOLD
+    assert prefill_prompt_tokens(cluster) == before + got_long.usage.prompt_tokens
+    local = LLM(str(cluster.model), dtype="float32", max_total_tokens=8192)
+    sampling = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    expected = local.generate([short, long], sampling)
+    assert [got_short.choices[0].text, got_long.choices[0].text] == [o.text for o in expected]
+    cluster.wait_pages_free()
