@@ -13,7 +13,7 @@ from cluster import commands
 
 def _add_make_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-model", help="write a tiny random-weight HF checkpoint")
-    p.add_argument("--arch", required=True, help="llama, qwen2 or qwen3")
+    p.add_argument("--arch", required=True, help="llama, qwen2, qwen3, deepseek_v2, deepseek_v3")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
@@ -21,8 +21,9 @@ def _add_make_model(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--intermediate", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", choices=["qwen", "deepseek"], default="qwen")
+    p.add_argument("--tokenizer", choices=["qwen", "deepseek"], help="default: the arch's")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--fp8", action="store_true", help="FP8 block weights, as DeepSeek-V3 ships")
     p.set_defaults(func=_make_model)
 
 
@@ -40,6 +41,7 @@ def _make_model(args: argparse.Namespace) -> int:
         seed=args.seed,
         tokenizer=args.tokenizer,
         dtype=args.dtype,
+        fp8=args.fp8,
     )
     print(path)
     return 0
@@ -105,11 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_node(sub, "prefill")
     commands.add_node(sub, "decode")
     commands.add_gateway(sub)
+    # NOTE: `pdserve bench ARGS` hands ARGS to cluster/bench, whose flags are SGLang's (`-h` lists)
+    sub.add_parser("bench", add_help=False, help="benchmark a server (SGLang bench_serving flags)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from cluster.bench.cli import main as bench
+
+        return bench(rest, prog="pdserve bench")
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
         return args.func(args)

@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from .datasets import DatasetRow
+
 # --backend -> the API it speaks; native: SGLang's /generate, the others OpenAI's
 BACKENDS = {
     "sglang": "native",
@@ -169,12 +171,12 @@ def whole_piece(api: str, data: dict[str, Any]) -> Piece:
 
 
 async def send(
-    client: httpx.AsyncClient, endpoint: Endpoint, prompt: str | list[int], prompt_len: int,
-    output_len: int,
-) -> RequestOutput:  # fmt: skip
+    client: httpx.AsyncClient, endpoint: Endpoint, row: DatasetRow, max_tokens: int | None = None
+) -> RequestOutput:
     """Send one request and time it; every failure comes back as success=False with the reason."""
+    prompt_len = row.prompt_len
     start = time.perf_counter()
-    body = payload(endpoint, prompt, output_len)
+    body = payload(endpoint, row.prompt, row.output_len if max_tokens is None else max_tokens)
     try:
         async with client.stream("POST", endpoint.url, json=body, headers=endpoint.headers) as r:
             if r.status_code != 200:

@@ -80,7 +80,8 @@ def sample(spec: DatasetSpec, tokenizer: Any) -> list[DatasetRow]:
     if spec.name in ("random", "random-ids"):
         source = None
         if spec.name == "random" and spec.path:
-            source = [tokenizer.encode(p) for p, _ in read_sharegpt(spec.path)]
+            pairs = read_sharegpt(spec.path)
+            source = [tokenizer.encode(pairs[i][0]) for i in rng.permutation(len(pairs))]
         return sample_random(spec, tokenizer, rng, source)
     if spec.name == "generated-shared-prefix":
         return sample_shared_prefix(spec, tokenizer, rng)
@@ -110,7 +111,9 @@ def read_sharegpt(path: str) -> list[tuple[str, str]]:
 
 
 def first_turns(entry: Any, path: str, index: int) -> tuple[str, str] | None:
-    turns = entry.get("conversations", entry.get("conversation")) if isinstance(entry, dict) else 0
+    turns = None
+    if isinstance(entry, dict):
+        turns = entry.get("conversations", entry.get("conversation"))
     if not isinstance(turns, list):
         raise DatasetError(
             f"--dataset-path {path}: entry {index} has no 'conversations' list "
@@ -127,7 +130,9 @@ def first_turns(entry: Any, path: str, index: int) -> tuple[str, str] | None:
     return values[0], values[1]
 
 
-def sample_sharegpt(spec: DatasetSpec, tokenizer: Any, rng: np.random.Generator) -> list[DatasetRow]:
+def sample_sharegpt(
+    spec: DatasetSpec, tokenizer: Any, rng: np.random.Generator
+) -> list[DatasetRow]:
     fixed = spec.sharegpt_output_len
     if fixed is not None and fixed < 2:
         raise DatasetError(f"--sharegpt-output-len {fixed}: give at least 2")
@@ -157,9 +162,7 @@ def chat_prompt(tokenizer: Any, text: str) -> str:
     return prompt.replace(tokenizer.bos_token, "") if tokenizer.bos_token else prompt
 
 
-def drawn_lengths(
-    spec: DatasetSpec, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def drawn_lengths(spec: DatasetSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Input lengths in [max(L*r, 1), L] and output lengths in [L*r, L]."""
     n, ratio = spec.num_prompts, spec.random_range_ratio
     if not 0.0 <= ratio <= 1.0:
