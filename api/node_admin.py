@@ -90,7 +90,7 @@ class NodeAdmin:
             return error_response(invalid_request("abort_request needs a rid", param="rid"))
         rid = str(rid)
         # a request with several prompts or samples runs as jobs "<rid>-<i>"
-        jobs = [r for r in self.ctx.client.open_rids() if r.startswith(f"{rid}-")]
+        jobs = [r for r in self.ctx.client.open_rids() if nreq.is_job_of(r, rid)]
         for job in [rid, *jobs]:
             await self.ctx.client.send(AbortRequest(job))
         return JSONResponse({"rid": rid, "aborted": True})

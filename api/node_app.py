@@ -44,6 +44,7 @@ from api.settings import NodeSettings
 from api.sse import DONE, MEDIA_TYPE, STREAM_HEADERS, encode_event, error_event
 
 log = logging.getLogger(__name__)
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
 
 
 @dataclass
@@ -94,6 +95,10 @@ def error_response(err: ApiError, rid: str | None = None) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its answer began (its jobs are aborted)."""
+
+
 async def until_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -108,7 +113,7 @@ async def finish_or_abort(request: Request, work: Awaitable[Any], run: JobRun) -
         if task not in done:
             task.cancel()
             await run.close()
-            raise asyncio.CancelledError("client disconnected")
+            raise ClientGone()
         return task.result()
     finally:
         watcher.cancel()
@@ -147,8 +152,8 @@ class NodeRoutes:
 
     async def _start(self, request: Request, rid: str, jobs: list[nreq.Job]) -> tuple:
         run = JobRun(self.ctx.client, jobs, self.ctx.request_timeout_s)
-        await run.start()
         try:
+            await run.start()
             first = await finish_or_abort(request, run.first_outputs(), run)
         except BaseException:
             await run.close()
@@ -316,6 +321,10 @@ def generation_route(handler: Callable[..., Awaitable[Response]], ctx: NodeConte
             ctx.metrics.count(name, err.status)
             log.info("[%s] %s failed: %s", rid, name, err.message)
             return error_response(err, rid)
+        except ClientGone:  # NOTE: e.g. the gateway gave up on this attempt; nobody reads this
+            ctx.metrics.count(name, CLIENT_CLOSED)
+            log.info("[%s] %s: the client went away", rid, name)
+            return Response(status_code=CLIENT_CLOSED)
         ctx.metrics.count(name, response.status_code)
         return response
 

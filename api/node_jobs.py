@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 
-from api.errors import ApiError, server_error
+from api.errors import ApiError, invalid_request, server_error
 from api.ipc import SchedulerClient
 from api.messages import TokenOutput
 from api.node_format import JobState
@@ -37,7 +37,13 @@ class JobRun:
             self.client.open(rid, self.queue)
             self._opened.append(rid)
         for state in self.states.values():
-            await self.client.send(state.job.request)
+            try:
+                await self.client.send(state.job.request)
+            except OverflowError:  # msgpack: an integer beyond 64 bits
+                raise invalid_request(
+                    "a number in the request is out of range (integers such as max_tokens, seed "
+                    "and top_k must fit in 64 bits)"
+                ) from None
 
     async def next(self) -> tuple[JobState, TokenOutput]:
         """The next output of any job; raises ApiError for a job's error or the timeout."""

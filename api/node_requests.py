@@ -46,6 +46,13 @@ def job_rid(base: str, index: int, total: int) -> str:
     return base if total == 1 else f"{base}-{index}"
 
 
+def is_job_of(rid: str, base: str) -> bool:
+    """Whether `rid` is job "<base>-<i>" of request `base` (another request's "<base>-retry1" or
+    "<base>-x" is not: aborting `base` must not abort it)."""
+    index = rid.removeprefix(f"{base}-")
+    return index != rid and index.isdigit()
+
+
 def bootstrap_of(body: dict[str, Any], index: int, total: int) -> dict[str, Any]:
     """bootstrap_host/port/room for job `index` of `total`: scalars, or lists with one item per
     job in prompt-major order (sample i of prompt p at p * n + i), as SGLang's router sends."""

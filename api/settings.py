@@ -9,7 +9,7 @@ attention_backend, device).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 Role = Literal["prefill", "decode"]
@@ -27,6 +27,22 @@ class TransferSettings:
     abort_timeout_s: float = 10.0
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 6.0
+    # testing only: the prefill node fails this fraction of rooms on purpose instead of sending
+    # their KV (through the real failure path: both sides free the room's pages once)
+    fault_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fault_fraction <= 1.0:
+            raise ValueError(
+                f"transfer.fault_fraction must be between 0 and 1 (the fraction of rooms to "
+                f"fail on purpose), got {self.fault_fraction}"
+            )
+
+    def config_options(self) -> dict[str, Any]:
+        """The keyword arguments of transfer.TransferConfig: every field but the fault knob."""
+        options = asdict(self)
+        del options["fault_fraction"]
+        return options
 
 
 @dataclass(frozen=True)
