@@ -136,6 +136,23 @@ def test_bad_request_is_an_openai_error(cluster: Cluster) -> None:
         api.completions.create(model="tiny", prompt=too_long, max_tokens=4)
 
 
+def test_client_disconnect_aborts_on_both_nodes(cluster: Cluster) -> None:
+    body = {
+        "model": "tiny",
+        "prompt": "never ending " * 20,
+        "max_tokens": 3000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{cluster.url}/v1/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+    # Closed mid-stream: both nodes must drop the request and its pages. 3000 tokens take far
+    # longer than this wait at this model's speed, so only an abort frees the pages in time.
+    cluster.wait_pages_free(timeout_s=5)
+
+
 def test_pages_all_free_after_load(cluster: Cluster) -> None:
     infos = cluster.wait_pages_free()
     assert {i["role"] for i in infos} == {"prefill", "decode"}
