@@ -50,6 +50,7 @@ class EngineSpec:
     chunk_size: int | None = None
     max_model_len: int | None = None
     seed: int | None = None
+    threads: int | None = None  # torch threads of the node's scheduler process
 
     def options(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
