@@ -23,6 +23,18 @@ from typing import Any
 
 import torch
 
+from engine.checkpoint_deepseek import (
+    DEEPSEEK_V2_YARN,
+    DEEPSEEK_V3_YARN,
+    FP8_BLOCK,
+    deepseek_v2_config,
+    deepseek_v3_config,
+    fp8_quantization_config,
+    mtp_shapes,
+    per_expert_shapes,
+    quantize_fp8,
+)
+
 # A checkpoint bigger than this is written as shards (tests pass a small value to force it).
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
 
@@ -39,6 +51,7 @@ QK_GAIN = 2.0  # sharp attention: the output depends on which tokens are where
 DOWN_GAIN = 3.0  # the MLP (current token) outweighs the attention average (context)
 NORM_JITTER = 0.1  # norm weights are +-(1 +- this), so a loader that drops them is caught
 BIAS_STD = 0.2
+CORRECTION_BIAS_STD = 0.1  # MoE e_score_correction_bias: shifts which experts win, visibly
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,8 @@ class ArchSpec:
     rope_theta: float
     explicit_head_dim: bool  # the config carries `head_dim` (else it is hidden // heads)
     extra_config: Callable[[ModelShape], dict[str, Any]] | None = None  # MoE, MLA, ... keys
+    default_tokenizer: str = "qwen"
+    default_rope_scaling: dict[str, Any] | None = None  # when make_model gets none
 
 
 # NOTE: weight names and shapes come from instantiating the transformers model on the meta device,
@@ -74,6 +89,24 @@ ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec("LlamaConfig", "LlamaForCausalLM", 500000.0, explicit_head_dim=True),
     "qwen2": ArchSpec("Qwen2Config", "Qwen2ForCausalLM", 1000000.0, explicit_head_dim=False),
     "qwen3": ArchSpec("Qwen3Config", "Qwen3ForCausalLM", 1000000.0, explicit_head_dim=True),
+    "deepseek_v3": ArchSpec(
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        10000.0,
+        explicit_head_dim=False,
+        extra_config=deepseek_v3_config,
+        default_tokenizer="deepseek",
+        default_rope_scaling=DEEPSEEK_V3_YARN,
+    ),
+    "deepseek_v2": ArchSpec(
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        10000.0,
+        explicit_head_dim=False,
+        extra_config=deepseek_v2_config,
+        default_tokenizer="deepseek",
+        default_rope_scaling=DEEPSEEK_V2_YARN,
+    ),
 }
 
 
@@ -105,22 +138,32 @@ def make_model(
     kv_heads: int = 2,
     intermediate: int | None = None,
     seed: int = 0,
-    tokenizer: str = "qwen",
+    tokenizer: str | None = None,
     dtype: str = "float32",
     head_dim: int | None = None,
     tie_word_embeddings: bool = False,
     max_position_embeddings: int | None = None,
     rope_scaling: dict[str, Any] | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    config_overrides: dict[str, Any] | None = None,
+    fp8: bool = False,
+    fp8_block: tuple[int, int] = FP8_BLOCK,
+    mtp_layers: int = 0,
 ) -> Path:
     """Write a tiny random-weight HF checkpoint of `arch` into `out` and return its path.
 
     `intermediate` defaults to 3 * hidden, `head_dim` to hidden // heads, and
     `max_position_embeddings` to 4096 (or the scaled context of `rope_scaling`, e.g. Llama-3's
     factor * original_max_position_embeddings). Weights above `max_shard_bytes` are sharded.
+    `tokenizer` defaults to the arch's family (deepseek for deepseek_v2/v3, else qwen), and
+    `rope_scaling` to the arch's (DeepSeek's YaRN). `config_overrides` sets transformers config
+    keys last (e.g. {"q_lora_rank": None}). `fp8` quantizes the decoder projections in
+    `fp8_block` tiles like DeepSeek-V3's release; `mtp_layers` appends its multi-token-prediction
+    layers (which transformers and pdserve skip).
     """
     spec = arch_spec(arch)
-    tok_spec = tokenizer_spec(tokenizer)
+    tok_spec = tokenizer_spec(tokenizer or spec.default_tokenizer)
+    rope_scaling = spec.default_rope_scaling if rope_scaling is None else rope_scaling
     weight_dtype = torch_dtype(dtype)
     shape = resolve_shape(
         spec,
@@ -138,10 +181,14 @@ def make_model(
     out.mkdir(parents=True, exist_ok=True)
     hf_tokenizer = tok_spec.build(shape.max_position_embeddings)
     ids = special_token_ids(hf_tokenizer, tok_spec)
-    config = build_config(spec, shape, ids, weight_dtype)
+    config = build_config(spec, shape, ids, weight_dtype, config_overrides, mtp_layers)
+    tensors = random_weights(config, seed, weight_dtype)
+    if fp8:
+        config.quantization_config = fp8_quantization_config(fp8_block)
+        tensors = quantize_fp8(tensors, fp8_block)
     config.save_pretrained(out)
     build_generation_config(ids).save_pretrained(out)
-    save_weights(random_weights(config, seed, weight_dtype), out, max_shard_bytes)
+    save_weights(tensors, out, max_shard_bytes)
     hf_tokenizer.save_pretrained(out, save_jinja_files=False)
     return out
 
@@ -227,7 +274,12 @@ def default_context(rope_scaling: dict[str, Any] | None) -> int:
 
 
 def build_config(
-    spec: ArchSpec, shape: ModelShape, ids: SpecialTokenIds, dtype: torch.dtype
+    spec: ArchSpec,
+    shape: ModelShape,
+    ids: SpecialTokenIds,
+    dtype: torch.dtype,
+    overrides: dict[str, Any] | None = None,
+    mtp_layers: int = 0,
 ) -> Any:
     """The transformers config object, as a checkpoint saved by transformers carries it."""
     import transformers
@@ -251,6 +303,11 @@ def build_config(
         kwargs["head_dim"] = shape.head_dim
     if spec.extra_config is not None:
         kwargs.update(spec.extra_config(shape))
+    if mtp_layers:
+        if "num_mtp_layers" not in kwargs:
+            raise ValueError(f"{spec.architecture} has no multi-token-prediction layers")
+        kwargs["num_mtp_layers"] = mtp_layers
+    kwargs.update(overrides or {})
     config = getattr(transformers, spec.config_class)(**kwargs)
     config.architectures = [spec.architecture]
     config.dtype = dtype
@@ -297,15 +354,25 @@ def parameter_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    saved = model.state_dict()
+    shapes.update({n: tuple(b.shape) for n, b in model.named_buffers() if n in saved})
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)  # tied checkpoints store only the embedding
     return shapes
 
 
+def checkpoint_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes as released checkpoints hold them: one tensor per expert, and
+    DeepSeek's multi-token-prediction layers after the last decoder layer."""
+    shapes = per_expert_shapes(parameter_shapes(config))
+    mtp = getattr(config, "num_mtp_layers", 0) or 0
+    return {**shapes, **mtp_shapes(shapes, config.num_hidden_layers, mtp)} if mtp else shapes
+
+
 def random_weights(config: Any, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Seeded weights: one generator, drawn in name order, so equal arguments give equal bytes."""
     generator = torch.Generator().manual_seed(seed)
-    shapes = parameter_shapes(config)
+    shapes = checkpoint_shapes(config)
     return {
         name: init_tensor(name, shapes[name], config, generator).to(dtype)
         for name in sorted(shapes)
@@ -331,6 +398,8 @@ def init_tensor(
         return scale * random_signs(shape, generator) * jitter(shape, generator)
     if name.endswith(".bias"):
         return BIAS_STD * torch.randn(shape, generator=generator)
+    if name.endswith("e_score_correction_bias"):
+        return CORRECTION_BIAS_STD * torch.randn(shape, generator=generator)
     if len(shape) != 2:
         raise ValueError(f"no init rule for {name} {shape} (add one to engine/checkpoint.py)")
     if "embed_tokens" in name or name == "lm_head.weight":

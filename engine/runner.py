@@ -33,6 +33,9 @@ class ForwardContext:
     def attention(self, q, k, v, layer: int) -> torch.Tensor:
         return self.backend.forward(q, k, v, layer, self.meta)
 
+    def attention_mla(self, q_latent, q_rope, latent, k_rope, layer: int) -> torch.Tensor:
+        return self.backend.forward_mla(q_latent, q_rope, latent, k_rope, layer, self.meta)
+
 
 @dataclass(frozen=True)
 class StepResult:
@@ -47,11 +50,14 @@ def load_model(model_cfg: ModelConfig, path: str, dtype: torch.dtype, device: st
     """Build the model for `model_cfg` and load the checkpoint at `path` into it."""
     with torch.device(device):
         model = model_class(model_cfg)(model_cfg)
-    model.load_weights(iter_weights(path))
+    model.load_weights(iter_weights(path, model_cfg.fp8))
     return model.to(dtype=dtype).eval()
 
 
 def kv_layout(model_cfg: ModelConfig, dtype: torch.dtype) -> KVLayout:
+    if model_cfg.mla is not None:
+        mla = model_cfg.mla
+        return KVLayout.mla(model_cfg.num_layers, mla.kv_lora_rank, mla.qk_rope_head_dim, dtype)
     return KVLayout.mha(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, dtype)
 
 
@@ -66,7 +72,7 @@ class ModelRunner:
         self.model = load_model(model_cfg, cfg.model_path, self.dtype, cfg.device)
         layout = kv_layout(model_cfg, self.dtype)
         self.pool = PagePool(layout, self._num_pages(layout), cfg.cache.page_size, cfg.device)
-        self.attention = create_backend(cfg.attention_backend, self.pool, model_cfg.head_dim**-0.5)
+        self.attention = create_backend(cfg.attention_backend, self.pool, model_cfg.softmax_scale)
         self.sampler = Sampler(eos_token_ids, seed=cfg.seed)
         log.info(
             "model loaded: %s, %d KV pages of %d tokens",

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from api.errors import ApiError
 from api.settings import GatewaySettings
@@ -19,8 +21,10 @@ from .context import Gateway
 from .health import HealthMonitor
 from .requests import CHAT, COMPLETIONS, GENERATE
 
+Endpoint = Callable[[Request], Awaitable[Response]]
 
-def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Starlette:
+
+def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> GatewayApp:
     """The ASGI app; `gateway` lets tests hold the runtime state (seeded rng, fake clock)."""
     gw = gateway or Gateway(settings)
 
@@ -33,11 +37,11 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Sta
         finally:
             await gw.stop()
 
-    app = Starlette(
+    generation = {route: routes.generation_route(route) for route in (COMPLETIONS, CHAT, GENERATE)}
+    app = GatewayApp(
+        generation,
         routes=[
-            Route(COMPLETIONS, routes.generation_route(COMPLETIONS), methods=["POST"]),
-            Route(CHAT, routes.generation_route(CHAT), methods=["POST"]),
-            Route(GENERATE, routes.generation_route(GENERATE), methods=["POST"]),
+            *(Route(path, endpoint, methods=["POST"]) for path, endpoint in generation.items()),
             Route("/v1/models", routes.models, methods=["GET"]),
             Route("/health", routes.health, methods=["GET"]),
             Route("/metrics", routes.metrics, methods=["GET"]),
@@ -49,6 +53,30 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Sta
     )
     app.state.gateway = gw
     return app
+
+
+class GatewayApp(Starlette):
+    """Starlette, except that a POST to a generation route goes straight to its endpoint.
+
+    Those endpoints answer every failure themselves (OpenAI's shape, see `routes.generate`), so
+    Starlette's error middleware and router only cost time there (a few wrappers around every
+    `send` of a stream); any other request, and any other path spelling, takes the full stack.
+    """
+
+    def __init__(self, fast: dict[str, Endpoint], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fast = fast
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = None
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.fast.get(scope["path"])
+        if endpoint is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        response = await endpoint(Request(scope, receive, send))
+        await response(scope, receive, send)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

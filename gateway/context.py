@@ -24,6 +24,7 @@ from .logs import log_event
 from .metrics import GatewayMetrics
 from .policies import Policy, RouteKey, make_policy
 from .requests import RequestLimits
+from .transport import node_transport
 from .workers import Worker, WorkerPool
 
 ABORT_TIMEOUT_S = 5.0
@@ -59,6 +60,11 @@ class Gateway:
         self.models: frozenset[str] = frozenset()
         self.counter: PromptCounter | None = None
         self._client: httpx.AsyncClient | None = None
+        self._transport: httpx.AsyncBaseTransport | None = None
+        # (instance url, route) -> (parsed url, Host header)
+        self._endpoints: dict[tuple[str, str], tuple[httpx.URL, str]] = {}
+        self._request_headers = httpx.Headers()  # the client's defaults
+        self._request_extensions: dict[str, Any] = {}  # the client's timeouts
         self._tasks: set[asyncio.Task[Any]] = set()
 
     @property
@@ -74,7 +80,12 @@ class Gateway:
         )
         timeout = httpx.Timeout(s.request_timeout_s, connect=10.0)
         # NOTE: trust_env=False: a proxy from the environment must never sit between us and nodes.
-        self._client = httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
+        self._transport = node_transport(limits)
+        self._client = httpx.AsyncClient(
+            transport=self._transport, timeout=timeout, trust_env=False
+        )
+        self._request_headers = self._client.headers
+        self._request_extensions = {"timeout": timeout.as_dict()}
         if s.tokenizer and (s.max_prompt_tokens is not None):
             self.counter = await asyncio.to_thread(PromptCounter.load, s.tokenizer)
 
@@ -85,6 +96,47 @@ class Gateway:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
+
+    def node_headers(self, rid: str, content_length: int) -> httpx.Headers:
+        """The headers of a JSON POST to a node, as `client.build_request` makes them (Host
+        aside: `node_request` adds it)."""
+        headers = httpx.Headers(self._request_headers)
+        headers["content-type"] = "application/json"
+        headers["x-request-id"] = rid
+        headers["content-length"] = str(content_length)
+        return headers
+
+    def node_request(
+        self, base: str, route: str, content: bytes, headers: httpx.Headers
+    ) -> httpx.Request:
+        """A POST of `content` to instance `base`'s `route` with `headers` (`node_headers`) and
+        the client's timeouts: what `client.build_request` makes, built for a hot path (the url
+        parsed once per instance and route, the headers once per request)."""
+        endpoint = self._endpoints.get((base, route))
+        if endpoint is None:
+            url = httpx.URL(base + route)
+            endpoint = self._endpoints[(base, route)] = (url, url.netloc.decode("ascii"))
+        url, host = endpoint
+        headers = httpx.Headers(headers)
+        headers["host"] = host
+        return httpx.Request(
+            "POST",
+            url,
+            headers=headers,
+            stream=httpx.ByteStream(content),
+            extensions=self._request_extensions,
+        )
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        """`request` on the node transport; the response's body is left to read (or close).
+
+        NOTE: the hot path skips httpx's client layer (cookies, auth, redirects, event hooks):
+        none applies between the gateway and its nodes, and it costs as much as the transport.
+        """
+        assert self._transport is not None, "the gateway is not started"
+        response = await self._transport.handle_async_request(request)
+        response.request = request
+        return response
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run `coro` in the background, owned by the gateway (cancelled when it stops)."""
@@ -124,6 +176,7 @@ class Gateway:
 
     def remove_worker(self, url: str) -> Worker:
         worker = self.pool.remove(url)
+        self._endpoints = {k: e for k, e in self._endpoints.items() if k[0] != worker.url}
         for policy in self.policies.values():
             policy.forget(worker.url)
         log_event(logging.WARNING, "worker_removed", role=worker.role, url=worker.url)

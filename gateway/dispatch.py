@@ -8,6 +8,7 @@ import logging
 from api.errors import ApiError, server_error
 
 from .context import Gateway
+from .events import Events
 from .exchange import Exchange
 from .logs import log_event
 from .pd import AttemptFailed, Finished, Refused
@@ -22,7 +23,7 @@ def attempt_rid(rid: str, attempt: int) -> str:
 
 async def open_request(
     gw: Gateway, req: Prepared, rid: str
-) -> tuple[Exchange | None, Finished | list[bytes]]:
+) -> tuple[Exchange | None, Finished | Events]:
     """The exchange that answers `req` with its whole answer or first stream events.
 
     A refusal (a node's 4xx) comes back as `(None, answer)`; when every attempt fails, the last

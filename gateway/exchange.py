@@ -20,9 +20,10 @@ from typing import TypeVar
 import httpx
 
 from api.errors import ApiError, server_error
-from api.sse import DONE, DONE_PAYLOAD, SSEDecoder, encode_event, error_event, error_in
+from api.sse import DONE, error_event, error_in
 
 from .context import Gateway, Pair
+from .events import NO_EVENTS, Events, EventSplitter
 from .logs import log_event
 from .pd import (
     AttemptFailed,
@@ -50,8 +51,8 @@ class Exchange:
         self.gw, self.req, self.pair = gw, req, pair
         self.rid, self.attempt_rid = rid, attempt_rid
         self.content = json.dumps(pd_body(req, attempt_rid, pair, gw.rng)).encode()
-        self.headers = {"content-type": "application/json", "x-request-id": rid}
-        self.decoder = SSEDecoder()
+        self.headers = gw.node_headers(rid, len(self.content))
+        self.splitter = EventSplitter()
         self._prefill: asyncio.Task[Finished | ApiError | None] | None = None
         self._prefill_ok = False
         self._response: httpx.Response | None = None
@@ -61,7 +62,7 @@ class Exchange:
 
     # ---- opening: nothing has reached the client yet ----
 
-    async def open(self) -> Finished | list[bytes]:
+    async def open(self) -> Finished | Events:
         """The whole answer (non-stream, or a node's 4xx), or the first events of a stream."""
         self._decode_open = True
         self.pair.decode.begin(self.req.key.tokens, self.gw.clock())
@@ -81,20 +82,17 @@ class Exchange:
             self.abandon()
             raise
 
-    async def _open_decode(self) -> Finished | list[bytes]:
-        decode = self.pair.decode
-        request = self.gw.client.build_request(
-            "POST", decode.url + self.req.route, content=self.content, headers=self.headers
+    async def _open_decode(self) -> Finished | Events:
+        request = self.gw.node_request(
+            self.pair.decode.url, self.req.route, self.content, self.headers
         )
         try:
-            self._response = await self._unless_prefill_fails(
-                self.gw.client.send(request, stream=True)
-            )
+            self._response = await self._unless_prefill_fails(self.gw.send(request))
             if self._response.status_code >= 400:
                 raise await self._rejection()
             if not self.req.stream:
                 body = await self._unless_prefill_fails(self._response.aread())
-                self._close_decode(ok=True)
+                await self._finish_decode()
                 media = self._response.headers.get("content-type", "application/json")
                 return Finished(self._response.status_code, body, media)
             self._chunks = self._response.aiter_bytes()
@@ -111,18 +109,18 @@ class Exchange:
             return Refused(Finished(status, body))
         return self._decode_failed(f"HTTP {status}: {body[:300].decode(errors='replace')}")
 
-    async def _first_events(self) -> list[bytes]:
+    async def _first_events(self) -> Events:
         assert self._chunks is not None
         async for chunk in self._chunks:
-            events = self.decoder.feed(chunk)
-            if events:
+            events = self.splitter.feed(chunk)
+            if events.any:
                 return events
-        return []
+        return NO_EVENTS
 
-    def _check_first(self, first: list[bytes]) -> list[bytes]:
-        if not first:
+    def _check_first(self, first: Events) -> Events:
+        if not first.any:
             raise self._decode_failed("its stream ended before the first event")
-        error = error_in(first[0])
+        error = error_in(first.first) if first.first is not None else None
         if error is None:
             return first
         if is_client_error(error):
@@ -137,21 +135,40 @@ class Exchange:
 
     async def _unless_prefill_fails(self, awaitable: Awaitable[T]) -> T:
         """`awaitable`'s result, unless the prefill side fails first (then it is cancelled)."""
-        if self._prefill is None or self._prefill_ok:
+        prefill = self._prefill
+        if prefill is None or self._prefill_ok:
+            return await awaitable
+        if prefill.done():
+            self._check_prefill(prefill)
             return await awaitable
         task = asyncio.ensure_future(awaitable)
+        failed = False
+
+        def on_prefill(done: asyncio.Future[Finished | ApiError | None]) -> None:
+            nonlocal failed
+            if task.done():
+                return
+            if done.cancelled() or done.exception() is not None or done.result() is not None:
+                failed = True
+                task.cancel()
+
+        prefill.add_done_callback(on_prefill)
         try:
-            await asyncio.wait({task, self._prefill}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            task.cancel()
-            raise
-        if task.done():
-            return task.result()
-        outcome = self._prefill.result()
+            return await task
+        except asyncio.CancelledError:
+            if not failed:
+                raise
+        finally:
+            prefill.remove_done_callback(on_prefill)
+        self._check_prefill(prefill)
+        raise AssertionError("unreachable: the prefill side failed")
+
+    def _check_prefill(self, prefill: asyncio.Future[Finished | ApiError | None]) -> None:
+        """Raise what the finished prefill side's failure means (`Refused`, `AttemptFailed`)."""
+        outcome = prefill.result()
         if outcome is None:
             self._prefill_ok = True
-            return await task
-        task.cancel()
+            return
         if isinstance(outcome, Finished):
             raise Refused(outcome)
         assert self.pair.prefill is not None
@@ -169,10 +186,13 @@ class Exchange:
 
     async def _run_prefill(self, prefill: Worker) -> Finished | ApiError | None:
         """None when prefill succeeded; its 4xx answer; or the error that failed it."""
+        request = self.gw.node_request(prefill.url, self.req.route, self.content, self.headers)
         try:
-            response = await self.gw.client.post(
-                prefill.url + self.req.route, content=self.content, headers=self.headers
-            )
+            response = await self.gw.send(request)
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
             outcome = prefill_outcome(prefill, response)
         except httpx.HTTPError as exc:
             what = f"{type(exc).__name__}: {exc}"
@@ -186,17 +206,27 @@ class Exchange:
 
     # ---- relaying a stream: events have reached the client ----
 
-    async def relay(self, first: list[bytes], tracker: Tracker) -> AsyncIterator[bytes]:
-        """The client's SSE stream; ends in `[DONE]`, with an error event before it on failure."""
+    async def relay(self, first: Events, tracker: Tracker) -> AsyncIterator[bytes]:
+        """The client's SSE stream; ends in `[DONE]`, with an error event before it on failure.
+
+        The events that arrive together leave together (one write to the client per chunk the
+        node sent, `[DONE]` joined to the last), as `EventSplitter` relays them.
+        """
         ended_in_error = False
         try:
-            async with contextlib.aclosing(self._payloads(first)) as payloads:
-                async for payload in payloads:
+            events = first
+            while True:
+                if events.data:
                     tracker.first_event()
-                    ended_in_error = error_in(payload) is not None
-                    yield encode_event(payload)
-            self._close_decode(ok=True)
-            yield DONE
+                    assert events.last is not None
+                    ended_in_error = error_in(events.last) is not None
+                if events.done:
+                    await self._finish_decode()
+                    yield events.data + DONE
+                    return
+                if events.data:
+                    yield events.data
+                events = self.splitter.feed(await self._next_chunk())
         except (httpx.HTTPError, StreamCut) as exc:
             self._close_decode(ok=False)
             self.gw.metrics.stream_errors += 1
@@ -207,18 +237,12 @@ class Exchange:
         finally:
             self.abandon()  # a no-op once closed; else the client went away mid-stream
 
-    async def _payloads(self, first: list[bytes]) -> AsyncIterator[bytes]:
-        for payload in first:
-            if payload == DONE_PAYLOAD:
-                return
-            yield payload
+    async def _next_chunk(self) -> bytes:
         assert self._chunks is not None
-        async for chunk in self._chunks:
-            for payload in self.decoder.feed(chunk):
-                if payload == DONE_PAYLOAD:
-                    return
-                yield payload
-        raise StreamCut("the decode stream ended without [DONE]")
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            raise StreamCut("the decode stream ended without [DONE]") from None
 
     def _cut_error(self, exc: Exception) -> ApiError:
         return server_error(
@@ -230,7 +254,15 @@ class Exchange:
 
     # ---- closing ----
 
-    def _close_decode(self, ok: bool) -> None:
+    async def _finish_decode(self) -> None:
+        """The decode answer is complete: release its load, hand its connection back."""
+        response = self._response
+        at_end = response is not None and (self._chunks is None or _at_end(response))
+        self._close_decode(ok=True, release=not at_end)
+        if at_end:
+            await response.aclose()  # NOTE: nothing left to drain: this never waits
+
+    def _close_decode(self, ok: bool, release: bool = True) -> None:
         """The decode answer is complete (ok) or broken; release its load and connection."""
         self._closed = True
         self._end_decode_load()
@@ -238,7 +270,7 @@ class Exchange:
             self.pair.decode.breaker.record_success()
         else:
             self.pair.decode.breaker.record_failure(self.gw.clock())
-        if self._response is not None:
+        if release and self._response is not None:
             self.gw.spawn(self._release_response(drain=ok))
 
     async def _release_response(self, drain: bool) -> None:
@@ -276,6 +308,12 @@ class Exchange:
         log_event(
             logging.WARNING, "attempt_failed", self.rid, attempt=self.attempt_rid, error=error
         )
+
+
+def _at_end(response: httpx.Response) -> bool:
+    """Has the body's last byte arrived (so closing it keeps its connection)? `NodeTransport`'s
+    bodies know; for any other, assume not (the caller then drains it in the background)."""
+    return bool(getattr(response.stream, "at_end", False))
 
 
 async def _drain(chunks: AsyncIterator[bytes]) -> None:

@@ -16,13 +16,14 @@ from api.errors import ApiError, server_error
 
 from .context import Gateway
 from .dispatch import open_request
+from .events import Events
 from .exchange import Exchange
 from .limits import check_api_key, parse_json, read_body
 from .logs import log
 from .metrics import CONTENT_TYPE
 from .pd import Finished
 from .requests import Prepared, prepare
-from .streaming import ClientGone, EventStreamResponse, until_disconnect
+from .streaming import ClientGone, ClientWatch, EventStreamResponse, until_disconnect
 from .tracker import Tracker
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -55,37 +56,48 @@ def generation_route(route: str) -> Callable[[Request], Awaitable[Response]]:
 async def generate(request: Request, route: str) -> Response:
     gw, rid = gateway_of(request), request_id(request)
     tracker = Tracker(gw.metrics, route, rid, gw.clock)
+    watch = ClientWatch(request.receive)
     try:
-        exchange, answer = await _open(request, gw, route, rid, tracker)
+        exchange, answer = await _open(request, gw, route, rid, tracker, watch)
     except ApiError as exc:
+        watch.stop()
         tracker.finish(exc.status)
         return error_response(exc, rid)
     except ClientGone:
+        watch.stop()
         tracker.finish(CLIENT_CLOSED)
         return Response(status_code=CLIENT_CLOSED)
     except Exception:
+        watch.stop()
         log.exception("request_crashed rid=%s route=%s", rid, route)
         tracker.finish(500)
         return error_response(server_error("the gateway failed on this request (see its log)"), rid)
-    return _respond(exchange, answer, tracker)
+    except BaseException:
+        watch.stop()
+        raise
+    return _respond(exchange, answer, tracker, watch)
 
 
 async def _open(
-    request: Request, gw: Gateway, route: str, rid: str, tracker: Tracker
-) -> tuple[Exchange | None, Finished | list[bytes]]:
+    request: Request, gw: Gateway, route: str, rid: str, tracker: Tracker, watch: ClientWatch
+) -> tuple[Exchange | None, Finished | Events]:
     """Checks, then the exchange that answers (see `open_request`)."""
     check_api_key(request.headers, gw.settings.api_key)
     tracker.admit(gw.settings.max_inflight)
     raw = await read_body(request, gw.settings.max_body_bytes)
     prepared = await _prepare(gw, route, parse_json(raw), len(raw))
-    return await until_disconnect(request, open_request(gw, prepared, rid))
+    return await until_disconnect(watch, open_request(gw, prepared, rid))
 
 
 def _respond(
-    exchange: Exchange | None, answer: Finished | list[bytes], tracker: Tracker
+    exchange: Exchange | None,
+    answer: Finished | Events,
+    tracker: Tracker,
+    watch: ClientWatch,
 ) -> Response:
     headers = {"X-Request-Id": tracker.rid}
     if isinstance(answer, Finished):
+        watch.stop()
         tracker.finish(answer.status)
         return Response(answer.body, answer.status, headers=headers, media_type=answer.media_type)
     assert exchange is not None
@@ -94,7 +106,7 @@ def _respond(
         exchange.abandon()  # NOTE: a no-op after a whole stream; covers one that never started
         tracker.finish(200)
 
-    return EventStreamResponse(exchange.relay(answer, tracker), headers, on_close)
+    return EventStreamResponse(exchange.relay(answer, tracker), headers, on_close, watch)
 
 
 async def _prepare(gw: Gateway, route: str, body: dict[str, Any], size: int) -> Prepared:

@@ -24,6 +24,8 @@ def run(settings: GatewaySettings) -> None:
         loop="uvloop",
         log_level=settings.log_level.lower(),
         access_log=False,
+        # NOTE: nothing here reads the client's address, so X-Forwarded-* parsing is skipped
+        proxy_headers=False,
         timeout_keep_alive=30,
         backlog=4096,
         timeout_graceful_shutdown=5,

@@ -83,6 +83,7 @@ class WorkerPool:
     def __init__(self, breaker_errors: int, breaker_cooldown_s: float) -> None:
         self._breaker = (breaker_errors, breaker_cooldown_s)
         self._workers: dict[str, Worker] = {}
+        self._prefills = 0  # NOTE: counted, since every request asks (has_prefill)
 
     def add(self, role: Role, instance: Instance) -> Worker:
         if role not in ROLES:
@@ -96,15 +97,20 @@ class WorkerPool:
             role, Instance(url, instance.bootstrap_port), CircuitBreaker(*self._breaker)
         )
         self._workers[url] = worker
+        if role == "prefill":
+            self._prefills += 1
         return worker
 
     def remove(self, url: str) -> Worker:
         try:
-            return self._workers.pop(normalize_url(url))
+            worker = self._workers.pop(normalize_url(url))
         except KeyError:
             raise KeyError(
                 f"{url} is not an instance of this gateway (GET /workers lists them)"
             ) from None
+        if worker.role == "prefill":
+            self._prefills -= 1
+        return worker
 
     def all(self) -> list[Worker]:
         return list(self._workers.values())
@@ -114,11 +120,13 @@ class WorkerPool:
 
     def available(self, role: Role, now: float, exclude: Iterable[str] = ()) -> list[Worker]:
         """Workers of `role` that may take a request; those in `exclude` only when none else can."""
-        ready = [w for w in self.of_role(role) if w.available(now)]
+        ready = [w for w in self._workers.values() if w.role == role and w.available(now)]
+        if not exclude:
+            return ready
         skip = set(exclude)
         preferred = [w for w in ready if w.url not in skip]
         return preferred or ready
 
     def has_prefill(self) -> bool:
         """PD mode (else colocated: decode instances prefill locally)."""
-        return any(w.role == "prefill" for w in self._workers.values())
+        return self._prefills > 0

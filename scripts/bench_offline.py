@@ -4,7 +4,7 @@ Workload (defaults): 64 prompts of 256 random tokens, 64 output tokens each (EOS
 greedy, at most 16 sequences in flight for both (transformers runs batches of 16).
 The last printed line is JSON.
 
-    python scripts/bench_offline.py [--model DIR | --arch llama] [--dtype float32]
+    python scripts/bench_offline.py [--model DIR | --arch llama|deepseek_v3] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import make_model
+from engine.checkpoint import ARCHS, make_model
 from engine.llm import LLM
 from engine.sampling import SamplingParams
 
@@ -25,7 +25,7 @@ from engine.sampling import SamplingParams
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="checkpoint dir (default: a tiny generated one)")
-    p.add_argument("--arch", default="llama")
+    p.add_argument("--arch", default="llama", choices=sorted(ARCHS))
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--num-prompts", type=int, default=64)
@@ -54,7 +54,10 @@ def make_prompts(args: argparse.Namespace, vocab: int) -> list[list[int]]:
     return ids.tolist()
 
 
-def bench_engine(model: Path, prompts: list[list[int]], args: argparse.Namespace) -> float:
+def bench_engine(
+    model: Path, prompts: list[list[int]], args: argparse.Namespace
+) -> tuple[float, int]:
+    """(output tokens/s, KV cache bytes per token across all layers)."""
     llm = LLM(
         str(model),
         dtype=args.dtype,
@@ -70,7 +73,8 @@ def bench_engine(model: Path, prompts: list[list[int]], args: argparse.Namespace
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
     assert all(len(o.token_ids) == args.output_len for o in outs)
-    return sum(len(o.token_ids) for o in outs) / elapsed
+    tok_s = sum(len(o.token_ids) for o in outs) / elapsed
+    return tok_s, llm.engine.pool.layout.bytes_per_token
 
 
 def bench_hf(model: Path, prompts: list[list[int]], args: argparse.Namespace) -> float:
@@ -96,7 +100,7 @@ def main() -> None:
     model = Path(args.model) if args.model else default_model(args)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(args, vocab)
-    engine_tps = bench_engine(model, prompts, args)
+    engine_tps, kv_bytes = bench_engine(model, prompts, args)
     print(f"pdserve engine: {engine_tps:.1f} output tok/s", flush=True)
     hf_tps = None if args.skip_hf else bench_hf(model, prompts, args)
     if hf_tps is not None:
@@ -110,6 +114,7 @@ def main() -> None:
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "engine_output_tok_s": round(engine_tps, 1),
+        "kv_bytes_per_token": kv_bytes,
         "hf_output_tok_s": None if hf_tps is None else round(hf_tps, 1),
         "speedup": None if hf_tps is None else round(engine_tps / hf_tps, 2),
     }

@@ -12,6 +12,8 @@ MODELS = {
     "llama": "engine.models.llama:LlamaForCausalLM",
     "qwen2": "engine.models.llama:LlamaForCausalLM",
     "qwen3": "engine.models.llama:LlamaForCausalLM",
+    "deepseek_v2": "engine.models.deepseek_v3:DeepseekV3ForCausalLM",
+    "deepseek_v3": "engine.models.deepseek_v3:DeepseekV3ForCausalLM",
 }
 
 

@@ -47,3 +47,25 @@ class AttentionBackend(ABC):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: Any
     ) -> torch.Tensor:
         """q: [T, q_heads, D]; k, v: [T, kv_heads, D] (this step's). Returns [T, q_heads, D]."""
+
+    def forward_mla(
+        self,
+        q_latent: torch.Tensor,
+        q_rope: torch.Tensor,
+        latent: torch.Tensor,
+        k_rope: torch.Tensor,
+        layer: int,
+        meta: Any,
+    ) -> torch.Tensor:
+        """Multi-head latent attention (DeepSeek) over an MLA pool, projections absorbed.
+
+        q_latent: [T, H, R] (q_nope folded through W_UK), q_rope: [T, H, P] (rotated);
+        latent: [T, R] (normed compressed KV), k_rope: [T, P] (rotated), this step's tokens.
+        Writes [latent | k_rope] into the layer's latent buffer, then attends as one shared KV
+        head: score = q_latent . latent + q_rope . k_rope (times the backend's scale),
+        value = latent. Returns [T, H, R]; the model applies W_UV and o_proj.
+        """
+        raise NotImplementedError(
+            f"attention backend {type(self).__name__} has no MLA path "
+            "(serve DeepSeek models with attention_backend='torch')"
+        )

@@ -13,6 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from engine.layers.attention.base import AttentionBackend, AttentionBatch
+from engine.layers.attention.torch_mla import mla_attention
 
 
 @dataclass
@@ -88,6 +89,10 @@ class TorchAttention(AttentionBackend):
         if meta.decode_rows is not None:
             self._decode(q, out, k_cache, v_cache, meta)
         return out
+
+    def forward_mla(self, q_latent, q_rope, latent, k_rope, layer, meta) -> torch.Tensor:
+        buffer = self.pool.latent_buffer(layer)
+        return mla_attention(buffer, q_latent, q_rope, latent, k_rope, meta, self.scale)
 
     def _extend(self, q, k, v, k_cache, v_cache, item: ExtendItem) -> torch.Tensor:
         if item.ctx_slots is not None:

@@ -1,0 +1,206 @@
+"""DeepSeek-V3 (and V2): multi-head latent attention (MLA) and DeepSeek MoE. Pure math:
+paging lives in the attention backend (`ctx.attention_mla`), routing in engine/layers/moe.py.
+
+MLA with absorbed projections. kv_b_proj maps the latent c to each head's k_nope (W_UK) and
+v (W_UV), so
+
+    q_nope . k_nope = (q_nope W_UK) . c        out_h = W_UV (softmax(...) @ c)
+
+and the KV cache holds only [c | k_rope] (kv_lora_rank + qk_rope_head_dim per token per
+layer). The backend attends in latent space for prefill and decode alike.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.config import ModelConfig
+from engine.layers.linear import Linear, MergedLinear, copy_checked
+from engine.layers.mlp import GatedMLP
+from engine.layers.moe import MoE, RoutedExperts
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding, apply_rotary, deinterleave
+
+# NOTE: the q/kv low-rank norms use RMSNorm's default eps in both the reference and transformers,
+# not config.rms_norm_eps.
+LORA_NORM_EPS = 1e-6
+_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_STACKED = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+class MLAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        mla = cfg.mla
+        assert mla is not None
+        self.mla, self.layer, self.heads = mla, layer, cfg.num_heads
+        hidden, q_size = cfg.hidden_size, cfg.num_heads * mla.qk_head_dim
+        lora, bias = mla.q_lora_rank, cfg.attention_bias
+        self.q_proj = Linear(hidden, q_size) if lora is None else None
+        self.q_a_proj = Linear(hidden, lora, bias) if lora is not None else None
+        self.q_a_layernorm = RMSNorm(lora, LORA_NORM_EPS) if lora is not None else None
+        self.q_b_proj = Linear(lora, q_size) if lora is not None else None
+        rank = mla.kv_lora_rank
+        self.kv_a_proj_with_mqa = Linear(hidden, rank + mla.qk_rope_head_dim, bias)
+        self.kv_a_layernorm = RMSNorm(rank, LORA_NORM_EPS)
+        self.kv_b_proj = Linear(rank, cfg.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim))
+        self.o_proj = Linear(cfg.num_heads * mla.v_head_dim, hidden, bias)
+
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, ...], ctx: Any) -> torch.Tensor:
+        mla = self.mla
+        q = self._queries(x).view(-1, self.heads, mla.qk_head_dim)
+        q_nope, q_rope = q.split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split(
+            [mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1
+        )
+        latent = self.kv_a_layernorm(latent)
+        q_rope = self._rotate(q_rope, cos_sin)
+        k_rope = self._rotate(k_rope[:, None, :], cos_sin)[:, 0]
+        w_uk, w_uv = self._absorbed()
+        q_latent = torch.einsum("thd,hdr->thr", q_nope, w_uk)
+        out = ctx.attention_mla(q_latent, q_rope, latent, k_rope, self.layer)
+        out = torch.einsum("thr,hvr->thv", out, w_uv)
+        return self.o_proj(out.reshape(-1, self.heads * mla.v_head_dim))
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_proj is not None:
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def _rotate(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return apply_rotary(deinterleave(x) if self.mla.rope_interleave else x, *cos_sin)
+
+    def _absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, nope, R] and W_UV [H, v, R]: views of kv_b_proj's weight."""
+        mla = self.mla
+        w = self.kv_b_proj.weight.view(self.heads, -1, mla.kv_lora_rank)
+        return w[:, : mla.qk_nope_head_dim], w[:, mla.qk_nope_head_dim :]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.self_attn = MLAttention(cfg, layer)
+        moe = cfg.moe
+        if moe is not None and moe.is_moe_layer(layer):
+            self.mlp: nn.Module = MoE(cfg.hidden_size, moe)
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, ...], ctx: Any) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    MERGED: ClassVar[dict[str, tuple[str, int]]] = {
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.mla is None:
+            raise ValueError(
+                f"{cfg.family} needs MLA sizes (kv_lora_rank, qk_rope_head_dim, ...) in config.json"
+            )
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(
+            cfg.mla.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
+        )
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm for the step's tokens."""
+        x = self.embed_tokens(input_ids)
+        cos_sin = self.rotary.cos_sin(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos_sin, ctx)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors (per-expert or stacked experts); skip multi-token-prediction
+        layers (index >= num_hidden_layers); raise on unknown, missing or mis-shaped weights."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            loaded.update(self._load_one(name, tensor, params))
+        self._check_complete(params, loaded)
+
+    def _load_one(self, name: str, tensor: torch.Tensor, params: dict) -> list[str]:
+        key = name.removeprefix("model.")
+        if self._skipped(key):
+            return []
+        if match := _EXPERT.match(key):
+            prefix, expert, proj = match.groups()
+            piece = self._module(prefix, name).load_expert(int(expert), proj, tensor, name)
+            return [f"{prefix}#{piece}"]
+        if match := _STACKED.match(key):
+            prefix, param = match.groups()
+            pieces = self._module(prefix, name).load_stacked(param, tensor, name)
+            return [f"{prefix}#{piece}" for piece in pieces]
+        parts = key.split(".")
+        if len(parts) >= 4 and parts[-2] in self.MERGED:
+            merged, shard = self.MERGED[parts[-2]]
+            module_name = ".".join([*parts[:-2], merged])
+            self._module(module_name, name).load_shard(shard, parts[-1], tensor, name)
+            return [f"{module_name}.{parts[-1]}#{shard}"]
+        if key not in params:
+            raise self._unexpected(name)
+        copy_checked(params[key], tensor, name)
+        return [key]
+
+    def _skipped(self, key: str) -> bool:
+        if "rotary_emb" in key or (key == "lm_head.weight" and self.lm_head is None):
+            return True
+        layer = _LAYER.match(key)
+        return layer is not None and int(layer.group(1)) >= self.cfg.num_layers  # MTP layers
+
+    def _module(self, module_name: str, name: str) -> Any:
+        try:
+            return self.get_submodule(module_name)
+        except AttributeError:
+            raise self._unexpected(name) from None
+
+    def _unexpected(self, name: str) -> ValueError:
+        return ValueError(
+            f"unexpected weight {name!r} in checkpoint (not a {self.cfg.family} weight of this "
+            "config: check q_lora_rank, first_k_dense_replace and moe_layer_freq in config.json)"
+        )
+
+    def _check_complete(self, params: dict, loaded: set[str]) -> None:
+        expected: set[str] = set()
+        for key in params:
+            module_name, _, _kind = key.rpartition(".")
+            module = self.get_submodule(module_name)
+            if isinstance(module, MergedLinear):
+                expected.update(f"{key}#{i}" for i in range(len(module.out_sizes)))
+            elif isinstance(module, RoutedExperts):
+                expected.update(f"{module_name}#{piece}" for piece in module.pieces())
+            else:
+                expected.add(key)
+        missing = sorted(expected - loaded)
+        if missing:
+            shown = ", ".join(m.split("#")[0] for m in missing[:5])
+            raise ValueError(
+                f"checkpoint is missing {len(missing)} weights, e.g. {shown} "
+                "(the safetensors files are incomplete or belong to another model)"
+            )

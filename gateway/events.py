@@ -1,0 +1,99 @@
+"""A node's SSE stream cut into runs of whole events, relayed as bytes.
+
+The gateway relays each event as `api.sse.encode_event(payload)` of the payload `SSEDecoder` reads
+(`data: <payload>\\n\\n`: comments and other fields dropped, CRLF made LF). Our nodes and SGLang's
+already send exactly that form, one `data:` line per event, and then the relayed bytes are the
+received bytes: `EventSplitter` checks a run of events for that form with a few whole-buffer
+searches and passes it on untouched (no per-event decoding or re-encoding). Any other form goes
+through `SSEDecoder` and `encode_event`, as before, so the output is the same either way.
+
+    feed(b'data: {"a":1}\\n\\ndata: {"b":2}\\n\\nda') -> Events(data=b'data: {"a":1}\\n\\ndata: {"b":2}\\n\\n',
+                                                       first=b'{"a":1}', last=b'{"b":2}')
+    feed(b'ta: [DONE]\\n\\n')                         -> Events(done=True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from api.sse import DONE_PAYLOAD, SSEDecoder, encode_event
+
+DATA = b"data: "
+BLOCK_END = b"\n\n"
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class Events:
+    """Whole events of a stream, up to `[DONE]` (nothing after it is kept)."""
+
+    data: bytes = b""  # the events, encoded as the client gets them (without `[DONE]`)
+    first: bytes | None = None  # the first event's payload
+    last: bytes | None = None  # the last event's payload
+    done: bool = False  # `[DONE]` came
+
+    @property
+    def any(self) -> bool:
+        return bool(self.data) or self.done
+
+
+NO_EVENTS = Events()
+
+
+class EventSplitter:
+    """Feeds of a byte stream, cut anywhere, in; whole `Events` out."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._decoder: SSEDecoder | None = None  # once a CR shows up: SSEDecoder from then on
+
+    def feed(self, chunk: bytes) -> Events:
+        buffer = self._pending + chunk if self._pending else chunk
+        if self._decoder is not None or b"\r" in buffer:
+            self._pending = b""
+            self._decoder = self._decoder or SSEDecoder()
+            return _decoded_events(self._decoder.feed(buffer))
+        end = buffer.rfind(BLOCK_END)
+        if end < 0:
+            self._pending = buffer
+            return NO_EVENTS
+        blocks, self._pending = buffer[: end + 2], buffer[end + 2 :]
+        if is_plain(blocks):
+            return _plain_events(blocks)
+        return _decoded_events(SSEDecoder().feed(blocks))
+
+
+def is_plain(blocks: bytes) -> bool:
+    """Is `blocks` (whole blocks, ending in a blank line) only `data: <one line>\\n\\n` events?
+
+    Every newline must belong to a block's ending pair, and every pair but the last must be
+    followed by the next event's `data: `.
+    """
+    count = blocks.count(BLOCK_END)
+    return (
+        blocks.startswith(DATA)
+        and blocks.count(b"\n") == 2 * count
+        and blocks.count(BLOCK_END + DATA) == count - 1
+    )
+
+
+def _plain_events(blocks: bytes) -> Events:
+    if blocks.startswith(DONE_EVENT):
+        return Events(done=True)
+    done_at = blocks.find(BLOCK_END + DONE_EVENT)
+    done = done_at >= 0
+    data = blocks[: done_at + 2] if done else blocks
+    first = data[len(DATA) : data.find(BLOCK_END)]
+    last_at = data.rfind(BLOCK_END + DATA, 0, len(data) - 2)
+    last = data[last_at + 2 + len(DATA) : -2] if last_at >= 0 else first
+    return Events(data, first, last, done)
+
+
+def _decoded_events(payloads: list[bytes]) -> Events:
+    done = DONE_PAYLOAD in payloads
+    if done:
+        payloads = payloads[: payloads.index(DONE_PAYLOAD)]
+    if not payloads:
+        return Events(done=done)
+    data = b"".join([encode_event(p) for p in payloads])
+    return Events(data, payloads[0], payloads[-1], done)
