@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import sys
 import threading
 import types
@@ -207,6 +208,7 @@ def test_set_errors(tmp_path: Path) -> None:
 
 def test_node_settings_merge_engine_options() -> None:
     cluster = parse_cluster(config_with(transfer={"backend": "nixl", "bootstrap_timeout_s": 5}))
+    threads = max(1, (os.cpu_count() or 1) // 2)  # the cores split between p0 and d0
     prefill = cluster.node_settings("p0")
     assert prefill == NodeSettings(
         role="prefill",
@@ -216,14 +218,27 @@ def test_node_settings_merge_engine_options() -> None:
         port=30001,
         bootstrap_port=8998,
         served_model_name="tiny",
-        engine={"page_size": 16, "dtype": "float32"},
+        engine={"page_size": 16, "dtype": "float32", "threads": threads},
         transfer=TransferSettings(backend="nixl", bootstrap_timeout_s=5.0),
     )
     decode = cluster.node_settings("d0")
     assert decode.role == "decode" and decode.bootstrap_port is None
-    assert decode.engine == {"page_size": 16, "dtype": "float32", "max_running": 8}
+    assert decode.engine == {
+        "page_size": 16,
+        "dtype": "float32",
+        "max_running": 8,
+        "threads": threads,
+    }
     assert decode.local_prefill_threshold == 64
     assert decode.decode_headroom_tokens == NodeSettings.decode_headroom_tokens
+
+
+def test_threads_default_splits_cores_among_a_hosts_nodes() -> None:
+    cluster = parse_cluster(config_with(decode=[{"name": "d0", "host": "10.0.0.2", "port": 30002}]))
+    cores = os.cpu_count() or 1
+    assert cluster.node_settings("p0").engine["threads"] == cores  # alone on 127.0.0.1
+    pinned = parse_cluster(config_with(engine={"threads": 3}))
+    assert pinned.node_settings("p0").engine["threads"] == 3
 
 
 def test_gateway_settings_list_instances() -> None:
