@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CACHE_ENV = "PDSERVE_CACHE"
 
@@ -32,8 +33,23 @@ class MakeSpec:
     kv_heads: int = 2
     intermediate: int | None = None
     seed: int = 0
-    tokenizer: str = "qwen"
+    tokenizer: str | None = None  # None: the arch's own (deepseek for DeepSeek archs, else qwen)
     dtype: str = "float32"
+    fp8: bool = False
+
+    def make_kwargs(self) -> dict[str, Any]:
+        """`make_model`'s keyword arguments: the fields set, less the arch (and a None tokenizer,
+        which make_model resolves to the arch's own)."""
+        kwargs = dataclasses.asdict(self)
+        del kwargs["arch"]
+        if kwargs["tokenizer"] is None:
+            del kwargs["tokenizer"]
+        return kwargs
+
+
+# NOTE: fields added after the cache existed enter the directory hash only when they differ from
+# their defaults, so configs written before them keep finding their checkpoints.
+UNHASHED_DEFAULTS: dict[str, Any] = {"fp8": False, "tokenizer": None}
 
 
 def cache_root() -> Path:
@@ -44,7 +60,11 @@ def cache_root() -> Path:
 
 def model_dir(make: MakeSpec, root: Path | None = None) -> Path:
     """Where the checkpoint of `make` lives (whether or not it was written yet)."""
-    args = json.dumps(dataclasses.asdict(make), sort_keys=True)
+    fields = dataclasses.asdict(make)
+    for name, default in UNHASHED_DEFAULTS.items():
+        if fields[name] == default:
+            del fields[name]
+    args = json.dumps(fields, sort_keys=True)
     digest = hashlib.sha256(args.encode()).hexdigest()[:16]
     return (root or cache_root()) / f"{make.arch}-{digest}"
 
@@ -73,9 +93,8 @@ def write_atomically(make: MakeSpec, target: Path) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        kwargs = dataclasses.asdict(make)
         try:
-            make_model(kwargs.pop("arch"), tmp, **kwargs)
+            make_model(make.arch, tmp, **make.make_kwargs())
         except ValueError as exc:
             raise ValueError(f"model.make: {exc}") from None
         os.rename(tmp, target)

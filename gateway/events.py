@@ -1,8 +1,8 @@
 """A node's SSE stream cut into runs of whole events, relayed as bytes.
 
 The gateway relays each event as `api.sse.encode_event(payload)` of the payload `SSEDecoder` reads
-(`data: <payload>\\n\\n`: comments and other fields dropped, CRLF made LF). Our nodes and SGLang's
-already send exactly that form, one `data:` line per event, and then the relayed bytes are the
+(`data: <payload>\\n\\n`: comments and other fields dropped, CRLF made LF, a payload of several
+lines as that many `data:` lines). Our nodes and SGLang's already send exactly that form, one `data:` line per event, and then the relayed bytes are the
 received bytes: `EventSplitter` checks a run of events for that form with a few whole-buffer
 searches and passes it on untouched (no per-event decoding or re-encoding). Any other form goes
 through `SSEDecoder` and `encode_event`, as before, so the output is the same either way.
@@ -95,5 +95,14 @@ def _decoded_events(payloads: list[bytes]) -> Events:
         payloads = payloads[: payloads.index(DONE_PAYLOAD)]
     if not payloads:
         return Events(done=done)
-    data = b"".join([encode_event(p) for p in payloads])
+    data = b"".join([_encode(p) for p in payloads])
     return Events(data, payloads[0], payloads[-1], done)
+
+
+def _encode(payload: bytes) -> bytes:
+    """`encode_event`, except that a payload of several lines (several `data:` lines joined)
+    goes out as several `data:` lines again: one line each would end the field at the first
+    newline, and the client would read only that line of it."""
+    if b"\n" not in payload:
+        return encode_event(payload)
+    return b"data: " + payload.replace(b"\n", b"\ndata: ") + b"\n\n"
