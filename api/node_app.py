@@ -144,6 +144,21 @@ async def stream_jobs(
     yield DONE
 
 
+def usage_tail(
+    include: bool, run: JobRun, response: Any, rid: str, created: int, model: str
+) -> Callable[[], list[dict]]:
+    """The stream's last chunk: usage with no choices, when stream_options.include_usage."""
+
+    def tail() -> list[dict]:
+        if not include:
+            return []
+        usage = fmt.usage_of(run.ordered)
+        chunk = response(id=rid, created=created, model=model, choices=[], usage=usage)
+        return [chunk.model_dump(exclude_none=True)]
+
+    return tail
+
+
 class NodeRoutes:
     """Handlers bound to one node's context."""
 
@@ -197,16 +212,7 @@ class NodeRoutes:
                 resp = CompletionResponse(id=rid, created=created, model=model, choices=[c])
                 return resp.model_dump(exclude_none=True)
 
-            def tail() -> list[dict]:
-                if not req.include_usage:
-                    return []
-                usage = fmt.usage_of(run.ordered)
-                return [
-                    CompletionResponse(
-                        id=rid, created=created, model=model, choices=[], usage=usage
-                    ).model_dump(exclude_none=True)
-                ]
-
+            tail = usage_tail(req.include_usage, run, CompletionResponse, rid, created, model)
             return self._stream(run, first, chunk, tail, rid)
         await self._finish(request, run)
         choices = [
@@ -249,16 +255,7 @@ class NodeRoutes:
                 resp = ChatCompletionChunk(id=rid, created=created, model=model, choices=[c])
                 return resp.model_dump(exclude_none=True)
 
-            def tail() -> list[dict]:
-                if not req.include_usage:
-                    return []
-                usage = fmt.usage_of(run.ordered)
-                return [
-                    ChatCompletionChunk(
-                        id=rid, created=created, model=model, choices=[], usage=usage
-                    ).model_dump(exclude_none=True)
-                ]
-
+            tail = usage_tail(req.include_usage, run, ChatCompletionChunk, rid, created, model)
             return self._stream(run, first, chunk, tail, rid)
         await self._finish(request, run)
         choices = [

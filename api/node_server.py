@@ -16,7 +16,6 @@ import shutil
 import signal
 import tempfile
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -73,7 +72,7 @@ def node_app(
         settings=settings,
         client=client,
         tokenizer=tokenizer,
-        model_name=settings.served_model_name or Path(settings.model).name,
+        model_name=settings.model_name,
         max_model_len=int(ready["max_model_len"]),
         alive=proc.is_alive,
     )

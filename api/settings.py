@@ -10,6 +10,7 @@ attention_backend, device).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 Role = Literal["prefill", "decode"]
@@ -64,6 +65,11 @@ class NodeSettings:
     decode_headroom_tokens: int = 64  # pages reserved beyond the prompt before any transfer
     prealloc_timeout_s: float = 300.0  # a decode request waits this long for free pages
     log_level: str = "warning"
+
+    @property
+    def model_name(self) -> str:
+        """The model id clients and peers see: served_model_name, else the checkpoint dir name."""
+        return self.served_model_name or Path(self.model).name
 
 
 @dataclass(frozen=True)

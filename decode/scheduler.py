@@ -13,7 +13,6 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from api.messages import GenerateRequest, TokenOutput
@@ -141,9 +140,7 @@ def _address(req: GenerateRequest) -> str:
 
 def build_receiver(engine: Any, settings: NodeSettings) -> KVReceiver:
     config = TransferConfig(host=settings.host, **settings.transfer.config_options())
-    buffers, compat = pool_view(
-        engine.pool, settings.served_model_name or Path(settings.model).name
-    )
+    buffers, compat = pool_view(engine.pool, settings.model_name)
     return KVReceiver(config, buffers, compat)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from api.messages import GenerateRequest, TokenOutput
@@ -136,9 +135,7 @@ def build_sender(engine: Any, settings: NodeSettings) -> KVSender:
     port = settings.bootstrap_port or 0
     options = settings.transfer.config_options()
     config = TransferConfig(host=settings.host, bootstrap_port=port, **options)
-    buffers, compat = pool_view(
-        engine.pool, settings.served_model_name or Path(settings.model).name
-    )
+    buffers, compat = pool_view(engine.pool, settings.model_name)
     return KVSender(config, buffers, compat)
 
 
