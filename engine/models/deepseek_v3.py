@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from engine.config import ModelConfig
 from engine.layers.linear import Linear, MergedLinear, copy_checked
@@ -26,6 +25,7 @@ from engine.layers.mlp import GatedMLP
 from engine.layers.moe import MoE, RoutedExperts
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary, deinterleave
+from engine.models.base import DecoderOnlyLM
 
 # NOTE: the q/kv low-rank norms use RMSNorm's default eps in both the reference and transformers,
 # not config.rms_norm_eps.
@@ -101,7 +101,7 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DeepseekV3ForCausalLM(nn.Module):
+class DeepseekV3ForCausalLM(DecoderOnlyLM):
     MERGED: ClassVar[dict[str, tuple[str, int]]] = {
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
@@ -121,18 +121,6 @@ class DeepseekV3ForCausalLM(nn.Module):
             cfg.mla.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
         )
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
-        """Hidden states [T, hidden] after the final norm for the step's tokens."""
-        x = self.embed_tokens(input_ids)
-        cos_sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos_sin, ctx)
-        return self.norm(x)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
 
     # ---- loading ---------------------------------------------------------------------------
 

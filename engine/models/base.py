@@ -1,0 +1,32 @@
+"""What every decoder-only model here shares: embed -> layers -> norm, and the LM head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class DecoderOnlyLM(nn.Module):
+    """Subclasses build `embed_tokens`, `layers` (each `layer(x, cos_sin, ctx)`), `norm`,
+    `rotary` and `lm_head` (None when tied to the embeddings)."""
+
+    embed_tokens: nn.Embedding
+    layers: nn.ModuleList
+    norm: nn.Module
+    rotary: Any
+    lm_head: Any
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm for the step's tokens."""
+        x = self.embed_tokens(input_ids)
+        cos_sin = self.rotary.cos_sin(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos_sin, ctx)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
