@@ -223,7 +223,7 @@ class Sampler:
             )
         logits = self._processed_logits(logits.float(), params, states)
         if all(p.is_greedy for p in params):
-            token_ids = logits.argmax(dim=-1)
+            token_ids = argmax_rows(logits)
         else:
             token_ids = self._sample(logits, params, states)
         return _with_logprobs(logits, token_ids, params)
@@ -285,8 +285,8 @@ class Sampler:
         )
         if any(p.min_p > 0 for p in sampled_params):
             scaled = apply_min_p(scaled, _column(params, "min_p", device))
-        sampled = (scaled.softmax(dim=-1) / self._exponential_noise(scaled, states)).argmax(dim=-1)
-        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+        sampled = argmax_rows(scaled.softmax(dim=-1) / self._exponential_noise(scaled, states))
+        return torch.where(greedy, argmax_rows(logits), sampled)
 
     def _exponential_noise(
         self, like: torch.Tensor, states: Sequence[SamplerState]
@@ -309,6 +309,30 @@ class Sampler:
                 generator.manual_seed(self._seed & _U64)
             self._generators[device] = generator
         return self._generators[device]
+
+
+def argmax_rows(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of a 2-D float tensor: the first index of each row's maximum.
+
+    On CPU, ATen's argmax over a long last dimension is not vectorized (1.3 ms for 16 rows of a
+    152k vocabulary here) while ``amax`` is (0.1 ms). So: the max of each block of ``block``
+    columns, the first block holding the row's max, then the first max inside that block; the
+    columns past the last whole block are checked on their own.
+    """
+    rows, cols = x.shape
+    if x.device.type != "cpu" or cols < 4 * block:
+        return x.argmax(dim=-1)
+    whole = cols - cols % block
+    blocks = x[:, :whole].contiguous().view(rows, whole // block, block)
+    best_block = blocks.amax(dim=-1).argmax(dim=-1)
+    picked = best_block * block + blocks[torch.arange(rows), best_block].argmax(dim=-1)
+    if whole == cols:
+        return picked
+    tail = x[:, whole:]
+    tail_pick = tail.argmax(dim=-1, keepdim=True)
+    # strictly greater: on a tie the earlier (block) index wins, as argmax's first-index rule says
+    beats = tail.gather(1, tail_pick) > x.gather(1, picked[:, None])
+    return torch.where(beats[:, 0], tail_pick[:, 0] + whole, picked)
 
 
 def apply_penalties(

@@ -3,6 +3,11 @@
 `MergedLinear` stores several checkpoint projections in one weight (q/k/v, gate/up) so the
 model runs one matmul instead of several. Loading checks every shape and names the tensor.
 Tensor-parallel slicing will live here too, so model files stay pure math.
+
+Every matmul against a weight goes through `linear()`: on CPU, float32 runs on oneDNN instead of
+the MKL sgemm that `F.linear` picks. MKL takes a slow path on AMD CPUs; on this project's AMD
+EPYC machine oneDNN is 1.4x faster on the LM head and 2.2x on prefill-sized projections, with
+the same float32 math. bfloat16 already goes to oneDNN through `F.linear`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,23 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+def _onednn_linear_op():
+    """The oneDNN linear op of this torch build, or None where there is none."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
+_ONEDNN_LINEAR = _onednn_linear_op()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, through oneDNN for float32 on CPU."""
+    if _ONEDNN_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
@@ -32,7 +54,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedLinear(Linear):

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.arch_config import MoEConfig
-from engine.layers.linear import copy_checked
+from engine.layers.linear import copy_checked, linear
 from engine.layers.mlp import GatedMLP
 
 # per-expert checkpoint projection -> (stacked parameter, half of gate_up_proj or None)
@@ -71,7 +71,7 @@ class Router(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())
+        logits = linear(x.float(), self.weight.float())
         return select_experts(logits, self.e_score_correction_bias, self.cfg)
 
     def _apply(self, fn, recurse=True):
@@ -112,8 +112,8 @@ class RoutedExperts(nn.Module):
         return out
 
     def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj[expert])
+        gate, up = linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, self.down_proj[expert])
 
     def load_expert(self, expert: int, proj: str, tensor: torch.Tensor, name: str) -> str:
         """Load one expert's `gate_proj`/`up_proj`/`down_proj` weight; returns the piece loaded."""

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from engine.layers.linear import linear
 
 
 class DecoderOnlyLM(nn.Module):
@@ -29,4 +30,4 @@ class DecoderOnlyLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return linear(hidden, weight).float()

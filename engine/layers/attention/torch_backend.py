@@ -1,8 +1,12 @@
 """Paged attention in plain torch: runs on CPU and CUDA; the reference for faster backends.
 
-Decoding requests (one new token each) are attended together: their contexts are gathered into
-one padded [B, max_len] block with a mask. Requests extending by several tokens (prefill
-chunks) are attended one by one with a causal mask offset by their cached length.
+Decoding requests (one new token each) are attended together: their pages are gathered whole
+(one `index_select` per buffer, padded with the reserved page) into a [B, pages * page_size]
+block, and an additive mask hides each row's tail. Decode attention runs in float32 whatever
+the cache dtype: on CPU, bfloat16 SDPA and bmm are several times slower than converting the
+gathered block, and float32 is the more exact of the two. Requests extending by several
+tokens (prefill chunks) are attended one by one with a causal mask offset by their cached
+length.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from engine.kv.pool import RESERVED_PAGE
 from engine.layers.attention.base import AttentionBackend, AttentionBatch
 from engine.layers.attention.torch_mla import mla_attention
 
@@ -29,12 +34,19 @@ class TorchAttentionMeta:
     write_slots: torch.Tensor  # [T]
     extends: list[ExtendItem]
     decode_rows: torch.Tensor | None  # [B] rows of q that decode
-    decode_slots: torch.Tensor | None  # [B, max_len]
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_len] bool
+    decode_pages: torch.Tensor | None  # [B * max_pages] page ids, padded with RESERVED_PAGE
+    decode_bias: torch.Tensor | None  # [B, 1, 1, max_pages * page_size] float32, 0 or -inf
+
+    def gather_decode(self, buffer: torch.Tensor) -> torch.Tensor:
+        """The decoding requests' whole pages of `buffer` ([pages, page_size, *token_shape])
+        as float32 [B, max_pages * page_size, *token_shape]."""
+        assert self.decode_pages is not None and self.decode_bias is not None
+        block = torch.index_select(buffer, 0, self.decode_pages)
+        return block.view(self.decode_bias.shape[0], -1, *buffer.shape[2:]).float()
 
 
 def _slots(page_table: torch.Tensor, start: int, end: int, page_size: int) -> torch.Tensor:
-    pos = torch.arange(start, end)
+    pos = torch.arange(start, end, device=page_table.device)
     return page_table[pos // page_size] * page_size + pos % page_size
 
 
@@ -43,13 +55,14 @@ class TorchAttention(AttentionBackend):
         self.pool = pool
         self.scale = scale
         self.page_size = pool.page_size
+        self.device = pool.device
 
     def prepare(self, batch: AttentionBatch) -> TorchAttentionMeta:
         ps = self.page_size
         write, extends, decode_rows, decode_tables, decode_lens = [], [], [], [], []
         row = 0
         for q_len, kv_len, table in zip(batch.q_lens, batch.kv_lens, batch.page_tables):
-            pages = torch.tensor(table, dtype=torch.long)
+            pages = torch.tensor(table, dtype=torch.long, device=self.device)
             write.append(_slots(pages, kv_len - q_len, kv_len, ps))
             if q_len == 1 and kv_len > 1:
                 decode_rows.append(row)
@@ -65,17 +78,15 @@ class TorchAttention(AttentionBackend):
         return meta
 
     def _prepare_decode(self, meta, rows, tables, lens) -> None:
-        ps = self.page_size
         max_pages = max(len(t) for t in tables)
-        padded = torch.zeros(len(tables), max_pages, dtype=torch.long)
-        for i, t in enumerate(tables):
-            padded[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        slots = (padded[:, :, None] * ps + torch.arange(ps)).view(len(tables), -1)
-        max_len = max(lens)
-        lens_t = torch.tensor(lens)
-        meta.decode_slots = slots[:, :max_len]
-        meta.decode_mask = (torch.arange(max_len)[None, :] < lens_t[:, None])[:, None, None, :]
-        meta.decode_rows = torch.tensor(rows, dtype=torch.long)
+        flat = [p for t in tables for p in (*t, *[RESERVED_PAGE] * (max_pages - len(t)))]
+        positions = torch.arange(max_pages * self.page_size, device=self.device)
+        lens_t = torch.tensor(lens, device=self.device)
+        visible = positions[None, :] < lens_t[:, None]
+        bias = torch.zeros(visible.shape, dtype=torch.float32, device=self.device)
+        meta.decode_bias = bias.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+        meta.decode_pages = torch.tensor(flat, dtype=torch.long, device=self.device)
+        meta.decode_rows = torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def forward(self, q, k, v, layer, meta: TorchAttentionMeta) -> torch.Tensor:
         k_cache = self.pool.k_buffer(layer).view(-1, k.shape[1], k.shape[2])
@@ -87,7 +98,7 @@ class TorchAttention(AttentionBackend):
             rows = slice(item.q_start, item.q_start + item.q_len)
             out[rows] = self._extend(q[rows], k[rows], v[rows], k_cache, v_cache, item)
         if meta.decode_rows is not None:
-            self._decode(q, out, k_cache, v_cache, meta)
+            self._decode(q, out, layer, meta)
         return out
 
     def forward_mla(self, q_latent, q_rope, latent, k_rope, layer, meta) -> torch.Tensor:
@@ -110,12 +121,12 @@ class TorchAttention(AttentionBackend):
             )
         return o.transpose(0, 1)
 
-    def _decode(self, q, out, k_cache, v_cache, meta: TorchAttentionMeta) -> None:
+    def _decode(self, q, out, layer: int, meta: TorchAttentionMeta) -> None:
         rows = meta.decode_rows
-        qd = q[rows][:, :, None, :]  # [B, H, 1, D]
-        kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
-        vd = v_cache[meta.decode_slots].transpose(1, 2)
+        qd = q[rows].float()[:, :, None, :]  # [B, H, 1, D]
+        kd = meta.gather_decode(self.pool.k_buffer(layer)).transpose(1, 2)  # [B, Hkv, L, D]
+        vd = meta.gather_decode(self.pool.v_buffer(layer)).transpose(1, 2)
         o = F.scaled_dot_product_attention(
-            qd, kd, vd, attn_mask=meta.decode_mask, scale=self.scale, enable_gqa=True
+            qd, kd, vd, attn_mask=meta.decode_bias, scale=self.scale, enable_gqa=True
         )
-        out[rows] = o[:, :, 0, :]
+        out[rows] = o[:, :, 0, :].to(out.dtype)

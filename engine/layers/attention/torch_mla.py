@@ -1,7 +1,7 @@
 """MLA (absorbed, one shared latent KV head) in plain torch over the MLA page pool.
 
 Uses the torch backend's per-step metadata as it is: the same write slots, extend items and
-padded decode block as MHA; only the buffer (one latent row per token) and the math differ.
+gathered decode pages as MHA; only the buffer (one latent row per token) and the math differ.
 Because every head reads the same keys, heads are folded into query rows: a step is one
 [rows, D] x [D, L] attention per request (extend) or per batch (decode), never H of them.
 """
@@ -36,7 +36,7 @@ def mla_attention(
         keys = step_kv[rows] if item.ctx_slots is None else cache[item.ctx_slots]
         out[rows] = _extend(q[rows], keys, rank, scale)
     if meta.decode_rows is not None:
-        out[meta.decode_rows] = _decode(q[meta.decode_rows], cache, meta, rank, scale)
+        out[meta.decode_rows] = _decode(q[meta.decode_rows], buffer, meta, rank, scale)
     return out
 
 
@@ -52,10 +52,10 @@ def _extend(q: torch.Tensor, keys: torch.Tensor, rank: int, scale: float) -> tor
     return o.view(n, heads, rank)
 
 
-def _decode(q: torch.Tensor, cache: torch.Tensor, meta, rank: int, scale: float) -> torch.Tensor:
+def _decode(q: torch.Tensor, buffer: torch.Tensor, meta, rank: int, scale: float) -> torch.Tensor:
     """q [B, H, D], one new token per request, against each request's padded context."""
-    keys = cache[meta.decode_slots][:, None]  # [B, 1, L, D]
+    keys = meta.gather_decode(buffer)[:, None]  # [B, 1, L, D]
     o = F.scaled_dot_product_attention(
-        q[:, None], keys, keys[..., :rank], attn_mask=meta.decode_mask, scale=scale
+        q[:, None].float(), keys, keys[..., :rank], attn_mask=meta.decode_bias, scale=scale
     )
-    return o[:, 0]
+    return o[:, 0].to(q.dtype)

@@ -1,0 +1,78 @@
+"""The CPU fast paths equal the plain torch ops they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from engine.kv.pool import KVLayout, PagePool
+from engine.layers.attention.base import AttentionBatch
+from engine.layers.attention.torch_backend import TorchAttention
+from engine.layers.linear import linear
+from engine.sampling import argmax_rows
+
+
+@pytest.mark.parametrize("cols", [7, 255, 256, 257, 1000, 4096 + 63, 151936])
+def test_argmax_rows_equals_argmax(cols: int) -> None:
+    gen = torch.Generator().manual_seed(cols)
+    for trial in range(12):
+        x = torch.randn(5, cols, generator=gen)
+        if trial % 3 == 0:
+            x = x.round()  # many ties: the first index must win
+        if trial % 4 == 1:
+            x[:, -1] = x.max() + 1  # the max in the tail past the last whole block
+        if trial % 4 == 2:
+            x[:, 0] = x.max() + 1
+        assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+
+
+def test_argmax_rows_on_a_view() -> None:
+    x = torch.randn(8, 3000)[:, 100:2900]
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, 17])
+def test_linear_equals_f_linear(dtype: torch.dtype, rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(300, 64, generator=gen).to(dtype)
+    b = torch.randn(300, generator=gen).to(dtype)
+    x = torch.randn(rows, 64, generator=gen).to(dtype)
+    for bias in (None, b):
+        got, want = linear(x, w, bias), F.linear(x, w, bias)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(
+            got, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-4
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_dense_reference(dtype: torch.dtype) -> None:
+    """Ragged decode batch over scattered pages == per-request dense softmax attention."""
+    page, heads, kv_heads, dim = 4, 4, 2, 8
+    pool = PagePool(KVLayout.mha(1, kv_heads, dim, dtype), 64, page)
+    backend = TorchAttention(pool, scale=dim**-0.5)
+    gen = torch.Generator().manual_seed(0)
+    lens = [1 + 5, 13, 2, 9]  # context lengths after this step's token
+    tables = [pool.alloc(-(-n // page))[::-1] for n in lens]  # reversed: non-contiguous
+    ctx = [torch.randn(2, n, kv_heads, dim, generator=gen).to(dtype) for n in lens]
+    k_buf, v_buf = (
+        pool.k_buffer(0).view(-1, kv_heads, dim),
+        pool.v_buffer(0).view(-1, kv_heads, dim),
+    )
+    for table, (k, v), n in zip(tables, ctx, lens):
+        slots = torch.tensor([table[p // page] * page + p % page for p in range(n - 1)])
+        k_buf[slots], v_buf[slots] = k[: n - 1], v[: n - 1]
+    q = torch.randn(len(lens), heads, dim, generator=gen).to(dtype)
+    meta = backend.prepare(AttentionBatch([1] * len(lens), lens, tables, page))
+    step_k = torch.stack([k[n - 1] for (k, _), n in zip(ctx, lens)])
+    step_v = torch.stack([v[n - 1] for (_, v), n in zip(ctx, lens)])
+    out = backend.forward(q, step_k, step_v, 0, meta)
+    for i, (k, v) in enumerate(ctx):
+        kk = k.float().repeat_interleave(heads // kv_heads, dim=1)  # [n, H, D]
+        vv = v.float().repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[i].float(), kk) * dim**-0.5
+        want = torch.einsum("hn,nhd->hd", scores.softmax(-1), vv)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(out[i].float(), want, rtol=tol, atol=tol)
