@@ -8,13 +8,15 @@ PYTEST_ARGS ?=
 
 setup: system-deps python-deps
 
-# Mooncake's transfer engine links against the RDMA user-space libraries, even for TCP.
+# Mooncake's transfer engine links against the RDMA user-space libraries, even for TCP; the
+# engine's native CPU LM head (engine/kernels) is compiled with the system C compiler.
 system-deps:
-	@if ! ldconfig -p | grep -q libibverbs.so.1 || ! ldconfig -p | grep -q librdmacm.so.1; then \
+	@if ! ldconfig -p | grep -q libibverbs.so.1 || ! ldconfig -p | grep -q librdmacm.so.1 \
+			|| ! command -v cc >/dev/null; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-			libibverbs1 ibverbs-providers librdmacm1 >/dev/null; \
+			libibverbs1 ibverbs-providers librdmacm1 gcc >/dev/null; \
 	fi
 
 # torch first, so nothing that depends on it pulls another build; CPU machines take the

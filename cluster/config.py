@@ -52,6 +52,7 @@ class EngineSpec:
     max_model_len: int | None = None
     seed: int | None = None
     threads: int | None = None  # torch threads of the node's scheduler process
+    cpu_kernels: bool | None = None  # native CPU LM head (default on where it can run)
 
     def options(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

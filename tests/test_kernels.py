@@ -76,3 +76,40 @@ def test_decode_attention_equals_dense_reference(dtype: torch.dtype) -> None:
         want = torch.einsum("hn,nhd->hd", scores.softmax(-1), vv)
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(out[i].float(), want, rtol=tol, atol=tol)
+
+
+def _lm_head_or_skip(weight: torch.Tensor, threads: int = 1):
+    from engine.kernels.cpu import _unsupported, build_lm_head
+
+    reason = _unsupported(weight)
+    if reason is not None and "lacks" in reason:
+        pytest.skip(reason)
+    head = build_lm_head(weight, threads)
+    assert head is not None, "a supported CPU must get the native LM head (is gcc installed?)"
+    return head
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_lm_head_equals_matmul(dtype: torch.dtype, threads: int) -> None:
+    gen = torch.Generator().manual_seed(threads)
+    vocab, hidden = 1000 + 7, 96  # a vocabulary that is not a multiple of the 16-row block
+    weight = (torch.randn(vocab, hidden, generator=gen) * 0.1).to(dtype)
+    head = _lm_head_or_skip(weight, threads)
+    for rows in (0, 1, 3, 8, 16, 17, 40):
+        x = torch.randn(rows, hidden, generator=gen).to(dtype)
+        got = head(x)
+        assert got.dtype == torch.float32 and got.shape == (rows, vocab)
+        want = x.float() @ weight.float().T
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    x = torch.randn(4, 2 * hidden, generator=gen).to(dtype)[:, ::2]  # a strided view
+    torch.testing.assert_close(head(x), x.float() @ weight.float().T, rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_lm_head_declines_what_it_cannot_run() -> None:
+    from engine.kernels.cpu import build_lm_head
+
+    assert build_lm_head(torch.randn(100, 33)) is None  # odd hidden size
+    assert build_lm_head(torch.randn(100, 32, dtype=torch.float16)) is None
+    with pytest.raises(ValueError, match="expects x"):
+        _lm_head_or_skip(torch.randn(100, 32))(torch.randn(2, 31))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,6 +20,8 @@ class DecoderOnlyLM(nn.Module):
     norm: nn.Module
     rotary: Any
     lm_head: Any
+    # A faster LM head over the same weight (engine/kernels/cpu.py), set by the model runner.
+    logits_kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm for the step's tokens."""
@@ -28,6 +31,12 @@ class DecoderOnlyLM(nn.Module):
             x = layer(x, cos_sin, ctx)
         return self.norm(x)
 
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight).float()
+        """float32 logits [T, vocab] of final hidden states [T, hidden]."""
+        if self.logits_kernel is not None:
+            return self.logits_kernel(hidden)
+        return linear(hidden, self.lm_head_weight).float()

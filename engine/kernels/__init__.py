@@ -1,0 +1,1 @@
+"""Native CPU kernels, compiled on first use with the system C compiler (see cpu.py)."""

@@ -1,0 +1,172 @@
+"""The LM head on x86 CPUs with AVX-512: a C kernel (lm_head.c) built on first use, via ctypes.
+
+Why: at decode batch sizes the LM head is most of a small model's step, and torch's CPU matmuls
+reach well under half of this machine's AVX-512 rate on its skinny shape (`[16, hidden] x
+[hidden, 152k]`). The kernel streams a weight packed once at load through 16 accumulators and
+writes float32 logits directly: 2.4x faster than `F.linear` in bfloat16 and 3-4x in float32 on
+the project's AMD EPYC machine.
+
+The shared library is compiled with `cc` (gcc or clang) into the pdserve cache the first time a
+process needs it (well under a second) and reused after; concurrent processes race safely
+(each writes a private temp file, then renames it into place). Where there is no compiler, no
+AVX-512, or (for bfloat16) no AVX512-BF16, `build_lm_head` returns None with the reason logged
+and the model keeps torch's matmul.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import itertools
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("lm_head.c")
+CFLAGS = ("-O3", "-mavx512f", "-mavx512bf16", "-mfma", "-shared", "-fPIC")
+BLOCK = 16  # vocabulary rows per packed block (one 512-bit register of float32)
+TILES = (1, 2, 4, 8, 16)  # rows of x per pass over the weight
+_ARGTYPES = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
+_ARGTYPES += [ctypes.c_void_p, *[ctypes.c_int64] * 4]
+_NEEDED_FLAGS = {torch.float32: ("avx512f",), torch.bfloat16: ("avx512f", "avx512_bf16")}
+
+
+def cache_dir() -> Path:
+    base = Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
+    return base / "kernels"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def compile_library(out_dir: Path | None = None) -> Path:
+    """The kernel's shared library, compiled into `out_dir` unless it is already there."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (install gcc, or set CC) to build the CPU LM head")
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    out_dir = out_dir or cache_dir()
+    target = out_dir / f"lm_head-{digest}.so"
+    if target.is_file():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {proc.stderr.strip()}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for fn in (lib.lm_head_f32, lib.lm_head_bf16):
+        fn.argtypes = _ARGTYPES
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight [V, K]` in the kernel's blocked layout (see lm_head.c), rows padded with zeros."""
+    vocab, hidden = weight.shape
+    blocks = -(-vocab // BLOCK)
+    padded = weight.new_zeros(blocks * BLOCK, hidden)
+    padded[:vocab] = weight
+    if weight.dtype == torch.float32:
+        return padded.view(blocks, BLOCK, hidden).transpose(1, 2).contiguous()
+    return padded.view(blocks, BLOCK, hidden // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+class CpuLMHead:
+    """float32 logits `[M, V]` of `x [M, K] @ weight.T` through the native kernel.
+
+    With `threads` > 1 the vocabulary blocks are split among that many threads (the calls
+    release the GIL).
+    """
+
+    def __init__(self, lib: ctypes.CDLL, weight: torch.Tensor, threads: int = 1) -> None:
+        self.vocab, self.hidden = weight.shape
+        self.dtype = weight.dtype
+        self.packed = pack_weight(weight.detach())
+        self._fn = lib.lm_head_f32 if self.dtype == torch.float32 else lib.lm_head_bf16
+        blocks = self.packed.shape[0]
+        threads = max(1, min(threads, blocks))
+        bounds = [blocks * i // threads for i in range(threads + 1)]
+        self._ranges = list(itertools.pairwise(bounds))
+        self._pool = ThreadPoolExecutor(threads - 1) if threads > 1 else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.hidden:
+            raise ValueError(f"CpuLMHead expects x [M, {self.hidden}], got {tuple(x.shape)}")
+        rows = x.shape[0]
+        tile = next((t for t in TILES if t >= rows), TILES[-1])
+        padded_rows = -(-rows // tile) * tile
+        if padded_rows != rows or not x.is_contiguous() or x.dtype != self.dtype:
+            xp = x.new_zeros(padded_rows, self.hidden, dtype=self.dtype)
+            xp[:rows] = x
+            x = xp
+        out = torch.empty(padded_rows, self.vocab, dtype=torch.float32)
+        if rows == 0:
+            return out
+
+        def run(span: tuple[int, int]) -> int:
+            args = (x.data_ptr(), padded_rows, self.hidden, self.hidden, self.packed.data_ptr())
+            return self._fn(*args, self.vocab, out.data_ptr(), self.vocab, *span, tile)
+
+        if self._pool is None:
+            codes = [run(self._ranges[0])]
+        else:
+            futures = [self._pool.submit(run, span) for span in self._ranges[1:]]
+            codes = [run(self._ranges[0]), *(f.result() for f in futures)]
+        if any(codes):
+            raise RuntimeError(f"CPU LM head kernel rejected its arguments (codes {codes})")
+        return out[:rows]
+
+
+def build_lm_head(weight: torch.Tensor, threads: int = 1) -> CpuLMHead | None:
+    """The native LM head for `weight`, or None (reason logged) where it cannot run."""
+    reason = _unsupported(weight)
+    if reason is None:
+        try:
+            return CpuLMHead(load_library(compile_library()), weight, threads)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            reason = str(exc)
+    log.info("CPU LM head kernel off, using torch's matmul: %s", reason)
+    return None
+
+
+def _unsupported(weight: torch.Tensor) -> str | None:
+    if weight.device.type != "cpu":
+        return f"the weight is on {weight.device}"
+    if weight.dtype not in _NEEDED_FLAGS:
+        return f"no kernel for {weight.dtype}"
+    if weight.dim() != 2 or weight.shape[1] % 2:
+        return f"the weight's shape {tuple(weight.shape)} is not [vocab, even hidden]"
+    missing = [f for f in _NEEDED_FLAGS[weight.dtype] if f not in cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    return None
