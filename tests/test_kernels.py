@@ -113,3 +113,35 @@ def test_cpu_lm_head_declines_what_it_cannot_run() -> None:
     assert build_lm_head(torch.randn(100, 32, dtype=torch.float16)) is None
     with pytest.raises(ValueError, match="expects x"):
         _lm_head_or_skip(torch.randn(100, 32))(torch.randn(2, 31))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_with_and_without_cpu_kernels_agree(make_tiny, dtype: str) -> None:
+    """The engine's default (native LM head on CPU) and torch's matmul give the same tokens."""
+    from engine.llm import LLM
+    from engine.sampling import SamplingParams
+
+    model = make_tiny("llama")
+    prompts = [[5, 17, 300, 9], list(range(100, 160)), [42]]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
+    runs = {}
+    for native in (True, False):
+        llm = LLM(str(model), dtype=dtype, cpu_kernels=native, keep_logits=True)
+        kernel = llm.engine.runner.model.logits_kernel
+        assert kernel is None if not native else kernel is not None or not _native_capable(dtype)
+        runs[native] = llm.generate(prompts, params)
+    for fast, plain in zip(runs[True], runs[False], strict=True):
+        if dtype == "bfloat16":
+            # torch's bfloat16 matmul rounds logits to bfloat16 (the kernel's stay float32), so
+            # near-ties may pick differently later on: compare the first step's logits only
+            torch.testing.assert_close(fast.logits[0], plain.logits[0], rtol=2e-2, atol=2e-2)
+            continue
+        assert fast.token_ids == plain.token_ids
+        for a, b in zip(fast.logits, plain.logits, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def _native_capable(dtype: str) -> bool:
+    from engine.kernels.cpu import _unsupported
+
+    return _unsupported(torch.zeros(16, 8, dtype=getattr(torch, dtype))) is None
