@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig, ModelConfig
-from engine.kernels.cpu import build_lm_head
+from engine.kernels.cpu import build_lm_head, keep_freed_memory_mapped
 from engine.kv.pool import KVLayout, PagePool, available_memory_bytes, pages_for_budget
 from engine.layers.attention import AttentionBackend, AttentionBatch, create_backend
 from engine.models import model_class
@@ -72,6 +72,7 @@ class ModelRunner:
         self.dtype = cfg.dtype or model_cfg.dtype
         self.model = load_model(model_cfg, cfg.model_path, self.dtype, cfg.device)
         if cfg.cpu_kernels and self.device.type == "cpu":
+            keep_freed_memory_mapped()
             threads = torch.get_num_threads()
             self.model.logits_kernel = build_lm_head(self.model.lm_head_weight, threads)
         layout = kv_layout(model_cfg, self.dtype)

@@ -145,3 +145,13 @@ def _native_capable(dtype: str) -> bool:
     from engine.kernels.cpu import _unsupported
 
     return _unsupported(torch.zeros(16, 8, dtype=getattr(torch, dtype))) is None
+
+
+def test_malloc_tuning_takes_on_glibc() -> None:
+    import platform
+
+    from engine.kernels.cpu import keep_freed_memory_mapped
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert keep_freed_memory_mapped() is True
