@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable
@@ -139,7 +140,12 @@ class Exchange:
         if prefill is None or self._prefill_ok:
             return await awaitable
         if prefill.done():
-            self._check_prefill(prefill)
+            try:
+                self._check_prefill(prefill)
+            except BaseException:
+                if inspect.iscoroutine(awaitable):
+                    awaitable.close()  # never awaited: close it rather than leak a warning
+                raise
             return await awaitable
         task = asyncio.ensure_future(awaitable)
         failed = False

@@ -3,13 +3,18 @@ new pair, errors mid-stream, circuit breakers, health checks, client disconnects
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import json
 from collections.abc import Callable
 
 import httpx
+import pytest
 
 from gateway.breaker import BreakerState
+from gateway.exchange import Exchange
+from gateway.pd import Finished, Refused
 
 from .conftest import Harness
 from .servers import ServerThread, wait_until
@@ -90,6 +95,28 @@ def test_a_node_refusal_is_relayed_without_retry(harness: Callable[..., Harness]
     assert sum(len(p.received) for p in h.prefill) == 1  # no retry
     wait_until(lambda: "rq1" in h.decode[0].aborts, what="the decode abort")
     assert h.gw.metrics.retries == 0
+
+
+def test_a_read_cut_short_by_prefill_refusal_is_closed_not_leaked() -> None:
+    """Decode's 4xx body read is handed to `_unless_prefill_fails` after prefill already refused:
+    the read coroutine must be closed (it used to be dropped unawaited, which Python reports
+    as 'coroutine ... was never awaited')."""
+
+    async def scenario() -> str:
+        exchange = Exchange.__new__(Exchange)  # only the prefill-side fields are needed here
+        refused = asyncio.get_running_loop().create_future()
+        refused.set_result(Finished(400, b'{"error": {}}'))
+        exchange._prefill, exchange._prefill_ok = refused, False
+
+        async def read_body() -> bytes:
+            return b"never read"
+
+        read = read_body()
+        with pytest.raises(Refused):
+            await exchange._unless_prefill_fails(read)
+        return inspect.getcoroutinestate(read)
+
+    assert asyncio.run(scenario()) == inspect.CORO_CLOSED
 
 
 def test_stream_retried_when_prefill_fails_before_the_first_event(
