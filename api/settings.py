@@ -25,7 +25,8 @@ class TransferSettings:
     bootstrap_timeout_s: float = 30.0  # a room waits this long for its peer to show up
     waiting_timeout_s: float = 300.0  # ... for the prefill to produce the KV
     transfer_timeout_s: float = 60.0  # ... for the write to finish
-    abort_timeout_s: float = 10.0
+    abort_timeout_s: float = 10.0  # ... for prefill to confirm it stopped writing an aborted room
+    quarantine_s: float = 30.0  # decode holds an unconfirmed failed room's pages this long
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 6.0
     # testing only: the prefill node fails this fraction of rooms on purpose instead of sending

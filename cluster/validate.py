@@ -96,7 +96,9 @@ def check_choices(config: ClusterConfig) -> None:
         )
     for f in dataclasses.fields(transfer):
         value = getattr(transfer, f.name)
-        if f.name.endswith("_s") and value <= 0:
+        if f.name == "quarantine_s" and value < 0:
+            raise ConfigError(f"transfer.quarantine_s: must be >= 0, got {value}")
+        if f.name.endswith("_s") and f.name != "quarantine_s" and value <= 0:
             raise ConfigError(f"transfer.{f.name}: must be > 0, got {value}")
     if transfer.heartbeat_timeout_s <= transfer.heartbeat_interval_s:
         raise ConfigError(

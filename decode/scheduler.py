@@ -41,6 +41,9 @@ class DecodeLoop(NodeLoop):
         self.prealloc: OrderedDict[str, Pending] = OrderedDict()
         self.rooms: dict[int, str] = {}  # room -> rid, while the transfer is in flight
         self.room_of: dict[str, int] = {}
+        # rid -> when its pages may be reused: failed rooms prefill never confirmed it stopped
+        # writing (transfer.quarantine_s); the request has already failed
+        self.quarantine: dict[str, float] = {}
 
     def sampling_params(self, params: dict[str, Any]) -> SamplingParams:
         return SamplingParams(**params)
@@ -67,7 +70,7 @@ class DecodeLoop(NodeLoop):
         return True
 
     def on_abort(self, rid: str) -> None:
-        if self.prealloc.pop(rid, None) is not None:
+        if self.prealloc.pop(rid, None) is not None or rid in self.quarantine:
             return
         room = self.room_of.get(rid)
         if room is not None:
@@ -76,9 +79,11 @@ class DecodeLoop(NodeLoop):
         self.engine.abort(rid)
 
     def has_pending(self) -> bool:
+        # NOTE: not the quarantine: its pages wait for seconds; the idle poll releases them
         return bool(self.prealloc or self.rooms)
 
     def poll(self) -> None:
+        self._release_quarantined()
         self._reserve_pages()
         self._expire_prealloc()
         if self.receiver is not None:
@@ -110,6 +115,13 @@ class DecodeLoop(NodeLoop):
             msg = f"no KV pages became free within prealloc_timeout_s={limit}s (node overloaded)"
             self.send(TokenOutput.failure(rid, msg, status=503))
 
+    def _release_quarantined(self) -> None:
+        now = time.monotonic()
+        for rid, until in list(self.quarantine.items()):
+            if until <= now:
+                del self.quarantine[rid]
+                self.engine.release(rid, cache=False)
+
     def _room_done(self, status: Any) -> None:
         rid = self.rooms.pop(status.room, None)
         if rid is None:
@@ -122,11 +134,18 @@ class DecodeLoop(NodeLoop):
             )
             self.on_output(out)
             return
-        self.engine.release(rid, cache=False)
+        if status.quarantine_s > 0:
+            self.quarantine[rid] = time.monotonic() + status.quarantine_s
+        else:
+            self.engine.release(rid, cache=False)
         self.send(TokenOutput.failure(rid, f"KV transfer failed: {status.reason}", status=502))
 
     def extra_info(self) -> dict[str, Any]:
-        return {"prealloc": len(self.prealloc), "transferring": len(self.rooms)}
+        return {
+            "prealloc": len(self.prealloc),
+            "transferring": len(self.rooms),
+            "quarantined": len(self.quarantine),
+        }
 
     def close(self) -> None:
         if self.receiver is not None:

@@ -148,6 +148,10 @@ class RoomStatus:
     reason: str = ""
     metadata: RoomMetadata | None = None
     metrics: TransferMetrics | None = None
+    # decode: hold the room's pages this long before reusing them. Set when the room failed
+    # without prefill confirming that it stopped writing (it went silent, or never confirmed an
+    # abort): a hung, not dead, prefill could still land a late write there.
+    quarantine_s: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ class TransferConfig:
     Every waiting state has a timeout: BOOTSTRAPPING (the peer has not shown up),
     WAITING_FOR_INPUT (prefill has not produced the KV yet), TRANSFERRING (the write has not
     finished). ``abort_timeout_s`` bounds how long decode waits for prefill to confirm that it
-    stopped writing into an aborted room before freeing the pages anyway.
+    stopped writing into an aborted room; past it (or when prefill goes silent mid-room) decode
+    fails the room at once but holds its pages ``quarantine_s`` longer before reusing them, so
+    a prefill that hung rather than died cannot land a late write in another request's pages.
     """
 
     backend: str = "mooncake"  # mooncake | nixl (fake: unit tests only)
@@ -24,6 +26,7 @@ class TransferConfig:
     waiting_timeout_s: float = 300.0
     transfer_timeout_s: float = 60.0
     abort_timeout_s: float = 10.0
+    quarantine_s: float = 30.0  # >= 0; 0 reuses unconfirmed rooms' pages at once
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 6.0
     max_batch_descriptors: int = 0  # 0 = the backend's default
@@ -36,8 +39,10 @@ class TransferConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name.endswith("_s") and value <= 0:
+            if f.name.endswith("_s") and value <= 0 and f.name != "quarantine_s":
                 raise ValueError(f"transfer.{f.name} must be > 0, got {value}")
+        if self.quarantine_s < 0:
+            raise ValueError(f"transfer.quarantine_s must be >= 0, got {self.quarantine_s}")
         if self.protocol not in ("tcp", "rdma"):
             raise ValueError(f"transfer.protocol must be tcp or rdma, got {self.protocol!r}")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:

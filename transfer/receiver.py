@@ -10,9 +10,10 @@ Use from the decode node::
         else:
             free_pages(status.room)                              # status.reason says why
 
-A room leaves ``pop_finished`` only when prefill can no longer write into its pages: prefill
-said so, or prefill is gone (missed heartbeats), or it did not confirm an abort within
-``abort_timeout_s``.
+A room leaves ``pop_finished`` once prefill stopped writing into its pages as far as decode can
+tell: prefill said so, or prefill went silent (missed heartbeats), or it did not confirm an abort
+within ``abort_timeout_s``. In the last two cases nothing confirmed it, so the status carries
+``quarantine_s``: the decode node fails the request at once but reuses the pages only after that.
 """
 
 from __future__ import annotations
@@ -181,8 +182,14 @@ class KVReceiver:
         self._slots.release(room.meta_slot)
         self._table.release(room)
 
-    def _settle(self, room: Room, reason: str) -> None:
-        """Prefill will not write into this room any more: fail it if live, then release."""
+    def _settle(self, room: Room, reason: str, *, confirmed: bool = True) -> None:
+        """Prefill will not write into this room any more: fail it if live, then release.
+
+        Unconfirmed (prefill went silent, or never confirmed an abort) while prefill may have
+        been writing: the pages go into quarantine (see ``RoomStatus.quarantine_s``).
+        """
+        if room.busy and not confirmed:
+            room.quarantine_s = self.config.quarantine_s
         room.busy = False
         self._fail(room, reason)
 
@@ -195,8 +202,13 @@ class KVReceiver:
     def _check_deadlines(self) -> None:
         for room in self._table.expired(time.monotonic()):
             if room.state.is_final:  # an abort prefill never confirmed
-                log.warning("room %d: prefill did not confirm the abort; freeing pages", room.room)
-                self._settle(room, room.reason)
+                log.warning(
+                    "room %d: prefill did not confirm the abort; its pages go into quarantine "
+                    "for %gs",
+                    room.room,
+                    self.config.quarantine_s,
+                )
+                self._settle(room, room.reason, confirmed=False)
             else:
                 self._fail(room, self._table.timeout_reason(room))
 
@@ -227,14 +239,15 @@ class KVReceiver:
             self._slots.num_slots,
         )
 
-    def _drop_peer(self, peer: PrefillPeer, reason: str) -> None:
-        """The peer is gone or refused us: nothing of it writes into our pages any more."""
+    def _drop_peer(self, peer: PrefillPeer, reason: str, *, confirmed: bool = True) -> None:
+        """The peer is gone or refused us; `confirmed=False`: it went silent, so rooms it may
+        have been writing go into quarantine."""
         if self._peers.get(peer.address) is not peer:
             return
         del self._peers[peer.address]
         self._loop.remove_socket(peer.socket)
         for room in self._table.rooms(peer.address):
-            self._settle(room, reason)
+            self._settle(room, reason, confirmed=confirmed)
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
@@ -244,7 +257,8 @@ class KVReceiver:
             if not peer.registered:
                 limit = self.config.bootstrap_timeout_s
             if silent > limit:
-                self._drop_peer(peer, f"prefill {peer.address} silent for {silent:.1f}s")
+                what = f"prefill {peer.address} silent for {silent:.1f}s"
+                self._drop_peer(peer, what, confirmed=False)
             elif peer.registered:
                 self._send(peer, Heartbeat())
 

@@ -35,10 +35,13 @@ class Room:
     metrics: TransferMetrics | None = None
     user_owned: bool = True
     busy: bool = False
+    quarantine_s: float = 0.0
     cancel: threading.Event = field(default_factory=threading.Event)
 
     def status(self) -> RoomStatus:
-        return RoomStatus(self.room, self.state, self.reason, self.metadata, self.metrics)
+        return RoomStatus(
+            self.room, self.state, self.reason, self.metadata, self.metrics, self.quarantine_s
+        )
 
 
 class RoomTable:

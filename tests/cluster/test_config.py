@@ -149,6 +149,10 @@ def test_transfer_timeouts_must_be_positive_and_ordered() -> None:
     )
     late = {"heartbeat_interval_s": 5, "heartbeat_timeout_s": 2}
     assert "must exceed transfer.heartbeat_interval_s" in error_of(config_with(transfer=late))
+    assert "transfer.quarantine_s: must be >= 0" in error_of(
+        config_with(transfer={"quarantine_s": -1})
+    )
+    assert parse_cluster(config_with(transfer={"quarantine_s": 0})).transfer.quarantine_s == 0
 
 
 def test_at_least_one_decode_node() -> None:

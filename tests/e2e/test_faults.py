@@ -37,7 +37,9 @@ pytestmark = pytest.mark.slow
 
 MODEL = "tiny"
 SHORT = 8  # tokens of a request that only has to succeed
-LONG = 128  # tokens of a stream that must still be running when a node dies
+# tokens of a stream that must still be running when a node dies (the engine makes ~300 tok/s
+# per stream here: 128 tokens could end before the last of 8 streams started)
+LONG = 1024
 API_KEY = "sk-faults"
 MAX_BODY_BYTES = 64 * 1024
 MAX_PROMPT_TOKENS = 2000
@@ -49,6 +51,7 @@ FAST_TRANSFER = {
     "abort_timeout_s": 3.0,
     "heartbeat_interval_s": 0.5,
     "heartbeat_timeout_s": 3.0,
+    "quarantine_s": 1.0,  # decode holds a dead prefill's unconfirmed rooms' pages this long
 }
 
 
@@ -577,6 +580,15 @@ def test_prefill_kill_retries_waiting_requests_on_the_other_prefill(nodes: Nodes
                 for p, ev in zip(long_prompts, started)
             ]
             await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in started)), 120)
+            # NOTE: a stream's first token can reach the client before its prefill node's own
+            # answer reaches the gateway; wait for those, so `held` below counts only requests
+            # that are still waiting on prefill-1.
+            await asyncio.to_thread(
+                wait_until,
+                lambda: gateway_metric(gateway, "instance_outstanding_requests", victim) == 0,
+                "the streams' prefill answers",
+                30,
+            )
             # NOTE: SIGSTOP first holds the requests sent to prefill-1 there (not yet streaming),
             # so the kill -9 that follows always catches some.
             dead.signal(signal.SIGSTOP)

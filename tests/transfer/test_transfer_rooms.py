@@ -98,7 +98,9 @@ def test_decode_abort_racing_the_write_frees_pages_only_after_prefill_stops(pair
     time.sleep(0.2)  # the write is held at the gate: decode must keep its pages
     assert pair.popped_from(pair.receiver) == [] and pair.popped_from(pair.sender) == []
     gate.set()
-    assert "aborted by decode: client went away" in pair.finished(pair.receiver, 2).reason
+    status = pair.finished(pair.receiver, 2)
+    assert "aborted by decode: client went away" in status.reason
+    assert status.quarantine_s == 0  # prefill confirmed: the pages are safe to reuse at once
     assert pair.finished(pair.sender, 2).state is S.FAILED
 
 
@@ -167,6 +169,42 @@ def test_decode_fails_rooms_of_a_silent_prefill(pair: Pair) -> None:
         assert isinstance(decode(mute.recv_multipart()[1]), RoomRequest)
         status = pair.finished(pair.receiver, 8, timeout=5)
         assert status.state is S.FAILED and "silent" in status.reason
+        # it had asked for the room, so the mute prefill may have been writing: quarantine
+        assert status.quarantine_s == pair.receiver.config.quarantine_s > 0
+    finally:
+        mute.close(linger=0)
+        context.term()
+
+
+@pytest.mark.parametrize("pair", [{"abort_timeout_s": 0.3, "quarantine_s": 7.0}], indirect=True)
+def test_an_abort_prefill_never_confirms_quarantines_the_pages(pair: Pair) -> None:
+    context = zmq.Context()
+    deaf = context.socket(zmq.ROUTER)  # registers, takes the room request, ignores the abort
+    port = deaf.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        pair.receiver.open_room(12, f"127.0.0.1:{port}", [1])
+        identity, data = deaf.recv_multipart()
+        assert isinstance(decode(data), Register)
+        deaf.send_multipart([identity, encode(RegisterReply(""))])
+        assert isinstance(decode(deaf.recv_multipart()[1]), RoomRequest)
+        pair.receiver.abort(12, "client went away")
+        status = pair.finished(pair.receiver, 12, timeout=5)
+        assert status.state is S.FAILED and "client went away" in status.reason
+        assert status.quarantine_s == 7.0
+    finally:
+        deaf.close(linger=0)
+        context.term()
+
+
+def test_a_room_never_requested_needs_no_quarantine(pair: Pair) -> None:
+    context = zmq.Context()
+    mute = context.socket(zmq.ROUTER)  # never answers the registration: no room request goes out
+    port = mute.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        pair.receiver.open_room(13, f"127.0.0.1:{port}", [1])
+        pair.receiver.abort(13, "client went away")
+        status = pair.finished(pair.receiver, 13, timeout=5)
+        assert status.state is S.FAILED and status.quarantine_s == 0
     finally:
         mute.close(linger=0)
         context.term()
