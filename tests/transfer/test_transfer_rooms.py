@@ -6,6 +6,7 @@ deterministic; real engines are exercised in test_transfer_engines / test_transf
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -157,57 +158,51 @@ def test_api_misuse_raises(pair: Pair, gate) -> None:
     assert pair.finished(pair.sender, 7).state is S.FAILED
 
 
-def test_decode_fails_rooms_of_a_silent_prefill(pair: Pair) -> None:
+@contextlib.contextmanager
+def quiet_prefill(pair: Pair, room: int, *, answer: bool = True) -> Iterator[None]:
+    """A prefill bootstrap stand-in that says nothing after decode opens `room`.
+
+    `answer`: accept the registration and take decode's request for the room (from then on it
+    could be writing the pages); otherwise never answer the registration at all.
+    """
     context = zmq.Context()
-    mute = context.socket(zmq.ROUTER)  # registers decode, then never says a word again
-    port = mute.bind_to_random_port("tcp://127.0.0.1")
+    sock = context.socket(zmq.ROUTER)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
     try:
-        pair.receiver.open_room(8, f"127.0.0.1:{port}", [1])
-        identity, data = mute.recv_multipart()
-        assert isinstance(decode(data), Register)
-        mute.send_multipart([identity, encode(RegisterReply(""))])
-        assert isinstance(decode(mute.recv_multipart()[1]), RoomRequest)
-        status = pair.finished(pair.receiver, 8, timeout=5)
-        assert status.state is S.FAILED and "silent" in status.reason
-        # it had asked for the room, so the mute prefill may have been writing: quarantine
-        assert status.quarantine_s == pair.receiver.config.quarantine_s > 0
+        pair.receiver.open_room(room, f"127.0.0.1:{port}", [1])
+        if answer:
+            identity, data = sock.recv_multipart()
+            assert isinstance(decode(data), Register)
+            sock.send_multipart([identity, encode(RegisterReply(""))])
+            assert isinstance(decode(sock.recv_multipart()[1]), RoomRequest)
+        yield
     finally:
-        mute.close(linger=0)
+        sock.close(linger=0)
         context.term()
+
+
+def test_decode_fails_rooms_of_a_silent_prefill(pair: Pair) -> None:
+    with quiet_prefill(pair, 8):
+        status = pair.finished(pair.receiver, 8, timeout=5)
+    assert status.state is S.FAILED and "silent" in status.reason
+    # it had asked for the room, so the silent prefill may have been writing: quarantine
+    assert status.quarantine_s == pair.receiver.config.quarantine_s > 0
 
 
 @pytest.mark.parametrize("pair", [{"abort_timeout_s": 0.3, "quarantine_s": 7.0}], indirect=True)
 def test_an_abort_prefill_never_confirms_quarantines_the_pages(pair: Pair) -> None:
-    context = zmq.Context()
-    deaf = context.socket(zmq.ROUTER)  # registers, takes the room request, ignores the abort
-    port = deaf.bind_to_random_port("tcp://127.0.0.1")
-    try:
-        pair.receiver.open_room(12, f"127.0.0.1:{port}", [1])
-        identity, data = deaf.recv_multipart()
-        assert isinstance(decode(data), Register)
-        deaf.send_multipart([identity, encode(RegisterReply(""))])
-        assert isinstance(decode(deaf.recv_multipart()[1]), RoomRequest)
+    with quiet_prefill(pair, 12):
         pair.receiver.abort(12, "client went away")
         status = pair.finished(pair.receiver, 12, timeout=5)
-        assert status.state is S.FAILED and "client went away" in status.reason
-        assert status.quarantine_s == 7.0
-    finally:
-        deaf.close(linger=0)
-        context.term()
+    assert status.state is S.FAILED and "client went away" in status.reason
+    assert status.quarantine_s == 7.0
 
 
 def test_a_room_never_requested_needs_no_quarantine(pair: Pair) -> None:
-    context = zmq.Context()
-    mute = context.socket(zmq.ROUTER)  # never answers the registration: no room request goes out
-    port = mute.bind_to_random_port("tcp://127.0.0.1")
-    try:
-        pair.receiver.open_room(13, f"127.0.0.1:{port}", [1])
+    with quiet_prefill(pair, 13, answer=False):
         pair.receiver.abort(13, "client went away")
         status = pair.finished(pair.receiver, 13, timeout=5)
-        assert status.state is S.FAILED and status.quarantine_s == 0
-    finally:
-        mute.close(linger=0)
-        context.term()
+    assert status.state is S.FAILED and status.quarantine_s == 0
 
 
 def test_prefill_fails_rooms_of_a_silent_decode(pair: Pair) -> None:
