@@ -12,11 +12,11 @@ setup: system-deps python-deps
 # engine's native CPU LM head (engine/kernels) is compiled with the system C compiler.
 system-deps:
 	@if ! ldconfig -p | grep -q libibverbs.so.1 || ! ldconfig -p | grep -q librdmacm.so.1 \
-			|| ! command -v cc >/dev/null; then \
+			|| ! echo '#include <stdint.h>' | cc -E -x c - >/dev/null 2>&1; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-			libibverbs1 ibverbs-providers librdmacm1 gcc >/dev/null; \
+			libibverbs1 ibverbs-providers librdmacm1 gcc libc6-dev >/dev/null; \
 	fi
 
 # torch first, so nothing that depends on it pulls another build; CPU machines take the
