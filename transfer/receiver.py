@@ -127,7 +127,8 @@ class KVReceiver:
         return self._table.status(room)
 
     def pop_finished(self) -> list[RoomStatus]:
-        """Rooms that ended since the last call; each once. Failed rooms' pages are free now."""
+        """Rooms that ended since the last call; each once. A failed room's pages may be reused
+        now, or after ``status.quarantine_s`` when prefill never confirmed it stopped writing."""
         return self._table.pop_finished()
 
     def open_rooms(self) -> int:
