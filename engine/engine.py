@@ -51,7 +51,7 @@ class Engine:
         torch.manual_seed(cfg.seed)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        self.runner = ModelRunner(cfg, self.model_cfg, self.eos_token_ids)
+        self.runner = ModelRunner(cfg, self.model_cfg, self.eos_token_ids, keep_logits=keep_logits)
         self.pool = self.runner.pool
         cache = RadixCache(self.pool) if cfg.cache.enable_prefix_cache else None
         self.scheduler = Scheduler(cfg.scheduler, self.pool, cache)

@@ -17,7 +17,7 @@ from engine.kernels.cpu import build_lm_head, keep_freed_memory_mapped
 from engine.kv.pool import KVLayout, PagePool, available_memory_bytes, pages_for_budget
 from engine.layers.attention import AttentionBackend, AttentionBatch, create_backend
 from engine.models import model_class
-from engine.sampling import SampleOutput, Sampler
+from engine.sampling import SampleOutput, Sampler, plain_greedy
 from engine.scheduler import ScheduledBatch
 from engine.weights import iter_weights
 
@@ -64,17 +64,25 @@ def kv_layout(model_cfg: ModelConfig, dtype: torch.dtype) -> KVLayout:
 
 class ModelRunner:
     def __init__(
-        self, cfg: EngineConfig, model_cfg: ModelConfig, eos_token_ids: frozenset[int]
+        self,
+        cfg: EngineConfig,
+        model_cfg: ModelConfig,
+        eos_token_ids: frozenset[int],
+        *,
+        keep_logits: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.keep_logits = keep_logits  # callers read StepResult.logits: never skip them
         self.model_cfg = model_cfg
         self.device = torch.device(cfg.device)
         self.dtype = cfg.dtype or model_cfg.dtype
         self.model = load_model(model_cfg, cfg.model_path, self.dtype, cfg.device)
+        self.lm_head_kernel = None
         if cfg.cpu_kernels and self.device.type == "cpu":
             keep_freed_memory_mapped()
             threads = torch.get_num_threads()
-            self.model.logits_kernel = build_lm_head(self.model.lm_head_weight, threads)
+            self.lm_head_kernel = build_lm_head(self.model.lm_head_weight, threads)
+            self.model.logits_kernel = self.lm_head_kernel
         layout = kv_layout(model_cfg, self.dtype)
         self.pool = PagePool(layout, self._num_pages(layout), cfg.cache.page_size, cfg.device)
         self.attention = create_backend(cfg.attention_backend, self.pool, model_cfg.softmax_scale)
@@ -120,6 +128,14 @@ class ModelRunner:
         hidden = self.model(input_ids, pos, ctx)
         if not sampled:
             return StepResult([], None, None)
+        params, states = [r.params for r in sampled], [r.sampler_state for r in sampled]
+        if (
+            self.lm_head_kernel is not None
+            and not self.keep_logits
+            and plain_greedy(params, states)
+        ):
+            # greedy with nothing else asked: the kernel's argmax, no logits written out
+            tokens = self.lm_head_kernel.argmax(hidden[logit_rows])
+            return StepResult(sampled, SampleOutput(tokens.tolist()), None)
         logits = self.model.compute_logits(hidden[logit_rows])
-        out = self.sampler(logits, [r.params for r in sampled], [r.sampler_state for r in sampled])
-        return StepResult(sampled, out, logits)
+        return StepResult(sampled, self.sampler(logits, params, states), logits)

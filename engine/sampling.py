@@ -311,6 +311,18 @@ class Sampler:
         return self._generators[device]
 
 
+def plain_greedy(params: Sequence[SamplingParams], states: Sequence[SamplerState]) -> bool:
+    """True when every row's token is just the argmax of its raw logits and nothing else is
+    wanted from them: greedy, no logprobs, no penalties, no min_tokens ban still in force."""
+    return all(
+        p.is_greedy
+        and p.logprobs is None
+        and not p.has_penalties
+        and s.num_output_tokens >= p.min_tokens
+        for p, s in zip(params, states, strict=True)
+    )
+
+
 def argmax_rows(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     """``x.argmax(dim=-1)`` of a 2-D float tensor: the first index of each row's maximum.
 

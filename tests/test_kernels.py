@@ -106,6 +106,27 @@ def test_cpu_lm_head_equals_matmul(dtype: torch.dtype, threads: int) -> None:
     torch.testing.assert_close(head(x), x.float() @ weight.float().T, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_lm_head_argmax_equals_argmax_of_its_logits(dtype: torch.dtype, threads: int) -> None:
+    gen = torch.Generator().manual_seed(7 + threads)
+    vocab, hidden = 2000 + 5, 64
+    weight = (torch.randn(vocab, hidden, generator=gen) * 0.1).to(dtype)
+    weight[1500:1510] = weight[3]  # exact ties with an earlier row: the first index must win
+    weight[vocab - 1] = weight[0]  # ... and in the last, partial block
+    head = _lm_head_or_skip(weight, threads)
+    for rows in (0, 1, 5, 16, 23):
+        x = torch.randn(rows, hidden, generator=gen).to(dtype)
+        if rows > 2:
+            x[1] = weight[3] * 50  # row 1's max is the tied row 3
+            x[2] = weight[0] * 50  # row 2's max is row 0, tied with the last row
+        got = head.argmax(x)
+        assert got.dtype == torch.int64 and got.shape == (rows,)
+        assert torch.equal(got, head(x).argmax(dim=-1))
+        if rows > 2:
+            assert got[1].item() == 3 and got[2].item() == 0
+
+
 def test_cpu_lm_head_declines_what_it_cannot_run() -> None:
     from engine.kernels.cpu import build_lm_head
 
@@ -155,3 +176,33 @@ def test_malloc_tuning_takes_on_glibc() -> None:
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
     assert keep_freed_memory_mapped() is True
+
+
+def test_greedy_steps_take_the_kernels_argmax_and_match_the_sampler(make_tiny) -> None:
+    """Plain greedy steps skip the logits (the kernel's argmax); the tokens equal the full
+    sampler's, also when a request with logprobs shares the batch (that step takes the
+    sampler)."""
+    from engine.llm import LLM
+    from engine.sampling import SamplingParams
+
+    if not _native_capable("float32"):
+        pytest.skip("no native LM head on this CPU")
+    model = str(make_tiny("llama"))
+    prompts = [[5, 17, 300, 9], list(range(100, 160)), [42], list(range(900, 903))]
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with_logprobs = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    mixed = [greedy, with_logprobs, greedy, greedy]
+    fast = LLM(model, dtype="float32")
+    calls = []
+    kernel = fast.engine.runner.lm_head_kernel
+    original = kernel.argmax
+    kernel.argmax = lambda x: calls.append(x.shape[0]) or original(x)
+    plain = LLM(model, dtype="float32", cpu_kernels=False)
+    for params in (greedy, mixed):
+        calls.clear()
+        got = [o.token_ids for o in fast.generate(prompts, params)]
+        assert got == [o.token_ids for o in plain.generate(prompts, params)]
+        if params is greedy:
+            assert sum(calls) == len(prompts) * greedy.max_tokens  # every token came from it
+        else:
+            assert sum(calls) < len(prompts) * greedy.max_tokens

@@ -34,8 +34,10 @@ SOURCE = Path(__file__).with_name("lm_head.c")
 CFLAGS = ("-O3", "-mavx512f", "-mavx512bf16", "-mfma", "-shared", "-fPIC")
 BLOCK = 16  # vocabulary rows per packed block (one 512-bit register of float32)
 TILES = (1, 2, 4, 8, 16)  # rows of x per pass over the weight
+# (x, M, ldx, K, packed, V, out, ldo, best_val, best_idx, b0, b1, mt); see lm_head.c
 _ARGTYPES = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
-_ARGTYPES += [ctypes.c_void_p, *[ctypes.c_int64] * 4]
+_ARGTYPES += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+_ARGTYPES += [ctypes.c_int64] * 3
 _NEEDED_FLAGS = {torch.float32: ("avx512f",), torch.bfloat16: ("avx512f", "avx512_bf16")}
 
 
@@ -120,31 +122,65 @@ class CpuLMHead:
         self._pool = ThreadPoolExecutor(threads - 1) if threads > 1 else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits [M, V]."""
+        x, rows = self._padded(x)
+        out = torch.empty(x.shape[0], self.vocab, dtype=torch.float32)
+        if rows:
+            self._run(x, out.data_ptr(), self.vocab, None, None)
+        return out[:rows]
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's argmax over the vocabulary (the first index of the max), as int64 [M],
+        without writing the logits out: greedy decoding's whole LM head."""
+        x, rows = self._padded(x)
+        vals = torch.empty(len(self._ranges), x.shape[0], dtype=torch.float32)
+        idx = torch.empty(len(self._ranges), x.shape[0], dtype=torch.int32)
+        if rows:
+            self._run(x, None, 0, vals, idx)
+        # ranges are in vocabulary order: the first range holding the max has the first index
+        best = vals.argmax(dim=0, keepdim=True)
+        return idx.gather(0, best)[0, :rows].long()
+
+    def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         if x.dim() != 2 or x.shape[1] != self.hidden:
             raise ValueError(f"CpuLMHead expects x [M, {self.hidden}], got {tuple(x.shape)}")
         rows = x.shape[0]
-        tile = next((t for t in TILES if t >= rows), TILES[-1])
-        padded_rows = -(-rows // tile) * tile
+        padded_rows = -(-rows // self._tile(rows)) * self._tile(rows)
         if padded_rows != rows or not x.is_contiguous() or x.dtype != self.dtype:
             xp = x.new_zeros(padded_rows, self.hidden, dtype=self.dtype)
             xp[:rows] = x
             x = xp
-        out = torch.empty(padded_rows, self.vocab, dtype=torch.float32)
-        if rows == 0:
-            return out
+        return x, rows
 
-        def run(span: tuple[int, int]) -> int:
-            args = (x.data_ptr(), padded_rows, self.hidden, self.hidden, self.packed.data_ptr())
-            return self._fn(*args, self.vocab, out.data_ptr(), self.vocab, *span, tile)
+    @staticmethod
+    def _tile(rows: int) -> int:
+        return next((t for t in TILES if t >= rows), TILES[-1])
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        out: int | None,
+        ldo: int,
+        vals: torch.Tensor | None,
+        idx: torch.Tensor | None,
+    ) -> None:
+        rows = x.shape[0]
+        tile = self._tile(rows)
+
+        def run(part: int) -> int:
+            best_val = None if vals is None else vals[part].data_ptr()
+            best_idx = None if idx is None else idx[part].data_ptr()
+            args = (x.data_ptr(), rows, self.hidden, self.hidden, self.packed.data_ptr())
+            args += (self.vocab, out, ldo, best_val, best_idx)
+            return self._fn(*args, *self._ranges[part], tile)
 
         if self._pool is None:
-            codes = [run(self._ranges[0])]
+            codes = [run(0)]
         else:
-            futures = [self._pool.submit(run, span) for span in self._ranges[1:]]
-            codes = [run(self._ranges[0]), *(f.result() for f in futures)]
+            futures = [self._pool.submit(run, part) for part in range(1, len(self._ranges))]
+            codes = [run(0), *(f.result() for f in futures)]
         if any(codes):
             raise RuntimeError(f"CPU LM head kernel rejected its arguments (codes {codes})")
-        return out[:rows]
 
 
 def keep_freed_memory_mapped() -> bool:

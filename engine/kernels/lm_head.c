@@ -1,4 +1,5 @@
-// LM head for small batches on x86 CPUs with AVX-512: out[m, v] = dot(x[m, :], w[v, :]).
+// LM head for small batches on x86 CPUs with AVX-512: out[m, v] = dot(x[m, :], w[v, :]), or,
+// for greedy decoding, only each row's argmax over v (the logits are never written out).
 //
 // The weight is packed once into blocks of 16 vocabulary rows, interleaved along K so that one
 // 512-bit load holds the same K step of 16 rows:
@@ -8,75 +9,111 @@
 // row of x, so the weight streams through exactly once per 16 rows of x and no horizontal
 // sum is ever needed. Rows past the vocabulary are zero in the packed weight and masked on
 // store. Outputs are float32 whatever the input dtype.
+//
+// Argmax mode keeps, per row and per lane, the best value and its vocabulary index; a later
+// block replaces them only when strictly greater, and the final pick among lanes holding the
+// row's max is the lowest index: the first index of the maximum, as torch.argmax (NaN aside:
+// a NaN logit is never picked here).
 #include <immintrin.h>
+#include <limits.h>
+#include <math.h>
 #include <stdint.h>
 
 #define ROWS 16
 
-#define DEFINE_F32(MT)                                                                     \
-  static void f32_tile_##MT(const float *x, int64_t ldx, int64_t K, const float *wp,       \
-                            int64_t V, float *out, int64_t ldo, int64_t b0, int64_t b1) {  \
-    for (int64_t b = b0; b < b1; b++) {                                                    \
-      __m512 acc[MT];                                                                      \
-      _Pragma("GCC unroll 16") for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();  \
-      const float *wb = wp + b * K * ROWS;                                                 \
-      for (int64_t k = 0; k < K; k++) {                                                    \
-        __m512 w = _mm512_loadu_ps(wb + k * ROWS);                                         \
-        _Pragma("GCC unroll 16") for (int i = 0; i < MT; i++)                              \
-          acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k]), w, acc[i]);             \
-      }                                                                                    \
-      int64_t left = V - b * ROWS;                                                         \
-      __mmask16 mask = left >= ROWS ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);   \
-      _Pragma("GCC unroll 16") for (int i = 0; i < MT; i++)                                \
-        _mm512_mask_storeu_ps(out + i * ldo + b * ROWS, mask, acc[i]);                     \
+#define F32_BLOCK(MT)                                                                      \
+  const float *wb = wp + b * K * ROWS;                                                     \
+  for (int64_t k = 0; k < K; k++) {                                                        \
+    __m512 w = _mm512_loadu_ps(wb + k * ROWS);                                             \
+    _Pragma("GCC unroll 16") for (int i = 0; i < MT; i++)                                  \
+      acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k]), w, acc[i]);                 \
+  }
+
+#define BF16_BLOCK(MT)                                                                     \
+  const uint16_t *wb = wp + b * K * ROWS;                                                  \
+  for (int64_t k = 0; k < K; k += 2) {                                                     \
+    __m512bh w = (__m512bh)_mm512_loadu_si512(wb + k * ROWS);                              \
+    _Pragma("GCC unroll 16") for (int i = 0; i < MT; i++) {                                \
+      int32_t pair = *(const int32_t *)(x + i * ldx + k);                                  \
+      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(pair), w);             \
     }                                                                                      \
   }
 
-#define DEFINE_BF16(MT)                                                                    \
-  static void bf16_tile_##MT(const uint16_t *x, int64_t ldx, int64_t K, const uint16_t *wp, \
-                             int64_t V, float *out, int64_t ldo, int64_t b0, int64_t b1) { \
+// One tile of MT rows of x over vocabulary blocks [b0, b1): logits into `out` when it is not
+// NULL, else each row's best value and index into best_val / best_idx.
+#define DEFINE_TILE(NAME, T, BLOCK, MT)                                                    \
+  static void NAME##_##MT(const T *x, int64_t ldx, int64_t K, const T *wp, int64_t V,      \
+                          float *out, int64_t ldo, float *best_val, int32_t *best_idx,     \
+                          int64_t b0, int64_t b1) {                                        \
+    __m512 bestv[MT];                                                                      \
+    __m512i besti[MT];                                                                     \
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0); \
+    for (int i = 0; i < MT; i++) {                                                         \
+      bestv[i] = _mm512_set1_ps(-INFINITY);                                                \
+      besti[i] = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(b0 * ROWS)), iota);          \
+    }                                                                                      \
     for (int64_t b = b0; b < b1; b++) {                                                    \
       __m512 acc[MT];                                                                      \
       _Pragma("GCC unroll 16") for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();  \
-      const uint16_t *wb = wp + b * K * ROWS;                                              \
-      for (int64_t k = 0; k < K; k += 2) {                                                 \
-        __m512bh w = (__m512bh)_mm512_loadu_si512(wb + k * ROWS);                          \
-        _Pragma("GCC unroll 16") for (int i = 0; i < MT; i++) {                            \
-          int32_t pair = *(const int32_t *)(x + i * ldx + k);                              \
-          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(pair), w);         \
-        }                                                                                  \
-      }                                                                                    \
+      BLOCK(MT)                                                                            \
       int64_t left = V - b * ROWS;                                                         \
       __mmask16 mask = left >= ROWS ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);   \
-      _Pragma("GCC unroll 16") for (int i = 0; i < MT; i++)                                \
-        _mm512_mask_storeu_ps(out + i * ldo + b * ROWS, mask, acc[i]);                     \
+      if (out != NULL) {                                                                   \
+        for (int i = 0; i < MT; i++) _mm512_mask_storeu_ps(out + i * ldo + b * ROWS, mask, acc[i]); \
+        continue;                                                                          \
+      }                                                                                    \
+      __m512i index = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(b * ROWS)), iota);      \
+      for (int i = 0; i < MT; i++) {                                                       \
+        __mmask16 gt = _mm512_mask_cmp_ps_mask(mask, acc[i], bestv[i], _CMP_GT_OQ);        \
+        bestv[i] = _mm512_mask_mov_ps(bestv[i], gt, acc[i]);                               \
+        besti[i] = _mm512_mask_mov_epi32(besti[i], gt, index);                             \
+      }                                                                                    \
+    }                                                                                      \
+    if (out != NULL) return;                                                               \
+    for (int i = 0; i < MT; i++) {                                                         \
+      float top = _mm512_reduce_max_ps(bestv[i]);                                          \
+      __mmask16 at_top = _mm512_cmp_ps_mask(bestv[i], _mm512_set1_ps(top), _CMP_EQ_OQ);    \
+      __m512i idx = _mm512_mask_mov_epi32(_mm512_set1_epi32(INT32_MAX), at_top, besti[i]); \
+      best_val[i] = top;                                                                   \
+      best_idx[i] = at_top ? _mm512_reduce_min_epi32(idx) : (int32_t)(b0 * ROWS);          \
     }                                                                                      \
   }
 
-DEFINE_F32(1) DEFINE_F32(2) DEFINE_F32(4) DEFINE_F32(8) DEFINE_F32(16)
-DEFINE_BF16(1) DEFINE_BF16(2) DEFINE_BF16(4) DEFINE_BF16(8) DEFINE_BF16(16)
+#define DEFINE_TILES(NAME, T, BLOCK)                                                       \
+  DEFINE_TILE(NAME, T, BLOCK, 1)                                                           \
+  DEFINE_TILE(NAME, T, BLOCK, 2)                                                           \
+  DEFINE_TILE(NAME, T, BLOCK, 4)                                                           \
+  DEFINE_TILE(NAME, T, BLOCK, 8)                                                           \
+  DEFINE_TILE(NAME, T, BLOCK, 16)
 
-// out[M, ldo] (columns [16 b0, min(V, 16 b1)) written) = x[M, K] . w^T over vocab blocks
-// [b0, b1), in tiles of `mt` rows of x (1, 2, 4, 8 or 16; M a multiple of it). Each tile streams
-// the weight once, so the caller pads a small M up to one tile rather than splitting it.
+DEFINE_TILES(f32_tile, float, F32_BLOCK)
+DEFINE_TILES(bf16_tile, uint16_t, BF16_BLOCK)
+
+// x[M, K] against vocabulary blocks [b0, b1), in tiles of `mt` rows of x (1, 2, 4, 8 or 16; M
+// a multiple of it). Each tile streams the weight once, so the caller pads a small M up to one
+// tile rather than splitting it. out[M, ldo] (columns [16 b0, min(V, 16 b1))) gets the logits;
+// with out NULL, best_val[M] / best_idx[M] get each row's max over those columns and its index.
 #define DRIVER(NAME, T, TILE)                                                              \
   int NAME(const T *x, int64_t M, int64_t ldx, int64_t K, const T *wp, int64_t V,          \
-           float *out, int64_t ldo, int64_t b0, int64_t b1, int64_t mt) {                  \
-    if (M % mt != 0) return -1;                                                            \
+           float *out, int64_t ldo, float *best_val, int32_t *best_idx, int64_t b0,        \
+           int64_t b1, int64_t mt) {                                                       \
+    if (M % mt != 0 || (out == NULL && (best_val == NULL || best_idx == NULL))) return -1; \
     for (int64_t m = 0; m < M; m += mt) {                                                  \
       const T *xm = x + m * ldx;                                                           \
-      float *om = out + m * ldo;                                                           \
+      float *om = out == NULL ? NULL : out + m * ldo;                                      \
+      float *bv = best_val == NULL ? NULL : best_val + m;                                  \
+      int32_t *bi = best_idx == NULL ? NULL : best_idx + m;                                \
       switch (mt) {                                                                        \
-        case 16: TILE##16(xm, ldx, K, wp, V, om, ldo, b0, b1); break;                      \
-        case 8: TILE##8(xm, ldx, K, wp, V, om, ldo, b0, b1); break;                        \
-        case 4: TILE##4(xm, ldx, K, wp, V, om, ldo, b0, b1); break;                        \
-        case 2: TILE##2(xm, ldx, K, wp, V, om, ldo, b0, b1); break;                        \
-        case 1: TILE##1(xm, ldx, K, wp, V, om, ldo, b0, b1); break;                        \
+        case 16: TILE##_16(xm, ldx, K, wp, V, om, ldo, bv, bi, b0, b1); break;             \
+        case 8: TILE##_8(xm, ldx, K, wp, V, om, ldo, bv, bi, b0, b1); break;               \
+        case 4: TILE##_4(xm, ldx, K, wp, V, om, ldo, bv, bi, b0, b1); break;               \
+        case 2: TILE##_2(xm, ldx, K, wp, V, om, ldo, bv, bi, b0, b1); break;               \
+        case 1: TILE##_1(xm, ldx, K, wp, V, om, ldo, bv, bi, b0, b1); break;               \
         default: return -1;                                                                \
       }                                                                                    \
     }                                                                                      \
     return 0;                                                                              \
   }
 
-DRIVER(lm_head_f32, float, f32_tile_)
-DRIVER(lm_head_bf16, uint16_t, bf16_tile_)
+DRIVER(lm_head_f32, float, f32_tile)
+DRIVER(lm_head_bf16, uint16_t, bf16_tile)
