@@ -16,6 +16,22 @@ from transformers import PreTrainedTokenizerFast
 REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for bytes that are not (yet) whole UTF-8
 
 
+def backend_decode(tokenizer: Any) -> Any | None:
+    """The Rust tokenizer's own `decode` where transformers' `decode` would only wrap it (no
+    space clean-up, `_decode` not overridden), else None. It skips transformers' per-call Python
+    work, which the detokenizer pays twice per generated token."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return None
+    if getattr(type(tokenizer), "_decode", None) is not TokenizersBackend._decode:
+        return None
+    return backend.decode
+
+
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerFast:
     """The checkpoint's fast tokenizer, from local files only (never the network)."""
     from transformers import AutoTokenizer
@@ -103,6 +119,7 @@ class IncrementalDetokenizer:
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._backend_decode = backend_decode(tokenizer)
         self.token_ids: list[int] = []
         self._deltas: list[str] = []
         self._prefix_offset = 0
@@ -140,6 +157,8 @@ class IncrementalDetokenizer:
     def _decode(self, token_ids: list[int]) -> str:
         if not token_ids:
             return ""
+        if self._backend_decode is not None:
+            return self._backend_decode(token_ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
 
     def _emit(self, delta: str) -> str:

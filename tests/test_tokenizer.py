@@ -14,6 +14,7 @@ import pytest
 from engine.tokenizer import (
     IncrementalDetokenizer,
     apply_chat_template,
+    backend_decode,
     eos_token_ids,
     load_tokenizer,
 )
@@ -52,6 +53,23 @@ def test_random_streams_equal_full_decode(tiny_tokenizer, name: str, skip_specia
         deltas = stream(detokenizer, ids)
         full = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         assert "".join(deltas) == full == detokenizer.text, ids
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_backend_decode_is_taken_and_equals_decode(tiny_tokenizer, name: str) -> None:
+    """The detokenizer's fast path (the Rust decode) is used for these tokenizers and gives
+    exactly what transformers' decode gives."""
+    tokenizer = tiny_tokenizer(name)
+    fast = backend_decode(tokenizer)
+    assert fast is not None
+    rng = random.Random(99)
+    for _ in range(100):
+        ids = random_ids(rng, len(tokenizer))
+        for skip in (True, False):
+            assert fast(ids, skip_special_tokens=skip) == tokenizer.decode(
+                ids, skip_special_tokens=skip
+            )
+    assert backend_decode(SimpleNamespace(decode=tokenizer.decode)) is None
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)

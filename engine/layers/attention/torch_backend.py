@@ -59,23 +59,38 @@ class TorchAttention(AttentionBackend):
 
     def prepare(self, batch: AttentionBatch) -> TorchAttentionMeta:
         ps = self.page_size
-        write, extends, decode_rows, decode_tables, decode_lens = [], [], [], [], []
+        extends, decode_rows, decode_tables, decode_lens = [], [], [], []
+        # write slots in row order: a decode row's one slot as a plain int (no tensor per
+        # request each step), an extend's run as a tensor
+        pieces: list[torch.Tensor] = []
+        singles: list[int] = []
         row = 0
         for q_len, kv_len, table in zip(batch.q_lens, batch.kv_lens, batch.page_tables):
-            pages = torch.tensor(table, dtype=torch.long, device=self.device)
-            write.append(_slots(pages, kv_len - q_len, kv_len, ps))
+            if q_len == 1:
+                last = kv_len - 1
+                singles.append(table[last // ps] * ps + last % ps)
+            else:
+                if singles:
+                    pieces.append(self._tensor(singles))
+                    singles = []
+                pieces.append(_slots(self._tensor(table), kv_len - q_len, kv_len, ps))
             if q_len == 1 and kv_len > 1:
                 decode_rows.append(row)
                 decode_tables.append(table)
                 decode_lens.append(kv_len)
             else:
-                ctx = _slots(pages, 0, kv_len, ps) if kv_len > q_len else None
+                ctx = _slots(self._tensor(table), 0, kv_len, ps) if kv_len > q_len else None
                 extends.append(ExtendItem(row, q_len, kv_len, ctx))
             row += q_len
-        meta = TorchAttentionMeta(torch.cat(write), extends, None, None, None)
+        if singles:
+            pieces.append(self._tensor(singles))
+        meta = TorchAttentionMeta(torch.cat(pieces), extends, None, None, None)
         if decode_rows:
             self._prepare_decode(meta, decode_rows, decode_tables, decode_lens)
         return meta
+
+    def _tensor(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def _prepare_decode(self, meta, rows, tables, lens) -> None:
         max_pages = max(len(t) for t in tables)
