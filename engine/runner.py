@@ -82,7 +82,6 @@ class ModelRunner:
             keep_freed_memory_mapped()
             threads = torch.get_num_threads()
             self.lm_head_kernel = build_lm_head(self.model.lm_head_weight, threads)
-            self.model.logits_kernel = self.lm_head_kernel
         layout = kv_layout(model_cfg, self.dtype)
         self.pool = PagePool(layout, self._num_pages(layout), cfg.cache.page_size, cfg.device)
         self.attention = create_backend(cfg.attention_backend, self.pool, model_cfg.softmax_scale)
@@ -137,5 +136,9 @@ class ModelRunner:
             # greedy with nothing else asked: the kernel's argmax, no logits written out
             tokens = self.lm_head_kernel.argmax(hidden[logit_rows])
             return StepResult(sampled, SampleOutput(tokens.tolist()), None)
-        logits = self.model.compute_logits(hidden[logit_rows])
+        rows = hidden[logit_rows]
+        if self.lm_head_kernel is not None:
+            logits = self.lm_head_kernel(rows)  # the same logits, float32, faster
+        else:
+            logits = self.model.compute_logits(rows)
         return StepResult(sampled, self.sampler(logits, params, states), logits)

@@ -148,7 +148,7 @@ def test_engine_with_and_without_cpu_kernels_agree(make_tiny, dtype: str) -> Non
     runs = {}
     for native in (True, False):
         llm = LLM(str(model), dtype=dtype, cpu_kernels=native, keep_logits=True)
-        kernel = llm.engine.runner.model.logits_kernel
+        kernel = llm.engine.runner.lm_head_kernel
         assert kernel is None if not native else kernel is not None or not _native_capable(dtype)
         runs[native] = llm.generate(prompts, params)
     for fast, plain in zip(runs[True], runs[False], strict=True):

@@ -145,7 +145,8 @@ class CpuLMHead:
         if x.dim() != 2 or x.shape[1] != self.hidden:
             raise ValueError(f"CpuLMHead expects x [M, {self.hidden}], got {tuple(x.shape)}")
         rows = x.shape[0]
-        padded_rows = -(-rows // self._tile(rows)) * self._tile(rows)
+        tile = self._tile(rows)
+        padded_rows = -(-rows // tile) * tile
         if padded_rows != rows or not x.is_contiguous() or x.dtype != self.dtype:
             xp = x.new_zeros(padded_rows, self.hidden, dtype=self.dtype)
             xp[:rows] = x

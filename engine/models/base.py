@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,8 +19,6 @@ class DecoderOnlyLM(nn.Module):
     norm: nn.Module
     rotary: Any
     lm_head: Any
-    # A faster LM head over the same weight (engine/kernels/cpu.py), set by the model runner.
-    logits_kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: Any) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm for the step's tokens."""
@@ -37,6 +34,4 @@ class DecoderOnlyLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [T, vocab] of final hidden states [T, hidden]."""
-        if self.logits_kernel is not None:
-            return self.logits_kernel(hidden)
         return linear(hidden, self.lm_head_weight).float()

@@ -69,18 +69,20 @@ class TorchAttention(AttentionBackend):
             if q_len == 1:
                 last = kv_len - 1
                 singles.append(table[last // ps] * ps + last % ps)
-            else:
+                if kv_len > 1:
+                    decode_rows.append(row)
+                    decode_tables.append(table)
+                    decode_lens.append(kv_len)
+                    row += 1
+                    continue
+            pages = self._tensor(table)
+            if q_len > 1:
                 if singles:
                     pieces.append(self._tensor(singles))
                     singles = []
-                pieces.append(_slots(self._tensor(table), kv_len - q_len, kv_len, ps))
-            if q_len == 1 and kv_len > 1:
-                decode_rows.append(row)
-                decode_tables.append(table)
-                decode_lens.append(kv_len)
-            else:
-                ctx = _slots(self._tensor(table), 0, kv_len, ps) if kv_len > q_len else None
-                extends.append(ExtendItem(row, q_len, kv_len, ctx))
+                pieces.append(_slots(pages, kv_len - q_len, kv_len, ps))
+            ctx = _slots(pages, 0, kv_len, ps) if kv_len > q_len else None
+            extends.append(ExtendItem(row, q_len, kv_len, ctx))
             row += q_len
         if singles:
             pieces.append(self._tensor(singles))
