@@ -4,41 +4,49 @@ Why: at decode batch sizes the LM head is most of a small model's step, and torc
 reach well under half of this machine's AVX-512 rate on its skinny shape (`[16, hidden] x
 [hidden, 152k]`). The kernel streams a weight packed once at load through 16 accumulators and
 writes float32 logits directly: 2.4x faster than `F.linear` in bfloat16 and 3-4x in float32 on
-the project's AMD EPYC machine.
+the project's AMD EPYC machine. Greedy steps need only the argmax: where the CPU has VNNI an
+exact int8 pre-pass (lm_head_q8.c, q8.py) finds it with a quarter of the float32 work.
 
 The shared library is compiled with `cc` (gcc or clang) into the pdserve cache the first time a
 process needs it (well under a second) and reused after; concurrent processes race safely
 (each writes a private temp file, then renames it into place). Where there is no compiler, no
 AVX-512, or (for bfloat16) no AVX512-BF16, `build_lm_head` returns None with the reason logged
-and the model keeps torch's matmul.
+and the model keeps torch's matmul. The libraries use OpenMP and bind to the libgomp torch has
+already loaded, so their threads are torch's own.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import itertools
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from engine.kernels.q8 import Q8Argmax
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("lm_head.c")
-CFLAGS = ("-O3", "-mavx512f", "-mavx512bf16", "-mfma", "-shared", "-fPIC")
+HERE = Path(__file__).parent
+CFLAGS = ("-O3", "-fopenmp", "-mavx512f", "-mavx512bf16", "-mfma", "-shared", "-fPIC")
+Q8_CFLAGS = (*CFLAGS, "-mavx512bw", "-mavx512vnni")
 BLOCK = 16  # vocabulary rows per packed block (one 512-bit register of float32)
 TILES = (1, 2, 4, 8, 16)  # rows of x per pass over the weight
-# (x, M, ldx, K, packed, V, out, ldo, best_val, best_idx, b0, b1, mt); see lm_head.c
+# lm_head_*(x, M, ldx, K, packed, V, out, ldo, out_idx, mt, threads); see lm_head.c
 _ARGTYPES = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
-_ARGTYPES += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-_ARGTYPES += [ctypes.c_int64] * 3
+_ARGTYPES += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
 _NEEDED_FLAGS = {torch.float32: ("avx512f",), torch.bfloat16: ("avx512f", "avx512_bf16")}
+_Q8_FLAGS = ("avx512bw", "avx512_vnni")
+# q8_argmax_*(x, rows, M, ldx, K, packed, V, q8_packed, Kp, scale, err_max, norm_max, eps_rel,
+#             mt, threads, out); see lm_head_q8.c
+_Q8_ARGTYPES = [ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64]
+_Q8_ARGTYPES += [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_double] * 4]
+_Q8_ARGTYPES += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
 
 
 def cache_dir() -> Path:
@@ -57,26 +65,29 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def compile_library(out_dir: Path | None = None) -> Path:
-    """The kernel's shared library, compiled into `out_dir` unless it is already there."""
+def compile_library(
+    name: str = "lm_head", flags: tuple[str, ...] = CFLAGS, out_dir: Path | None = None
+) -> Path:
+    """The shared library built from `name`.c (with lm_head.h), compiled into `out_dir` unless
+    it is already there."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (install gcc, or set CC) to build the CPU LM head")
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    source = HERE / f"{name}.c"
+    text = source.read_bytes() + (HERE / "lm_head.h").read_bytes()
+    digest = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
-    target = out_dir / f"lm_head-{digest}.so"
+    target = out_dir / f"{name}-{digest}.so"
     if target.is_file():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        proc = subprocess.run(
-            [compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120
-        )
+        cmd = [compiler, *flags, "-o", tmp, str(source)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed to build {SOURCE.name}: {proc.stderr.strip()}")
+            raise RuntimeError(f"{compiler} failed to build {source.name}: {proc.stderr.strip()}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -88,6 +99,14 @@ def load_library(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     for fn in (lib.lm_head_f32, lib.lm_head_bf16):
         fn.argtypes = _ARGTYPES
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def load_q8_library(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for fn in (lib.q8_argmax_f32, lib.q8_argmax_bf16):
+        fn.argtypes = _Q8_ARGTYPES
         fn.restype = ctypes.c_int
     return lib
 
@@ -104,42 +123,69 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 class CpuLMHead:
-    """float32 logits `[M, V]` of `x [M, K] @ weight.T` through the native kernel.
+    """float32 logits `[M, V]` of `x [M, K] @ weight.T` through the native kernel, or greedy's
+    argmax alone (through the exact int8 pre-pass where the CPU has VNNI).
 
-    With `threads` > 1 the vocabulary blocks are split among that many threads (the calls
-    release the GIL).
+    With `threads` > 1 the vocabulary blocks are split among that many OpenMP threads: torch's
+    own pool, since the library binds to the libgomp torch loaded, so no second set of threads
+    competes with torch's spinning workers. The calls release the GIL.
     """
 
-    def __init__(self, lib: ctypes.CDLL, weight: torch.Tensor, threads: int = 1) -> None:
+    def __init__(
+        self,
+        lib: ctypes.CDLL,
+        weight: torch.Tensor,
+        threads: int = 1,
+        q8_lib: ctypes.CDLL | None = None,
+    ) -> None:
         self.vocab, self.hidden = weight.shape
         self.dtype = weight.dtype
+        self.threads = max(1, threads)
         self.packed = pack_weight(weight.detach())
         self._fn = lib.lm_head_f32 if self.dtype == torch.float32 else lib.lm_head_bf16
-        blocks = self.packed.shape[0]
-        threads = max(1, min(threads, blocks))
-        bounds = [blocks * i // threads for i in range(threads + 1)]
-        self._ranges = list(itertools.pairwise(bounds))
-        self._pool = ThreadPoolExecutor(threads - 1) if threads > 1 else None
+        self.q8 = None if q8_lib is None else Q8Argmax(q8_lib, weight.detach(), self.packed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """float32 logits [M, V]."""
         x, rows = self._padded(x)
         out = torch.empty(x.shape[0], self.vocab, dtype=torch.float32)
         if rows:
-            self._run(x, out.data_ptr(), self.vocab, None, None)
+            self._check(self._fn(*self._head(x), out.data_ptr(), self.vocab, None, *self._split(x)))
         return out[:rows]
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:
         """Each row's argmax over the vocabulary (the first index of the max), as int64 [M],
         without writing the logits out: greedy decoding's whole LM head."""
         x, rows = self._padded(x)
-        vals = torch.empty(len(self._ranges), x.shape[0], dtype=torch.float32)
-        idx = torch.empty(len(self._ranges), x.shape[0], dtype=torch.int32)
-        if rows:
-            self._run(x, None, 0, vals, idx)
-        # ranges are in vocabulary order: the first range holding the max has the first index
-        best = vals.argmax(dim=0, keepdim=True)
-        return idx.gather(0, best)[0, :rows].long()
+        out = torch.empty(x.shape[0], dtype=torch.int32)  # the float path fills padding rows too
+        if not rows:
+            return out.long()
+        if self.q8 is not None:
+            self._check(self.q8(x, rows, *self._split(x), out.data_ptr()))
+        else:
+            self._check(self._fn(*self._head(x), None, 0, out.data_ptr(), *self._split(x)))
+        return out[:rows].long()
+
+    def _head(self, x: torch.Tensor) -> tuple[int, ...]:
+        return (
+            x.data_ptr(),
+            x.shape[0],
+            self.hidden,
+            self.hidden,
+            self.packed.data_ptr(),
+            self.vocab,
+        )
+
+    def _split(self, x: torch.Tensor) -> tuple[int, int]:
+        """(rows of x per pass over the weight, threads)."""
+        return self._tile(x.shape[0]), self.threads
+
+    @staticmethod
+    def _check(code: int) -> None:
+        if code:
+            raise RuntimeError(
+                f"CPU LM head kernel failed (code {code}: -1 bad arguments, -2 no memory)"
+            )
 
     def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         if x.dim() != 2 or x.shape[1] != self.hidden:
@@ -156,32 +202,6 @@ class CpuLMHead:
     @staticmethod
     def _tile(rows: int) -> int:
         return next((t for t in TILES if t >= rows), TILES[-1])
-
-    def _run(
-        self,
-        x: torch.Tensor,
-        out: int | None,
-        ldo: int,
-        vals: torch.Tensor | None,
-        idx: torch.Tensor | None,
-    ) -> None:
-        rows = x.shape[0]
-        tile = self._tile(rows)
-
-        def run(part: int) -> int:
-            best_val = None if vals is None else vals[part].data_ptr()
-            best_idx = None if idx is None else idx[part].data_ptr()
-            args = (x.data_ptr(), rows, self.hidden, self.hidden, self.packed.data_ptr())
-            args += (self.vocab, out, ldo, best_val, best_idx)
-            return self._fn(*args, *self._ranges[part], tile)
-
-        if self._pool is None:
-            codes = [run(0)]
-        else:
-            futures = [self._pool.submit(run, part) for part in range(1, len(self._ranges))]
-            codes = [run(0), *(f.result() for f in futures)]
-        if any(codes):
-            raise RuntimeError(f"CPU LM head kernel rejected its arguments (codes {codes})")
 
 
 def keep_freed_memory_mapped() -> bool:
@@ -210,11 +230,21 @@ def build_lm_head(weight: torch.Tensor, threads: int = 1) -> CpuLMHead | None:
     reason = _unsupported(weight)
     if reason is None:
         try:
-            return CpuLMHead(load_library(compile_library()), weight, threads)
+            lib = load_library(compile_library())
+            return CpuLMHead(lib, weight, threads, _q8_library())
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             reason = str(exc)
     log.info("CPU LM head kernel off, using torch's matmul: %s", reason)
     return None
+
+
+def _q8_library() -> ctypes.CDLL | None:
+    """The int8 argmax library, or None (reason logged) where the CPU lacks VNNI."""
+    missing = [f for f in _Q8_FLAGS if f not in cpu_flags()]
+    if missing:
+        log.info("int8 greedy LM head off: this CPU lacks %s", ", ".join(missing))
+        return None
+    return load_q8_library(compile_library("lm_head_q8", Q8_CFLAGS))
 
 
 def _unsupported(weight: torch.Tensor) -> str | None:

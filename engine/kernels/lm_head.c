@@ -14,30 +14,15 @@
 // block replaces them only when strictly greater, and the final pick among lanes holding the
 // row's max is the lowest index: the first index of the maximum, as torch.argmax (NaN aside:
 // a NaN logit is never picked here).
-#include <immintrin.h>
+//
+// Greedy decoding on CPUs with AVX512-VNNI goes through lm_head_q8.c instead, which returns
+// the same index at a quarter of the multiply work; it reuses this file's block code through
+// lm_head.h.
 #include <limits.h>
 #include <math.h>
-#include <stdint.h>
+#include <stdlib.h>
 
-#define ROWS 16
-
-#define F32_BLOCK(MT)                                                                      \
-  const float *wb = wp + b * K * ROWS;                                                     \
-  for (int64_t k = 0; k < K; k++) {                                                        \
-    __m512 w = _mm512_loadu_ps(wb + k * ROWS);                                             \
-    _Pragma("GCC unroll 16") for (int i = 0; i < MT; i++)                                  \
-      acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k]), w, acc[i]);                 \
-  }
-
-#define BF16_BLOCK(MT)                                                                     \
-  const uint16_t *wb = wp + b * K * ROWS;                                                  \
-  for (int64_t k = 0; k < K; k += 2) {                                                     \
-    __m512bh w = (__m512bh)_mm512_loadu_si512(wb + k * ROWS);                              \
-    _Pragma("GCC unroll 16") for (int i = 0; i < MT; i++) {                                \
-      int32_t pair = *(const int32_t *)(x + i * ldx + k);                                  \
-      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(pair), w);             \
-    }                                                                                      \
-  }
+#include "lm_head.h"
 
 // One tile of MT rows of x over vocabulary blocks [b0, b1): logits into `out` when it is not
 // NULL, else each row's best value and index into best_val / best_idx.
@@ -86,18 +71,17 @@
   DEFINE_TILE(NAME, T, BLOCK, 8)                                                           \
   DEFINE_TILE(NAME, T, BLOCK, 16)
 
-DEFINE_TILES(f32_tile, float, F32_BLOCK)
-DEFINE_TILES(bf16_tile, uint16_t, BF16_BLOCK)
+DEFINE_TILES(lm_head_f32_tile, float, F32_BLOCK)
+DEFINE_TILES(lm_head_bf16_tile, uint16_t, BF16_BLOCK)
 
 // x[M, K] against vocabulary blocks [b0, b1), in tiles of `mt` rows of x (1, 2, 4, 8 or 16; M
 // a multiple of it). Each tile streams the weight once, so the caller pads a small M up to one
 // tile rather than splitting it. out[M, ldo] (columns [16 b0, min(V, 16 b1))) gets the logits;
 // with out NULL, best_val[M] / best_idx[M] get each row's max over those columns and its index.
-#define DRIVER(NAME, T, TILE)                                                              \
-  int NAME(const T *x, int64_t M, int64_t ldx, int64_t K, const T *wp, int64_t V,          \
-           float *out, int64_t ldo, float *best_val, int32_t *best_idx, int64_t b0,        \
-           int64_t b1, int64_t mt) {                                                       \
-    if (M % mt != 0 || (out == NULL && (best_val == NULL || best_idx == NULL))) return -1; \
+#define RANGE(NAME, T, TILE)                                                               \
+  static void NAME##_range(const T *x, int64_t M, int64_t ldx, int64_t K, const T *wp,     \
+                           int64_t V, float *out, int64_t ldo, float *best_val,            \
+                           int32_t *best_idx, int64_t b0, int64_t b1, int64_t mt) {        \
     for (int64_t m = 0; m < M; m += mt) {                                                  \
       const T *xm = x + m * ldx;                                                           \
       float *om = out == NULL ? NULL : out + m * ldo;                                      \
@@ -108,12 +92,47 @@ DEFINE_TILES(bf16_tile, uint16_t, BF16_BLOCK)
         case 8: TILE##_8(xm, ldx, K, wp, V, om, ldo, bv, bi, b0, b1); break;               \
         case 4: TILE##_4(xm, ldx, K, wp, V, om, ldo, bv, bi, b0, b1); break;               \
         case 2: TILE##_2(xm, ldx, K, wp, V, om, ldo, bv, bi, b0, b1); break;               \
-        case 1: TILE##_1(xm, ldx, K, wp, V, om, ldo, bv, bi, b0, b1); break;               \
-        default: return -1;                                                                \
+        default: TILE##_1(xm, ldx, K, wp, V, om, ldo, bv, bi, b0, b1); break;              \
       }                                                                                    \
     }                                                                                      \
+  }
+
+// The whole LM head on `threads` OpenMP threads (torch's own pool when torch loaded libgomp,
+// as its CPU wheels do), each over an equal share of the vocabulary blocks: logits into
+// out[M, ldo], or, with out NULL, each row's argmax into out_idx[M] (the first range holding
+// the max wins ties, so the first index of the max overall).
+#define DRIVER(NAME, T)                                                                    \
+  RANGE(NAME, T, NAME##_tile)                                                              \
+  int NAME(const T *x, int64_t M, int64_t ldx, int64_t K, const T *wp, int64_t V,          \
+           float *out, int64_t ldo, int32_t *out_idx, int64_t mt, int64_t threads) {       \
+    int64_t blocks = (V + ROWS - 1) / ROWS;                                                \
+    if (mt < 1 || mt > 16 || (mt & (mt - 1)) || M % mt || (out == NULL && out_idx == NULL)) \
+      return -1;                                                                           \
+    threads = threads < 1 ? 1 : threads > blocks ? (blocks > 0 ? blocks : 1) : threads;    \
+    float *pv = NULL;                                                                      \
+    int32_t *pi = NULL;                                                                    \
+    if (out == NULL) {                                                                     \
+      pv = malloc(sizeof *pv * (size_t)(threads * M + 1));                                 \
+      pi = malloc(sizeof *pi * (size_t)(threads * M + 1));                                 \
+      if (pv == NULL || pi == NULL) {                                                      \
+        free(pv), free(pi);                                                                \
+        return -2;                                                                         \
+      }                                                                                    \
+    }                                                                                      \
+    _Pragma("omp parallel for num_threads(threads) schedule(static, 1)")                   \
+    for (int64_t p = 0; p < threads; p++)                                                  \
+      NAME##_range(x, M, ldx, K, wp, V, out, ldo, pv ? pv + p * M : NULL,                  \
+                   pi ? pi + p * M : NULL, blocks * p / threads, blocks * (p + 1) / threads, mt); \
+    if (out != NULL) return 0;                                                             \
+    for (int64_t m = 0; m < M; m++) {                                                      \
+      int64_t best = m;                                                                    \
+      for (int64_t p = 1; p < threads; p++)                                                \
+        if (pv[p * M + m] > pv[best]) best = p * M + m;                                    \
+      out_idx[m] = pi[best];                                                               \
+    }                                                                                      \
+    free(pv), free(pi);                                                                    \
     return 0;                                                                              \
   }
 
-DRIVER(lm_head_f32, float, f32_tile)
-DRIVER(lm_head_bf16, uint16_t, bf16_tile)
+DRIVER(lm_head_f32, float)
+DRIVER(lm_head_bf16, uint16_t)

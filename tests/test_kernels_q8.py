@@ -1,0 +1,89 @@
+"""The int8 greedy LM head returns exactly the float kernel's argmax, whatever the input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels.cpu import _q8_library, _unsupported, build_lm_head
+
+
+def _heads(weight: torch.Tensor, threads: int = 2):
+    """(the head with the int8 pass, the same head's float argmax) or skip without VNNI."""
+    if _unsupported(weight) is not None or _q8_library() is None:
+        pytest.skip("no AVX-512 VNNI / BF16 on this CPU")
+    head = build_lm_head(weight, threads)
+    assert head is not None and head.q8 is not None
+    q8 = head.q8
+
+    def float_argmax(x: torch.Tensor) -> torch.Tensor:
+        head.q8 = None
+        try:
+            return head.argmax(x)
+        finally:
+            head.q8 = q8
+
+    return head, float_argmax
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_int8_argmax_equals_float_argmax(dtype: torch.dtype, threads: int) -> None:
+    gen = torch.Generator().manual_seed(threads)
+    vocab, hidden = 5000 + 3, 66  # a partial last block; hidden not a multiple of 4
+    weight = (torch.randn(vocab, hidden, generator=gen) * 0.05).to(dtype)
+    weight[4000:4010] = weight[17]  # exact ties: the first index wins
+    head, float_argmax = _heads(weight, threads)
+    for rows in (1, 2, 3, 7, 16, 21, 40):
+        for scale in (1e-3, 1.0, 300.0):
+            x = (torch.randn(rows, hidden, generator=gen) * scale).to(dtype)
+            if rows > 2:
+                x[2] = weight[17] * 40
+            got = head.argmax(x)
+            assert got.dtype == torch.int64 and got.shape == (rows,)
+            assert torch.equal(got, float_argmax(x))
+            assert torch.equal(got, head(x).argmax(dim=-1))
+            if rows > 2:
+                assert got[2].item() == 17
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("outlier", [False, True])
+def test_int8_argmax_on_hostile_inputs(dtype: torch.dtype, outlier: bool) -> None:
+    """Rows the int8 pass cannot serve fall back to a full float scan, with the same answer:
+    zero and non-finite x, thousands of exact ties (one thread's candidate list overflows
+    while the other's holds a near miss), near-ties closer than int8 can tell apart, and an
+    outlier row that makes the int8 weight coarse for every other row."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, hidden = 8000, 32
+    weight = (torch.randn(vocab, hidden, generator=gen) * 0.05).to(dtype)
+    if outlier:
+        weight[100] *= 200
+    weight[2000:4000] = weight[1]  # 2000 copies of row 1: its vocabulary half overflows...
+    weight[6500] = (weight[1].float() * (1 - 2**-9)).to(dtype)  # ... the other has a near miss
+    weight[7000] = weight[50]
+    weight[7001] = (weight[50].float() * (1 + 2**-12)).to(dtype)  # a near-tie with row 50
+    head, float_argmax = _heads(weight, threads=2)
+    x = torch.randn(9, hidden, generator=gen).to(dtype)
+    x[0] = 0
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    x[3] = weight[1] * 30  # the max is row 1, tied 2000 times
+    x[4] = weight[50] * 30  # rows 50, 7000 and 7001 within a hair of each other
+    x[5] = -weight[100]
+    x[6] = weight[100] * 1e-30  # tiny: denormal territory
+    got = head.argmax(x)
+    assert torch.equal(got, float_argmax(x))
+    assert got[3].item() == 1
+    finite = [0, 3, 4, 5, 7, 8]
+    assert torch.equal(got[finite], head(x[finite]).argmax(dim=-1))
+
+
+def test_int8_argmax_on_a_real_vocabulary() -> None:
+    """The Qwen-sized vocabulary of the benchmark, many random batches."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(151936, 64, generator=gen) * 0.02
+    head, float_argmax = _heads(weight)
+    for _ in range(20):
+        x = torch.randn(16, 64, generator=gen) * 2
+        assert torch.equal(head.argmax(x), float_argmax(x))
