@@ -78,6 +78,57 @@ def test_decode_attention_equals_dense_reference(dtype: torch.dtype) -> None:
         torch.testing.assert_close(out[i].float(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("waste", [1.0, 2.0, 100.0])
+def test_extend_attention_equals_dense_reference(dtype: torch.dtype, waste: float) -> None:
+    """Ragged extends (fresh prompts, chunks after a cached prefix) mixed with decode rows,
+    attended in padded groups == per-request dense causal attention."""
+    from engine.layers.attention import torch_backend
+
+    page, heads, kv_heads, dim = 4, 4, 2, 8
+    pool = PagePool(KVLayout.mha(1, kv_heads, dim, dtype), 128, page)
+    backend = TorchAttention(pool, scale=dim**-0.5)
+    gen = torch.Generator().manual_seed(1)
+    # (tokens this step, cached before): decode rows have q_len 1
+    shapes = [(7, 0), (1, 9), (5, 11), (12, 0), (12, 0), (1, 4), (3, 30)]
+    tables = [pool.alloc(-(-(q + c) // page))[::-1] for q, c in shapes]
+    k_buf = pool.k_buffer(0).view(-1, kv_heads, dim)
+    v_buf = pool.v_buffer(0).view(-1, kv_heads, dim)
+    ctx = []
+    for table, (q_len, cached) in zip(tables, shapes):
+        n = q_len + cached
+        k, v = (torch.randn(n, kv_heads, dim, generator=gen).to(dtype) for _ in range(2))
+        slots = torch.tensor(
+            [table[p // page] * page + p % page for p in range(cached)], dtype=torch.long
+        )
+        k_buf[slots], v_buf[slots] = k[:cached], v[:cached]
+        ctx.append((k, v))
+    q_lens = [q for q, _ in shapes]
+    kv_lens = [q + c for q, c in shapes]
+    q = torch.randn(sum(q_lens), heads, dim, generator=gen).to(dtype)
+    step_k = torch.cat([k[c:] for (k, _), (_, c) in zip(ctx, shapes)])
+    step_v = torch.cat([v[c:] for (_, v), (_, c) in zip(ctx, shapes)])
+    meta = backend.prepare(AttentionBatch(q_lens, kv_lens, tables, page))
+    meta.extend_groups = torch_backend.group_extends(meta.extends, page, waste)
+    if waste == 1.0:
+        assert len(meta.extend_groups) > 1  # only equal shapes share a group
+    if waste == 100.0:
+        assert len(meta.extend_groups) == 1
+    out = backend.forward(q, step_k, step_v, 0, meta)
+    row = 0
+    for (k, v), q_len, n in zip(ctx, q_lens, kv_lens):
+        kk = k.float().repeat_interleave(heads // kv_heads, dim=1)
+        vv = v.float().repeat_interleave(heads // kv_heads, dim=1)
+        qq = q[row : row + q_len].float()
+        scores = torch.einsum("thd,nhd->htn", qq, kk) * dim**-0.5
+        visible = torch.arange(n)[None, :] <= torch.arange(n - q_len, n)[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        want = torch.einsum("htn,nhd->thd", scores.softmax(-1), vv)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(out[row : row + q_len].float(), want, rtol=tol, atol=tol)
+        row += q_len
+
+
 def _lm_head_or_skip(weight: torch.Tensor, threads: int = 1):
     from engine.kernels.cpu import _unsupported, build_lm_head
 

@@ -5,8 +5,11 @@ Decoding requests (one new token each) are attended together: their pages are ga
 block, and an additive mask hides each row's tail. Attention runs in float32 whatever the
 cache dtype: on CPU, bfloat16 SDPA and bmm are several times slower than converting the
 gathered block, and float32 is the more exact of the two. Requests extending by several
-tokens (prefill chunks) are attended one by one with a causal mask offset by their cached
-length.
+tokens (prefill chunks) are attended together too: grouped so that padding wastes little, each
+group's queries are padded to its longest and its keys gathered from the cache (this step's
+included) in one `index_select`, under a causal mask offset by each request's cached length.
+CPU SDPA's per-call overhead is large at small head sizes: one call for 16 prompts of 256
+tokens is ~4x faster than 16 calls.
 """
 
 from __future__ import annotations
@@ -27,6 +30,60 @@ class ExtendItem:
     q_len: int
     kv_len: int
     ctx_slots: torch.Tensor | None  # None: no cached prefix, attend to this step's k/v
+    slots: torch.Tensor  # cache slots of positions [0, kv_len), this step's included
+
+
+@dataclass
+class ExtendGroup:
+    """Extends attended in one SDPA call, padded to [n, q_len] queries and [n, kv_len] keys."""
+
+    q_src: torch.Tensor  # [n * q_len] rows of q (padding repeats a request's last row)
+    kv_slots: torch.Tensor  # [n * kv_len] cache slots (padding: the reserved page)
+    mask: torch.Tensor | None  # [n, 1, q_len, kv_len] bool; None: all fresh, same length
+    out_src: torch.Tensor  # positions of real queries in the padded [n * q_len]
+    out_rows: torch.Tensor  # ... and their rows in q
+    n: int
+    q_len: int
+    kv_len: int
+
+
+def group_extends(items: list[ExtendItem], page_size: int, waste: float = 2.0):
+    """Groups of extends (in kv_len order) whose padded attention costs at most `waste` times
+    their own."""
+    groups, current = [], []
+    for item in sorted(items, key=lambda i: i.kv_len):
+        trial = [*current, item]
+        padded = len(trial) * max(i.q_len for i in trial) * item.kv_len
+        if current and padded > waste * sum(i.q_len * i.kv_len for i in trial):
+            groups.append(_group(current, page_size))
+            trial = [item]
+        current = trial
+    if current:
+        groups.append(_group(current, page_size))
+    return groups
+
+
+def _group(items: list[ExtendItem], page_size: int) -> ExtendGroup:
+    n, device = len(items), items[0].slots.device
+    q_len, kv_len = max(i.q_len for i in items), max(i.kv_len for i in items)
+    q_lens = torch.tensor([i.q_len for i in items], device=device)
+    kv_lens = torch.tensor([i.kv_len for i in items], device=device)
+    starts = torch.tensor([i.q_start for i in items], device=device)
+    cols = torch.arange(q_len, device=device)
+    q_src = starts[:, None] + torch.minimum(cols[None, :], q_lens[:, None] - 1)
+    real = cols[None, :] < q_lens[:, None]
+    pad = RESERVED_PAGE * page_size
+    kv_slots = torch.cat([F.pad(i.slots, (0, kv_len - i.kv_len), value=pad) for i in items])
+    mask = None
+    if any(i.q_len != q_len or i.kv_len != q_len for i in items):
+        keys = torch.arange(kv_len, device=device)
+        offset = (kv_lens - q_lens)[:, None, None]
+        mask = keys[None, None, :] <= cols[None, :, None] + offset
+        mask = (mask & (keys[None, None, :] < kv_lens[:, None, None]))[:, None]
+    out_src = real.flatten().nonzero()[:, 0]
+    return ExtendGroup(
+        q_src.flatten(), kv_slots, mask, out_src, q_src.flatten()[out_src], n, q_len, kv_len
+    )
 
 
 @dataclass
@@ -36,6 +93,7 @@ class TorchAttentionMeta:
     decode_rows: torch.Tensor | None  # [B] rows of q that decode
     decode_pages: torch.Tensor | None  # [B * max_pages] page ids, padded with RESERVED_PAGE
     decode_bias: torch.Tensor | None  # [B, 1, 1, max_pages * page_size] float32, 0 or -inf
+    extend_groups: list[ExtendGroup] | None = None  # built on first use (MHA only)
 
     def gather_decode(self, buffer: torch.Tensor) -> torch.Tensor:
         """The decoding requests' whole pages of `buffer` ([pages, page_size, *token_shape])
@@ -75,14 +133,14 @@ class TorchAttention(AttentionBackend):
                     decode_lens.append(kv_len)
                     row += 1
                     continue
-            pages = self._tensor(table)
+            slots = _slots(self._tensor(table), 0, kv_len, ps)
             if q_len > 1:
                 if singles:
                     pieces.append(self._tensor(singles))
                     singles = []
-                pieces.append(_slots(pages, kv_len - q_len, kv_len, ps))
-            ctx = _slots(pages, 0, kv_len, ps) if kv_len > q_len else None
-            extends.append(ExtendItem(row, q_len, kv_len, ctx))
+                pieces.append(slots[kv_len - q_len :])
+            ctx = slots if kv_len > q_len else None
+            extends.append(ExtendItem(row, q_len, kv_len, ctx, slots))
             row += q_len
         if singles:
             pieces.append(self._tensor(singles))
@@ -111,9 +169,10 @@ class TorchAttention(AttentionBackend):
         k_cache.index_copy_(0, meta.write_slots, k)
         v_cache.index_copy_(0, meta.write_slots, v)
         out = torch.empty_like(q)
-        for item in meta.extends:
-            rows = slice(item.q_start, item.q_start + item.q_len)
-            out[rows] = self._extend(q[rows], k[rows], v[rows], k_cache, v_cache, item)
+        if meta.extends and meta.extend_groups is None:
+            meta.extend_groups = group_extends(meta.extends, self.page_size)
+        for group in meta.extend_groups or ():
+            self._extend(q, k_cache, v_cache, out, group)
         if meta.decode_rows is not None:
             self._decode(q, out, layer, meta)
         return out
@@ -122,22 +181,24 @@ class TorchAttention(AttentionBackend):
         buffer = self.pool.latent_buffer(layer)
         return mla_attention(buffer, q_latent, q_rope, latent, k_rope, meta, self.scale)
 
-    def _extend(self, q, k, v, k_cache, v_cache, item: ExtendItem) -> torch.Tensor:
-        if item.ctx_slots is not None:
-            k, v = k_cache[item.ctx_slots], v_cache[item.ctx_slots]
+    def _extend(self, q, k_cache, v_cache, out, g: ExtendGroup) -> None:
         # float32 here too: CPU SDPA in bfloat16 is ~1.5x slower than converting first
-        qh, kh, vh = (t.transpose(0, 1).float() for t in (q, k, v))
-        if item.ctx_slots is None:
-            o = F.scaled_dot_product_attention(
-                qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True
-            )
-        else:
-            offset = item.kv_len - item.q_len
-            mask = torch.ones(item.q_len, item.kv_len, dtype=torch.bool, device=q.device)
-            o = F.scaled_dot_product_attention(
-                qh, kh, vh, attn_mask=mask.tril(offset), scale=self.scale, enable_gqa=True
-            )
-        return o.transpose(0, 1).to(q.dtype)
+        heads, dim = q.shape[1:]
+        qg = q.index_select(0, g.q_src).view(g.n, g.q_len, heads, dim)
+        kg = k_cache.index_select(0, g.kv_slots).view(g.n, g.kv_len, *k_cache.shape[1:])
+        vg = v_cache.index_select(0, g.kv_slots).view(g.n, g.kv_len, *v_cache.shape[1:])
+        qh, kh, vh = (t.transpose(1, 2).float() for t in (qg, kg, vg))
+        o = F.scaled_dot_product_attention(
+            qh,
+            kh,
+            vh,
+            attn_mask=g.mask,
+            is_causal=g.mask is None,
+            scale=self.scale,
+            enable_gqa=True,
+        )
+        o = o.transpose(1, 2).reshape(g.n * g.q_len, heads, dim)
+        out.index_copy_(0, g.out_rows, o.index_select(0, g.out_src).to(out.dtype))
 
     def _decode(self, q, out, layer: int, meta: TorchAttentionMeta) -> None:
         rows = meta.decode_rows
