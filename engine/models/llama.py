@@ -32,13 +32,20 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, ...], ctx: Any) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = q.view(-1, self.q_heads, self.head_dim)
-        k = k.view(-1, self.kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        q, k, v = self.qkv_proj.split(qkv)
         v = v.view(-1, self.kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+            q = self.q_norm(q.view(-1, self.q_heads, self.head_dim))
+            k = self.k_norm(k.view(-1, self.kv_heads, self.head_dim))
+            q, k = apply_rotary(q, *cos_sin), apply_rotary(k, *cos_sin)
+        else:
+            # q and k sit side by side in qkv: rotate them as one [T, q + kv heads] view
+            heads = self.q_heads + self.kv_heads
+            qk = apply_rotary(
+                qkv[:, : heads * self.head_dim].view(-1, heads, self.head_dim), *cos_sin
+            )
+            q, k = qk[:, : self.q_heads], qk[:, self.q_heads :]
         out = ctx.attention(q, k, v, self.layer)
         return self.o_proj(out.reshape(-1, self.q_heads * self.head_dim))
 
