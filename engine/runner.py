@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from engine.config import EngineConfig, ModelConfig
+from engine.kernels.attention import build_decode_attention
 from engine.kernels.cpu import build_lm_head, keep_freed_memory_mapped
 from engine.kv.pool import KVLayout, PagePool, available_memory_bytes, pages_for_budget
 from engine.layers.attention import AttentionBackend, AttentionBatch, create_backend
@@ -85,6 +86,12 @@ class ModelRunner:
         layout = kv_layout(model_cfg, self.dtype)
         self.pool = PagePool(layout, self._num_pages(layout), cfg.cache.page_size, cfg.device)
         self.attention = create_backend(cfg.attention_backend, self.pool, model_cfg.softmax_scale)
+        if (
+            cfg.cpu_kernels
+            and self.device.type == "cpu"
+            and hasattr(self.attention, "decode_kernel")
+        ):
+            self.attention.decode_kernel = build_decode_attention(torch.get_num_threads())
         self.sampler = Sampler(eos_token_ids, seed=cfg.seed)
         log.info(
             "model loaded: %s, %d KV pages of %d tokens",

@@ -48,13 +48,26 @@ def test_linear_equals_f_linear(dtype: torch.dtype, rows: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_equals_dense_reference(dtype: torch.dtype) -> None:
-    """Ragged decode batch over scattered pages == per-request dense softmax attention."""
-    page, heads, kv_heads, dim = 4, 4, 2, 8
+@pytest.mark.parametrize(
+    "native, heads, kv_heads, dim",
+    [(False, 4, 2, 8), (True, 4, 2, 16), (True, 8, 1, 64), (True, 3, 3, 128), (False, 3, 3, 128)],
+)
+def test_decode_attention_equals_dense_reference(
+    dtype: torch.dtype, native: bool, heads: int, kv_heads: int, dim: int
+) -> None:
+    """Ragged decode batch over scattered pages == per-request dense softmax attention, on
+    torch's path and on the native CPU kernel (which reads the pages in place)."""
+    from engine.kernels.attention import build_decode_attention
+
+    page = 4
     pool = PagePool(KVLayout.mha(1, kv_heads, dim, dtype), 64, page)
     backend = TorchAttention(pool, scale=dim**-0.5)
-    gen = torch.Generator().manual_seed(0)
-    lens = [1 + 5, 13, 2, 9]  # context lengths after this step's token
+    if native:
+        backend.decode_kernel = build_decode_attention(threads=2)
+        if backend.decode_kernel is None:
+            pytest.skip("no AVX-512 on this CPU")
+    gen = torch.Generator().manual_seed(dim)
+    lens = [1 + 5, 13, 2, 9, 40]  # context lengths after this step's token
     tables = [pool.alloc(-(-n // page))[::-1] for n in lens]  # reversed: non-contiguous
     ctx = [torch.randn(2, n, kv_heads, dim, generator=gen).to(dtype) for n in lens]
     k_buf, v_buf = (

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from engine.kernels.attention import DecodeAttention
 from engine.kv.pool import RESERVED_PAGE
 from engine.layers.attention.base import AttentionBackend, AttentionBatch
 from engine.layers.attention.torch_mla import mla_attention
@@ -91,16 +92,30 @@ class TorchAttentionMeta:
     write_slots: torch.Tensor  # [T]
     extends: list[ExtendItem]
     decode_rows: torch.Tensor | None  # [B] rows of q that decode
-    decode_pages: torch.Tensor | None  # [B * max_pages] page ids, padded with RESERVED_PAGE
-    decode_bias: torch.Tensor | None  # [B, 1, 1, max_pages * page_size] float32, 0 or -inf
+    decode_pages: torch.Tensor | None  # [B, max_pages] page ids, padded with RESERVED_PAGE
+    decode_lens: torch.Tensor | None  # [B] context lengths, this step's token included
+    page_size: int = 0
     extend_groups: list[ExtendGroup] | None = None  # built on first use (MHA only)
+    _decode_bias: torch.Tensor | None = None
+
+    @property
+    def decode_bias(self) -> torch.Tensor:
+        """[B, 1, 1, max_pages * page_size] float32: 0 where a row's context is, else -inf."""
+        assert self.decode_pages is not None and self.decode_lens is not None
+        if self._decode_bias is None:
+            span = self.decode_pages.shape[1] * self.page_size
+            positions = torch.arange(span, device=self.decode_lens.device)
+            visible = positions[None, :] < self.decode_lens[:, None]
+            bias = torch.zeros(visible.shape, dtype=torch.float32, device=visible.device)
+            self._decode_bias = bias.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+        return self._decode_bias
 
     def gather_decode(self, buffer: torch.Tensor) -> torch.Tensor:
         """The decoding requests' whole pages of `buffer` ([pages, page_size, *token_shape])
         as float32 [B, max_pages * page_size, *token_shape]."""
-        assert self.decode_pages is not None and self.decode_bias is not None
-        block = torch.index_select(buffer, 0, self.decode_pages)
-        return block.view(self.decode_bias.shape[0], -1, *buffer.shape[2:]).float()
+        assert self.decode_pages is not None
+        block = torch.index_select(buffer, 0, self.decode_pages.flatten())
+        return block.view(self.decode_pages.shape[0], -1, *buffer.shape[2:]).float()
 
 
 def _slots(page_table: torch.Tensor, start: int, end: int, page_size: int) -> torch.Tensor:
@@ -114,6 +129,8 @@ class TorchAttention(AttentionBackend):
         self.scale = scale
         self.page_size = pool.page_size
         self.device = pool.device
+        # the native CPU kernel for decode rows (engine/kernels/attention.py), set by the runner
+        self.decode_kernel: DecodeAttention | None = None
 
     def prepare(self, batch: AttentionBatch) -> TorchAttentionMeta:
         ps = self.page_size
@@ -144,7 +161,7 @@ class TorchAttention(AttentionBackend):
             row += q_len
         if singles:
             pieces.append(self._tensor(singles))
-        meta = TorchAttentionMeta(torch.cat(pieces), extends, None, None, None)
+        meta = TorchAttentionMeta(torch.cat(pieces), extends, None, None, None, ps)
         if decode_rows:
             self._prepare_decode(meta, decode_rows, decode_tables, decode_lens)
         return meta
@@ -155,12 +172,9 @@ class TorchAttention(AttentionBackend):
     def _prepare_decode(self, meta, rows, tables, lens) -> None:
         max_pages = max(len(t) for t in tables)
         flat = [p for t in tables for p in (*t, *[RESERVED_PAGE] * (max_pages - len(t)))]
-        positions = torch.arange(max_pages * self.page_size, device=self.device)
-        lens_t = torch.tensor(lens, device=self.device)
-        visible = positions[None, :] < lens_t[:, None]
-        bias = torch.zeros(visible.shape, dtype=torch.float32, device=self.device)
-        meta.decode_bias = bias.masked_fill_(~visible, float("-inf"))[:, None, None, :]
-        meta.decode_pages = torch.tensor(flat, dtype=torch.long, device=self.device)
+        pages = torch.tensor(flat, dtype=torch.long, device=self.device)
+        meta.decode_pages = pages.view(len(tables), max_pages)
+        meta.decode_lens = torch.tensor(lens, dtype=torch.long, device=self.device)
         meta.decode_rows = torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def forward(self, q, k, v, layer, meta: TorchAttentionMeta) -> torch.Tensor:
@@ -202,9 +216,15 @@ class TorchAttention(AttentionBackend):
 
     def _decode(self, q, out, layer: int, meta: TorchAttentionMeta) -> None:
         rows = meta.decode_rows
+        k_buffer, v_buffer = self.pool.k_buffer(layer), self.pool.v_buffer(layer)
+        kernel = self.decode_kernel
+        if kernel is not None and kernel.supports(k_buffer.dtype, q.shape[1], *k_buffer.shape[2:]):
+            o = kernel(q[rows], k_buffer, v_buffer, meta.decode_pages, meta.decode_lens, self.scale)
+            out[rows] = o.to(out.dtype)
+            return
         qd = q[rows].float()[:, :, None, :]  # [B, H, 1, D]
-        kd = meta.gather_decode(self.pool.k_buffer(layer)).transpose(1, 2)  # [B, Hkv, L, D]
-        vd = meta.gather_decode(self.pool.v_buffer(layer)).transpose(1, 2)
+        kd = meta.gather_decode(k_buffer).transpose(1, 2)  # [B, Hkv, L, D]
+        vd = meta.gather_decode(v_buffer).transpose(1, 2)
         o = F.scaled_dot_product_attention(
             qd, kd, vd, attn_mask=meta.decode_bias, scale=self.scale, enable_gqa=True
         )

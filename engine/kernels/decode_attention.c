@@ -1,0 +1,125 @@
+// Paged decode attention on x86 CPUs with AVX-512: one new query token per request against the
+// request's cached keys and values, read in place from the page pool (no gather copy).
+//
+//   out[b, h, :] = sum_t softmax_t(scale * q[b, h] . k_t) v_t,   t < lens[b]
+//
+// k and v are one layer's buffers, [slots, Hkv, D] of float32 or bfloat16 (slot = page *
+// page_size + offset), pages[b, :] the request's page table (padded), q and out float32
+// [B, Hq, D]; query head h reads kv head h / (Hq / Hkv) (GQA). D is a multiple of 16. Work is
+// split over (request, kv head) pairs on OpenMP threads (torch's pool where torch loaded
+// libgomp). Per pair: scores for every token and query head of the group, a max, a vectorized
+// exp (a degree-6 polynomial, ~1 ulp), then the weighted sum of v; float32 throughout.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define MAX_CHUNKS 16  // D <= 256
+#define MAX_GROUP 16   // query heads per kv head
+
+static inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
+
+static inline __m512 load16_bf16(const uint16_t *p) {
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// e^x for x <= 0 (x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor polynomial); exact 0 far
+// below the representable range.
+static inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+#define DEFINE_DECODE(NAME, T, LOAD)                                                        \
+  int NAME(const float *q, const T *k, const T *v, const int64_t *pages, const int64_t *lens, \
+           int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t page_size,                \
+           int64_t max_pages, float scale, float *out, int64_t threads) {                   \
+    if (D % 16 || D > 16 * MAX_CHUNKS || Hkv < 1 || Hq % Hkv || Hq / Hkv > MAX_GROUP ||     \
+        page_size < 1)                                                                      \
+      return -1;                                                                            \
+    int64_t longest = 1;                                                                    \
+    for (int64_t b = 0; b < B; b++) {                                                       \
+      if (lens[b] < 1 || lens[b] > max_pages * page_size) return -1;                        \
+      if (lens[b] > longest) longest = lens[b];                                             \
+    }                                                                                       \
+    const int64_t G = Hq / Hkv, C = D / 16, padded = (longest + 15) / 16 * 16;              \
+    int failed = 0;                                                                         \
+    _Pragma("omp parallel num_threads(threads > 0 ? threads : 1)") {                        \
+      float *scores = malloc(sizeof(float) * (size_t)(G * padded));                         \
+      if (scores == NULL) failed = 1;                                                       \
+      _Pragma("omp for schedule(static)")                                                   \
+      for (int64_t item = 0; item < B * Hkv; item++) {                                      \
+        if (scores == NULL) continue;                                                       \
+        const int64_t b = item / Hkv, h = item % Hkv, len = lens[b];                        \
+        const int64_t *table = pages + b * max_pages;                                       \
+        __m512 qv[MAX_GROUP][MAX_CHUNKS];                                                   \
+        float top[MAX_GROUP], total[MAX_GROUP];                                             \
+        for (int64_t g = 0; g < G; g++) {                                                   \
+          top[g] = -INFINITY, total[g] = 0.0f;                                              \
+          for (int64_t c = 0; c < C; c++)                                                   \
+            qv[g][c] = _mm512_mul_ps(load16(q + ((b * Hq + h * G + g) * D) + 16 * c),        \
+                                     _mm512_set1_ps(scale));                                \
+        }                                                                                   \
+        for (int64_t t = 0; t < len; t++) {                                                 \
+          int64_t slot = table[t / page_size] * page_size + t % page_size;                  \
+          const T *kp = k + (slot * Hkv + h) * D;                                           \
+          __m512 kc[MAX_CHUNKS];                                                            \
+          for (int64_t c = 0; c < C; c++) kc[c] = LOAD(kp + 16 * c);                        \
+          for (int64_t g = 0; g < G; g++) {                                                 \
+            __m512 dot = _mm512_mul_ps(qv[g][0], kc[0]);                                    \
+            for (int64_t c = 1; c < C; c++) dot = _mm512_fmadd_ps(qv[g][c], kc[c], dot);    \
+            float s = _mm512_reduce_add_ps(dot);                                            \
+            scores[g * padded + t] = s;                                                     \
+            top[g] = s > top[g] ? s : top[g];                                               \
+          }                                                                                 \
+        }                                                                                   \
+        for (int64_t g = 0; g < G; g++) {                                                   \
+          float *row = scores + g * padded;                                                 \
+          __m512 sum = _mm512_setzero_ps(), m = _mm512_set1_ps(top[g]);                     \
+          for (int64_t t = 0; t < len; t += 16) {                                           \
+            __mmask16 live = len - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - t)) - 1); \
+            __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, row + t), m)); \
+            e = _mm512_maskz_mov_ps(live, e);                                               \
+            _mm512_storeu_ps(row + t, e);                                                   \
+            sum = _mm512_add_ps(sum, e);                                                    \
+          }                                                                                 \
+          total[g] = _mm512_reduce_add_ps(sum);                                             \
+        }                                                                                   \
+        __m512 acc[MAX_GROUP][MAX_CHUNKS];                                                  \
+        for (int64_t g = 0; g < G; g++)                                                     \
+          for (int64_t c = 0; c < C; c++) acc[g][c] = _mm512_setzero_ps();                  \
+        for (int64_t t = 0; t < len; t++) {                                                 \
+          int64_t slot = table[t / page_size] * page_size + t % page_size;                  \
+          const T *vp = v + (slot * Hkv + h) * D;                                           \
+          for (int64_t c = 0; c < C; c++) {                                                 \
+            __m512 vc = LOAD(vp + 16 * c);                                                  \
+            for (int64_t g = 0; g < G; g++)                                                 \
+              acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * padded + t]), vc, acc[g][c]); \
+          }                                                                                 \
+        }                                                                                   \
+        for (int64_t g = 0; g < G; g++) {                                                   \
+          __m512 inv = _mm512_set1_ps(1.0f / total[g]);                                     \
+          for (int64_t c = 0; c < C; c++)                                                   \
+            _mm512_storeu_ps(out + (b * Hq + h * G + g) * D + 16 * c,                       \
+                             _mm512_mul_ps(acc[g][c], inv));                                \
+        }                                                                                   \
+      }                                                                                     \
+      free(scores);                                                                         \
+    }                                                                                       \
+    return failed ? -2 : 0;                                                                 \
+  }
+
+DEFINE_DECODE(decode_attention_f32, float, load16)
+DEFINE_DECODE(decode_attention_bf16, uint16_t, load16_bf16)
