@@ -15,6 +15,7 @@ import torch
 from engine.config import EngineConfig, ModelConfig
 from engine.kernels.attention import build_decode_attention
 from engine.kernels.cpu import build_lm_head, keep_freed_memory_mapped
+from engine.kernels.decode_layer import build_fused_decode
 from engine.kv.pool import KVLayout, PagePool, available_memory_bytes, pages_for_budget
 from engine.layers.attention import AttentionBackend, AttentionBatch, create_backend
 from engine.models import model_class
@@ -78,20 +79,13 @@ class ModelRunner:
         self.device = torch.device(cfg.device)
         self.dtype = cfg.dtype or model_cfg.dtype
         self.model = load_model(model_cfg, cfg.model_path, self.dtype, cfg.device)
-        self.lm_head_kernel = None
-        if cfg.cpu_kernels and self.device.type == "cpu":
-            keep_freed_memory_mapped()
-            threads = torch.get_num_threads()
-            self.lm_head_kernel = build_lm_head(self.model.lm_head_weight, threads)
         layout = kv_layout(model_cfg, self.dtype)
         self.pool = PagePool(layout, self._num_pages(layout), cfg.cache.page_size, cfg.device)
         self.attention = create_backend(cfg.attention_backend, self.pool, model_cfg.softmax_scale)
-        if (
-            cfg.cpu_kernels
-            and self.device.type == "cpu"
-            and hasattr(self.attention, "decode_kernel")
-        ):
-            self.attention.decode_kernel = build_decode_attention(torch.get_num_threads())
+        self.lm_head_kernel = None
+        self.fused_decode = None
+        if cfg.cpu_kernels and self.device.type == "cpu":
+            self._use_cpu_kernels()
         self.sampler = Sampler(eos_token_ids, seed=cfg.seed)
         log.info(
             "model loaded: %s, %d KV pages of %d tokens",
@@ -99,6 +93,16 @@ class ModelRunner:
             self.pool.total_pages,
             cfg.cache.page_size,
         )
+
+    def _use_cpu_kernels(self) -> None:
+        """The native CPU paths (engine/kernels/), each off by itself where it cannot run."""
+        keep_freed_memory_mapped()
+        threads = torch.get_num_threads()
+        self.lm_head_kernel = build_lm_head(self.model.lm_head_weight, threads)
+        if hasattr(self.attention, "decode_kernel"):  # the torch backend
+            self.attention.decode_kernel = build_decode_attention(threads)
+            scale = self.model_cfg.softmax_scale
+            self.fused_decode = build_fused_decode(self.model, self.pool, scale, threads)
 
     def _num_pages(self, layout: KVLayout) -> int:
         cache = self.cfg.cache
@@ -131,7 +135,10 @@ class ModelRunner:
         ctx = ForwardContext(self.attention, meta)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, pos, ctx)
+        if self.fused_decode is not None and not meta.extends and meta.decode_rows is not None:
+            hidden = self.fused_decode(input_ids, pos, meta)  # every row decodes: one call
+        else:
+            hidden = self.model(input_ids, pos, ctx)
         if not sampled:
             return StepResult([], None, None)
         params, states = [r.params for r in sampled], [r.sampler_state for r in sampled]

@@ -66,28 +66,31 @@ def cpu_flags() -> set[str]:
 
 
 def compile_library(
-    name: str = "lm_head", flags: tuple[str, ...] = CFLAGS, out_dir: Path | None = None
+    name: str | tuple[str, ...] = "lm_head",
+    flags: tuple[str, ...] = CFLAGS,
+    out_dir: Path | None = None,
 ) -> Path:
-    """The shared library built from `name`.c (with lm_head.h), compiled into `out_dir` unless
-    it is already there."""
+    """The shared library built from `name`.c (or several sources, named after the first;
+    all may include lm_head.h), compiled into `out_dir` unless it is already there."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        raise RuntimeError("no C compiler (install gcc, or set CC) to build the CPU LM head")
-    source = HERE / f"{name}.c"
-    text = source.read_bytes() + (HERE / "lm_head.h").read_bytes()
+        raise RuntimeError("no C compiler (install gcc, or set CC) to build the CPU kernels")
+    names = (name,) if isinstance(name, str) else name
+    sources = [HERE / f"{n}.c" for n in names]
+    text = b"".join(p.read_bytes() for p in [*sources, HERE / "lm_head.h"])
     digest = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
-    target = out_dir / f"{name}-{digest}.so"
+    target = out_dir / f"{names[0]}-{digest}.so"
     if target.is_file():
         return target
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        cmd = [compiler, *flags, "-o", tmp, str(source)]
+        cmd = [compiler, *flags, "-o", tmp, *map(str, sources)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed to build {source.name}: {proc.stderr.strip()}")
+            raise RuntimeError(f"{compiler} failed to build {names[0]}: {proc.stderr.strip()}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

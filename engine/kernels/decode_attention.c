@@ -42,19 +42,85 @@ static inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-#define DEFINE_DECODE(NAME, T, LOAD)                                                        \
+// One (request, kv head) pair: the G = Hq / Hkv query heads q[G, D] (scale applied here)
+// against tokens [0, len) found through `table`; out[G, D]. `scores` holds G * padded floats,
+// padded >= len rounded up to 16.
+#define DEFINE_ITEM(NAME, T, LOAD)                                                          \
+  void NAME(const float *q, const T *k, const T *v, const int64_t *table, int64_t len,      \
+            int64_t h, int64_t G, int64_t Hkv, int64_t D, int64_t page_size, float scale,   \
+            float *out, float *scores, int64_t padded) {                                    \
+    const int64_t C = D / 16;                                                               \
+    __m512 qv[MAX_GROUP][MAX_CHUNKS];                                                       \
+    float top[MAX_GROUP], total[MAX_GROUP];                                                 \
+    for (int64_t g = 0; g < G; g++) {                                                       \
+      top[g] = -INFINITY, total[g] = 0.0f;                                                  \
+      for (int64_t c = 0; c < C; c++)                                                       \
+        qv[g][c] = _mm512_mul_ps(load16(q + g * D + 16 * c), _mm512_set1_ps(scale));        \
+    }                                                                                       \
+    for (int64_t t = 0; t < len; t++) {                                                     \
+      int64_t slot = table[t / page_size] * page_size + t % page_size;                      \
+      const T *kp = k + (slot * Hkv + h) * D;                                               \
+      __m512 kc[MAX_CHUNKS];                                                                \
+      for (int64_t c = 0; c < C; c++) kc[c] = LOAD(kp + 16 * c);                            \
+      for (int64_t g = 0; g < G; g++) {                                                     \
+        __m512 dot = _mm512_mul_ps(qv[g][0], kc[0]);                                        \
+        for (int64_t c = 1; c < C; c++) dot = _mm512_fmadd_ps(qv[g][c], kc[c], dot);        \
+        float s = _mm512_reduce_add_ps(dot);                                                \
+        scores[g * padded + t] = s;                                                         \
+        top[g] = s > top[g] ? s : top[g];                                                   \
+      }                                                                                     \
+    }                                                                                       \
+    for (int64_t g = 0; g < G; g++) {                                                       \
+      float *row = scores + g * padded;                                                     \
+      __m512 sum = _mm512_setzero_ps(), m = _mm512_set1_ps(top[g]);                         \
+      for (int64_t t = 0; t < len; t += 16) {                                               \
+        __mmask16 live = len - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - t)) - 1); \
+        __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, row + t), m));  \
+        e = _mm512_maskz_mov_ps(live, e);                                                   \
+        _mm512_storeu_ps(row + t, e);                                                       \
+        sum = _mm512_add_ps(sum, e);                                                        \
+      }                                                                                     \
+      total[g] = _mm512_reduce_add_ps(sum);                                                 \
+    }                                                                                       \
+    __m512 acc[MAX_GROUP][MAX_CHUNKS];                                                      \
+    for (int64_t g = 0; g < G; g++)                                                         \
+      for (int64_t c = 0; c < C; c++) acc[g][c] = _mm512_setzero_ps();                      \
+    for (int64_t t = 0; t < len; t++) {                                                     \
+      int64_t slot = table[t / page_size] * page_size + t % page_size;                      \
+      const T *vp = v + (slot * Hkv + h) * D;                                               \
+      for (int64_t c = 0; c < C; c++) {                                                     \
+        __m512 vc = LOAD(vp + 16 * c);                                                      \
+        for (int64_t g = 0; g < G; g++)                                                     \
+          acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * padded + t]), vc, acc[g][c]); \
+      }                                                                                     \
+    }                                                                                       \
+    for (int64_t g = 0; g < G; g++) {                                                       \
+      __m512 inv = _mm512_set1_ps(1.0f / total[g]);                                         \
+      for (int64_t c = 0; c < C; c++)                                                       \
+        _mm512_storeu_ps(out + g * D + 16 * c, _mm512_mul_ps(acc[g][c], inv));              \
+    }                                                                                       \
+  }
+
+DEFINE_ITEM(decode_attention_f32_item, float, load16)
+DEFINE_ITEM(decode_attention_bf16_item, uint16_t, load16_bf16)
+
+// Whether the item code serves these shapes (the caller checks once per call).
+int decode_attention_supported(int64_t Hq, int64_t Hkv, int64_t D) {
+  return D % 16 == 0 && D <= 16 * MAX_CHUNKS && Hkv >= 1 && Hq % Hkv == 0 &&
+         Hq / Hkv <= MAX_GROUP;
+}
+
+#define DEFINE_DECODE(NAME, T)                                                              \
   int NAME(const float *q, const T *k, const T *v, const int64_t *pages, const int64_t *lens, \
            int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t page_size,                \
            int64_t max_pages, float scale, float *out, int64_t threads) {                   \
-    if (D % 16 || D > 16 * MAX_CHUNKS || Hkv < 1 || Hq % Hkv || Hq / Hkv > MAX_GROUP ||     \
-        page_size < 1)                                                                      \
-      return -1;                                                                            \
+    if (!decode_attention_supported(Hq, Hkv, D) || page_size < 1) return -1;                \
     int64_t longest = 1;                                                                    \
     for (int64_t b = 0; b < B; b++) {                                                       \
       if (lens[b] < 1 || lens[b] > max_pages * page_size) return -1;                        \
       if (lens[b] > longest) longest = lens[b];                                             \
     }                                                                                       \
-    const int64_t G = Hq / Hkv, C = D / 16, padded = (longest + 15) / 16 * 16;              \
+    const int64_t G = Hq / Hkv, padded = (longest + 15) / 16 * 16;                          \
     int failed = 0;                                                                         \
     _Pragma("omp parallel num_threads(threads > 0 ? threads : 1)") {                        \
       float *scores = malloc(sizeof(float) * (size_t)(G * padded));                         \
@@ -62,64 +128,14 @@ static inline __m512 exp_nonpositive(__m512 x) {
       _Pragma("omp for schedule(static)")                                                   \
       for (int64_t item = 0; item < B * Hkv; item++) {                                      \
         if (scores == NULL) continue;                                                       \
-        const int64_t b = item / Hkv, h = item % Hkv, len = lens[b];                        \
-        const int64_t *table = pages + b * max_pages;                                       \
-        __m512 qv[MAX_GROUP][MAX_CHUNKS];                                                   \
-        float top[MAX_GROUP], total[MAX_GROUP];                                             \
-        for (int64_t g = 0; g < G; g++) {                                                   \
-          top[g] = -INFINITY, total[g] = 0.0f;                                              \
-          for (int64_t c = 0; c < C; c++)                                                   \
-            qv[g][c] = _mm512_mul_ps(load16(q + ((b * Hq + h * G + g) * D) + 16 * c),        \
-                                     _mm512_set1_ps(scale));                                \
-        }                                                                                   \
-        for (int64_t t = 0; t < len; t++) {                                                 \
-          int64_t slot = table[t / page_size] * page_size + t % page_size;                  \
-          const T *kp = k + (slot * Hkv + h) * D;                                           \
-          __m512 kc[MAX_CHUNKS];                                                            \
-          for (int64_t c = 0; c < C; c++) kc[c] = LOAD(kp + 16 * c);                        \
-          for (int64_t g = 0; g < G; g++) {                                                 \
-            __m512 dot = _mm512_mul_ps(qv[g][0], kc[0]);                                    \
-            for (int64_t c = 1; c < C; c++) dot = _mm512_fmadd_ps(qv[g][c], kc[c], dot);    \
-            float s = _mm512_reduce_add_ps(dot);                                            \
-            scores[g * padded + t] = s;                                                     \
-            top[g] = s > top[g] ? s : top[g];                                               \
-          }                                                                                 \
-        }                                                                                   \
-        for (int64_t g = 0; g < G; g++) {                                                   \
-          float *row = scores + g * padded;                                                 \
-          __m512 sum = _mm512_setzero_ps(), m = _mm512_set1_ps(top[g]);                     \
-          for (int64_t t = 0; t < len; t += 16) {                                           \
-            __mmask16 live = len - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - t)) - 1); \
-            __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, row + t), m)); \
-            e = _mm512_maskz_mov_ps(live, e);                                               \
-            _mm512_storeu_ps(row + t, e);                                                   \
-            sum = _mm512_add_ps(sum, e);                                                    \
-          }                                                                                 \
-          total[g] = _mm512_reduce_add_ps(sum);                                             \
-        }                                                                                   \
-        __m512 acc[MAX_GROUP][MAX_CHUNKS];                                                  \
-        for (int64_t g = 0; g < G; g++)                                                     \
-          for (int64_t c = 0; c < C; c++) acc[g][c] = _mm512_setzero_ps();                  \
-        for (int64_t t = 0; t < len; t++) {                                                 \
-          int64_t slot = table[t / page_size] * page_size + t % page_size;                  \
-          const T *vp = v + (slot * Hkv + h) * D;                                           \
-          for (int64_t c = 0; c < C; c++) {                                                 \
-            __m512 vc = LOAD(vp + 16 * c);                                                  \
-            for (int64_t g = 0; g < G; g++)                                                 \
-              acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * padded + t]), vc, acc[g][c]); \
-          }                                                                                 \
-        }                                                                                   \
-        for (int64_t g = 0; g < G; g++) {                                                   \
-          __m512 inv = _mm512_set1_ps(1.0f / total[g]);                                     \
-          for (int64_t c = 0; c < C; c++)                                                   \
-            _mm512_storeu_ps(out + (b * Hq + h * G + g) * D + 16 * c,                       \
-                             _mm512_mul_ps(acc[g][c], inv));                                \
-        }                                                                                   \
+        const int64_t b = item / Hkv, h = item % Hkv;                                       \
+        NAME##_item(q + (b * Hq + h * G) * D, k, v, pages + b * max_pages, lens[b], h, G,   \
+                    Hkv, D, page_size, scale, out + (b * Hq + h * G) * D, scores, padded);  \
       }                                                                                     \
       free(scores);                                                                         \
     }                                                                                       \
     return failed ? -2 : 0;                                                                 \
   }
 
-DEFINE_DECODE(decode_attention_f32, float, load16)
-DEFINE_DECODE(decode_attention_bf16, uint16_t, load16_bf16)
+DEFINE_DECODE(decode_attention_f32, float)
+DEFINE_DECODE(decode_attention_bf16, uint16_t)

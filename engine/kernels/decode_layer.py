@@ -1,0 +1,143 @@
+"""A whole decode step of a small Llama-family model in one native call (decode_layer.c).
+
+At decode batch sizes a small model's layer is ~25 torch ops of a few microseconds each, so
+dispatch, not arithmetic, is most of the step. `FusedLlamaDecode` runs every layer of a pure
+decode step (each row one new token with cached context) through one C call on weights packed
+once at load; embeddings, the rotary table and the final norm stay torch's. The runner uses it
+only for float32 Llama/Qwen2/Qwen3 on AVX-512 CPUs, with the torch attention backend, and only
+for models small enough that the packed copy of their layer weights is cheap (`MAX_BYTES`);
+large models are bound by their matmuls, where torch's GEMMs are the right tool anyway.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import subprocess
+from typing import Any
+
+import torch
+
+from engine.kernels.cpu import CFLAGS, compile_library, cpu_flags, pack_weight
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("decode_layer", "lm_head", "decode_attention")
+MAX_BYTES = 1 << 30  # packed layer weights kept beside the model's own
+_P = ctypes.c_void_p
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        (name, _P)
+        for name in (
+            "in_norm", "post_norm", "q_norm", "k_norm", "qkv_w", "qkv_b",
+            "o_w", "gate_up_w", "down_w", "k_cache", "v_cache",
+        )
+    ]  # fmt: skip
+
+
+class _Shape(ctypes.Structure):
+    _fields_ = [
+        *[(n, ctypes.c_int64) for n in ("hidden", "heads", "kv_heads", "head_dim", "inter")],
+        ("page_size", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]
+
+
+class _Batch(ctypes.Structure):
+    _fields_ = [
+        ("rows", ctypes.c_int64),
+        ("max_pages", ctypes.c_int64),
+        *[(n, _P) for n in ("cos", "sin", "slots", "pages", "lens")],
+    ]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class FusedLlamaDecode:
+    """Final hidden states [B, hidden] of a pure decode step (see the module docstring)."""
+
+    def __init__(self, lib: ctypes.CDLL, model: Any, pool: Any, scale: float, threads: int):
+        cfg = model.cfg
+        self.model, self.threads = model, max(1, threads)
+        self._fn = lib.llama_decode_f32
+        self._fn.argtypes = [_P, ctypes.c_int64, _P, _P, _P, ctypes.c_int64]
+        self._fn.restype = ctypes.c_int
+        self.shape = _Shape(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            cfg.intermediate_size, pool.page_size, model.layers[0].input_layernorm.eps, scale,
+        )  # fmt: skip
+        self._keep: list[torch.Tensor] = []  # everything the C structs point into
+        self.layers = (_Layer * len(model.layers))()
+        for i, layer in enumerate(model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            fields = {
+                "in_norm": layer.input_layernorm.weight,
+                "post_norm": layer.post_attention_layernorm.weight,
+                "q_norm": None if attn.q_norm is None else attn.q_norm.weight,
+                "k_norm": None if attn.k_norm is None else attn.k_norm.weight,
+                "qkv_w": pack_weight(attn.qkv_proj.weight.detach()),
+                "qkv_b": attn.qkv_proj.bias,
+                "o_w": pack_weight(attn.o_proj.weight.detach()),
+                "gate_up_w": pack_weight(mlp.gate_up_proj.weight.detach()),
+                "down_w": pack_weight(mlp.down_proj.weight.detach()),
+                "k_cache": pool.k_buffer(i),
+                "v_cache": pool.v_buffer(i),
+            }
+            for name, tensor in fields.items():
+                if tensor is not None:
+                    tensor = tensor.detach()
+                    assert tensor.is_contiguous() and tensor.dtype == torch.float32, name
+                    self._keep.append(tensor)
+                setattr(self.layers[i], name, _ptr(tensor))
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
+        """`meta`: the torch backend's metadata of a step whose every row decodes."""
+        x = self.model.embed_tokens(input_ids).contiguous()
+        cos, sin = (t[:, 0, :].contiguous() for t in self.model.rotary.cos_sin(positions, x.dtype))
+        pages, lens, slots = meta.decode_pages.contiguous(), meta.decode_lens, meta.write_slots
+        batch = _Batch(x.shape[0], pages.shape[1], *map(_ptr, (cos, sin, slots, pages, lens)))
+        args = (self.layers, len(self.layers), ctypes.byref(self.shape), ctypes.byref(batch))
+        code = self._fn(*args, x.data_ptr(), self.threads)
+        if code:
+            raise RuntimeError(f"fused decode kernel failed (code {code})")
+        return self.model.norm(x)
+
+
+def fused_decode_unsupported(model: Any, pool: Any) -> str | None:
+    """Why `FusedLlamaDecode` cannot serve this model, or None."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or cfg.family not in ("llama", "qwen2", "qwen3") or cfg.moe or cfg.mla:
+        return "not a dense Llama-family model"
+    weight = model.layers[0].self_attn.qkv_proj.weight
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return f"weights are {weight.dtype} on {weight.device}, the kernel is float32 on CPU"
+    if pool.layout.dtype != torch.float32:
+        return "the KV cache is not float32"
+    if cfg.head_dim % 16 or cfg.head_dim > 256 or cfg.num_heads // cfg.num_kv_heads > 16:
+        return f"head_dim {cfg.head_dim} / GQA group not served (multiples of 16, <= 256)"
+    size = sum(p.numel() * p.element_size() for p in model.layers.parameters())
+    if size > MAX_BYTES:
+        return (
+            f"layer weights are {size >> 20} MiB, above the {MAX_BYTES >> 20} MiB this path copies"
+        )
+    if "avx512f" not in cpu_flags():
+        return "this CPU lacks avx512f"
+    return None
+
+
+def build_fused_decode(model: Any, pool: Any, scale: float, threads: int):
+    """The fused decode path for `model`, or None (reason logged)."""
+    reason = fused_decode_unsupported(model, pool)
+    if reason is None:
+        try:
+            lib = ctypes.CDLL(str(compile_library(SOURCES, CFLAGS)))
+            return FusedLlamaDecode(lib, model, pool, scale, threads)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            reason = str(exc)
+    log.info("fused CPU decode off: %s", reason)
+    return None
