@@ -74,11 +74,11 @@
 DEFINE_TILES(lm_head_f32_tile, float, F32_BLOCK)
 DEFINE_TILES(lm_head_bf16_tile, uint16_t, BF16_BLOCK)
 
-// x[M, K] against vocabulary blocks [b0, b1) (exported: decode_layer.c runs its small matmuls
-// through it), in tiles of `mt` rows of x (1, 2, 4, 8 or 16; M
+// x[M, K] against vocabulary blocks [b0, b1), in tiles of `mt` rows of x (1, 2, 4, 8 or 16; M
 // a multiple of it). Each tile streams the weight once, so the caller pads a small M up to one
 // tile rather than splitting it. out[M, ldo] (columns [16 b0, min(V, 16 b1))) gets the logits;
 // with out NULL, best_val[M] / best_idx[M] get each row's max over those columns and its index.
+// Exported: decode_layer.c runs its small matmuls through it.
 #define RANGE(NAME, T, TILE)                                                               \
   void NAME##_range(const T *x, int64_t M, int64_t ldx, int64_t K, const T *wp, int64_t V, \
                     float *out, int64_t ldo, float *best_val, int32_t *best_idx,          \
