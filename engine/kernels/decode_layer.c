@@ -1,5 +1,7 @@
 // A pure decode step through every layer of a Llama-family model (Llama, Qwen2's qkv bias,
-// Qwen3's q/k norms) in float32 on x86 CPUs with AVX-512, in one call.
+// Qwen3's q/k norms) on x86 CPUs with AVX-512, in one call. Activations and weights are float32
+// (a bfloat16 model's weights are widened once at load); the KV cache is float32 or bfloat16
+// (stored rounded to nearest even, as torch converts).
 //
 // Why: a small model's decode layer is ~25 torch ops of a few microseconds of work each, so
 // per-op dispatch, not arithmetic, is most of its time. Here each layer is the same math as
@@ -23,6 +25,10 @@ void decode_attention_f32_item(const float *q, const float *k, const float *v,
                                const int64_t *table, int64_t len, int64_t h, int64_t G,
                                int64_t Hkv, int64_t D, int64_t page_size, float scale,
                                float *out, float *scores, int64_t padded);
+void decode_attention_bf16_item(const float *q, const uint16_t *k, const uint16_t *v,
+                                const int64_t *table, int64_t len, int64_t h, int64_t G,
+                                int64_t Hkv, int64_t D, int64_t page_size, float scale,
+                                float *out, float *scores, int64_t padded);
 int decode_attention_supported(int64_t Hq, int64_t Hkv, int64_t D);
 
 struct llama_layer {
@@ -30,11 +36,12 @@ struct llama_layer {
   const float *q_norm, *k_norm;      // [head_dim], or NULL
   const float *qkv_w, *qkv_b;        // packed [(q + 2 kv) heads * head_dim outputs], bias or NULL
   const float *o_w, *gate_up_w, *down_w;  // packed; gate_up: [gate | up] outputs
-  float *k_cache, *v_cache;          // this layer's pool buffers, [slots, kv_heads, head_dim]
+  void *k_cache, *v_cache;  // this layer's pool buffers, [slots, kv_heads, head_dim]
 };
 
 struct llama_shape {
   int64_t hidden, heads, kv_heads, head_dim, inter, page_size;
+  int64_t bf16_cache;  // the KV cache holds bfloat16 (else float32)
   float eps, scale;
 };
 
@@ -80,6 +87,22 @@ static void rotate(float *x, const float *cos, const float *sin, int64_t half) {
   }
 }
 
+// n floats into cache elements [at, at + n), as float32 or bfloat16 (nearest even; NaN stays
+// NaN).
+static void store(void *cache, int64_t at, const float *x, int64_t n, int64_t bf16) {
+  if (!bf16) {
+    memcpy((float *)cache + at, x, sizeof(float) * (size_t)n);
+    return;
+  }
+  uint16_t *out = (uint16_t *)cache + at;
+  for (int64_t i = 0; i < n; i++) {
+    uint32_t bits;
+    memcpy(&bits, &x[i], sizeof bits);
+    out[i] = isnan(x[i]) ? (uint16_t)((bits >> 16) | 0x40)
+                         : (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+  }
+}
+
 // Row m's q/k post-processing and cache write: bias, per-head norms, rotary, store k and v.
 static void prepare_row(const struct llama_layer *L, const struct llama_shape *s,
                         const struct decode_batch *b, float *qkv_row, int64_t m) {
@@ -93,9 +116,8 @@ static void prepare_row(const struct llama_layer *L, const struct llama_shape *s
     if (norm != NULL) rmsnorm(head, norm, D, s->eps, head);
     rotate(head, b->cos + m * (D / 2), b->sin + m * (D / 2), D / 2);
   }
-  size_t bytes = sizeof(float) * (size_t)(s->kv_heads * D);
-  memcpy(L->k_cache + b->slots[m] * s->kv_heads * D, k, bytes);
-  memcpy(L->v_cache + b->slots[m] * s->kv_heads * D, v, bytes);
+  store(L->k_cache, b->slots[m] * s->kv_heads * D, k, s->kv_heads * D, s->bf16_cache);
+  store(L->v_cache, b->slots[m] * s->kv_heads * D, v, s->kv_heads * D, s->bf16_cache);
 }
 
 static void layer(const struct llama_layer *L, const struct llama_shape *s,
@@ -112,10 +134,15 @@ static void layer(const struct llama_layer *L, const struct llama_shape *s,
 #pragma omp for schedule(static)
   for (int64_t item = 0; item < M * s->kv_heads; item++) {
     int64_t m = item / s->kv_heads, kh = item % s->kv_heads;
-    decode_attention_f32_item(qkv + m * width + kh * G * D, L->k_cache, L->v_cache,
-                              b->pages + m * b->max_pages, b->lens[m], kh, G, s->kv_heads, D,
-                              s->page_size, s->scale, attn + (m * s->heads + kh * G) * D,
-                              scores, padded);
+    const float *q = qkv + m * width + kh * G * D;
+    const int64_t *table = b->pages + m * b->max_pages;
+    float *o = attn + (m * s->heads + kh * G) * D;
+    if (s->bf16_cache)
+      decode_attention_bf16_item(q, L->k_cache, L->v_cache, table, b->lens[m], kh, G,
+                                 s->kv_heads, D, s->page_size, s->scale, o, scores, padded);
+    else
+      decode_attention_f32_item(q, L->k_cache, L->v_cache, table, b->lens[m], kh, G,
+                                s->kv_heads, D, s->page_size, s->scale, o, scores, padded);
   }
   matmul(attn, M, s->heads * D, L->o_w, H, tmp);
 #pragma omp barrier

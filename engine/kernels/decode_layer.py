@@ -4,9 +4,15 @@ At decode batch sizes a small model's layer is ~25 torch ops of a few microsecon
 dispatch, not arithmetic, is most of the step. `FusedLlamaDecode` runs every layer of a pure
 decode step (each row one new token with cached context) through one C call on weights packed
 once at load; embeddings, the rotary table and the final norm stay torch's. The runner uses it
-only for float32 Llama/Qwen2/Qwen3 on AVX-512 CPUs, with the torch attention backend, and only
-for models small enough that the packed copy of their layer weights is cheap (`MAX_BYTES`);
+only for Llama/Qwen2/Qwen3 on AVX-512 CPUs, with the torch attention backend, and only for
+models small enough that the packed float32 copy of their layer weights is cheap (`MAX_BYTES`);
 large models are bound by their matmuls, where torch's GEMMs are the right tool anyway.
+
+Arithmetic is float32 throughout. For a bfloat16 model that is wider than torch's path (which
+rounds every activation to bfloat16): the weights are widened exactly, keys and values are
+rounded to bfloat16 as the cache stores them, and the hidden state is rounded before the final
+norm, so the step's tokens can differ from the torch path's only where bfloat16 rounding
+decides a near-tie.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class _Shape(ctypes.Structure):
     _fields_ = [
         *[(n, ctypes.c_int64) for n in ("hidden", "heads", "kv_heads", "head_dim", "inter")],
         ("page_size", ctypes.c_int64),
+        ("bf16_cache", ctypes.c_int64),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
     ]
@@ -52,6 +59,10 @@ class _Batch(ctypes.Structure):
         ("max_pages", ctypes.c_int64),
         *[(n, _P) for n in ("cos", "sin", "slots", "pages", "lens")],
     ]
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor:
+    return pack_weight(weight.detach().float())
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -69,7 +80,8 @@ class FusedLlamaDecode:
         self._fn.restype = ctypes.c_int
         self.shape = _Shape(
             cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-            cfg.intermediate_size, pool.page_size, model.layers[0].input_layernorm.eps, scale,
+            cfg.intermediate_size, pool.page_size, int(pool.layout.dtype == torch.bfloat16),
+            model.layers[0].input_layernorm.eps, scale,
         )  # fmt: skip
         self._keep: list[torch.Tensor] = []  # everything the C structs point into
         self.layers = (_Layer * len(model.layers))()
@@ -80,32 +92,33 @@ class FusedLlamaDecode:
                 "post_norm": layer.post_attention_layernorm.weight,
                 "q_norm": None if attn.q_norm is None else attn.q_norm.weight,
                 "k_norm": None if attn.k_norm is None else attn.k_norm.weight,
-                "qkv_w": pack_weight(attn.qkv_proj.weight.detach()),
+                "qkv_w": _packed(attn.qkv_proj.weight),
                 "qkv_b": attn.qkv_proj.bias,
-                "o_w": pack_weight(attn.o_proj.weight.detach()),
-                "gate_up_w": pack_weight(mlp.gate_up_proj.weight.detach()),
-                "down_w": pack_weight(mlp.down_proj.weight.detach()),
-                "k_cache": pool.k_buffer(i),
-                "v_cache": pool.v_buffer(i),
+                "o_w": _packed(attn.o_proj.weight),
+                "gate_up_w": _packed(mlp.gate_up_proj.weight),
+                "down_w": _packed(mlp.down_proj.weight),
             }
             for name, tensor in fields.items():
                 if tensor is not None:
-                    tensor = tensor.detach()
-                    assert tensor.is_contiguous() and tensor.dtype == torch.float32, name
+                    tensor = tensor.detach().float().contiguous()
                     self._keep.append(tensor)
                 setattr(self.layers[i], name, _ptr(tensor))
+            self.layers[i].k_cache = pool.k_buffer(i).data_ptr()
+            self.layers[i].v_cache = pool.v_buffer(i).data_ptr()
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
         """`meta`: the torch backend's metadata of a step whose every row decodes."""
-        x = self.model.embed_tokens(input_ids).contiguous()
-        cos, sin = (t[:, 0, :].contiguous() for t in self.model.rotary.cos_sin(positions, x.dtype))
+        embedded = self.model.embed_tokens(input_ids)
+        x = embedded.float().contiguous()
+        cos_sin = self.model.rotary.cos_sin(positions, torch.float32)
+        cos, sin = (t[:, 0, :].contiguous() for t in cos_sin)
         pages, lens, slots = meta.decode_pages.contiguous(), meta.decode_lens, meta.write_slots
         batch = _Batch(x.shape[0], pages.shape[1], *map(_ptr, (cos, sin, slots, pages, lens)))
         args = (self.layers, len(self.layers), ctypes.byref(self.shape), ctypes.byref(batch))
         code = self._fn(*args, x.data_ptr(), self.threads)
         if code:
             raise RuntimeError(f"fused decode kernel failed (code {code})")
-        return self.model.norm(x)
+        return self.model.norm(x.to(embedded.dtype))
 
 
 def fused_decode_unsupported(model: Any, pool: Any) -> str | None:
@@ -114,13 +127,13 @@ def fused_decode_unsupported(model: Any, pool: Any) -> str | None:
     if cfg is None or cfg.family not in ("llama", "qwen2", "qwen3") or cfg.moe or cfg.mla:
         return "not a dense Llama-family model"
     weight = model.layers[0].self_attn.qkv_proj.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return f"weights are {weight.dtype} on {weight.device}, the kernel is float32 on CPU"
-    if pool.layout.dtype != torch.float32:
-        return "the KV cache is not float32"
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16):
+        return f"weights are {weight.dtype} on {weight.device}: float32 or bfloat16 on CPU only"
+    if pool.layout.dtype not in (torch.float32, torch.bfloat16):
+        return f"the KV cache is {pool.layout.dtype}"
     if cfg.head_dim % 16 or cfg.head_dim > 256 or cfg.num_heads // cfg.num_kv_heads > 16:
         return f"head_dim {cfg.head_dim} / GQA group not served (multiples of 16, <= 256)"
-    size = sum(p.numel() * p.element_size() for p in model.layers.parameters())
+    size = sum(p.numel() * 4 for p in model.layers.parameters())  # the float32 copies
     if size > MAX_BYTES:
         return (
             f"layer weights are {size >> 20} MiB, above the {MAX_BYTES >> 20} MiB this path copies"
