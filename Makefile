@@ -9,10 +9,11 @@ PYTEST_ARGS ?=
 setup: system-deps python-deps
 
 # Mooncake's transfer engine links against the RDMA user-space libraries, even for TCP; the
-# engine's native CPU LM head (engine/kernels) is compiled with the system C compiler.
+# engine's native CPU kernels (engine/kernels) are compiled with the system C compiler, OpenMP on.
 system-deps:
 	@if ! ldconfig -p | grep -q libibverbs.so.1 || ! ldconfig -p | grep -q librdmacm.so.1 \
-			|| ! echo '#include <stdint.h>' | cc -E -x c - >/dev/null 2>&1; then \
+			|| ! printf '#include <stdint.h>\nint main(void) { return 0; }\n' \
+				| cc -fopenmp -x c - -o /dev/null >/dev/null 2>&1; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
