@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from engine.kernels.q8 import Q8Argmax
+from engine.kernels.q8 import Q8_MAX_HIDDEN, Q8Argmax
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,9 @@ class CpuLMHead:
         self.threads = max(1, threads)
         self.packed = pack_weight(weight.detach())
         self._fn = lib.lm_head_f32 if self.dtype == torch.float32 else lib.lm_head_bf16
-        self.q8 = None if q8_lib is None else Q8Argmax(q8_lib, weight.detach(), self.packed)
+        self.q8 = None
+        if q8_lib is not None and self.hidden <= Q8_MAX_HIDDEN:
+            self.q8 = Q8Argmax(q8_lib, weight.detach(), self.packed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """float32 logits [M, V]."""

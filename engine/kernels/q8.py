@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 BLOCK = 16
+Q8_MAX_HIDDEN = 32768  # int32 sums of int8 products cannot overflow below this (lm_head_q8.c)
 CHUNK_ROWS = 8192  # vocabulary rows quantized at a time (bounds the float64 temporaries)
 
 
