@@ -39,9 +39,12 @@ or an injected ``TransferBackend`` (the in-process ``fake`` one is for unit test
 
 Engine notes. Descriptors: runs of pages contiguous on both sides merge; batches stay under
 ``max_batch_descriptors`` (Mooncake 256, NIXL 4096 by default) with ``max_inflight_batches`` of
-them submitted at once, on ``num_workers`` writer threads. Mooncake: ``P2PHANDSHAKE`` (no
+them submitted at once; at most ``num_workers`` rooms are written to one decode at once, and
+the writer pool grows past a decode that hangs (its waits block a thread until the engine gives
+up), so the other decodes' rooms never queue behind it. Mooncake: ``P2PHANDSHAKE`` (no
 metadata service); its TCP per-peer queue is raised through ``MC_TCP_*`` environment defaults
-(explicit settings win) and a batch's wait is bounded by Mooncake's own ``MC_TRANSFER_TIMEOUT``.
+(explicit settings win) and a batch's wait is bounded by Mooncake's own ``MC_TRANSFER_TIMEOUT``,
+which defaults to the room's ``transfer_timeout_s``.
 NIXL: UCX backend, no listener thread; on machines without RDMA devices ``UCX_MODULES=^ib`` is
 set by default (loading UCX's IB modules there crashes the process at exit).
 """

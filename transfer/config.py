@@ -31,7 +31,7 @@ class TransferConfig:
     heartbeat_timeout_s: float = 6.0
     max_batch_descriptors: int = 0  # 0 = the backend's default
     max_inflight_batches: int = 4  # batches of one room submitted at once
-    num_workers: int = 2  # prefill writer threads (rooms written at once)
+    num_workers: int = 2  # prefill: rooms written at once to one decode (threads grow to 8x)
     meta_slots: int = 1024  # decode: rooms that can be open at once
     meta_slot_bytes: int = 2048  # room metadata block (first token, top logprobs)
     mooncake_tcp_lanes: int = 0  # MC_TCP_LANES_PER_PEER (0 = Mooncake's default, 4)

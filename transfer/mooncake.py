@@ -6,6 +6,7 @@ by its session id ``ip:rpc_port`` and its buffer addresses come over our control
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -34,7 +35,12 @@ class MooncakeBackend(TransferBackend):
     default_batch_descriptors = 256
 
     def __init__(
-        self, host: str = "127.0.0.1", protocol: str = "tcp", device: str = "", tcp_lanes: int = 0
+        self,
+        host: str = "127.0.0.1",
+        protocol: str = "tcp",
+        device: str = "",
+        tcp_lanes: int = 0,
+        timeout_s: float = 0.0,
     ) -> None:
         try:
             from mooncake.engine import TransferEngine
@@ -51,6 +57,10 @@ class MooncakeBackend(TransferBackend):
             os.environ["MC_TCP_LANES_PER_PEER"] = str(tcp_lanes)
         for name, value in _TCP_QUEUE_DEFAULTS.items():
             os.environ.setdefault(name, value)
+        if timeout_s > 0:
+            # a batch wait gives up with the room (transfer_timeout_s), not at Mooncake's 30 s:
+            # sooner for a decode that hung, and never first for a large, slow, healthy room
+            os.environ.setdefault("MC_TRANSFER_TIMEOUT", str(math.ceil(timeout_s)))
         self._engine = TransferEngine()
         rc = self._engine.initialize(host, "P2PHANDSHAKE", protocol, device)
         if rc != 0:
@@ -63,7 +73,13 @@ class MooncakeBackend(TransferBackend):
 
     @classmethod
     def from_config(cls, config: TransferConfig) -> MooncakeBackend:
-        return cls(config.host, config.protocol, config.device, config.mooncake_tcp_lanes)
+        return cls(
+            config.host,
+            config.protocol,
+            config.device,
+            config.mooncake_tcp_lanes,
+            config.transfer_timeout_s,
+        )
 
     def register(self, regions: Sequence[MemoryRegion]) -> None:
         for region in regions:
@@ -95,8 +111,8 @@ class MooncakeBackend(TransferBackend):
         return batch_id
 
     def wait(self, handle: Any, deadline: float) -> str:
-        # NOTE: Mooncake bounds this wait itself (MC_TRANSFER_TIMEOUT, 30 s by default); a
-        # dead peer fails it at once through a reset connection.
+        # NOTE: Mooncake bounds this wait itself (MC_TRANSFER_TIMEOUT: the room's transfer
+        # timeout, see __init__); a dead peer fails it at once through a reset connection.
         rc = self._engine.get_batch_transfer_status([handle])
         return "" if rc == 0 else f"Mooncake batch failed (status {rc})"
 

@@ -5,6 +5,12 @@ Each room's descriptors go out in batches under the engine's limit with up to
 The metadata block goes last, after every page batch has completed. A job always waits for all
 of its submitted batches before it reports, so once a room is reported done (or failed) no write
 of it is still in flight.
+
+A wait can block: an engine bounds its own waits (Mooncake: ``MC_TRANSFER_TIMEOUT``), and a
+decode that hangs rather than dies keeps its writer busy that long. So no peer may hold more
+than ``per_peer`` writers (its further rooms queue behind its own), and the pool starts another
+thread whenever a job would otherwise wait for one, up to ``max_threads``: a hung decode delays
+only its own rooms.
 """
 
 from __future__ import annotations
@@ -48,55 +54,109 @@ class JobResult:
 
 
 class TransferWorkers:
-    """A few threads writing rooms; results go to ``on_done`` from a worker thread."""
+    """Writer threads for rooms; results go to ``on_done`` from a worker thread."""
 
     def __init__(
         self,
         backend: TransferBackend,
         src_buffers: tuple[KVBuffer, ...],
-        num_workers: int,
+        per_peer: int,
         max_batch: int,
         max_inflight: int,
         slot_bytes: int,
         on_done: Callable[[JobResult], None],
+        max_threads: int | None = None,
     ) -> None:
         self._backend = backend
         self._src_buffers = src_buffers
         self._max_batch = max_batch
         self._max_inflight = max_inflight
         self._on_done = on_done
+        self._per_peer = per_peer
+        self._max_threads = max_threads or 8 * per_peer
         self._jobs: queue.SimpleQueue[TransferJob | None] = queue.SimpleQueue()
-        self.staging = SlotPool(num_workers, slot_bytes)  # one metadata staging slot per thread
-        self._threads = [
-            threading.Thread(target=self._run, args=(i,), name=f"kv-writer-{i}", daemon=True)
-            for i in range(num_workers)
-        ]
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads waiting for a job
+        self._queued = 0  # jobs handed to the queue, not yet taken
+        self._writing: dict[str, int] = {}  # peer -> jobs queued or being written
+        self._held: dict[str, deque[TransferJob]] = {}  # peer -> jobs over its share
+        self._closed = False
+        # one metadata staging slot per thread that may ever run
+        self.staging = SlotPool(self._max_threads, slot_bytes)
 
     @property
     def staging_region(self) -> MemoryRegion:
         return MemoryRegion(self.staging.base_ptr, len(self.staging.array))
 
+    @property
+    def threads(self) -> int:
+        return len(self._threads)
+
     def start(self) -> None:
-        for t in self._threads:
-            t.start()
+        with self._lock:
+            while len(self._threads) < self._per_peer:
+                self._spawn()
 
     def submit(self, job: TransferJob) -> None:
-        self._jobs.put(job)
+        with self._lock:
+            if self._writing.get(job.peer_key, 0) >= self._per_peer:
+                self._held.setdefault(job.peer_key, deque()).append(job)
+                return
+            self._writing[job.peer_key] = self._writing.get(job.peer_key, 0) + 1
+            self._hand_out(job)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        for _ in self._threads:
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        for _ in threads:
             self._jobs.put(None)
-        for t in self._threads:
+        for t in threads:
             if t.is_alive():
                 t.join(timeout_s)
 
+    def _hand_out(self, job: TransferJob) -> None:
+        """Queue `job` (lock held), with a new thread if every thread is busy."""
+        self._queued += 1
+        if (
+            self._queued > self._idle
+            and len(self._threads) < self._max_threads
+            and not self._closed
+        ):
+            self._spawn()
+        self._jobs.put(job)
+
+    def _spawn(self) -> None:
+        slot = len(self._threads)
+        thread = threading.Thread(
+            target=self._run, args=(slot,), name=f"kv-writer-{slot}", daemon=True
+        )
+        self._threads.append(thread)
+        self._idle += 1  # counted before it runs, so the next job does not start another
+        thread.start()
+
     def _run(self, slot: int) -> None:
-        while (job := self._jobs.get()) is not None:
+        while True:
+            job = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+                if job is not None:
+                    self._queued -= 1
+            if job is None:
+                return
             try:
                 result = self._write_room(job, slot)
             except Exception as e:  # never lose a room: report whatever broke
                 log.exception("room %d: writer crashed", job.room)
                 result = JobResult(job.room, f"writer crashed: {e!r}", None)
+            with self._lock:
+                self._idle += 1
+                held = self._held.get(job.peer_key)
+                if held:
+                    self._hand_out(held.popleft())  # the peer's share passes to its next room
+                else:
+                    self._writing[job.peer_key] -= 1
             self._on_done(result)
 
     def _write_room(self, job: TransferJob, slot: int) -> JobResult:

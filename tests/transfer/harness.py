@@ -235,6 +235,10 @@ class DecodeNode:
     def wait(self, rooms: list[int], timeout: float = 20.0) -> dict[int, tuple[RoomStatus, str]]:
         return self.call("wait", rooms, timeout, timeout=timeout + 30)
 
+    def stop(self) -> None:
+        """SIGSTOP: the process stays, its sockets stay open, nothing answers."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
     def kill(self) -> None:
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.join(10)

@@ -145,3 +145,39 @@ def test_decode_killed_mid_transfer(backend: str) -> None:
     finally:
         alive.close()
         prefill.close()
+
+
+@pytest.mark.parametrize("backend", ["mooncake", "nixl"])
+def test_hung_decode_holds_no_writer_a_live_one_needs(backend: str) -> None:
+    """A decode that hangs mid-transfer (SIGSTOP: alive, silent) fails only its own rooms: its
+    writes may block writer threads until the engine gives up, but a room for another decode
+    that arrives meanwhile is written at once."""
+    config = fast_config(backend, max_batch_descriptors=16, max_inflight_batches=1)
+    prefill = PrefillSide(config, 8192, layouts=("mha",))
+    hung = DecodeNode(config, 8192, ("mha",))
+    alive = DecodeNode(config, 1024, ("mha",))
+    try:
+        address = prefill.address("mha")
+        sender = prefill.senders["mha"]
+        hung_rooms = [room_id() for _ in range(2 * config.num_workers)]
+        for room in hung_rooms:
+            prefill.open("mha", room, 1024)
+            hung.open("mha", room, address, 1024)
+        eventually(lambda: all(sender.status(r).state > 0 for r in hung_rooms))
+        for room in hung_rooms:
+            prefill.send(room, META)
+        eventually(lambda: sender.status(hung_rooms[0]).state is TransferState.TRANSFERRING)
+        hung.stop()
+        live_room = room_id()
+        expected = prefill.open("mha", live_room, 16)
+        alive.open("mha", live_room, address, 16)
+        prefill.send(live_room, META)
+        # well inside the room's transfer timeout, and Mooncake's own 30 s batch timeout
+        assert prefill.wait([live_room], timeout=8)[live_room].state is TransferState.SUCCESS
+        assert alive.wait([live_room])[live_room][1] == expected
+        done = prefill.wait(hung_rooms, timeout=config.transfer_timeout_s + 10)
+        assert all(s.state is TransferState.FAILED for s in done.values())
+    finally:
+        hung.kill()
+        alive.close()
+        prefill.close()
