@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import queue
 import re
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -108,3 +111,57 @@ def test_config_errors_name_the_setting() -> None:
         ValueError, match=re.escape("set transfer.backend to one of fake, mooncake, nixl")
     ):
         create_backend(TransferConfig(backend="gloo"))
+
+
+class _GatedBackend:
+    """Writes to a peer in `hung` block until its gate opens (a decode that hangs)."""
+
+    def __init__(self, hung: dict[str, threading.Event]) -> None:
+        self.hung = hung
+        self.lock = threading.Lock()
+        self.active: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+
+    def submit(self, peer_key: str, batch: object) -> str:
+        with self.lock:
+            self.active[peer_key] = self.active.get(peer_key, 0) + 1
+            self.peak[peer_key] = max(self.peak.get(peer_key, 0), self.active[peer_key])
+        return peer_key
+
+    def wait(self, peer_key: str, deadline: float) -> str:
+        gate = self.hung.get(peer_key)
+        if gate is not None:
+            gate.wait(30)
+        with self.lock:
+            self.active[peer_key] -= 1
+        return ""
+
+
+def test_writers_cap_each_peer_and_grow_past_a_hung_one() -> None:
+    from transfer.worker import JobResult, TransferJob, TransferWorkers
+
+    gate = threading.Event()
+    backend = _GatedBackend({"hung": gate})
+    done: queue.SimpleQueue[JobResult] = queue.SimpleQueue()
+    workers = TransferWorkers(backend, (), 2, 16, 1, 256, done.put, max_threads=8)  # type: ignore[arg-type]
+    workers.start()
+
+    def job(room: int, peer: str) -> TransferJob:
+        cancel = threading.Event()
+        return TransferJob(room, peer, (), (), (), b"meta", 0, time.monotonic() + 60, cancel)
+
+    try:
+        for room in range(5):
+            workers.submit(job(room, "hung"))  # 2 write, 3 wait for the peer's share
+        for room in range(10, 13):
+            workers.submit(job(room, "live"))
+        live = sorted(done.get(timeout=10).room for _ in range(3))
+        assert live == [10, 11, 12]  # written while the hung peer holds its writers
+        assert backend.peak["hung"] == 2 and backend.peak["live"] <= 2
+        assert workers.threads <= 8
+        gate.set()
+        hung = sorted(done.get(timeout=10).room for _ in range(5))
+        assert hung == [0, 1, 2, 3, 4] and backend.peak["hung"] == 2
+    finally:
+        gate.set()
+        workers.close()
