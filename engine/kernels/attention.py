@@ -14,11 +14,10 @@ import subprocess
 
 import torch
 
-from engine.kernels.cpu import compile_library, cpu_flags
+from engine.kernels.cpu import bind, cpu_flags, float_kernels
 
 log = logging.getLogger(__name__)
 
-CFLAGS = ("-O3", "-fopenmp", "-mavx512f", "-mfma", "-shared", "-fPIC")
 # decode_attention_*(q, k, v, pages, lens, B, Hq, Hkv, D, page_size, max_pages, scale, out,
 #                    threads); see decode_attention.c
 _ARGTYPES = [*[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 6, ctypes.c_float, ctypes.c_void_p]
@@ -30,13 +29,8 @@ class DecodeAttention:
 
     def __init__(self, lib: ctypes.CDLL, threads: int) -> None:
         self.threads = max(1, threads)
-        self._fns = {
-            torch.float32: lib.decode_attention_f32,
-            torch.bfloat16: lib.decode_attention_bf16,
-        }
-        for fn in self._fns.values():
-            fn.argtypes = _ARGTYPES
-            fn.restype = ctypes.c_int
+        names = ("decode_attention_f32", "decode_attention_bf16")
+        self._fns = dict(zip((torch.float32, torch.bfloat16), bind(lib, names, _ARGTYPES)))
 
     def supports(self, cache_dtype: torch.dtype, heads: int, kv_heads: int, dim: int) -> bool:
         """Whether the kernel serves this layer (else the caller keeps torch's path)."""
@@ -77,8 +71,7 @@ def build_decode_attention(threads: int = 1) -> DecodeAttention | None:
         log.info("CPU decode attention kernel off: this CPU lacks avx512f")
         return None
     try:
-        lib = ctypes.CDLL(str(compile_library("decode_attention", CFLAGS)))
-        return DecodeAttention(lib, threads)
+        return DecodeAttention(float_kernels(), threads)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.info("CPU decode attention kernel off: %s", exc)
         return None

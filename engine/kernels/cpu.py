@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 CFLAGS = ("-O3", "-fopenmp", "-mavx512f", "-mavx512bf16", "-mfma", "-shared", "-fPIC")
 Q8_CFLAGS = (*CFLAGS, "-mavx512bw", "-mavx512vnni")
+FLOAT_SOURCES = ("lm_head", "decode_attention", "decode_layer")
 BLOCK = 16  # vocabulary rows per packed block (one 512-bit register of float32)
 TILES = (1, 2, 4, 8, 16)  # rows of x per pass over the weight
 # lm_head_*(x, M, ldx, K, packed, V, out, ldo, out_idx, mt, threads); see lm_head.c
@@ -98,20 +99,19 @@ def compile_library(
     return target
 
 
-def load_library(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    for fn in (lib.lm_head_f32, lib.lm_head_bf16):
-        fn.argtypes = _ARGTYPES
-        fn.restype = ctypes.c_int
-    return lib
+def float_kernels() -> ctypes.CDLL:
+    """The float kernels (lm_head.c, decode_attention.c, decode_layer.c) as one library, built
+    on first use; every caller gets the same loaded object."""
+    return ctypes.CDLL(str(compile_library(FLOAT_SOURCES, CFLAGS)))
 
 
-def load_q8_library(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    for fn in (lib.q8_argmax_f32, lib.q8_argmax_bf16):
-        fn.argtypes = _Q8_ARGTYPES
+def bind(lib: ctypes.CDLL, names: tuple[str, ...], argtypes: list) -> list:
+    """`lib`'s functions `names`, typed with `argtypes` and an int return code."""
+    fns = [getattr(lib, name) for name in names]
+    for fn in fns:
+        fn.argtypes = argtypes
         fn.restype = ctypes.c_int
-    return lib
+    return fns
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,8 @@ class CpuLMHead:
         self.dtype = weight.dtype
         self.threads = max(1, threads)
         self.packed = pack_weight(weight.detach())
-        self._fn = lib.lm_head_f32 if self.dtype == torch.float32 else lib.lm_head_bf16
+        f32, bf16 = bind(lib, ("lm_head_f32", "lm_head_bf16"), _ARGTYPES)
+        self._fn = f32 if self.dtype == torch.float32 else bf16
         self.q8 = None
         if q8_lib is not None and self.hidden <= Q8_MAX_HIDDEN:
             self.q8 = Q8Argmax(q8_lib, weight.detach(), self.packed)
@@ -235,7 +236,7 @@ def build_lm_head(weight: torch.Tensor, threads: int = 1) -> CpuLMHead | None:
     reason = _unsupported(weight)
     if reason is None:
         try:
-            lib = load_library(compile_library())
+            lib = float_kernels()
             return CpuLMHead(lib, weight, threads, _q8_library())
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             reason = str(exc)
@@ -249,7 +250,9 @@ def _q8_library() -> ctypes.CDLL | None:
     if missing:
         log.info("int8 greedy LM head off: this CPU lacks %s", ", ".join(missing))
         return None
-    return load_q8_library(compile_library("lm_head_q8", Q8_CFLAGS))
+    lib = ctypes.CDLL(str(compile_library("lm_head_q8", Q8_CFLAGS)))
+    bind(lib, ("q8_argmax_f32", "q8_argmax_bf16"), _Q8_ARGTYPES)
+    return lib
 
 
 def _unsupported(weight: torch.Tensor) -> str | None:

@@ -24,11 +24,10 @@ from typing import Any
 
 import torch
 
-from engine.kernels.cpu import CFLAGS, compile_library, cpu_flags, pack_weight
+from engine.kernels.cpu import bind, cpu_flags, float_kernels, pack_weight
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("decode_layer", "lm_head", "decode_attention")
 MAX_BYTES = 1 << 30  # packed layer weights kept beside the model's own
 _P = ctypes.c_void_p
 
@@ -75,9 +74,8 @@ class FusedLlamaDecode:
     def __init__(self, lib: ctypes.CDLL, model: Any, pool: Any, scale: float, threads: int):
         cfg = model.cfg
         self.model, self.threads = model, max(1, threads)
-        self._fn = lib.llama_decode_f32
-        self._fn.argtypes = [_P, ctypes.c_int64, _P, _P, _P, ctypes.c_int64]
-        self._fn.restype = ctypes.c_int
+        args = [_P, ctypes.c_int64, _P, _P, _P, ctypes.c_int64]
+        (self._fn,) = bind(lib, ("llama_decode_f32",), args)
         self.shape = _Shape(
             cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
             cfg.intermediate_size, pool.page_size, int(pool.layout.dtype == torch.bfloat16),
@@ -148,8 +146,7 @@ def build_fused_decode(model: Any, pool: Any, scale: float, threads: int):
     reason = fused_decode_unsupported(model, pool)
     if reason is None:
         try:
-            lib = ctypes.CDLL(str(compile_library(SOURCES, CFLAGS)))
-            return FusedLlamaDecode(lib, model, pool, scale, threads)
+            return FusedLlamaDecode(float_kernels(), model, pool, scale, threads)
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             reason = str(exc)
     log.info("fused CPU decode off: %s", reason)

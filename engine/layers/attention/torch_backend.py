@@ -30,8 +30,12 @@ class ExtendItem:
     q_start: int
     q_len: int
     kv_len: int
-    ctx_slots: torch.Tensor | None  # None: no cached prefix, attend to this step's k/v
     slots: torch.Tensor  # cache slots of positions [0, kv_len), this step's included
+
+    @property
+    def ctx_slots(self) -> torch.Tensor | None:
+        """`slots` when there is a cached prefix; None: attend to this step's k/v alone."""
+        return self.slots if self.kv_len > self.q_len else None
 
 
 @dataclass
@@ -156,8 +160,7 @@ class TorchAttention(AttentionBackend):
                     pieces.append(self._tensor(singles))
                     singles = []
                 pieces.append(slots[kv_len - q_len :])
-            ctx = slots if kv_len > q_len else None
-            extends.append(ExtendItem(row, q_len, kv_len, ctx, slots))
+            extends.append(ExtendItem(row, q_len, kv_len, slots))
             row += q_len
         if singles:
             pieces.append(self._tensor(singles))
