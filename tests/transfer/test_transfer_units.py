@@ -153,6 +153,10 @@ def test_writers_cap_each_peer_and_grow_past_a_hung_one() -> None:
     try:
         for room in range(5):
             workers.submit(job(room, "hung"))  # 2 write, 3 wait for the peer's share
+        deadline = time.monotonic() + 10
+        while backend.active.get("hung", 0) < 2:  # both of its writers are blocked now
+            assert time.monotonic() < deadline, "the hung peer's writes never started"
+            time.sleep(0.001)
         for room in range(10, 13):
             workers.submit(job(room, "live"))
         live = sorted(done.get(timeout=10).room for _ in range(3))
