@@ -59,6 +59,13 @@ class _SamplingRequest(_Open):
             raise ValueError("stream_options is only allowed when stream is true")
         return options
 
+    @field_validator("max_tokens", "max_completion_tokens", check_fields=False)
+    @classmethod
+    def _at_least_one_token(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be >= 1 (ask for at least one token)")
+        return value
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -66,7 +73,7 @@ class _SamplingRequest(_Open):
 
 class CompletionRequest(_SamplingRequest):
     prompt: Prompt
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = 16
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
@@ -107,8 +114,8 @@ class ChatMessage(_Open):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -118,6 +125,10 @@ class ChatCompletionRequest(_SamplingRequest):
         if top and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs set to true")
         return top
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The messages as a chat template takes them (role and text)."""
+        return [{"role": m.role, "content": m.text} for m in self.messages]
 
     @property
     def output_limit(self) -> int | None:

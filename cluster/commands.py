@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from api.settings import GatewaySettings, Instance, NodeSettings
+from api.settings import GatewaySettings, Instance
+from engine.options import EngineOptions
+from gateway.policies import POLICIES
+from node.settings import NodeSettings
+from transfer import served_backends
 
-from .config import EngineSpec, load_cluster, resolve_config_path
+from .config import load_cluster, resolve_config_path
 from .overrides import parse_assignment
 from .schema import ConfigError, build
-from .validate import GATEWAY, POLICIES, check_policy
+from .spec import GATEWAY
+from .validate import check_policy
+
+if TYPE_CHECKING:
+    from node.loop import NodeLoop
 
 FROM_CONFIG = "from a cluster config"
 
@@ -29,14 +36,26 @@ def add_launch(sub: argparse._SubParsersAction) -> None:
     )
     add_set(p)
     p.add_argument("--log-dir", type=Path, help="write NAME.log files here instead of stderr")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for health")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    p.add_argument(
+        "--timeout", type=float, default=600.0,
+        help="seconds to wait for every component to be healthy (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--grace", type=float, default=10.0,
+        help="seconds between SIGTERM and SIGKILL when stopping (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="check the config and print each component's command; start nothing",
+    )  # fmt: skip
     p.set_defaults(func=run_launch)
 
 
 def run_launch(args: argparse.Namespace) -> int:
-    from .launch import launch
+    from .launch import dry_run, launch
 
+    if args.dry_run:
+        return dry_run(args.config, args.set)
     return launch(
         args.config, args.set, log_dir=args.log_dir, timeout_s=args.timeout, grace_s=args.grace
     )
@@ -68,17 +87,32 @@ def add_node(sub: argparse._SubParsersAction, role: str) -> None:
     else:
         flags.add_argument("--local-prefill-threshold", type=int, default=0)
     flags.add_argument("--served-model-name")
-    flags.add_argument("--engine-opt", action="append", default=[], metavar="KEY=VALUE")
-    flags.add_argument("--transfer-backend", choices=["mooncake", "nixl"], default="mooncake")
+    flags.add_argument(
+        "--engine-opt", action="append", default=[], metavar="KEY=VALUE",
+        help=f"an engine option ({', '.join(f.name for f in dataclasses.fields(EngineOptions))})",
+    )  # fmt: skip
+    flags.add_argument("--transfer-backend", choices=served_backends(), default="mooncake")
     flags.add_argument("--transfer-protocol", choices=["tcp", "rdma"], default="tcp")
     p.set_defaults(func=run_node, role=role)
 
 
 def run_node(args: argparse.Namespace) -> int:
     settings = node_from_config(args) if args.config else node_from_flags(args)
-    server = importlib.import_module(f"{args.role}.server")  # lazy: pulls in torch and the engine
-    server.run(settings)
+    from node.server import serve_node  # NOTE: here: it pulls in torch and the engine
+
+    serve_node(settings, role_loop(settings.role))
     return 0
+
+
+def role_loop(role: str) -> type[NodeLoop]:
+    """The scheduler loop class of a node role."""
+    if role == "prefill":
+        from prefill.loop import PrefillLoop
+
+        return PrefillLoop
+    from decode.loop import DecodeLoop
+
+    return DecodeLoop
 
 
 def node_from_config(args: argparse.Namespace) -> NodeSettings:
@@ -103,22 +137,27 @@ def node_from_flags(args: argparse.Namespace) -> NodeSettings:
         "port": required(args.port, "--port", ""),
         "served_model_name": args.served_model_name,
         "engine": engine_options(args.engine_opt),
-        "transfer": {"backend": args.transfer_backend, "protocol": args.transfer_protocol},
+        "transfer": {
+            "backend": args.transfer_backend,
+            "protocol": args.transfer_protocol,
+            "host": args.host,
+        },
     }
     if args.role == "prefill":
-        data["bootstrap_port"] = required(args.bootstrap_port, "--bootstrap-port", "")
+        data["transfer"]["bootstrap_port"] = required(args.bootstrap_port, "--bootstrap-port", "")
     else:
         data["local_prefill_threshold"] = args.local_prefill_threshold
     return build(NodeSettings, data, "")
 
 
 def engine_options(assignments: list[str]) -> dict[str, Any]:
-    """Checked engine options from `--engine-opt key=value` flags."""
+    """Engine options from `--engine-opt key=value` flags, checked against EngineOptions."""
     data = {}
     for text in assignments:
         keys, value = parse_assignment(text, "--engine-opt")
         data[".".join(keys)] = value
-    return build(EngineSpec, data, "--engine-opt").options()
+    build(EngineOptions, data, "--engine-opt")
+    return data
 
 
 def add_gateway(sub: argparse._SubParsersAction) -> None:
@@ -143,7 +182,9 @@ def add_gateway(sub: argparse._SubParsersAction) -> None:
 
 def run_gateway(args: argparse.Namespace) -> int:
     settings = gateway_from_config(args) if args.config else gateway_from_flags(args)
-    importlib.import_module("gateway.server").run(settings)
+    from gateway.server import run  # NOTE: here: only the gateway needs uvicorn and httpx
+
+    run(settings)
     return 0
 
 

@@ -8,15 +8,17 @@ settings alike.
 from __future__ import annotations
 
 import errno
+import shlex
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import ClusterConfig, http_url, load_cluster, resolve_config_path
+from .config import load_cluster, resolve_config_path
 from .schema import ConfigError
+from .spec import GATEWAY, ClusterConfig, http_url
 from .supervisor import Component, Supervisor
-from .validate import GATEWAY, listeners
+from .validate import listeners
 
 ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 
@@ -40,6 +42,22 @@ def launch(
     host, port = cluster.address_of(GATEWAY)
     ready = f"pdserve cluster ready: {http_url(ANY_ADDRESS.get(host, host), port)}/v1"
     return Supervisor(components, log_dir=log_dir, grace_s=grace_s).run(ready, timeout_s)
+
+
+def dry_run(config: str | None, overrides: Sequence[str] = ()) -> int:
+    """Check the config as `launch` does before starting anything (everything that needs neither
+    the model files nor this machine's addresses and devices), print the command of each
+    component, start nothing."""
+    path = resolve_config_path(config).resolve()
+    cluster = load_cluster(path, list(overrides))
+    for component in cluster_components(cluster, path, overrides):
+        host = cluster.address_of(component.name)[0]
+        role = cluster.role_of(component.name)
+        print(f"# {component.name}: {role} on {host}")
+        print(shlex.join(component.argv))
+    host, port = cluster.address_of(GATEWAY)
+    print(f"# config ok: {path}; the gateway would serve {http_url(host, port)}/v1")
+    return 0
 
 
 def cluster_components(

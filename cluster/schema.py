@@ -2,7 +2,8 @@
 
 `build(cls, data, where)` checks a mapping against the fields and type hints of a dataclass:
 unknown keys (with the closest valid key), missing required keys, and wrong types, recursing into
-nested dataclasses and `tuple[X, ...]` lists. It understands the hints our settings use: bool,
+nested dataclasses and `tuple[X, ...]` lists; a ValueError from the dataclass's own checks becomes
+a ConfigError at the key its message starts with. It understands the hints our settings use: bool,
 int, float, str, `X | None`, `Literal[...]`, `dict[str, Any]`, `Any`, dataclasses and tuples.
 """
 
@@ -38,7 +39,8 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 def build(cls: type[T], data: Any, where: str, skip: Iterable[str] = ()) -> T:
     """An instance of dataclass `cls` from mapping `data` found at dotted path `where`.
 
-    Fields named in `skip` are not keys of the mapping; they keep their defaults.
+    Fields named in `skip` are not keys of the mapping; they keep their defaults. A field whose
+    `metadata["skip"]` names fields of its own dataclass skips those one level down.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'the config'}: expected a mapping, got {describe(data)}")
@@ -55,12 +57,28 @@ def build(cls: type[T], data: Any, where: str, skip: Iterable[str] = ()) -> T:
         if required and name not in data:
             raise ConfigError(f"{where or 'the config'}: missing required key {name!r}")
     hints = typing.get_type_hints(cls)
-    kwargs = {key: convert(hints[key], value, join(where, key)) for key, value in data.items()}
-    return cls(**kwargs)
+    kwargs = {
+        key: convert(hints[key], value, join(where, key), fields[key].metadata.get("skip", ()))
+        for key, value in data.items()
+    }
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # the dataclass's own checks
+        raise ConfigError(checked_message(str(exc), where, fields)) from None
 
 
-def convert(hint: Any, value: Any, where: str) -> Any:
-    """`value` checked against type hint `hint` (and built, for dataclasses and tuples)."""
+def checked_message(message: str, where: str, fields: Iterable[str]) -> str:
+    """A settings class's ValueError as a config error at `where`; a message that starts with
+    a field name ("page_size must be >= 1, ...") is placed at that key."""
+    first, _, rest = message.partition(" ")
+    if first in set(fields) and rest:
+        return f"{join(where, first)}: {rest}"
+    return f"{where or 'the config'}: {message}"
+
+
+def convert(hint: Any, value: Any, where: str, skip: Iterable[str] = ()) -> Any:
+    """`value` checked against type hint `hint` (and built, for dataclasses and tuples; `skip`:
+    fields of a dataclass that are not keys here, from the field's `metadata["skip"]`)."""
     origin = typing.get_origin(hint)
     if hint is Any:
         return value
@@ -76,7 +94,7 @@ def convert(hint: Any, value: Any, where: str) -> Any:
         return dict(value)
     if dataclasses.is_dataclass(hint):
         # NOTE: an empty YAML section (`engine:` with only comments under it) reads as null.
-        return build(hint, {} if value is None else value, where)  # type: ignore[arg-type]
+        return build(hint, {} if value is None else value, where, skip)  # type: ignore[arg-type]
     return convert_scalar(hint, value, where)
 
 

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
+from engine.options import DTYPE_NAMES
 from gateway.policies import POLICIES
+from transfer import served_backends
 
-from .schema import ConfigError, did_you_mean
+from .schema import ConfigError, did_you_mean, hint_for
+from .spec import GATEWAY, ClusterConfig, ModelSpec
 
-if TYPE_CHECKING:
-    from .config import ClusterConfig, ModelSpec
-
-GATEWAY = "gateway"  # the gateway's component name
-PROTOCOLS = ("tcp", "rdma")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")  # names become log file names
 LOOPBACK = {"localhost": "127.0.0.1", "::1": "127.0.0.1"}
 
@@ -27,6 +23,7 @@ def check_cluster(config: ClusterConfig) -> None:
     check_names(config)
     check_ports(config)
     check_choices(config)
+    check_pairs_agree(config)
 
 
 def check_model(model: ModelSpec) -> None:
@@ -89,22 +86,35 @@ def listeners(config: ClusterConfig) -> Iterator[tuple[str, str, int]]:
 def check_choices(config: ClusterConfig) -> None:
     for key in ("prefill_policy", "decode_policy"):
         check_policy(f"gateway.{key}", getattr(config.gateway, key))
-    transfer = config.transfer
-    if transfer.protocol not in PROTOCOLS:
+    backend, choices = config.transfer.backend, served_backends()
+    if backend not in choices:
         raise ConfigError(
-            f"transfer.protocol: {transfer.protocol!r} is not one of {', '.join(PROTOCOLS)}"
+            f"transfer.backend: {backend!r} is not one of {', '.join(choices)}"
+            + hint_for(backend, choices)
         )
-    for f in dataclasses.fields(transfer):
-        value = getattr(transfer, f.name)
-        if f.name == "quarantine_s" and value < 0:
-            raise ConfigError(f"transfer.quarantine_s: must be >= 0, got {value}")
-        if f.name.endswith("_s") and f.name != "quarantine_s" and value <= 0:
-            raise ConfigError(f"transfer.{f.name}: must be > 0, got {value}")
-    if transfer.heartbeat_timeout_s <= transfer.heartbeat_interval_s:
-        raise ConfigError(
-            f"transfer.heartbeat_timeout_s ({transfer.heartbeat_timeout_s}) must exceed "
-            f"transfer.heartbeat_interval_s ({transfer.heartbeat_interval_s})"
-        )
+
+
+def check_pairs_agree(config: ClusterConfig) -> None:
+    """Every prefill node can write into every decode node: the KV pages' shape must match (the
+    transfer layer checks it again when they meet, but a config that cannot work fails here)."""
+    if not config.prefill:
+        return
+    nodes = [*config.prefill, *config.decode]
+    for name in ("page_size", "dtype"):
+        # NOTE: dtype None is the checkpoint's own, which may or may not match a named one
+        values = {n.name: canonical(getattr(n.engine, name)) for n in nodes}
+        values = {k: v for k, v in values.items() if v is not None}
+        if len(set(values.values())) > 1:
+            listed = ", ".join(f"{n!r} {v}" for n, v in values.items())
+            raise ConfigError(
+                f"engine.{name} differs between nodes ({listed}); prefill writes its KV pages "
+                f"into decode's, so set engine.{name} alike on every node"
+            )
+
+
+def canonical(value: object) -> object:
+    """One spelling per dtype (bf16 and bfloat16 agree); other values as they are."""
+    return DTYPE_NAMES.get(value, value) if isinstance(value, str) else value
 
 
 def check_policy(where: str, policy: str) -> None:

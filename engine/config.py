@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from engine.arch_config import Fp8Config, MLAConfig, MoEConfig
+from engine.options import DTYPE_NAMES
 
 # HF architecture name -> our model family. Qwen2 and Qwen3 are Llama with small twists.
 ARCHITECTURES = {
@@ -33,26 +34,15 @@ MODEL_TYPES = {
     "deepseek_v3": "deepseek_v3",
 }
 
-DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp16": torch.float16,
-}
-
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """Turn 'bfloat16' / 'torch.float32' / a torch.dtype into a torch.dtype."""
     if isinstance(name, torch.dtype):
         return name
     key = str(name).removeprefix("torch.")
-    if key not in DTYPES:
+    if key not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {name!r} (use one of float32, bfloat16, float16)")
-    return DTYPES[key]
+    return getattr(torch, DTYPE_NAMES[key])
 
 
 def _rope_settings(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -158,57 +148,3 @@ class ModelConfig:
                 "directory, or make one with `pdserve make-model`)"
             )
         return ModelConfig.from_hf(json.loads(path.read_text()))
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """Paged KV cache sizing. Give `max_total_tokens` or `mem_fraction` (of available memory)."""
-
-    page_size: int = 16
-    max_total_tokens: int | None = None
-    mem_fraction: float = 0.1
-    enable_prefix_cache: bool = True
-
-    def __post_init__(self) -> None:
-        if self.page_size < 1:
-            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
-        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
-            raise ValueError(
-                f"max_total_tokens ({self.max_total_tokens}) must hold at least one page ({self.page_size})"
-            )
-        if not 0.0 < self.mem_fraction <= 1.0:
-            raise ValueError(f"mem_fraction must be in (0, 1], got {self.mem_fraction}")
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Continuous batching limits.
-
-    `max_batch_tokens` is the per-step token budget (prefill chunks + one per decoding request);
-    `chunk_size` caps the prefill tokens of one request in one step.
-    """
-
-    max_running: int = 256
-    max_batch_tokens: int = 4096
-    chunk_size: int = 2048
-    decode_reserve_tokens: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_running < 1 or self.max_batch_tokens < 1 or self.chunk_size < 1:
-            raise ValueError("max_running, max_batch_tokens and chunk_size must be >= 1")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Everything an engine needs; built once per process."""
-
-    model_path: str
-    dtype: torch.dtype | None = None  # None: the checkpoint's dtype
-    device: str = "cpu"
-    attention_backend: str = "torch"
-    max_model_len: int | None = None
-    seed: int = 0
-    threads: int | None = None  # torch intra-op threads (None: torch's default, all cores)
-    cpu_kernels: bool = True  # native CPU LM head where it can run (engine/kernels/cpu.py)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.config import EngineConfig, ModelConfig
+from engine.config import ModelConfig
 from engine.kv.radix import RadixCache
+from engine.options import EngineOptions
 from engine.request import Req
 from engine.runner import ModelRunner, StepResult
 from engine.sampling import SamplerState, SamplingParams
@@ -43,19 +44,28 @@ class RequestOutput:
 
 
 class Engine:
-    def __init__(self, cfg: EngineConfig, *, keep_logits: bool = False) -> None:
-        self.cfg = cfg
-        self.model_cfg = ModelConfig.load(cfg.model_path)
-        self.tokenizer = load_tokenizer(cfg.model_path)
-        self.eos_token_ids = frozenset(eos_token_ids(cfg.model_path, self.tokenizer))
-        torch.manual_seed(cfg.seed)
-        if cfg.threads is not None:
-            torch.set_num_threads(cfg.threads)
-        self.runner = ModelRunner(cfg, self.model_cfg, self.eos_token_ids, keep_logits=keep_logits)
+    def __init__(
+        self,
+        model_path: str,
+        options: EngineOptions | None = None,
+        *,
+        keep_logits: bool = False,
+    ) -> None:
+        self.model_path = str(model_path)
+        self.options = options = options or EngineOptions()
+        self.model_cfg = ModelConfig.load(model_path)
+        self.tokenizer = load_tokenizer(model_path)
+        self.eos_token_ids = frozenset(eos_token_ids(model_path, self.tokenizer))
+        torch.manual_seed(options.seed)
+        if options.threads is not None:
+            torch.set_num_threads(options.threads)
+        self.runner = ModelRunner(
+            self.model_path, options, self.model_cfg, self.eos_token_ids, keep_logits=keep_logits
+        )
         self.pool = self.runner.pool
-        cache = RadixCache(self.pool) if cfg.cache.enable_prefix_cache else None
-        self.scheduler = Scheduler(cfg.scheduler, self.pool, cache)
-        self.max_model_len = cfg.max_model_len or self.model_cfg.max_position_embeddings
+        cache = RadixCache(self.pool) if options.enable_prefix_cache else None
+        self.scheduler = Scheduler(options.scheduler, self.pool, cache)
+        self.max_model_len = options.max_model_len or self.model_cfg.max_position_embeddings
         self.keep_logits = keep_logits
 
     # ---- requests ----------------------------------------------------------------------------

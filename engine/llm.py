@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig, parse_dtype
 from engine.engine import Engine, RequestOutput
+from engine.options import EngineOptions
 from engine.sampling import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -41,22 +41,14 @@ class Completion:
             self.finish_reason, self.matched_stop = out.finish_reason, out.matched_stop
 
 
-def engine_config(model: str, **options: Any) -> EngineConfig:
-    """EngineConfig from flat keyword options (the names the CLI and YAML use)."""
-    cache_keys = {"page_size", "max_total_tokens", "mem_fraction", "enable_prefix_cache"}
-    sched_keys = {"max_running", "max_batch_tokens", "chunk_size"}
-    cache = CacheConfig(**{k: options.pop(k) for k in list(options) if k in cache_keys})
-    sched = SchedulerConfig(**{k: options.pop(k) for k in list(options) if k in sched_keys})
-    if options.get("dtype") is not None:
-        options["dtype"] = parse_dtype(options["dtype"])
-    return EngineConfig(model_path=str(model), cache=cache, scheduler=sched, **options)
-
-
 class LLM:
-    """Runs prompts to completion on one in-process engine (continuous batching inside)."""
+    """Runs prompts to completion on one in-process engine (continuous batching inside).
+
+    `options` are `EngineOptions` fields by name (engine/options.py).
+    """
 
     def __init__(self, model: str, *, keep_logits: bool = False, **options: Any) -> None:
-        self.engine = Engine(engine_config(model, **options), keep_logits=keep_logits)
+        self.engine = Engine(model, EngineOptions(**options), keep_logits=keep_logits)
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 

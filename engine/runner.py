@@ -12,13 +12,15 @@ from typing import Any
 
 import torch
 
-from engine.config import EngineConfig, ModelConfig
+from engine.config import ModelConfig, parse_dtype
 from engine.kernels.attention import build_decode_attention
 from engine.kernels.cpu import build_lm_head, keep_freed_memory_mapped
 from engine.kernels.decode_layer import build_fused_decode
 from engine.kv.pool import KVLayout, PagePool, available_memory_bytes, pages_for_budget
-from engine.layers.attention import AttentionBackend, AttentionBatch, create_backend
+from engine.layers.attention import create_backend
+from engine.layers.attention.base import AttentionBackend, AttentionBatch
 from engine.models import model_class
+from engine.options import EngineOptions
 from engine.sampling import SampleOutput, Sampler, plain_greedy
 from engine.scheduler import ScheduledBatch
 from engine.weights import iter_weights
@@ -67,31 +69,34 @@ def kv_layout(model_cfg: ModelConfig, dtype: torch.dtype) -> KVLayout:
 class ModelRunner:
     def __init__(
         self,
-        cfg: EngineConfig,
+        model_path: str,
+        options: EngineOptions,
         model_cfg: ModelConfig,
         eos_token_ids: frozenset[int],
         *,
         keep_logits: bool = False,
     ) -> None:
-        self.cfg = cfg
+        self.options = options
         self.keep_logits = keep_logits  # callers read StepResult.logits: never skip them
         self.model_cfg = model_cfg
-        self.device = torch.device(cfg.device)
-        self.dtype = cfg.dtype or model_cfg.dtype
-        self.model = load_model(model_cfg, cfg.model_path, self.dtype, cfg.device)
+        self.device = torch.device(options.device)
+        self.dtype = parse_dtype(options.dtype) if options.dtype else model_cfg.dtype
+        self.model = load_model(model_cfg, model_path, self.dtype, options.device)
         layout = kv_layout(model_cfg, self.dtype)
-        self.pool = PagePool(layout, self._num_pages(layout), cfg.cache.page_size, cfg.device)
-        self.attention = create_backend(cfg.attention_backend, self.pool, model_cfg.softmax_scale)
+        self.pool = PagePool(layout, self._num_pages(layout), options.page_size, options.device)
+        self.attention = create_backend(
+            options.attention_backend, self.pool, model_cfg.softmax_scale
+        )
         self.lm_head_kernel = None
         self.fused_decode = None
-        if cfg.cpu_kernels and self.device.type == "cpu":
+        if options.cpu_kernels and self.device.type == "cpu":
             self._use_cpu_kernels()
-        self.sampler = Sampler(eos_token_ids, seed=cfg.seed)
+        self.sampler = Sampler(eos_token_ids, seed=options.seed)
         log.info(
             "model loaded: %s, %d KV pages of %d tokens",
             model_cfg.family,
             self.pool.total_pages,
-            cfg.cache.page_size,
+            options.page_size,
         )
 
     def _use_cpu_kernels(self) -> None:
@@ -105,7 +110,7 @@ class ModelRunner:
             self.fused_decode = build_fused_decode(self.model, self.pool, scale, threads)
 
     def _num_pages(self, layout: KVLayout) -> int:
-        cache = self.cfg.cache
+        cache = self.options.cache
         if cache.max_total_tokens is not None:
             return pages_for_budget(layout, cache.page_size, max_tokens=cache.max_total_tokens)
         mem = int(available_memory_bytes(self.device) * cache.mem_fraction)

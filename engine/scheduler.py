@@ -14,9 +14,9 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from engine.config import SchedulerConfig
 from engine.kv.pool import PagePool
 from engine.kv.radix import RadixCache
+from engine.options import SchedulerConfig
 from engine.request import Req, ReqStatus
 
 

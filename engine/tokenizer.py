@@ -7,7 +7,7 @@ that transformers (our oracle) sees for the same checkpoint.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,27 +46,6 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerFast:
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise TypeError(f"{model_dir} loads a {type(tokenizer).__name__}, not a fast tokenizer")
     return tokenizer
-
-
-def apply_chat_template(
-    tokenizer: PreTrainedTokenizerFast,
-    messages: Sequence[Mapping[str, Any]],
-    add_generation_prompt: bool = True,
-) -> list[int]:
-    """Token ids of a chat, as `tokenizer.apply_chat_template(..., tokenize=True)` makes them.
-
-    The template writes any bos token itself, so the rendered text is encoded without adding
-    special tokens (what transformers does).
-    """
-    if not tokenizer.chat_template:
-        raise ValueError(
-            f"tokenizer of {tokenizer.name_or_path} has no chat template "
-            "(add chat_template to its tokenizer_config.json, or send a plain prompt)"
-        )
-    text = tokenizer.apply_chat_template(
-        [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
-    )
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def eos_token_ids(

@@ -16,7 +16,8 @@ import torch
 from engine.arch_config import MoEConfig
 from engine.config import ModelConfig
 from engine.kv import KVLayout, PagePool
-from engine.layers.attention import AttentionBatch, create_backend
+from engine.layers.attention import create_backend
+from engine.layers.attention.base import AttentionBatch
 from engine.layers.moe import select_experts
 from engine.layers.rotary import RotaryEmbedding
 from engine.runner import kv_layout

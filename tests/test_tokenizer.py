@@ -11,13 +11,9 @@ from typing import Any
 
 import pytest
 
-from engine.tokenizer import (
-    IncrementalDetokenizer,
-    apply_chat_template,
-    backend_decode,
-    eos_token_ids,
-    load_tokenizer,
-)
+from api.chat import chat_prompt_ids
+from api.errors import ApiError
+from engine.tokenizer import IncrementalDetokenizer, backend_decode, eos_token_ids, load_tokenizer
 
 TOKENIZERS = ["qwen", "deepseek"]
 REPLACEMENT = "\ufffd"  # what a decode shows for broken UTF-8
@@ -86,7 +82,7 @@ def test_valid_text_streams_whole_characters(tiny_tokenizer, name: str, text: st
 def test_chunks_and_specials_stream_like_single_tokens(tiny_tokenizer, name: str) -> None:
     tokenizer = tiny_tokenizer(name)
     chat = [{"role": "user", "content": TEXTS[1]}, {"role": "assistant", "content": TEXTS[2]}]
-    ids = apply_chat_template(tokenizer, chat, add_generation_prompt=False)
+    ids = chat_prompt_ids(tokenizer, chat, add_generation_prompt=False)
     for skip in (True, False):
         detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip)
         deltas = [detokenizer.extend(ids[i : i + 3]) for i in range(0, len(ids), 3)]
@@ -141,8 +137,8 @@ def test_chat_template_ids_equal_transformers(tiny_tokenizer, name: str) -> None
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TEXTS[1]}]
     expected = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected
-    assert apply_chat_template(tokenizer, chat) == list(expected)
-    no_prompt = apply_chat_template(tokenizer, chat, add_generation_prompt=False)
+    assert chat_prompt_ids(tokenizer, chat) == list(expected)
+    no_prompt = chat_prompt_ids(tokenizer, chat, add_generation_prompt=False)
     assert len(no_prompt) < len(expected)
 
 
@@ -180,5 +176,6 @@ def test_missing_tokenizer_names_the_fix(tmp_path: Path) -> None:
 
 def test_missing_chat_template_names_the_fix() -> None:
     tokenizer = SimpleNamespace(chat_template=None, name_or_path="base-model")
-    with pytest.raises(ValueError, match="no chat template"):
-        apply_chat_template(tokenizer, [{"role": "user", "content": "hi"}])  # type: ignore[arg-type]
+    with pytest.raises(ApiError, match="no chat template") as info:
+        chat_prompt_ids(tokenizer, [{"role": "user", "content": "hi"}])
+    assert info.value.status == 400 and "/v1/completions" in info.value.message

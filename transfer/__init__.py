@@ -54,8 +54,6 @@ from __future__ import annotations
 from .base import (
     Endpoint,
     IncompatiblePeerError,
-    KVBuffer,
-    MemoryRegion,
     RoomMetadata,
     RoomStatus,
     TransferBackend,
@@ -63,14 +61,16 @@ from .base import (
     TransferMetrics,
     TransferState,
 )
+from .buffers import KVBuffer, MemoryRegion
 from .compat import KVCompat, check_compatible
 from .config import TransferConfig
 from .receiver import KVReceiver
-from .registry import BACKENDS, create_backend
+from .registry import BACKENDS, NO_TRANSFER, check_backend, create_backend, served_backends
 from .sender import KVSender
 
 __all__ = [
     "BACKENDS",
+    "NO_TRANSFER",
     "Endpoint",
     "IncompatiblePeerError",
     "KVBuffer",
@@ -85,6 +85,8 @@ __all__ = [
     "TransferError",
     "TransferMetrics",
     "TransferState",
+    "check_backend",
     "check_compatible",
     "create_backend",
+    "served_backends",
 ]

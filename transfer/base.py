@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from .buffers import MemoryRegion
 from .descriptors import DescriptorBatch
 
 if TYPE_CHECKING:
@@ -43,76 +44,6 @@ class IncompatiblePeerError(RuntimeError):
 
 class TransferError(RuntimeError):
     """A transfer engine failed to start or to register memory."""
-
-
-@dataclass(frozen=True)
-class KVBuffer:
-    """One buffer holding one slice of every page, e.g. one layer's K, V or MLA latent.
-
-    Page ``p`` lives at ``base_ptr + p * stride`` and is ``page_bytes`` long. ``page_stride``
-    defaults to ``page_bytes`` (pages back to back, as in a layer-major pool); a page-major pool
-    can instead register one buffer whose page covers every layer, or one view per layer with a
-    stride of the whole page.
-    """
-
-    base_ptr: int
-    page_bytes: int
-    num_pages: int
-    page_stride: int = 0
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        if self.page_bytes <= 0 or self.num_pages <= 0:
-            raise ValueError(f"KVBuffer needs page_bytes > 0 and num_pages > 0, got {self}")
-        if self.page_stride and self.page_stride < self.page_bytes:
-            raise ValueError(f"page_stride {self.page_stride} < page_bytes {self.page_bytes}")
-
-    @property
-    def stride(self) -> int:
-        return self.page_stride or self.page_bytes
-
-    @property
-    def span(self) -> tuple[int, int]:
-        """The [start, end) address range this buffer touches."""
-        return self.base_ptr, self.base_ptr + (self.num_pages - 1) * self.stride + self.page_bytes
-
-    @classmethod
-    def from_desc(
-        cls, base_ptr: int, nbytes: int, page_bytes: int, device: str = "cpu"
-    ) -> KVBuffer:
-        """A packed buffer from (base pointer, total bytes, bytes per page)."""
-        return cls(base_ptr, page_bytes, nbytes // page_bytes, 0, device)
-
-    @classmethod
-    def from_array(cls, array: Any) -> KVBuffer:
-        """View a numpy array or torch tensor whose first dimension is the page index."""
-        if hasattr(array, "data_ptr"):  # torch.Tensor, without importing torch
-            itemsize = array.element_size()
-            page_bytes = array[0].numel() * itemsize
-            stride = array.stride(0) * itemsize
-            return cls(array.data_ptr(), page_bytes, array.shape[0], stride, str(array.device))
-        return cls(array.ctypes.data, array[0].nbytes, array.shape[0], array.strides[0])
-
-
-@dataclass(frozen=True)
-class MemoryRegion:
-    """A contiguous range handed to the transfer engine for registration."""
-
-    base_ptr: int
-    length: int
-    device: str = "cpu"
-
-
-def regions_for(buffers: Sequence[KVBuffer]) -> list[MemoryRegion]:
-    """Registration ranges covering every buffer; overlapping or touching views are merged."""
-    spans = sorted((*b.span, b.device) for b in buffers)
-    merged: list[list[Any]] = []
-    for start, end, device in spans:
-        if merged and start <= merged[-1][1] and device == merged[-1][2]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end, device])
-    return [MemoryRegion(s, e - s, d) for s, e, d in merged]
 
 
 @dataclass(frozen=True)

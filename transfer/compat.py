@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .base import IncompatiblePeerError, KVBuffer
+from .base import IncompatiblePeerError
+from .buffers import KVBuffer
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ class TransferConfig:
     a prefill that hung rather than died cannot land a late write in another request's pages.
     """
 
-    backend: str = "mooncake"  # mooncake | nixl (fake: unit tests only)
+    backend: str = "mooncake"  # mooncake | nixl | none (colocated only); fake: unit tests only
     host: str = "127.0.0.1"  # this node's address for the engine and the bootstrap server
     protocol: str = "tcp"  # mooncake: tcp | rdma
     device: str = ""  # mooncake rdma: comma-separated NIC names ("" = all)
@@ -35,26 +35,34 @@ class TransferConfig:
     meta_slots: int = 1024  # decode: rooms that can be open at once
     meta_slot_bytes: int = 2048  # room metadata block (first token, top logprobs)
     mooncake_tcp_lanes: int = 0  # MC_TCP_LANES_PER_PEER (0 = Mooncake's default, 4)
+    # testing only: the sender fails this fraction of rooms on purpose instead of writing their
+    # KV (through the real failure path: both sides free the room's pages once)
+    fault_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name.endswith("_s") and value <= 0 and f.name != "quarantine_s":
-                raise ValueError(f"transfer.{f.name} must be > 0, got {value}")
+                raise ValueError(f"{f.name} must be > 0, got {value}")
         if self.quarantine_s < 0:
-            raise ValueError(f"transfer.quarantine_s must be >= 0, got {self.quarantine_s}")
+            raise ValueError(f"quarantine_s must be >= 0, got {self.quarantine_s}")
         if self.protocol not in ("tcp", "rdma"):
-            raise ValueError(f"transfer.protocol must be tcp or rdma, got {self.protocol!r}")
+            raise ValueError(f"protocol must be tcp or rdma, got {self.protocol!r}")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError(
-                f"transfer.heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed "
-                f"transfer.heartbeat_interval_s ({self.heartbeat_interval_s})"
+                f"heartbeat_timeout_s must exceed heartbeat_interval_s "
+                f"({self.heartbeat_timeout_s} <= {self.heartbeat_interval_s})"
             )
         for name in ("max_inflight_batches", "num_workers", "meta_slots"):
             if getattr(self, name) < 1:
-                raise ValueError(f"transfer.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.fault_fraction <= 1.0:
+            raise ValueError(
+                f"fault_fraction must be between 0 and 1 (the fraction of rooms to fail on "
+                f"purpose), got {self.fault_fraction}"
+            )
         if self.meta_slot_bytes < 256:
-            raise ValueError(f"transfer.meta_slot_bytes must be >= 256, got {self.meta_slot_bytes}")
+            raise ValueError(f"meta_slot_bytes must be >= 256, got {self.meta_slot_bytes}")
 
     def timeout_for(self, state_name: str) -> tuple[float, str]:
         """(seconds, setting name) bounding how long a room may stay in ``state_name``."""

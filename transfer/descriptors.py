@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .base import KVBuffer
+    from .buffers import KVBuffer
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .base import Endpoint, MemoryRegion, TransferBackend, TransferError
+from .base import Endpoint, TransferBackend, TransferError
+from .buffers import MemoryRegion
 from .config import TransferConfig
 from .descriptors import DescriptorBatch
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import Endpoint, MemoryRegion, TransferBackend, TransferError
+from .base import Endpoint, TransferBackend, TransferError
+from .buffers import MemoryRegion
 from .config import TransferConfig
 from .descriptors import DescriptorBatch
 

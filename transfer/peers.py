@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .base import KVBuffer
+from .buffers import KVBuffer
 from .compat import KVCompat, compat_errors
 from .protocol import PROTOCOL_VERSION, Register, buffers_from_wire
 

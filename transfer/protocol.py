@@ -18,15 +18,14 @@ Every value is a msgpack native (int, float, str, bytes, tuples); nothing is eve
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import ClassVar
+from dataclasses import dataclass
 
-import msgpack
-
-from .base import KVBuffer, TransferMetrics, TransferState
+from .base import TransferMetrics, TransferState
+from .buffers import KVBuffer
+from .codec import MessageCodec
 from .compat import KVCompat
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: messages tagged by type name (transfer/codec.py)
 
 WireBuffer = tuple[int, int, int, int, str]
 
@@ -39,7 +38,6 @@ class ProtocolError(ValueError):
 class Register:
     """Decode introduces itself to a prefill node (once per peer)."""
 
-    TAG: ClassVar[str] = "register"
     version: int
     decode_id: str
     backend: str
@@ -56,7 +54,6 @@ class Register:
 class RegisterReply:
     """Prefill's answer to Register: an empty error means registered."""
 
-    TAG: ClassVar[str] = "register_reply"
     error: str
 
 
@@ -64,7 +61,6 @@ class RegisterReply:
 class RoomRequest:
     """Decode reserved ``dst_pages`` and metadata slot ``meta_slot`` for ``room``."""
 
-    TAG: ClassVar[str] = "room_request"
     room: int
     dst_pages: tuple[int, ...]
     meta_slot: int
@@ -74,7 +70,6 @@ class RoomRequest:
 class RoomAbort:
     """Decode gives up on a room; prefill must stop writing and confirm with a final update."""
 
-    TAG: ClassVar[str] = "room_abort"
     room: int
     reason: str
 
@@ -83,7 +78,6 @@ class RoomAbort:
 class RoomDecline:
     """Decode will not ask for this room (it prefills the request itself): prefill drops it."""
 
-    TAG: ClassVar[str] = "room_decline"
     room: int
     reason: str
 
@@ -92,7 +86,6 @@ class RoomDecline:
 class RoomUpdate:
     """Prefill reports a room's state; a final one means prefill no longer writes into it."""
 
-    TAG: ClassVar[str] = "room_update"
     room: int
     state: int
     reason: str = ""
@@ -103,21 +96,16 @@ class RoomUpdate:
 class Heartbeat:
     """Decode is alive (sent to every prefill peer each heartbeat interval)."""
 
-    TAG: ClassVar[str] = "heartbeat"
-
 
 @dataclass(frozen=True)
 class HeartbeatReply:
     """Prefill is alive."""
-
-    TAG: ClassVar[str] = "heartbeat_reply"
 
 
 @dataclass(frozen=True)
 class UnknownPeer:
     """Prefill does not know this decode (it restarted, or timed the decode out)."""
 
-    TAG: ClassVar[str] = "unknown_peer"
     reason: str
 
 
@@ -132,21 +120,17 @@ Message = (
     | HeartbeatReply
     | UnknownPeer
 )
-_TYPES: dict[str, type] = {cls.TAG: cls for cls in Message.__args__}
+CODEC = MessageCodec(Message.__args__, error=ProtocolError, use_list=False)
 
 
 def encode(msg: Message) -> bytes:
-    """Pack a message as [tag, field values...]."""
-    return msgpack.packb([msg.TAG, *(getattr(msg, f.name) for f in fields(msg))])
+    """Pack a message (see transfer/codec.py)."""
+    return CODEC.encode(msg)
 
 
 def decode(data: bytes) -> Message:
     """Unpack a message; raise ProtocolError for anything unknown or malformed."""
-    try:
-        tag, *values = msgpack.unpackb(data, use_list=False, raw=False)
-        return _TYPES[tag](*values)
-    except (KeyError, TypeError, ValueError, msgpack.UnpackException) as e:
-        raise ProtocolError(f"bad control message ({e!r}): {data[:64]!r}") from e
+    return CODEC.decode(data)
 
 
 def buffers_to_wire(buffers: tuple[KVBuffer, ...] | list[KVBuffer]) -> tuple[WireBuffer, ...]:

@@ -26,15 +26,8 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from .base import (
-    Endpoint,
-    KVBuffer,
-    MemoryRegion,
-    RoomStatus,
-    TransferBackend,
-    TransferState,
-    regions_for,
-)
+from .base import Endpoint, RoomStatus, TransferBackend, TransferState
+from .buffers import KVBuffer, MemoryRegion, regions_for
 from .compat import KVCompat
 from .config import TransferConfig
 from .loop import ControlLoop

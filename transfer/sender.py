@@ -16,20 +16,14 @@ decode only once no write of it is in flight, so decode may free its pages on th
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Sequence
 
 import zmq
 
-from .base import (
-    Endpoint,
-    KVBuffer,
-    RoomMetadata,
-    RoomStatus,
-    TransferBackend,
-    TransferState,
-    regions_for,
-)
+from .base import Endpoint, RoomMetadata, RoomStatus, TransferBackend, TransferState
+from .buffers import KVBuffer, regions_for
 from .compat import KVCompat
 from .config import TransferConfig
 from .loop import ControlLoop
@@ -95,6 +89,8 @@ class KVSender:
         else:
             port = self._router.bind_to_random_port(f"tcp://{config.host}")
         self.bootstrap_address = f"{config.host}:{port}"
+        # transfer.fault_fraction: seeded per node, so a test run fails the same rooms again
+        self._faults = random.Random(self.bootstrap_address) if config.fault_fraction else None
         self._loop.add_socket(self._router, self._on_readable)
         self._loop.every(min(0.05, config.heartbeat_interval_s), self._check_deadlines)
         self._loop.every(config.heartbeat_interval_s, self._check_peers)
@@ -109,6 +105,10 @@ class KVSender:
 
     def send(self, room: int, src_pages: Sequence[int], metadata: RoomMetadata) -> None:
         """The room's KV is ready in ``src_pages``: write it, then ``metadata``, to decode."""
+        if self._faults is not None and self._faults.random() < self.config.fault_fraction:
+            # NOTE: testing only; the real failure path: decode hears FAILED, pages freed once
+            self.abort(room, "injected transfer fault")
+            return
         pages = tuple(int(p) for p in src_pages)
         self._loop.call(lambda: self._send(room, pages, metadata))
 

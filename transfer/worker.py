@@ -24,7 +24,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .base import KVBuffer, MemoryRegion, TransferBackend, TransferError, TransferMetrics
+from .base import TransferBackend, TransferError, TransferMetrics
+from .buffers import KVBuffer, MemoryRegion
 from .descriptors import DescriptorBatch, build_descriptors, split_batches
 from .metaslots import SlotPool
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import probe
-from .cli import Workload, endpoint_for, load_workload, measure
 from .launcher import PDSERVE_LAUNCH, ClusterSpec, launched
+from .measure import Workload, endpoint_for, load_workload, measure
 from .metrics import BenchmarkMetrics
 
 

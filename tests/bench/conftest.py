@@ -62,9 +62,9 @@ def one_tokenizer_load(
 
 @pytest.fixture(scope="session")
 def node_url(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real colocated node (node.py), answering /generate and /v1/*."""
+    """A real colocated node (colocated_node.py), answering /generate and /v1/*."""
     port, log = free_port(), tmp_path_factory.mktemp("bench-node") / "node.log"
-    command = [sys.executable, str(HERE / "node.py"), str(tiny_model), str(port)]
+    command = [sys.executable, str(HERE / "colocated_node.py"), str(tiny_model), str(port)]
     with log.open("wb") as sink:
         proc = subprocess.Popen(
             command, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True

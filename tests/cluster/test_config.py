@@ -14,12 +14,15 @@ from typing import Any
 import pytest
 import yaml
 
-from api.settings import GatewaySettings, Instance, NodeSettings, TransferSettings
+from api.settings import GatewaySettings, Instance
 from cluster import modelcache
 from cluster.cli import main as pdserve
 from cluster.config import CONFIGS_DIR, DEFAULT_CONFIG, load_cluster, parse_cluster
 from cluster.modelcache import MakeSpec, ensure_model, model_dir
 from cluster.schema import ConfigError
+from engine.options import EngineOptions
+from node.settings import NodeSettings
+from transfer import TransferConfig
 
 BASE: dict[str, Any] = {
     "model": {"path": "/models/tiny"},
@@ -135,7 +138,7 @@ def test_duplicate_and_reserved_names() -> None:
 
 def test_bad_backend_policy_and_protocol() -> None:
     message = error_of(config_with(transfer={"backend": "mooncak"}))
-    assert "transfer.backend: 'mooncak' is not one of mooncake, nixl" in message
+    assert "transfer.backend: 'mooncak' is not one of mooncake, nixl, none" in message
     assert "did you mean 'mooncake'?" in message
     message = error_of(config_with(gateway={"decode_policy": "least_loaded"}))
     assert "gateway.decode_policy: unknown policy 'least_loaded'" in message
@@ -148,7 +151,9 @@ def test_transfer_timeouts_must_be_positive_and_ordered() -> None:
         config_with(transfer={"transfer_timeout_s": 0})
     )
     late = {"heartbeat_interval_s": 5, "heartbeat_timeout_s": 2}
-    assert "must exceed transfer.heartbeat_interval_s" in error_of(config_with(transfer=late))
+    assert "transfer.heartbeat_timeout_s: must exceed heartbeat_interval_s" in error_of(
+        config_with(transfer=late)
+    )
     assert "transfer.quarantine_s: must be >= 0" in error_of(
         config_with(transfer={"quarantine_s": -1})
     )
@@ -172,12 +177,12 @@ def test_set_overrides_scalars_and_list_items(tmp_path: Path) -> None:
     path = write(tmp_path, BASE)
     cluster = load_cluster(
         path,
-        ["gateway.port=31000", "prefill.0.engine.page_size=32", "gateway.api_key=null"],
+        ["gateway.port=31000", "prefill.0.engine.max_running=32", "gateway.api_key=null"],
     )
     assert cluster.gateway.port == 31000
     assert cluster.gateway.api_key is None
-    assert cluster.node_settings("p0").engine["page_size"] == 32
-    assert cluster.node_settings("d0").engine["page_size"] == 16
+    assert cluster.node_settings("p0").engine.max_running == 32
+    assert cluster.node_settings("d0").engine.max_running == 8
 
 
 def test_set_values_are_yaml(tmp_path: Path) -> None:
@@ -220,19 +225,17 @@ def test_node_settings_merge_engine_options() -> None:
         name="p0",
         host="127.0.0.1",
         port=30001,
-        bootstrap_port=8998,
         served_model_name="tiny",
-        engine={"page_size": 16, "dtype": "float32", "threads": threads},
-        transfer=TransferSettings(backend="nixl", bootstrap_timeout_s=5.0),
+        engine=EngineOptions(page_size=16, dtype="float32", threads=threads),
+        transfer=TransferConfig(
+            backend="nixl", bootstrap_timeout_s=5.0, host="127.0.0.1", bootstrap_port=8998
+        ),
     )
     decode = cluster.node_settings("d0")
-    assert decode.role == "decode" and decode.bootstrap_port is None
-    assert decode.engine == {
-        "page_size": 16,
-        "dtype": "float32",
-        "max_running": 8,
-        "threads": threads,
-    }
+    assert decode.role == "decode" and decode.transfer.bootstrap_port == 0
+    assert decode.engine == EngineOptions(
+        page_size=16, dtype="float32", max_running=8, threads=threads
+    )
     assert decode.local_prefill_threshold == 64
     assert decode.decode_headroom_tokens == NodeSettings.decode_headroom_tokens
 
@@ -240,9 +243,9 @@ def test_node_settings_merge_engine_options() -> None:
 def test_threads_default_splits_cores_among_a_hosts_nodes() -> None:
     cluster = parse_cluster(config_with(decode=[{"name": "d0", "host": "10.0.0.2", "port": 30002}]))
     cores = os.cpu_count() or 1
-    assert cluster.node_settings("p0").engine["threads"] == cores  # alone on 127.0.0.1
+    assert cluster.node_settings("p0").engine.threads == cores  # alone on 127.0.0.1
     pinned = parse_cluster(config_with(engine={"threads": 3}))
-    assert pinned.node_settings("p0").engine["threads"] == 3
+    assert pinned.node_settings("p0").engine.threads == 3
 
 
 def test_gateway_settings_list_instances() -> None:
@@ -270,7 +273,7 @@ def test_component_names_and_unknown_component() -> None:
 
 def test_empty_sections_read_as_defaults() -> None:
     cluster = parse_cluster(config_with(engine=None, gateway=None))
-    assert cluster.engine.options() == {}
+    assert cluster.engine == EngineOptions()
     assert cluster.gateway.port == GatewaySettings.port
 
 
@@ -349,6 +352,80 @@ def test_shipped_configs_validate(path: Path) -> None:
     assert cluster.gateway_settings().decode
 
 
+@pytest.mark.parametrize("path", sorted(CONFIGS_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_pass_dry_run(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert pdserve(["launch", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for name in load_cluster(path).component_names():
+        assert f"--config {path.resolve()} --name {name}" in out
+    assert out.splitlines()[-1].startswith("# config ok:")
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "launch"])
+def test_unknown_attention_backend_fails_at_load(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    dry_run: bool,
+) -> None:
+    def start(*_args: Any, **_kw: Any) -> None:
+        raise AssertionError("the launcher started components from an invalid config")
+
+    monkeypatch.setattr("cluster.launch.Supervisor", start)
+    path = str(write(tmp_path, config_with(engine={"attention_backend": "flashinfer"})))
+    assert pdserve(["launch", path, *(["--dry-run"] if dry_run else [])]) == 2
+    err = capsys.readouterr().err
+    assert "engine.attention_backend: 'flashinfer' is not registered (use one of: torch)" in err
+    per_node = ["--set", "decode.0.engine.attention_backend=triton"]
+    assert pdserve(["launch", path, "--set", "engine.attention_backend=torch", *per_node]) == 2
+    assert "decode.0.engine.attention_backend: 'triton' is not registered" in (
+        capsys.readouterr().err
+    )
+
+
+def test_engine_options_are_checked_with_their_path() -> None:
+    message = error_of(config_with(engine={"page_size": 0}))
+    assert message == "engine.page_size: must be >= 1, got 0"
+    decode = [{"name": "d0", "port": 30002, "engine": {"max_total_tokens": 8}}]
+    assert "decode.0.engine.max_total_tokens: (8) must hold at least one page" in error_of(
+        config_with(decode=decode)
+    )
+    assert "engine.dtype: 'float8' is unknown" in error_of(config_with(engine={"dtype": "float8"}))
+    assert "transfer.fault_fraction: must be between 0 and 1" in error_of(
+        config_with(transfer={"fault_fraction": 2})
+    )
+
+
+def test_prefill_and_decode_pages_must_agree() -> None:
+    decode = [{"name": "d0", "port": 30002, "engine": {"page_size": 32}}]
+    message = error_of(config_with(decode=decode))
+    assert "engine.page_size differs between nodes ('p0' 16, 'd0' 32)" in message
+    assert "set engine.page_size alike" in message
+    decode = [{"name": "d0", "port": 30002, "engine": {"dtype": "fp32"}}]
+    assert parse_cluster(config_with(decode=decode)).decode[0].engine.dtype == "fp32"  # an alias
+    decode = [{"name": "d0", "port": 30002, "engine": {"dtype": "bfloat16"}}]
+    assert "engine.dtype differs" in error_of(config_with(decode=decode))
+    colocated = config_with(
+        prefill=[], decode=[{"name": "d0", "port": 2, "engine": {"page_size": 4}}]
+    )
+    assert parse_cluster(colocated).decode[0].engine.page_size == 4
+
+
+def test_transfer_yaml_sets_every_transfer_option_but_the_node_placed_ones() -> None:
+    options = {"device": "mlx5_0", "num_workers": 4, "max_batch_descriptors": 128}
+    cluster = parse_cluster(config_with(transfer={**BASE["transfer"], **options}))
+    settings = cluster.node_settings("p0").transfer
+    assert (settings.device, settings.num_workers, settings.max_batch_descriptors) == (
+        "mlx5_0",
+        4,
+        128,
+    )
+    assert (settings.host, settings.bootstrap_port) == ("127.0.0.1", 8998)
+    assert "unknown key 'bootstrap_port' in transfer" in error_of(
+        config_with(transfer={"bootstrap_port": 1})
+    )
+
+
 def test_default_config_is_local_cpu() -> None:
     cluster = load_cluster(DEFAULT_CONFIG)
     assert DEFAULT_CONFIG.name == "local-cpu.yaml"
@@ -364,12 +441,20 @@ def test_default_config_is_local_cpu() -> None:
 
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """Stand-in server modules: `pdserve prefill|decode|gateway` hand their settings here."""
+    """Stand-in server modules: `pdserve prefill|decode|gateway` hand their settings here (and
+    a node its loop class's role)."""
     got: dict[str, Any] = {}
-    for role in ("prefill", "decode", "gateway"):
-        module = types.ModuleType(f"{role}.server")
-        module.run = lambda settings, role=role: got.__setitem__(role, settings)  # type: ignore[attr-defined]
-        monkeypatch.setitem(sys.modules, f"{role}.server", module)
+
+    def serve_node(settings: NodeSettings, loop_cls: type) -> None:
+        assert settings.role == loop_cls.ROLE  # type: ignore[attr-defined]
+        got[settings.role] = settings
+
+    node_server = types.ModuleType("node.server")
+    node_server.serve_node = serve_node  # type: ignore[attr-defined]
+    gateway_server = types.ModuleType("gateway.server")
+    gateway_server.run = lambda settings: got.__setitem__("gateway", settings)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "node.server", node_server)
+    monkeypatch.setitem(sys.modules, "gateway.server", gateway_server)
     return got
 
 
@@ -402,14 +487,14 @@ def test_node_from_flags(served: dict[str, Any], capsys: pytest.CaptureFixture[s
     extra = ["--engine-opt", "page_size=32", "--engine-opt", "enable_prefix_cache=false"]
     assert pdserve([*argv, *extra, "--transfer-backend", "nixl"]) == 0
     settings = served["prefill"]
-    assert (settings.role, settings.model, settings.port, settings.bootstrap_port) == (
+    assert (settings.role, settings.model, settings.port, settings.transfer.bootstrap_port) == (
         "prefill",
         "/m",
         31001,
         8998,
     )
-    assert settings.engine == {"page_size": 32, "enable_prefix_cache": False}
-    assert settings.transfer.backend == "nixl"
+    assert settings.engine == EngineOptions(page_size=32, enable_prefix_cache=False)
+    assert (settings.transfer.backend, settings.transfer.host) == ("nixl", "127.0.0.1")
     assert pdserve(["decode", "--model", "/m", "--port", "1", "--engine-opt", "page_sise=3"]) == 2
     assert "did you mean 'page_size'?" in capsys.readouterr().err
     assert pdserve(["prefill", "--model", "/m", "--port", "1"]) == 2

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from transfer import KVBuffer, KVCompat, RoomMetadata, TransferConfig, TransferState
-from transfer.base import regions_for
+from transfer.buffers import regions_for
 from transfer.compat import check_compatible
 from transfer.descriptors import build_descriptors, page_runs, split_batches
 from transfer.metaslots import SlotPool, decode_slot, encode_slot
@@ -103,14 +103,18 @@ def test_metadata_slot_round_trip_guards_room_and_size() -> None:
 
 
 def test_config_errors_name_the_setting() -> None:
-    with pytest.raises(ValueError, match=re.escape("transfer.waiting_timeout_s must be > 0")):
+    with pytest.raises(ValueError, match=re.escape("waiting_timeout_s must be > 0")):
         TransferConfig(waiting_timeout_s=0)
-    with pytest.raises(ValueError, match=re.escape("transfer.protocol must be tcp or rdma")):
+    with pytest.raises(ValueError, match=re.escape("protocol must be tcp or rdma")):
         TransferConfig(protocol="udp")
+    with pytest.raises(ValueError, match=re.escape("fault_fraction must be between 0 and 1")):
+        TransferConfig(fault_fraction=1.5)
     with pytest.raises(
-        ValueError, match=re.escape("set transfer.backend to one of fake, mooncake, nixl")
+        ValueError, match=re.escape("set transfer.backend to one of mooncake, nixl, none")
     ):
         create_backend(TransferConfig(backend="gloo"))
+    with pytest.raises(ValueError, match="no transfer engine"):
+        create_backend(TransferConfig(backend="none"))
 
 
 class _GatedBackend:

@@ -1,4 +1,4 @@
-"""The decode node's scheduler process.
+"""The decode node's scheduler loop.
 
 Three queues, in DESIGN.md's words: prealloc (requests waiting for pages: reserved for prompt +
 decode headroom before any transfer, never overcommitted, FIFO, with a timeout), transfer
@@ -15,13 +15,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from api.messages import GenerateRequest, TokenOutput
-from api.node_loop import NodeLoop
-from api.node_server import scheduler_process
-from api.settings import NodeSettings
+from engine.engine import Engine
 from engine.sampling import SamplingParams
-from transfer import KVReceiver, TransferConfig, TransferState
-from transfer.pool_view import pool_view
+from node.channel import SchedulerChannel
+from node.kv_link import build_receiver
+from node.loop import NodeLoop
+from node.messages import GenerateRequest, TokenOutput
+from node.settings import NodeSettings
+from transfer import NO_TRANSFER, KVReceiver, RoomStatus, TransferState
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,16 @@ class Pending:
 
 
 class DecodeLoop(NodeLoop):
-    def __init__(self, engine: Any, channel: Any, settings: NodeSettings, receiver: Any) -> None:
-        super().__init__(engine, channel, "decode")
+    ROLE = "decode"
+
+    def __init__(
+        self,
+        engine: Engine,
+        channel: SchedulerChannel,
+        settings: NodeSettings,
+        receiver: KVReceiver | None,
+    ) -> None:
+        super().__init__(engine, channel)
         self.settings = settings
         self.receiver = receiver
         self.prealloc: OrderedDict[str, Pending] = OrderedDict()
@@ -45,11 +54,16 @@ class DecodeLoop(NodeLoop):
         # writing (transfer.quarantine_s); the request has already failed
         self.quarantine: dict[str, float] = {}
 
-    def sampling_params(self, params: dict[str, Any]) -> SamplingParams:
-        return SamplingParams(**params)
+    @classmethod
+    def create(
+        cls, engine: Engine, channel: SchedulerChannel, settings: NodeSettings
+    ) -> DecodeLoop:
+        colocated_only = settings.transfer.backend == NO_TRANSFER
+        receiver = None if colocated_only else build_receiver(engine, settings)
+        return cls(engine, channel, settings, receiver)
 
     def on_generate(self, req: GenerateRequest) -> None:
-        params = self.sampling_params(req.params)
+        params = self.sampling_params(req)
         if not req.disaggregated or self._prefill_here(req):
             self.engine.add_request(req.rid, req.prompt_ids, params)
             return
@@ -66,7 +80,7 @@ class DecodeLoop(NodeLoop):
         if uncached >= threshold:
             return False
         # NOTE: the prefill node got the same request; tell it to drop the room.
-        self.receiver.decline(req.bootstrap_room, _address(req), "it prefills locally")
+        self.receiver.decline(req.bootstrap_room, req.bootstrap_address, "it prefills locally")
         return True
 
     def on_abort(self, rid: str) -> None:
@@ -102,7 +116,7 @@ class DecodeLoop(NodeLoop):
             del self.prealloc[rid]
             self.rooms[req.bootstrap_room] = rid
             self.room_of[rid] = req.bootstrap_room
-            self.receiver.open_room(req.bootstrap_room, _address(req), pages)
+            self.receiver.open_room(req.bootstrap_room, req.bootstrap_address, pages)
 
     def _expire_prealloc(self) -> None:
         limit = self.settings.prealloc_timeout_s
@@ -122,7 +136,7 @@ class DecodeLoop(NodeLoop):
                 del self.quarantine[rid]
                 self.engine.release(rid, cache=False)
 
-    def _room_done(self, status: Any) -> None:
+    def _room_done(self, status: RoomStatus) -> None:
         rid = self.rooms.pop(status.room, None)
         if rid is None:
             return
@@ -151,31 +165,3 @@ class DecodeLoop(NodeLoop):
         if self.receiver is not None:
             self.receiver.close()
         super().close()
-
-
-def _address(req: GenerateRequest) -> str:
-    return f"{req.bootstrap_host}:{req.bootstrap_port}"
-
-
-def build_receiver(engine: Any, settings: NodeSettings) -> KVReceiver:
-    config = TransferConfig(host=settings.host, **settings.transfer.config_options())
-    buffers, compat = pool_view(engine.pool, settings.model_name)
-    return KVReceiver(config, buffers, compat)
-
-
-def scheduler_main(
-    settings: NodeSettings, requests_addr: str, outputs_addr: str, conn: Any
-) -> None:
-    """Entry point of the decode node's scheduler process."""
-
-    def build() -> tuple[DecodeLoop, dict[str, Any]]:
-        from api.ipc import SchedulerChannel
-        from engine.engine import Engine
-        from engine.llm import engine_config
-
-        engine = Engine(engine_config(settings.model, **settings.engine))
-        receiver = None if settings.transfer.backend == "none" else build_receiver(engine, settings)
-        loop = DecodeLoop(engine, SchedulerChannel(requests_addr, outputs_addr), settings, receiver)
-        return loop, {"max_model_len": engine.max_model_len}
-
-    scheduler_process(settings, conn, build)

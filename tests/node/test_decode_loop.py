@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from api.messages import GenerateRequest, TokenOutput
-from api.settings import NodeSettings
-from decode.scheduler import DecodeLoop
+from decode.loop import DecodeLoop
 from engine.engine import Engine
-from engine.llm import engine_config
+from engine.options import EngineOptions
+from node.messages import GenerateRequest, TokenOutput
+from node.settings import NodeSettings
 from transfer.base import RoomStatus, TransferState
 
 PROMPT = list(range(100, 140))
@@ -50,9 +50,8 @@ class Receiver:
 
 @pytest.fixture
 def loop(make_tiny) -> DecodeLoop:
-    engine = Engine(
-        engine_config(str(make_tiny("llama")), dtype="float32", page_size=16, max_total_tokens=4096)
-    )
+    options = EngineOptions(dtype="float32", page_size=16, max_total_tokens=4096)
+    engine = Engine(str(make_tiny("llama")), options)
     settings = NodeSettings(role="decode", model=str(make_tiny("llama")))
     return DecodeLoop(engine, Channel(), settings, Receiver())
 

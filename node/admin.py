@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from api import node_requests as nreq
 from api.errors import ApiError, invalid_request
-from api.messages import AbortRequest
-from api.node_app import NodeContext, error_response, read_body
-from api.node_jobs import JobRun
+from api.http import error_response, parse_json, read_body
 from api.openai import ModelCard, ModelList
+from node import requests as nreq
+from node.context import NodeContext
+from node.jobs import JobRun
+from node.messages import AbortRequest, GenerateRequest
+
+MAX_ADMIN_BODY = 64 * 1024
 
 
 class NodeAdmin:
@@ -37,7 +41,7 @@ class NodeAdmin:
     async def health_generate(self, _request: Request) -> Response:
         rid = f"health-{uuid.uuid4().hex}"
         params = {"max_tokens": 1, "temperature": 0.0}
-        job = nreq.Job(0, 0, nreq.GenerateRequest(rid, self.ctx.encode("ping") or [0], params))
+        job = nreq.Job(0, 0, GenerateRequest(rid, self.ctx.encode("ping") or [0], params))
         run = JobRun(self.ctx.client, [job], 20.0)
         try:
             await run.start()
@@ -66,9 +70,9 @@ class NodeAdmin:
             "name": s.name,
             "model_path": s.model,
             "served_model_name": self.ctx.model_name,
-            "bootstrap_port": s.bootstrap_port,
+            "bootstrap_port": s.transfer.bootstrap_port if s.role == "prefill" else None,
             "transfer_backend": s.transfer.backend,
-            "engine": s.engine,
+            "engine": dataclasses.asdict(s.engine),
             **reply.data,
         }
         return JSONResponse(info)
@@ -84,10 +88,13 @@ class NodeAdmin:
         return PlainTextResponse(self.ctx.metrics.render(info, self.ctx.settings))
 
     async def abort_request(self, request: Request) -> Response:
-        body = await read_body(request)
+        try:
+            body = parse_json(await read_body(request, MAX_ADMIN_BODY))
+        except ApiError as err:
+            return error_response(err, None)
         rid = body.get("rid")
         if not rid:
-            return error_response(invalid_request("abort_request needs a rid", param="rid"))
+            return error_response(invalid_request("abort_request needs a rid", param="rid"), None)
         rid = str(rid)
         # a request with several prompts or samples runs as jobs "<rid>-<i>"
         jobs = [r for r in self.ctx.client.open_rids() if nreq.is_job_of(r, rid)]

@@ -1,10 +1,8 @@
 """The scheduler process's loop, shared by prefill and decode nodes.
 
 It receives requests from the node's HTTP process, steps the engine, and sends each request's
-outputs back. Role-specific work (KV transfer) hooks in through `on_generate`, `on_abort` and
-`poll`. The engine is duck-typed here (api does not import engine): it needs `has_work()`,
-`step()`, `abort(rid)`, `flush_cache()`, `check_integrity()`, `num_free_pages`, `pool`,
-`scheduler`.
+outputs back. A role adds its KV transfer through `on_generate`, `on_abort`, `on_output` and
+`poll`, and builds itself in `create` (what `node.process.scheduler_main` calls).
 """
 
 from __future__ import annotations
@@ -12,16 +10,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
-from api.ipc import SchedulerChannel
-from api.messages import (
+from engine.engine import Engine, RequestOutput
+from engine.sampling import SamplingParams
+from node.channel import SchedulerChannel
+from node.messages import (
     AbortRequest,
     ControlReply,
     ControlRequest,
     GenerateRequest,
     TokenOutput,
 )
+from node.settings import NodeSettings, Role
 
 log = logging.getLogger(__name__)
 
@@ -29,21 +30,27 @@ IDLE_POLL_MS = 5
 
 
 class NodeLoop:
-    def __init__(self, engine: Any, channel: SchedulerChannel, role: str) -> None:
+    ROLE: ClassVar[Role]
+
+    def __init__(self, engine: Engine, channel: SchedulerChannel) -> None:
         self.engine = engine
         self.channel = channel
-        self.role = role
         self.stop_event = threading.Event()
         self.started = time.time()
+
+    @classmethod
+    def create(cls, engine: Engine, channel: SchedulerChannel, settings: NodeSettings) -> NodeLoop:
+        """The role's loop over a loaded engine (and its transfer side, built here)."""
+        raise NotImplementedError
 
     # ---- hooks -------------------------------------------------------------------------------
 
     def on_generate(self, req: GenerateRequest) -> None:
         """Start a request; raise ValueError for a request that cannot run (HTTP 400)."""
-        self.engine.add_request(req.rid, req.prompt_ids, self.sampling_params(req.params))
+        self.engine.add_request(req.rid, req.prompt_ids, self.sampling_params(req))
 
-    def sampling_params(self, params: dict[str, Any]) -> Any:
-        raise NotImplementedError
+    def sampling_params(self, req: GenerateRequest) -> SamplingParams:
+        return SamplingParams(**req.params)
 
     def on_abort(self, rid: str) -> None:
         self.engine.abort(rid)
@@ -58,7 +65,11 @@ class NodeLoop:
     def extra_info(self) -> dict[str, Any]:
         return {}
 
-    def on_output(self, out: Any) -> None:
+    def ready_info(self) -> dict[str, Any]:
+        """What the HTTP process learns once the scheduler is up."""
+        return {"max_model_len": self.engine.max_model_len}
+
+    def on_output(self, out: RequestOutput) -> None:
         self.send(TokenOutput.from_output(out))
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -82,7 +93,7 @@ class NodeLoop:
         elif isinstance(msg, AbortRequest):
             self.on_abort(msg.rid)
             # NOTE: ends the request for whoever still waits on it (the HTTP side may not).
-            self.send(TokenOutput(msg.rid, finished=True, finish_reason="abort"))
+            self.send(TokenOutput.aborted(msg.rid))
         elif isinstance(msg, ControlRequest):
             self.send(self.control(msg))
 
@@ -100,7 +111,7 @@ class NodeLoop:
         engine = self.engine
         sched = engine.scheduler
         return {
-            "role": self.role,
+            "role": self.ROLE,
             "free_pages": engine.num_free_pages,
             "total_pages": engine.pool.total_pages,
             "page_size": engine.pool.page_size,
@@ -112,7 +123,7 @@ class NodeLoop:
             **self.extra_info(),
         }
 
-    def send(self, out: Any) -> None:
+    def send(self, out: TokenOutput | ControlReply) -> None:
         self.channel.send(out)
 
     def close(self) -> None:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.errors import invalid_request
-from api.messages import GenerateRequest
 from api.openai import ChatCompletionRequest, CompletionRequest
+from node.messages import GenerateRequest
 
 # Extra sampling fields clients may send beside OpenAI's (SGLang / vLLM extensions).
 EXTRA_PARAMS = (

@@ -6,7 +6,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from api.settings import NodeSettings
+from node.jobs import JobState
+from node.settings import NodeSettings
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 GAUGES = {
@@ -59,13 +60,13 @@ class NodeMetrics:
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
 
-    def observe_done(self, ttft_s: float | None, e2e_s: float, states: Sequence[Any]) -> None:
+    def observe_done(self, ttft_s: float | None, e2e_s: float, states: Sequence[JobState]) -> None:
         self.observe_first_token(ttft_s)
         self.e2e.observe(e2e_s)
         for s in states:
-            self.prompt_tokens += s.prompt_tokens
-            self.generation_tokens += s.completion_tokens
-            self.cached_tokens += s.cached_tokens
+            self.prompt_tokens += s.out.prompt_tokens
+            self.generation_tokens += s.out.completion_tokens
+            self.cached_tokens += s.out.cached_tokens
 
     def render(self, info: dict[str, Any], settings: NodeSettings) -> str:
         labels = f'role="{settings.role}",name="{settings.name}"'

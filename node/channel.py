@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from api.messages import AbortRequest, ControlReply, ControlRequest, TokenOutput, decode, encode
+from node.messages import CODEC, AbortRequest, ControlReply, ControlRequest, TokenOutput
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,12 @@ class SchedulerChannel:
         messages = []
         while True:
             try:
-                messages.append(decode(self._pull.recv(zmq.NOBLOCK)))
+                messages.append(CODEC.decode(self._pull.recv(zmq.NOBLOCK)))
             except zmq.Again:
                 return messages
 
     def send(self, msg: Any) -> None:
-        self._push.send(encode(msg))
+        self._push.send(CODEC.encode(msg))
 
     def close(self) -> None:
         self._pull.close(0)
@@ -73,7 +73,7 @@ class SchedulerClient:
 
     async def _read_outputs(self) -> None:
         while True:
-            msg = decode(await self._pull.recv())
+            msg = CODEC.decode(await self._pull.recv())
             if isinstance(msg, TokenOutput):
                 queue = self._queues.get(msg.rid)
                 if queue is not None:
@@ -99,7 +99,7 @@ class SchedulerClient:
         return list(self._queues)
 
     async def send(self, msg: Any) -> None:
-        await self._push.send(encode(msg))
+        await self._push.send(CODEC.encode(msg))
 
     async def abort(self, rid: str) -> None:
         self.close(rid)

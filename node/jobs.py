@@ -1,23 +1,31 @@
-"""One HTTP request's jobs in flight: submit them, read their outputs, abort what is left."""
+"""One HTTP request's jobs in flight: submit them, add up their outputs, abort what is left."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from api.errors import ApiError, invalid_request, server_error
-from api.ipc import SchedulerClient
-from api.messages import TokenOutput
-from api.node_format import JobState
-from api.node_requests import Job
+from node.channel import SchedulerClient
+from node.messages import TokenOutput
+from node.requests import Job
+
+
+@dataclass
+class JobState:
+    """A job and its output so far (the deltas added up)."""
+
+    job: Job
+    out: TokenOutput
 
 
 class JobRun:
     def __init__(self, client: SchedulerClient, jobs: Sequence[Job], timeout_s: float) -> None:
         self.client = client
         self.queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
-        self.states = {job.request.rid: JobState(job) for job in jobs}
+        self.states = {job.request.rid: JobState(job, TokenOutput(job.request.rid)) for job in jobs}
         self.deadline = time.monotonic() + timeout_s
         self.timeout_s = timeout_s
         self.started = time.monotonic()
@@ -30,7 +38,7 @@ class JobRun:
 
     @property
     def done(self) -> bool:
-        return all(s.finished for s in self.states.values())
+        return all(s.out.finished for s in self.states.values())
 
     async def start(self) -> None:
         for rid in self.states:
@@ -56,11 +64,11 @@ class JobRun:
             ) from None
         state = self.states[out.rid]
         if out.error is not None:
-            state.finished = True
+            state.out.finished = True
             raise ApiError(out.status, out.error)
         if self.first_token_s is None and out.token_ids:
             self.first_token_s = time.monotonic() - self.started
-        state.apply(out)
+        state.out.add(out)
         return state, out
 
     async def first_outputs(self) -> list[tuple[JobState, TokenOutput]]:
@@ -82,7 +90,7 @@ class JobRun:
     async def close(self) -> None:
         """Abort unfinished jobs on the scheduler and stop routing their outputs."""
         for rid in self._opened:
-            if not self.states[rid].finished:
+            if not self.states[rid].out.finished:
                 await self.client.abort(rid)
             self.client.close(rid)
         self._opened = []

@@ -1,0 +1,119 @@
+"""Engine options: the one list of what a user can set on an engine, with defaults and help.
+
+The offline API (`LLM(model, **options)`), the node flags (`--engine-opt key=value`), the cluster
+YAML (`engine:` at the top and per node) and the docs (docs/CONFIG.md) all read this dataclass;
+nobody keeps a copy of the names. It imports no torch, so a launcher can check a config
+without loading it. `cache` and `scheduler` group the options as the engine's parts use them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.layers.attention import ATTENTION_BACKENDS
+
+# Accepted dtype spellings -> torch attribute names (engine/config.py's parse_dtype).
+DTYPE_NAMES = {
+    "float32": "float32",
+    "float": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "half": "float16",
+    "fp16": "float16",
+}
+DEVICES = ("cpu", "cuda")
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache sizing. Give `max_total_tokens` or `mem_fraction` (of available memory)."""
+
+    page_size: int = 16
+    max_total_tokens: int | None = None
+    mem_fraction: float = 0.1
+    enable_prefix_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
+        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
+            raise ValueError(
+                f"max_total_tokens ({self.max_total_tokens}) must hold at least one page "
+                f"(page_size {self.page_size})"
+            )
+        if not 0.0 < self.mem_fraction <= 1.0:
+            raise ValueError(f"mem_fraction must be in (0, 1], got {self.mem_fraction}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits.
+
+    `max_batch_tokens` is the per-step token budget (prefill chunks + one per decoding request);
+    `chunk_size` caps the prefill tokens of one request in one step.
+    """
+
+    max_running: int = 256
+    max_batch_tokens: int = 4096
+    chunk_size: int = 2048
+    decode_reserve_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_running", "max_batch_tokens", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Every engine option, flat, as users name them. Invalid values raise ValueError."""
+
+    dtype: str | None = _opt(None, "weights and KV cache dtype (default: the checkpoint's)")
+    device: str = _opt("cpu", "cpu, or cuda[:N]")
+    attention_backend: str = _opt("torch", "attention implementation, by registered name")
+    page_size: int = _opt(16, "tokens per KV page (prefill and decode must agree)")
+    max_total_tokens: int | None = _opt(None, "KV pool size in tokens (else from mem_fraction)")
+    mem_fraction: float = _opt(0.1, "share of free memory for the KV pool, in (0, 1]")
+    enable_prefix_cache: bool = _opt(True, "radix prefix cache: reuse the KV of shared prefixes")
+    max_running: int = _opt(256, "requests in the running batch at most")
+    max_batch_tokens: int = _opt(4096, "tokens one step computes at most (prefill + decode)")
+    chunk_size: int = _opt(2048, "prefill tokens of one request in one step at most")
+    max_model_len: int | None = _opt(None, "prompt + output tokens at most (default: the model's)")
+    seed: int = _opt(0, "seed of torch and of sampling for requests that send none")
+    threads: int | None = _opt(None, "torch intra-op threads (default: torch's, all cores)")
+    cpu_kernels: bool = _opt(True, "native AVX-512 CPU kernels where they can run")
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and str(self.dtype).removeprefix("torch.") not in DTYPE_NAMES:
+            raise ValueError(
+                f"dtype {self.dtype!r} is unknown (use one of float32, bfloat16, float16)"
+            )
+        if self.device.partition(":")[0] not in DEVICES:
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend {self.attention_backend!r} is not registered "
+                f"(use one of: {', '.join(sorted(ATTENTION_BACKENDS))})"
+            )
+        for name in ("max_model_len", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        _ = self.cache, self.scheduler  # their own checks
+
+    @property
+    def cache(self) -> CacheConfig:
+        return CacheConfig(
+            self.page_size, self.max_total_tokens, self.mem_fraction, self.enable_prefix_cache
+        )
+
+    @property
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_running, self.max_batch_tokens, self.chunk_size)

@@ -1,0 +1,40 @@
+"""`create_node_app(ctx)`: the node's ASGI app (Starlette), the same for prefill and decode.
+
+Routes: /generate, /v1/completions, /v1/chat/completions (node/routes.py); /v1/models, /health,
+/health_generate, /get_model_info, /get_server_info, /flush_cache, /metrics, /abort_request
+(node/admin.py). Starlette's own 404/405 answer in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.routing import Route
+
+from api.http import openai_http_errors
+from node.admin import NodeAdmin
+from node.context import NodeContext
+from node.routes import NodeRoutes, generation_route
+
+
+def create_node_app(ctx: NodeContext) -> Starlette:
+    routes = NodeRoutes(ctx)
+    admin = NodeAdmin(ctx)
+    generation = {
+        "/generate": generation_route(routes.generate, ctx, "generate"),
+        "/v1/completions": generation_route(routes.completions, ctx, "completions"),
+        "/v1/chat/completions": generation_route(routes.chat, ctx, "chat_completions"),
+    }
+    table = [
+        *(Route(path, endpoint, methods=["POST"]) for path, endpoint in generation.items()),
+        Route("/v1/models", admin.models, methods=["GET"]),
+        Route("/health", admin.health, methods=["GET"]),
+        Route("/health_generate", admin.health_generate, methods=["GET"]),
+        Route("/get_model_info", admin.model_info, methods=["GET"]),
+        Route("/get_server_info", admin.server_info, methods=["GET"]),
+        Route("/flush_cache", admin.flush_cache, methods=["POST", "GET"]),
+        Route("/metrics", admin.metrics, methods=["GET"]),
+        Route("/abort_request", admin.abort_request, methods=["POST"]),
+    ]
+    served = ", ".join(route.path for route in table)
+    return Starlette(routes=table, exception_handlers={HTTPException: openai_http_errors(served)})

@@ -1,0 +1,108 @@
+"""The scheduler process: started by the node's HTTP process, it loads the engine, builds the
+role's loop and runs it until SIGTERM.
+
+`start_scheduler` (HTTP side) spawns it and waits for its ready message; `scheduler_main` is its
+body, the same for every role: the role is the loop class it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from engine.engine import Engine
+from node.channel import SchedulerChannel
+from node.loop import NodeLoop
+from node.settings import NodeSettings
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 900.0
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    """A started scheduler process, as the HTTP process holds it."""
+
+    process: BaseProcess
+    ready: dict[str, Any]  # what the loop reported once built (NodeLoop.ready_info)
+    requests_addr: str
+    outputs_addr: str
+
+
+def start_scheduler(settings: NodeSettings, loop_cls: type[NodeLoop], ipc_dir: str) -> Scheduler:
+    """Spawn the scheduler process and wait until its model is loaded."""
+    requests_addr, outputs_addr = f"ipc://{ipc_dir}/requests", f"ipc://{ipc_dir}/outputs"
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=scheduler_main,
+        args=(settings, loop_cls, requests_addr, outputs_addr, child),
+        name=f"{settings.name}-scheduler",
+    )
+    proc.start()
+    child.close()
+    if not parent.poll(READY_TIMEOUT_S):
+        proc.kill()
+        raise RuntimeError(f"scheduler of {settings.name} did not start in {READY_TIMEOUT_S:.0f}s")
+    try:
+        ready = parent.recv()
+    except EOFError:
+        proc.join(5)
+        raise RuntimeError(f"scheduler of {settings.name} exited with {proc.exitcode}") from None
+    if "error" in ready:
+        proc.join(5)
+        raise RuntimeError(f"scheduler of {settings.name} failed to start: {ready['error']}")
+    return Scheduler(proc, ready, requests_addr, outputs_addr)
+
+
+def stop_process(proc: BaseProcess, grace_s: float = 10.0) -> None:
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(grace_s)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
+
+
+def scheduler_main(
+    settings: NodeSettings,
+    loop_cls: type[NodeLoop],
+    requests_addr: str,
+    outputs_addr: str,
+    conn: Connection,
+) -> None:
+    """Body of a scheduler process: build the loop (reporting failures), say ready, run it."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s {settings.name}-scheduler %(levelname)s %(name)s: %(message)s",
+    )
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the HTTP process decides when to stop
+    try:
+        loop = build_loop(settings, loop_cls, requests_addr, outputs_addr)
+    except Exception as exc:
+        log.exception("scheduler start failed")
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+        raise SystemExit(1) from None
+    conn.send({"ok": True, **loop.ready_info()})
+    conn.close()
+    signal.signal(signal.SIGTERM, lambda *_: loop.stop_event.set())
+    try:
+        loop.run()
+    finally:
+        loop.close()
+
+
+def build_loop(
+    settings: NodeSettings, loop_cls: type[NodeLoop], requests_addr: str, outputs_addr: str
+) -> NodeLoop:
+    """The engine over the settings' checkpoint, and the role's loop around it."""
+    if settings.role != loop_cls.ROLE:
+        raise TypeError(f"{loop_cls.__name__} does not run {settings.role} nodes")
+    engine = Engine(settings.model, settings.engine)
+    return loop_cls.create(engine, SchedulerChannel(requests_addr, outputs_addr), settings)

@@ -1,0 +1,243 @@
+"""The node's generation routes, shared by prefill and decode nodes: /generate (SGLang native),
+/v1/completions and /v1/chat/completions.
+
+Requests are tokenized here and run by the scheduler process (node/channel.py); PD requests carry
+bootstrap_host / bootstrap_port / bootstrap_room as SGLang's router sends them. A request whose
+client leaves is aborted on the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from api.errors import ApiError
+from api.http import (
+    ClientGone,
+    ClientWatch,
+    error_response,
+    parse_json,
+    read_body,
+    request_id,
+    until_disconnect,
+)
+from api.openai import (
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ResponseMessage,
+    parse_request,
+)
+from api.sse import MEDIA_TYPE, STREAM_HEADERS
+from node import requests as nreq
+from node import responses as fmt
+from node.context import NodeContext
+from node.jobs import JobRun, JobState
+from node.messages import TokenOutput
+from node.streaming import ChunkMaker, chunk_payload, stream_jobs, usage_tail
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
+MAX_BODY_BYTES = 64 * 1024 * 1024  # the gateway's own limit is lower (gateway.max_body_bytes)
+Handler = Callable[[Request, dict[str, Any], str], Awaitable[Response]]
+
+
+class NodeRoutes:
+    """Handlers bound to one node's context."""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+
+    async def completions(self, request: Request, body: dict, rid: str) -> Response:
+        req = parse_request(CompletionRequest, body)
+        prompts = nreq.completion_prompts(req, self.ctx.encode)
+        params = nreq.openai_params(req, nreq.completion_max_tokens(req), req.logprobs)
+        jobs = nreq.make_jobs(rid, prompts, params, req.n, body)
+        run, first = await self._start(request, jobs)
+        created, model = int(time.time()), self.ctx.model_name
+        want_lp = req.logprobs is not None
+
+        def choice(state: JobState, out: TokenOutput, reason: str | None) -> CompletionChoice:
+            logprobs = None
+            if want_lp:
+                logprobs = fmt.completion_logprobs(
+                    out.token_ids, out.logprobs, out.top_logprobs, self.ctx.token_text, 0
+                )
+            return CompletionChoice(
+                index=state.job.index,
+                text=out.text,
+                logprobs=logprobs,
+                finish_reason=reason,
+                matched_stop=state.out.matched_stop if reason else None,
+            )
+
+        if req.stream:
+
+            def chunk(state: JobState, out: TokenOutput) -> dict:
+                reason = out.finish_reason if out.finished else None
+                c = choice(state, out, reason)
+                resp = CompletionResponse(id=rid, created=created, model=model, choices=[c])
+                return chunk_payload(resp, reason)
+
+            tail = usage_tail(req.include_usage, run, CompletionResponse, rid, created, model)
+            return self._stream(run, first, chunk, tail, rid)
+        await self._finish(request, run)
+        choices = [choice(s, s.out, s.out.finish_reason) for s in run.ordered]
+        usage = fmt.usage_of(run.ordered)
+        resp = CompletionResponse(
+            id=rid, created=created, model=model, choices=choices, usage=usage
+        )
+        return self._json(resp.model_dump(exclude_none=True), rid, run)
+
+    async def chat(self, request: Request, body: dict, rid: str) -> Response:
+        req = parse_request(ChatCompletionRequest, body)
+        prompt = self.ctx.encode_chat(req.chat_messages())
+        max_tokens = nreq.chat_max_tokens(req, len(prompt), self.ctx.max_model_len)
+        params = nreq.openai_params(req, max_tokens, nreq.chat_logprobs(req))
+        jobs = nreq.make_jobs(rid, [prompt], params, req.n, body)
+        run, first = await self._start(request, jobs)
+        created, model = int(time.time()), self.ctx.model_name
+
+        def logprobs_of(out: TokenOutput) -> Any:
+            if not req.logprobs:
+                return None
+            return fmt.chat_logprobs(
+                out.token_ids, out.logprobs, out.top_logprobs, self.ctx.token_text
+            )
+
+        if req.stream:
+            started: set[int] = set()
+
+            def chunk(state: JobState, out: TokenOutput) -> dict:
+                index = state.job.index
+                delta = DeltaMessage(content=out.text)
+                if index not in started:
+                    started.add(index)
+                    delta.role = "assistant"
+                reason = out.finish_reason if out.finished else None
+                c = ChatChunkChoice(
+                    index=index, delta=delta, logprobs=logprobs_of(out), finish_reason=reason
+                )
+                resp = ChatCompletionChunk(id=rid, created=created, model=model, choices=[c])
+                return chunk_payload(resp, reason)
+
+            tail = usage_tail(req.include_usage, run, ChatCompletionChunk, rid, created, model)
+            return self._stream(run, first, chunk, tail, rid)
+        await self._finish(request, run)
+        choices = []
+        for s in run.ordered:
+            logprobs = logprobs_of(s.out)
+            choices.append(
+                {
+                    "index": s.job.index,
+                    "message": ResponseMessage(content=s.out.text).model_dump(),
+                    "logprobs": None if logprobs is None else logprobs.model_dump(),
+                    "finish_reason": s.out.finish_reason,
+                    "matched_stop": s.out.matched_stop,
+                }
+            )
+        usage = fmt.usage_of(run.ordered)
+        resp = ChatCompletionResponse(
+            id=rid, created=created, model=model, choices=choices, usage=usage
+        )
+        return self._json(resp.model_dump(exclude_none=True), rid, run)
+
+    async def generate(self, request: Request, body: dict, rid: str) -> Response:
+        prompts, batch = nreq.native_prompts(body, self.ctx.encode)
+        params = nreq.native_params(body)
+        jobs = nreq.make_jobs(rid, prompts, params, 1, body)
+        run, first = await self._start(request, jobs)
+        with_lp = bool(body.get("return_logprob"))
+
+        def result(state: JobState) -> dict:
+            return fmt.native_result(state.out, time.monotonic() - run.started, with_lp)
+
+        if body.get("stream"):
+            return self._stream(run, first, lambda s, _o: result(s), list, rid)
+        await self._finish(request, run)
+        results = [result(s) for s in run.ordered]
+        return self._json(results if batch else results[0], rid, run)
+
+    # ---- running the jobs ----
+
+    async def _start(
+        self, request: Request, jobs: list[nreq.Job]
+    ) -> tuple[JobRun, list[tuple[JobState, TokenOutput]]]:
+        """Submit the jobs and wait for every job's first output."""
+        run = JobRun(self.ctx.client, jobs, self.ctx.request_timeout_s)
+        try:
+            await run.start()
+            first = await _unless_client_leaves(request, run.first_outputs())
+        except BaseException:
+            await run.close()
+            raise
+        return run, first
+
+    async def _finish(self, request: Request, run: JobRun) -> None:
+        try:
+            await _unless_client_leaves(request, run.rest())
+        finally:
+            await run.close()
+
+    def _stream(
+        self,
+        run: JobRun,
+        first: list[tuple[JobState, TokenOutput]],
+        chunk: ChunkMaker,
+        tail: Callable[[], list[dict]],
+        rid: str,
+    ) -> Response:
+        self.ctx.metrics.observe_first_token(run.first_token_s)
+        return StreamingResponse(
+            stream_jobs(run, first, chunk, tail),
+            media_type=MEDIA_TYPE,
+            headers={**STREAM_HEADERS, "X-Request-Id": rid},
+        )
+
+    def _json(self, payload: Any, rid: str, run: JobRun) -> JSONResponse:
+        elapsed = time.monotonic() - run.started
+        self.ctx.metrics.observe_done(run.first_token_s, elapsed, run.ordered)
+        return JSONResponse(payload, headers={"X-Request-Id": rid})
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result; raises ClientGone if the client leaves first (the caller aborts)."""
+    watch = ClientWatch(request.receive)
+    try:
+        return await until_disconnect(watch, work)
+    finally:
+        watch.stop()  # NOTE: a StreamingResponse listens to `receive` itself afterwards
+
+
+def generation_route(handler: Handler, ctx: NodeContext, name: str) -> Callable:
+    """The endpoint: body and rid, the handler, errors in OpenAI's shape, counted by status."""
+
+    async def endpoint(request: Request) -> Response:
+        rid = None
+        try:
+            body = parse_json(await read_body(request, MAX_BODY_BYTES))
+            rid = str(body.get("rid") or request_id(request.headers))
+            response = await handler(request, body, rid)
+        except ApiError as err:
+            ctx.metrics.count(name, err.status)
+            log.info("[%s] %s failed: %s", rid, name, err.message)
+            return error_response(err, rid)
+        except ClientGone:  # NOTE: e.g. the gateway gave up on this attempt; nobody reads this
+            ctx.metrics.count(name, CLIENT_CLOSED)
+            log.info("[%s] %s: the client went away", rid, name)
+            return Response(status_code=CLIENT_CLOSED)
+        ctx.metrics.count(name, response.status_code)
+        return response
+
+    return endpoint
