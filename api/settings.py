@@ -6,10 +6,15 @@ a node's own settings are `node.settings.NodeSettings`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 Role = Literal["prefill", "decode"]
+
+
+def setting(default: Any, help: str) -> Any:
+    """A field with its help text (docs/CONFIG.md is written from these)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -22,30 +27,35 @@ class Instance:
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    host: str = "127.0.0.1"
-    port: int = 30000
-    prefill: tuple[Instance, ...] = ()
-    decode: tuple[Instance, ...] = ()
-    prefill_policy: str = "cache_aware"
-    decode_policy: str = "least_load"
-    api_key: str | None = None
-    admin_key: str | None = None
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_prompt_tokens: int | None = None
-    max_tokens_limit: int | None = None
-    max_inflight: int = 1024
-    request_timeout_s: float = 600.0
-    health_interval_s: float = 5.0
-    health_failures: int = 3  # consecutive failed checks before an instance is taken out
-    breaker_errors: int = 5  # consecutive request errors that open an instance's breaker
-    breaker_cooldown_s: float = 10.0
-    max_retries: int = 2
-    tokenizer: str | None = None  # a checkpoint dir, for prompt-length limits and cache_aware
-    # cache_aware: send a prompt to the instance whose seen prompts share the longest prefix with
-    # it when that covers more than cache_threshold of it, unless the loads are out of balance
-    # (max - min > balance_abs_threshold and max > min * balance_rel_threshold: least load then)
-    cache_threshold: float = 0.5
-    balance_abs_threshold: int = 32
-    balance_rel_threshold: float = 1.5
-    cache_max_chars: int = 1 << 22  # per instance prefix tree; least recently used text evicted
-    log_level: str = "warning"
+    """The gateway: where it listens, the instances it pairs, its policies and limits."""
+
+    host: str = setting("127.0.0.1", "where the OpenAI API listens")
+    port: int = setting(30000, "its port")
+    prefill: tuple[Instance, ...] = setting((), "prefill instances (from the nodes' entries)")
+    decode: tuple[Instance, ...] = setting((), "decode instances (from the nodes' entries)")
+    prefill_policy: str = setting("cache_aware", "how a prefill instance is picked")
+    decode_policy: str = setting("least_load", "how a decode instance is picked")
+    api_key: str | None = setting(None, "the clients' key (401 without it)")
+    admin_key: str | None = setting(None, "the admin routes' key (/workers; 403 when unset)")
+    max_body_bytes: int = setting(8 * 1024 * 1024, "request body limit (413 above)")
+    max_prompt_tokens: int | None = setting(None, "prompt length limit (400 above)")
+    max_tokens_limit: int | None = setting(None, "max_tokens limit (400 above)")
+    max_inflight: int = setting(1024, "requests in flight at once (429 above)")
+    request_timeout_s: float = setting(600.0, "a node's answer may take this long")
+    health_interval_s: float = setting(5.0, "each instance's /health is checked this often")
+    health_failures: int = setting(3, "consecutive failed checks that take an instance out")
+    breaker_errors: int = setting(5, "consecutive request errors that open an instance's breaker")
+    breaker_cooldown_s: float = setting(10.0, "an open breaker lets a request through after this")
+    max_retries: int = setting(2, "more attempts on other pairs while nothing reached the client")
+    tokenizer: str | None = setting(
+        None, "a checkpoint dir, for prompt limits and cache_aware (default: the model's)"
+    )
+    cache_threshold: float = setting(
+        0.5,
+        "cache_aware: the instance whose seen prompts share the longest prefix gets the request "
+        "when that covers more than this share of it, unless loads are out of balance",
+    )
+    balance_abs_threshold: int = setting(32, "cache_aware: out of balance when max - min > this")
+    balance_rel_threshold: float = setting(1.5, "... and max > min * this (least load then)")
+    cache_max_chars: int = setting(1 << 22, "cache_aware: text kept per instance (LRU evicted)")
+    log_level: str = setting("warning", "debug, info, warning or error")

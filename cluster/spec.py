@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
-from api.settings import GatewaySettings, Instance
+from api.settings import GatewaySettings, Instance, setting
 from engine.options import EngineOptions
 from node.settings import NodeSettings
 from transfer.config import TransferConfig
@@ -22,27 +22,33 @@ GATEWAY = "gateway"  # the gateway's component name
 
 @dataclass(frozen=True)
 class ModelSpec:
-    path: str | None = None  # a Hugging Face checkpoint directory
-    make: MakeSpec | None = None  # or a tiny generated one
+    path: str | None = setting(None, "a Hugging Face checkpoint directory (give path or make)")
+    make: MakeSpec | None = setting(None, "or a tiny generated checkpoint (model.make below)")
 
 
+# A node entry's other fields are NodeSettings fields (None: NodeSettings' default; the
+# reference takes their help from there).
 @dataclass(frozen=True)
 class PrefillSpec:
-    name: str
-    port: int
-    bootstrap_port: int
-    host: str = "127.0.0.1"
-    engine: EngineOptions = field(default_factory=EngineOptions)  # the cluster's + this node's
+    name: str = setting(MISSING, "the component's name (logs, `--name`)")
+    port: int = setting(MISSING, "the node's HTTP port")
+    bootstrap_port: int = setting(MISSING, "the KV bootstrap server's port")
+    host: str = setting("127.0.0.1", "the node's address (HTTP, bootstrap, transfer engine)")
+    engine: EngineOptions = field(
+        default_factory=EngineOptions, metadata={"help": "engine options over the cluster's"}
+    )
     log_level: str | None = None
 
 
 @dataclass(frozen=True)
 class DecodeSpec:
-    name: str
-    port: int
-    host: str = "127.0.0.1"
-    engine: EngineOptions = field(default_factory=EngineOptions)
-    local_prefill_threshold: int | None = None  # None: NodeSettings' default
+    name: str = setting(MISSING, "the component's name (logs, `--name`)")
+    port: int = setting(MISSING, "the node's HTTP port")
+    host: str = setting("127.0.0.1", "the node's address (HTTP, transfer engine)")
+    engine: EngineOptions = field(
+        default_factory=EngineOptions, metadata={"help": "engine options over the cluster's"}
+    )
+    local_prefill_threshold: int | None = None
     decode_headroom_tokens: int | None = None
     prealloc_timeout_s: float | None = None
     log_level: str | None = None

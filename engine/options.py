@@ -27,7 +27,8 @@ DTYPE_NAMES = {
 DEVICES = ("cpu", "cuda")
 
 
-def _opt(default: Any, help: str) -> Any:
+def setting(default: Any, help: str) -> Any:
+    """A field with its help text (docs/CONFIG.md is written from these)."""
     return field(default=default, metadata={"help": help})
 
 
@@ -75,20 +76,22 @@ class SchedulerConfig:
 class EngineOptions:
     """Every engine option, flat, as users name them. Invalid values raise ValueError."""
 
-    dtype: str | None = _opt(None, "weights and KV cache dtype (default: the checkpoint's)")
-    device: str = _opt("cpu", "cpu, or cuda[:N]")
-    attention_backend: str = _opt("torch", "attention implementation, by registered name")
-    page_size: int = _opt(16, "tokens per KV page (prefill and decode must agree)")
-    max_total_tokens: int | None = _opt(None, "KV pool size in tokens (else from mem_fraction)")
-    mem_fraction: float = _opt(0.1, "share of free memory for the KV pool, in (0, 1]")
-    enable_prefix_cache: bool = _opt(True, "radix prefix cache: reuse the KV of shared prefixes")
-    max_running: int = _opt(256, "requests in the running batch at most")
-    max_batch_tokens: int = _opt(4096, "tokens one step computes at most (prefill + decode)")
-    chunk_size: int = _opt(2048, "prefill tokens of one request in one step at most")
-    max_model_len: int | None = _opt(None, "prompt + output tokens at most (default: the model's)")
-    seed: int = _opt(0, "seed of torch and of sampling for requests that send none")
-    threads: int | None = _opt(None, "torch intra-op threads (default: torch's, all cores)")
-    cpu_kernels: bool = _opt(True, "native AVX-512 CPU kernels where they can run")
+    dtype: str | None = setting(None, "weights and KV cache dtype (default: the checkpoint's)")
+    device: str = setting("cpu", "cpu, or cuda[:N]")
+    attention_backend: str = setting("torch", "attention implementation, by registered name")
+    page_size: int = setting(16, "tokens per KV page (prefill and decode must agree)")
+    max_total_tokens: int | None = setting(None, "KV pool size in tokens (else from mem_fraction)")
+    mem_fraction: float = setting(0.1, "share of free memory for the KV pool, in (0, 1]")
+    enable_prefix_cache: bool = setting(True, "radix prefix cache: reuse the KV of shared prefixes")
+    max_running: int = setting(256, "requests in the running batch at most")
+    max_batch_tokens: int = setting(4096, "tokens one step computes at most (prefill + decode)")
+    chunk_size: int = setting(2048, "prefill tokens of one request in one step at most")
+    max_model_len: int | None = setting(
+        None, "prompt + output tokens at most (default: the model's)"
+    )
+    seed: int = setting(0, "seed of torch and of sampling for requests that send none")
+    threads: int | None = setting(None, "torch intra-op threads (default: torch's, all cores)")
+    cpu_kernels: bool = setting(True, "native AVX-512 CPU kernels where they can run")
 
     def __post_init__(self) -> None:
         if self.dtype is not None and str(self.dtype).removeprefix("torch.") not in DTYPE_NAMES:

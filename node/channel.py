@@ -73,7 +73,11 @@ class SchedulerClient:
 
     async def _read_outputs(self) -> None:
         while True:
-            msg = CODEC.decode(await self._pull.recv())
+            try:
+                msg = CODEC.decode(await self._pull.recv())
+            except ValueError:  # NOTE: never end the reader: every request would wait forever
+                log.exception("dropped an undecodable message from the scheduler")
+                continue
             if isinstance(msg, TokenOutput):
                 queue = self._queues.get(msg.rid)
                 if queue is not None:

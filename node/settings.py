@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from api.settings import Role
+from api.settings import Role, setting
 from engine.options import EngineOptions
 from transfer.config import TransferConfig
 
@@ -23,17 +23,23 @@ class NodeSettings:
     role: Role
     model: str
     name: str = "node"
-    host: str = "127.0.0.1"
-    port: int = 30001
-    served_model_name: str | None = None  # the `model` id clients use (default: dir name)
+    host: str = setting("127.0.0.1", "where the node's HTTP API listens")
+    port: int = setting(30001, "its port")
+    served_model_name: str | None = setting(None, "the model id clients use (default: dir name)")
     engine: EngineOptions = field(default_factory=EngineOptions)
     transfer: TransferConfig = field(default_factory=TransferConfig)
-    # decode only: prefill locally when no bootstrap fields arrive, or when the uncached part of
-    # the prompt is shorter than this many tokens (0: always disaggregate when asked to)
-    local_prefill_threshold: int = 0
-    decode_headroom_tokens: int = 64  # pages reserved beyond the prompt before any transfer
-    prealloc_timeout_s: float = 300.0  # a decode request waits this long for free pages
-    log_level: str = "warning"
+    local_prefill_threshold: int = setting(
+        0,
+        "decode: prefill here (no transfer) when the prompt's uncached part is shorter than "
+        "this many tokens (0: always disaggregate when asked to)",
+    )
+    decode_headroom_tokens: int = setting(
+        64, "decode: tokens reserved beyond the prompt before any transfer"
+    )
+    prealloc_timeout_s: float = setting(
+        300.0, "decode: a request waits this long for free KV pages (503 after)"
+    )
+    log_level: str = setting("warning", "debug, info, warning or error")
 
     @property
     def model_name(self) -> str:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def setting(default: Any, help: str) -> Any:
+    """A field with its help text (docs/CONFIG.md is written from these)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -17,27 +23,41 @@ class TransferConfig:
     a prefill that hung rather than died cannot land a late write in another request's pages.
     """
 
-    backend: str = "mooncake"  # mooncake | nixl | none (colocated only); fake: unit tests only
-    host: str = "127.0.0.1"  # this node's address for the engine and the bootstrap server
-    protocol: str = "tcp"  # mooncake: tcp | rdma
-    device: str = ""  # mooncake rdma: comma-separated NIC names ("" = all)
-    bootstrap_port: int = 0  # prefill: the bootstrap server's port (0 = any free port)
-    bootstrap_timeout_s: float = 30.0
-    waiting_timeout_s: float = 300.0
-    transfer_timeout_s: float = 60.0
-    abort_timeout_s: float = 10.0
-    quarantine_s: float = 30.0  # >= 0; 0 reuses unconfirmed rooms' pages at once
-    heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 6.0
-    max_batch_descriptors: int = 0  # 0 = the backend's default
-    max_inflight_batches: int = 4  # batches of one room submitted at once
-    num_workers: int = 2  # prefill: rooms written at once to one decode (threads grow to 8x)
-    meta_slots: int = 1024  # decode: rooms that can be open at once
-    meta_slot_bytes: int = 2048  # room metadata block (first token, top logprobs)
-    mooncake_tcp_lanes: int = 0  # MC_TCP_LANES_PER_PEER (0 = Mooncake's default, 4)
-    # testing only: the sender fails this fraction of rooms on purpose instead of writing their
-    # KV (through the real failure path: both sides free the room's pages once)
-    fault_fraction: float = 0.0
+    backend: str = setting(
+        "mooncake", "mooncake or nixl; none: a decode node that only prefills itself"
+    )
+    host: str = setting("127.0.0.1", "this node's address for the engine and the bootstrap server")
+    protocol: str = setting("tcp", "Mooncake's transport: tcp or rdma (NIXL's UCX picks its own)")
+    device: str = setting("", "Mooncake rdma: comma-separated NIC names (empty: all)")
+    bootstrap_port: int = setting(0, "prefill: the bootstrap server's port (0: any free port)")
+    bootstrap_timeout_s: float = setting(30.0, "a room waits this long for its peer to show up")
+    waiting_timeout_s: float = setting(300.0, "... for prefill to produce the KV")
+    transfer_timeout_s: float = setting(60.0, "... for the write to finish")
+    abort_timeout_s: float = setting(
+        10.0, "... for prefill to confirm it stopped writing an aborted room"
+    )
+    quarantine_s: float = setting(
+        30.0,
+        "decode holds the pages of a room prefill never confirmed it stopped writing this long "
+        "(it went silent or ignored an abort); 0 reuses them at once",
+    )
+    heartbeat_interval_s: float = setting(1.0, "decode heartbeats each prefill peer this often")
+    heartbeat_timeout_s: float = setting(6.0, "a peer silent this long is dead: its rooms fail")
+    max_batch_descriptors: int = setting(
+        0, "descriptors per engine batch (0: the backend's default)"
+    )
+    max_inflight_batches: int = setting(4, "batches of one room submitted at once")
+    num_workers: int = setting(
+        2, "prefill: rooms written at once to one decode (threads grow past a hung decode)"
+    )
+    meta_slots: int = setting(1024, "decode: rooms that can be open at once")
+    meta_slot_bytes: int = setting(2048, "a room's metadata block (first token, top logprobs)")
+    mooncake_tcp_lanes: int = setting(0, "MC_TCP_LANES_PER_PEER (0: Mooncake's default, 4)")
+    fault_fraction: float = setting(
+        0.0,
+        "testing only: prefill fails this fraction (0 to 1) of its rooms on purpose instead of "
+        "sending their KV, through the real failure path (seeded per node)",
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):

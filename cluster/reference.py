@@ -1,0 +1,94 @@
+"""docs/CONFIG.md, written from the settings types themselves (their fields, defaults and help).
+
+    python -m cluster.reference > docs/CONFIG.md
+
+Nobody keeps a copy of an option list: a test regenerates this page and compares, so a field
+added without its help text, or a page left stale, fails the suite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+from api.settings import GatewaySettings
+from engine.options import EngineOptions
+from node.settings import NodeSettings
+from transfer.config import TransferConfig
+
+from .modelcache import MakeSpec
+from .spec import DecodeSpec, ModelSpec, PrefillSpec
+
+HEADER = """# Configuration reference
+
+Written by `python -m cluster.reference > docs/CONFIG.md` from the settings types (do not edit by
+hand). A cluster YAML has the sections below; `--set KEY=VALUE` changes any key
+(`prefill.0.engine.page_size=32`), and the node and gateway commands take the same options as
+flags (`--engine-opt KEY=VALUE`, `--opt KEY=VALUE`). Invalid values fail when the config loads,
+naming the key and the fix; `pdserve launch CONFIG --dry-run` checks a config without starting
+anything.
+"""
+
+# (heading, what it is, the type, fields that are not keys of that section)
+SECTIONS: tuple[tuple[str, str, type, tuple[str, ...]], ...] = (
+    ("model", "the checkpoint every node serves", ModelSpec, ()),
+    (
+        "model.make",
+        "a tiny random-weight checkpoint, generated once into `$PDSERVE_CACHE` (default "
+        "`~/.cache/pdserve/models`); the `pdserve make-model` flags",
+        MakeSpec,
+        (),
+    ),
+    (
+        "engine",
+        "engine options: `engine:` at the top (every node) and in a node's entry (that node, "
+        "key by key over the top); also `--engine-opt KEY=VALUE` and `LLM(model, KEY=VALUE)`",
+        EngineOptions,
+        (),
+    ),
+    (
+        "transfer",
+        "how KV pages move between prefill and decode (every node)",
+        TransferConfig,
+        ("host", "bootstrap_port"),
+    ),
+    ("gateway", "the gateway", GatewaySettings, ("prefill", "decode")),
+    ("prefill[]", "prefill nodes, a list of entries", PrefillSpec, ()),
+    ("decode[]", "decode nodes, a list of entries (at least one)", DecodeSpec, ()),
+)
+NODE_FIELDS = {f.name: f for f in dataclasses.fields(NodeSettings)}
+
+
+def render() -> str:
+    parts = [HEADER, "Top level: `served_model_name` (default: the checkpoint directory's name)."]
+    for heading, what, cls, skip in SECTIONS:
+        parts.append(f"\n## `{heading}`\n\n{what[0].upper()}{what[1:]}.\n")
+        parts.append("| key | default | what |\n|---|---|---|")
+        for f in dataclasses.fields(cls):
+            if f.name not in skip:
+                parts.append(row(f))
+    return "\n".join(parts) + "\n"
+
+
+def row(f: dataclasses.Field[Any]) -> str:
+    """A table row; a node entry's NodeSettings fields take their help and default from there."""
+    source = f
+    if "help" not in f.metadata and f.name in NODE_FIELDS:
+        source = NODE_FIELDS[f.name]
+    if "help" not in source.metadata:
+        raise ValueError(f"{f.name}: a settings field without help (add metadata={{'help': ...}})")
+    return f"| `{f.name}` | {default_of(source)} | {source.metadata['help']} |"
+
+
+def default_of(f: dataclasses.Field[Any]) -> str:
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        return "see below" if dataclasses.is_dataclass(value) else f"`{value!r}`"
+    if f.default is dataclasses.MISSING:
+        return "required"
+    return "" if f.default is None else f"`{f.default!r}`"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())
