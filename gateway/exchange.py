@@ -33,7 +33,6 @@ from .pd import (
     is_client_error,
     pd_body,
     prefill_outcome,
-    status_of,
 )
 from .requests import Prepared
 from .tracker import Tracker
@@ -125,7 +124,7 @@ class Exchange:
         if error is None:
             return first
         if is_client_error(error):
-            raise Refused(Finished(status_of(error), json.dumps({"error": error}).encode()))
+            raise Refused(Finished(400, json.dumps({"error": error}).encode()))
         raise self._decode_failed(f"its stream began with an error: {error.get('message')}")
 
     def _decode_failed(self, what: str) -> AttemptFailed:

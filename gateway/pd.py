@@ -73,18 +73,12 @@ def prefill_outcome(prefill: Worker, response: httpx.Response) -> Finished | Api
         error = error_in(payload)
         if error is not None:
             if is_client_error(error):
-                return Finished(status_of(error), json.dumps({"error": error}).encode())
+                return Finished(400, json.dumps({"error": error}).encode())
             return from_body(502, {"error": error})
     return None
 
 
-def status_of(error: dict[str, Any]) -> int:
-    code = error.get("code")
-    return code if isinstance(code, int) and 400 <= code < 600 else 400
-
-
 def is_client_error(error: dict[str, Any]) -> bool:
-    code = error.get("code")
-    if isinstance(code, int):
-        return 400 <= code < 500
+    """An error event blames the request when its `type` says so (its `code` is a name, not a
+    status)."""
     return error.get("type") == "invalid_request_error"

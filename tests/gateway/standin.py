@@ -91,7 +91,8 @@ class StandIn:
         if b.mode == "error500":
             return JSONResponse(error_body(f"{self.name} broke", "server_error"), 500)
         if b.mode == "error400":
-            return JSONResponse(error_body(f"{self.name} refuses", param="prompt", code=400), 400)
+            refusal = error_body(f"{self.name} refuses", param="prompt", code="invalid_prompt")
+            return JSONResponse(refusal, 400)
         if body.get("stream"):
             return StreamingResponse(self.events(body), media_type="text/event-stream")
         return JSONResponse(self.answer(body, "".join(self.tokens())))
