@@ -32,7 +32,7 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Gat
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gw.start()
-        gw.spawn(HealthMonitor(gw).run())
+        gw.tasks.spawn(HealthMonitor(gw).run())
         try:
             yield
         finally:

@@ -28,7 +28,7 @@ from .exchange import Exchange
 from .limits import check_api_key
 from .logs import log
 from .metrics import CONTENT_TYPE
-from .pd import Finished
+from .outcome import Finished
 from .requests import Prepared, prepare
 from .streaming import EventStreamResponse
 from .tracker import Tracker

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from gateway.breaker import BreakerState
-from gateway.exchange import Exchange
-from gateway.pd import Finished, Refused
+from gateway.outcome import Finished, Refused
+from gateway.prefill_side import PrefillSide
 
 from .conftest import Harness
 from .servers import ServerThread, wait_until
@@ -98,22 +98,21 @@ def test_a_node_refusal_is_relayed_without_retry(harness: Callable[..., Harness]
 
 
 def test_a_read_cut_short_by_prefill_refusal_is_closed_not_leaked() -> None:
-    """Decode's 4xx body read is handed to `_unless_prefill_fails` after prefill already refused:
+    """Decode's 4xx body read is handed to `PrefillSide.guard` after prefill already refused:
     the read coroutine must be closed (it used to be dropped unawaited, which Python reports
     as 'coroutine ... was never awaited')."""
 
     async def scenario() -> str:
-        exchange = Exchange.__new__(Exchange)  # only the prefill-side fields are needed here
         refused = asyncio.get_running_loop().create_future()
-        refused.set_result(Finished(400, b'{"error": {}}'))
-        exchange._prefill, exchange._prefill_ok = refused, False
+        refused.set_result(Refused(Finished(400, b'{"error": {}}')))
+        prefill = PrefillSide(refused)
 
         async def read_body() -> bytes:
             return b"never read"
 
         read = read_body()
         with pytest.raises(Refused):
-            await exchange._unless_prefill_fails(read)
+            await prefill.guard(read)
         return inspect.getcoroutinestate(read)
 
     assert asyncio.run(scenario()) == inspect.CORO_CLOSED
