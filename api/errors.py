@@ -36,7 +36,7 @@ class ApiError(Exception):
         *,
         type: str | None = None,
         param: str | None = None,
-        code: str | int | None = None,
+        code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
@@ -58,8 +58,9 @@ def error_body(
     message: str,
     type: str = "invalid_request_error",
     param: str | None = None,
-    code: str | int | None = None,
+    code: str | None = None,
 ) -> dict[str, Any]:
+    """OpenAI's error object; `code` is a string (e.g. "model_not_found") or null, never a number."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -102,8 +103,13 @@ def from_body(status: int, body: Any) -> ApiError:
             message,
             type=error.get("type"),
             param=error.get("param"),
-            code=error.get("code"),
+            code=_code_text(error.get("code")),
         )
     if isinstance(error, str):
         return ApiError(status, error)
     return ApiError(status, f"HTTP {status}: {str(body)[:500]}")
+
+
+def _code_text(code: Any) -> str | None:
+    """Someone else's `code` as ours is: a string or None (SGLang's nodes send numbers)."""
+    return None if code is None else str(code)

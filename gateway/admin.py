@@ -11,17 +11,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from api.errors import ApiError, invalid_request, not_found
+from api.http import error_response, parse_json, read_body, request_id
 from api.settings import Instance
 
-from .limits import check_admin_key, parse_json, read_body
-from .routes import error_response, gateway_of, request_id
+from .limits import check_admin_key
+from .routes import gateway_of
 from .workers import ROLES
 
 MAX_ADMIN_BODY = 64 * 1024
 
 
 async def workers(request: Request) -> Response:
-    gw, rid = gateway_of(request), request_id(request)
+    gw, rid = gateway_of(request), request_id(request.headers)
     try:
         check_admin_key(request.headers, gw.settings.admin_key)
         if request.method == "GET":
@@ -36,7 +37,7 @@ async def workers(request: Request) -> Response:
 
 async def worker_by_url(request: Request) -> Response:
     """DELETE /workers/{url} (the url percent-encoded, or written out after the slash)."""
-    gw, rid = gateway_of(request), request_id(request)
+    gw, rid = gateway_of(request), request_id(request.headers)
     try:
         check_admin_key(request.headers, gw.settings.admin_key)
         return _remove(request, unquote(request.path_params["url"]))

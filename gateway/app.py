@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from api.errors import ApiError
+from api.http import openai_http_errors
 from api.settings import GatewaySettings
 
 from . import admin, routes
@@ -22,6 +22,7 @@ from .health import HealthMonitor
 from .requests import CHAT, COMPLETIONS, GENERATE
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+SERVED = "/v1/completions, /v1/chat/completions, /v1/models, /generate, /health, /metrics, /workers"
 
 
 def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> GatewayApp:
@@ -31,7 +32,7 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Gat
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gw.start()
-        gw.spawn(HealthMonitor(gw).run())
+        gw.tasks.spawn(HealthMonitor(gw).run())
         try:
             yield
         finally:
@@ -49,7 +50,7 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Gat
             Route("/workers/{url:path}", admin.worker_by_url, methods=["DELETE"]),
         ],
         lifespan=lifespan,
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: openai_http_errors(SERVED)},
     )
     app.state.gateway = gw
     return app
@@ -77,13 +78,3 @@ class GatewayApp(Starlette):
         scope["app"] = self
         response = await endpoint(Request(scope, receive, send))
         await response(scope, receive, send)
-
-
-async def http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404/405, in OpenAI's shape."""
-    assert isinstance(exc, HTTPException)
-    where = f"{request.method} {request.url.path}"
-    message = f"{where}: {exc.detail} (the gateway serves /v1/completions, /v1/chat/completions,"
-    message += " /v1/models, /generate, /health, /metrics, /workers)"
-    error = ApiError(exc.status_code, message, code=exc.status_code)
-    return routes.error_response(error, routes.request_id(request))

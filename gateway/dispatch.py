@@ -11,7 +11,8 @@ from .context import Gateway
 from .events import Events
 from .exchange import Exchange
 from .logs import log_event
-from .pd import AttemptFailed, Finished, Refused
+from .outcome import AttemptFailed, Finished, Refused
+from .pd import Attempt
 from .requests import Prepared
 
 
@@ -32,24 +33,25 @@ async def open_request(
     attempts = gw.settings.max_retries + 1
     failed: list[str] = []
     last: AttemptFailed | None = None
-    for attempt in range(attempts):
+    for number in range(attempts):
         try:
             pair = gw.pick_pair(req.key, failed)
         except ApiError:
             if last is None:
                 raise
             break  # NOTE: the failure says more than "no instance left"
-        exchange = Exchange(gw, req, rid, attempt_rid(rid, attempt), pair)
+        attempt = Attempt.make(req, rid, attempt_rid(rid, number), pair, gw.rng)
+        exchange = Exchange(attempt, gw.upstream, gw.tasks, gw.clock)
         try:
             return exchange, await exchange.open()
         except Refused as refused:
             return None, refused.answer
         except AttemptFailed as exc:
-            failed.append(exc.worker.url)
+            failed.append(exc.url)
             last = exc
-            if attempt + 1 < attempts:
+            if number + 1 < attempts:
                 gw.metrics.retries += 1
-                log_event(logging.WARNING, "retry", rid, attempt=attempt + 1, after=exc.worker.url)
+                log_event(logging.WARNING, "retry", rid, attempt=number + 1, after=exc.url)
     assert last is not None
     return _give_up(last, len(failed))
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import httpx
-
 from .context import Gateway
 from .logs import log_event
 from .workers import Worker
@@ -35,11 +33,7 @@ class HealthMonitor:
         await self.refresh_models()
 
     async def probe(self, worker: Worker) -> bool:
-        try:
-            answer = await self.gw.client.get(f"{worker.url}/health", timeout=self.timeout_s)
-        except httpx.HTTPError:
-            return False
-        return answer.status_code == 200
+        return await self.gw.upstream.probe(worker.url, self.timeout_s)
 
     def record(self, worker: Worker, ok: bool) -> None:
         if ok:

@@ -1,4 +1,5 @@
-"""What a request must pass before it is routed: keys, body size, JSON, prompt length.
+"""What a request must pass before it is routed: keys and prompt length (the body's size and JSON
+are api/http.py's `read_body` and `parse_json`).
 
 Every check raises an `ApiError` in OpenAI's shape whose message says what to change.
 """
@@ -6,14 +7,11 @@ Every check raises an `ApiError` in OpenAI's shape whose message says what to ch
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from starlette.requests import Request
-
-from api.errors import ApiError, forbidden, invalid_request, too_large, unauthorized
+from api.errors import forbidden, unauthorized
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:
@@ -42,37 +40,6 @@ def check_admin_key(headers: Mapping[str, str], admin_key: str | None) -> None:
         raise unauthorized(
             "admin routes need the admin key (send the header Authorization: Bearer <admin_key>)"
         )
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, or a 413 once it is known to exceed `max_bytes`."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise _body_too_large(int(declared), max_bytes)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _body_too_large(size, max_bytes)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _body_too_large(size: int, max_bytes: int) -> ApiError:
-    return too_large(
-        f"request body of {size} bytes or more is over this gateway's limit of {max_bytes} bytes "
-        "(send a shorter request, or raise gateway.max_body_bytes)"
-    )
-
-
-def parse_json(body: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(body)
-    except ValueError as exc:
-        raise invalid_request(f"could not parse the JSON body of the request: {exc}") from None
-    if not isinstance(value, dict):
-        raise invalid_request(f"the request body must be a JSON object, not {type(value).__name__}")
-    return value
 
 
 class PromptCounter:

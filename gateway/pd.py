@@ -1,5 +1,6 @@
-"""SGLang's PD protocol, as the gateway speaks it: the fields added to the body both nodes get,
-and what a node's answer means for the attempt (`Finished`, `AttemptFailed`, `Refused`)."""
+"""SGLang's PD protocol, as the gateway speaks it: the fields added to the body both nodes get
+(`pd_body`), and one attempt's request as it goes out (`Attempt`). What the nodes' answers mean
+is outcome.py's."""
 
 from __future__ import annotations
 
@@ -8,36 +9,27 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
-from api.errors import ApiError, from_body, server_error
-from api.sse import SSEDecoder, error_in
-
-from .context import Pair
 from .requests import Prepared
-from .workers import Worker
+from .workers import Pair
 
 
 @dataclass(frozen=True)
-class Finished:
-    """A whole response to hand to the client as it is."""
+class Attempt:
+    """One attempt of a request on one pair, with the exact bytes both nodes get."""
 
-    status: int
-    body: bytes
-    media_type: str = "application/json"
+    req: Prepared
+    rid: str  # the client's request id (logs, the X-Request-Id the nodes get)
+    node_rid: str  # the `rid` in the body: `rid`, suffixed on retries (dispatch.attempt_rid)
+    pair: Pair
+    content: bytes
 
-
-class AttemptFailed(Exception):
-    def __init__(self, worker: Worker, error: ApiError) -> None:
-        super().__init__(error.message)
-        self.worker = worker
-        self.error = error
-
-
-class Refused(Exception):
-    def __init__(self, answer: Finished) -> None:
-        super().__init__(answer.status)
-        self.answer = answer
+    @classmethod
+    def make(
+        cls, req: Prepared, rid: str, node_rid: str, pair: Pair, rng: random.Random
+    ) -> Attempt:
+        """The attempt, with fresh bootstrap rooms drawn from `rng`."""
+        content = json.dumps(pd_body(req, node_rid, pair, rng)).encode()
+        return cls(req, rid, node_rid, pair, content)
 
 
 def pd_body(req: Prepared, rid: str, pair: Pair, rng: random.Random) -> dict[str, Any]:
@@ -56,35 +48,3 @@ def pd_body(req: Prepared, rid: str, pair: Pair, rng: random.Random) -> dict[str
         body["bootstrap_port"] = [prefill.bootstrap_port] * n
         body["bootstrap_room"] = [rng.getrandbits(63) for _ in range(n)]
     return body
-
-
-def prefill_outcome(prefill: Worker, response: httpx.Response) -> Finished | ApiError | None:
-    status = response.status_code
-    if 400 <= status < 500:
-        return Finished(status, response.content)
-    if status >= 500:
-        text = response.content[:300].decode(errors="replace")
-        return server_error(f"prefill instance {prefill.url} answered HTTP {status}: {text}", 502)
-    if b'"error"' not in response.content or "event-stream" not in response.headers.get(
-        "content-type", ""
-    ):
-        return None
-    for payload in SSEDecoder().feed(response.content + b"\n\n"):
-        error = error_in(payload)
-        if error is not None:
-            if is_client_error(error):
-                return Finished(status_of(error), json.dumps({"error": error}).encode())
-            return from_body(502, {"error": error})
-    return None
-
-
-def status_of(error: dict[str, Any]) -> int:
-    code = error.get("code")
-    return code if isinstance(code, int) and 400 <= code < 600 else 400
-
-
-def is_client_error(error: dict[str, Any]) -> bool:
-    code = error.get("code")
-    if isinstance(code, int):
-        return 400 <= code < 500
-    return error.get("type") == "invalid_request_error"

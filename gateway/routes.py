@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,37 +11,35 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from api.errors import ApiError, server_error
+from api.http import (
+    ClientGone,
+    ClientWatch,
+    error_response,
+    parse_json,
+    read_body,
+    request_id,
+    until_disconnect,
+)
 
 from .context import Gateway
 from .dispatch import open_request
 from .events import Events
 from .exchange import Exchange
-from .limits import check_api_key, parse_json, read_body
+from .limits import check_api_key
 from .logs import log
 from .metrics import CONTENT_TYPE
-from .pd import Finished
+from .outcome import Finished
 from .requests import Prepared, prepare
-from .streaming import ClientGone, ClientWatch, EventStreamResponse, until_disconnect
+from .streaming import EventStreamResponse
 from .tracker import Tracker
 
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
 THREADED_BODY_BYTES = 32 * 1024  # counting tokens of bodies this big leaves the event loop
+MAX_BODY_SETTING = "gateway.max_body_bytes"  # what a 413 says to raise
 
 
 def gateway_of(request: Request) -> Gateway:
     return request.app.state.gateway
-
-
-def request_id(request: Request) -> str:
-    """The client's X-Request-Id when it is a sane token, else a fresh one."""
-    given = request.headers.get("x-request-id", "")
-    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-
-
-def error_response(error: ApiError, rid: str) -> JSONResponse:
-    headers = {**error.headers, "X-Request-Id": rid}
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
 
 def generation_route(route: str) -> Callable[[Request], Awaitable[Response]]:
@@ -54,7 +50,7 @@ def generation_route(route: str) -> Callable[[Request], Awaitable[Response]]:
 
 
 async def generate(request: Request, route: str) -> Response:
-    gw, rid = gateway_of(request), request_id(request)
+    gw, rid = gateway_of(request), request_id(request.headers)
     tracker = Tracker(gw.metrics, route, rid, gw.clock)
     watch = ClientWatch(request.receive)
     try:
@@ -84,7 +80,7 @@ async def _open(
     """Checks, then the exchange that answers (see `open_request`)."""
     check_api_key(request.headers, gw.settings.api_key)
     tracker.admit(gw.settings.max_inflight)
-    raw = await read_body(request, gw.settings.max_body_bytes)
+    raw = await read_body(request, gw.settings.max_body_bytes, setting=MAX_BODY_SETTING)
     prepared = await _prepare(gw, route, parse_json(raw), len(raw))
     return await until_disconnect(watch, open_request(gw, prepared, rid))
 
@@ -118,7 +114,7 @@ async def _prepare(gw: Gateway, route: str, body: dict[str, Any], size: int) -> 
 
 async def models(request: Request) -> Response:
     """The union of the decode instances' /v1/models."""
-    gw, rid = gateway_of(request), request_id(request)
+    gw, rid = gateway_of(request), request_id(request.headers)
     try:
         check_api_key(request.headers, gw.settings.api_key)
         cards = await gw.fetch_models()

@@ -1,79 +1,21 @@
-"""Responses that notice a client leaving, even while nothing is due to be sent.
+"""`EventStreamResponse`: an SSE response that notices its client leaving, even while nothing is
+due to be sent.
 
-`EventStreamResponse` streams SSE events while it listens for `http.disconnect`; when the client
-goes, the event iterator is cancelled (its cleanup aborts the request upstream). `until_disconnect`
-does the same for the time before a response exists. Both listen through one `ClientWatch`.
+It streams events while it listens for `http.disconnect`; when the client goes, the event iterator
+is cancelled (its cleanup aborts the request upstream). It listens through the request's
+`api.http.ClientWatch`, the one `until_disconnect` used before the response existed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from starlette.types import Receive, Scope, Send
 
+from api.http import ClientWatch
 from api.sse import DONE, MEDIA_TYPE, STREAM_HEADERS
-
-T = TypeVar("T")
-
-
-class ClientGone(Exception):
-    """The client disconnected before its response began."""
-
-
-async def wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-class ClientWatch:
-    """One request's watch for its client leaving: a task reading `receive` until
-    `http.disconnect`, started when first needed (after the request body was read) and shared by
-    the time before the response and the stream (one task per request, not one per phase)."""
-
-    def __init__(self, receive: Receive) -> None:
-        self.receive = receive
-        self._task: asyncio.Future[None] | None = None
-
-    @property
-    def gone(self) -> bool:
-        return self._task is not None and self._task.done() and not self._task.cancelled()
-
-    def cancel_on_leave(self, task: asyncio.Future[Any]) -> Callable[[], None]:
-        """Cancel `task` when the client leaves; returns the function that stops this."""
-        if self._task is None:
-            self._task = asyncio.ensure_future(wait_disconnect(self.receive))
-
-        def cancel(_: asyncio.Future[None]) -> None:
-            task.cancel()
-
-        watcher = self._task
-        watcher.add_done_callback(cancel)
-        return lambda: watcher.remove_done_callback(cancel)
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-
-async def until_disconnect(watch: ClientWatch, awaitable: Awaitable[T]) -> T:
-    """`awaitable`'s result; if the client leaves first, it is cancelled and `ClientGone` raised."""
-    task = asyncio.ensure_future(awaitable)
-    forget = watch.cancel_on_leave(task)
-    try:
-        return await task
-    except asyncio.CancelledError:
-        if watch.gone and task.cancelled():
-            raise ClientGone() from None
-        raise
-    finally:
-        forget()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
 
 
 class EventStreamResponse:

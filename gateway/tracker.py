@@ -39,6 +39,10 @@ class Tracker:
             self._first_seen = True
             self.metrics.ttft.observe(self.clock() - self.started)
 
+    def stream_failed(self) -> None:
+        """The stream broke after events reached the client (it ends in an error event)."""
+        self.metrics.stream_errors += 1
+
     def finish(self, status: int) -> None:
         """The response is over (sent, failed or abandoned); only the first call counts."""
         if self._finished:

@@ -77,6 +77,14 @@ class Worker:
         return self.breaker.state(now) is BreakerState.OPEN
 
 
+@dataclass(frozen=True)
+class Pair:
+    """Where one attempt goes: a prefill instance (None: colocated) and a decode instance."""
+
+    prefill: Worker | None
+    decode: Worker
+
+
 class WorkerPool:
     """Prefill and decode workers by url, in the order they were added."""
 

@@ -22,12 +22,16 @@ from api.errors import error_body
 from api.sse import DONE, encode_event
 
 GENERATION_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
+TURN_TIMEOUT_S = 20.0  # a turn that never comes fails the test rather than hanging it
 
 
 @dataclass
 class Behavior:
     mode: str = "ok"  # ok | error500 | error400 | hang | cut | error_event
-    delay_s: float = 0.0  # before the answer starts
+    # Answer a rid only once one of these stand-ins has answered it with a success (a decode node
+    # waits for prefill's KV), or once the gateway has aborted it here (that attempt is over).
+    # It orders the two sides of an attempt by what happened, not by how long a sleep lasts.
+    after: list[StandIn] = field(default_factory=list)
     events: int = 3  # events in a stream
     event_delay_s: float = 0.0
     hang_after: int = 1  # mode "hang" on a stream: events sent before hanging
@@ -50,6 +54,7 @@ class StandIn:
     aborts: list[str] = field(default_factory=list)
     health_checks: int = 0
     cancelled: list[str] = field(default_factory=list)  # rids whose handler was cancelled
+    succeeded: set[str] = field(default_factory=set)  # rids answered with a success
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def app(self) -> Starlette:
@@ -80,21 +85,42 @@ class StandIn:
         body = await request.json()
         with self.lock:
             self.received.append(Received(request.url.path, dict(request.headers), body))
-        b = self.behavior
+        b, rid = self.behavior, body.get("rid")
         try:
-            await asyncio.sleep(b.delay_s)
+            if not await self.wait_turn(rid):
+                return JSONResponse(error_body(f"{self.name}: {rid} aborted", "server_error"), 500)
             if b.mode == "hang" and not body.get("stream"):
                 await asyncio.sleep(3600)
         except asyncio.CancelledError:
-            self.cancelled.append(body.get("rid"))
+            self.cancelled.append(rid)
             raise
         if b.mode == "error500":
             return JSONResponse(error_body(f"{self.name} broke", "server_error"), 500)
         if b.mode == "error400":
-            return JSONResponse(error_body(f"{self.name} refuses", param="prompt", code=400), 400)
+            refusal = error_body(f"{self.name} refuses", param="prompt", code="invalid_prompt")
+            return JSONResponse(refusal, 400)
+        with self.lock:
+            self.succeeded.add(rid)
         if body.get("stream"):
             return StreamingResponse(self.events(body), media_type="text/event-stream")
         return JSONResponse(self.answer(body, "".join(self.tokens())))
+
+    async def wait_turn(self, rid: str) -> bool:
+        """True once one of `behavior.after` answered `rid` with a success (at once without
+        any); False once the gateway aborted `rid` here."""
+        after = self.behavior.after
+        deadline = asyncio.get_running_loop().time() + TURN_TIMEOUT_S
+        while after and not any(s.has_succeeded(rid) for s in after):
+            if rid in self.aborts:
+                return False
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"{self.name}: {rid} was neither answered first nor aborted")
+            await asyncio.sleep(0.005)  # NOTE: polled: the stand-ins run on different loops
+        return True
+
+    def has_succeeded(self, rid: str) -> bool:
+        with self.lock:
+            return rid in self.succeeded
 
     def tokens(self) -> list[str]:
         return [f"{self.name}-t{i} " for i in range(self.behavior.events)]

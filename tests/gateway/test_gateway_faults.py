@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from gateway.breaker import BreakerState
-from gateway.exchange import Exchange
-from gateway.pd import Finished, Refused
+from gateway.outcome import Finished, Refused
+from gateway.prefill_side import PrefillSide
 
 from .conftest import Harness
 from .servers import ServerThread, wait_until
@@ -37,7 +37,7 @@ def settled(h: Harness) -> bool:
 def test_prefill_failure_retries_on_another_pair(harness: Callable[..., Harness]) -> None:
     h = harness(prefill=2, decode=1, prefill_policy="round_robin")
     h.prefill[0].behavior.mode = "error500"
-    h.decode[0].behavior.delay_s = 0.3  # decode waits for the KV; prefill fails first
+    h.decode[0].behavior.after = h.prefill  # decode waits for the KV; prefill fails first
     with h.client() as c:
         r = c.post("/v1/completions", json=COMPLETION, headers=RID)
     assert r.status_code == 200 and r.json()["node"] == "d0"
@@ -53,7 +53,7 @@ def test_prefill_failure_retries_on_another_pair(harness: Callable[..., Harness]
 def test_unreachable_prefill_is_retried(harness: Callable[..., Harness]) -> None:
     h = harness(prefill=2, decode=1, prefill_policy="round_robin")
     h.upstreams["p0"].stop()  # connection refused from now on
-    h.decode[0].behavior.delay_s = 0.2
+    h.decode[0].behavior.after = h.prefill
     with h.client() as c:
         for _ in range(2):
             assert c.post("/v1/completions", json=COMPLETION).status_code == 200
@@ -64,7 +64,7 @@ def test_every_attempt_failing_is_a_502(harness: Callable[..., Harness]) -> None
     h = harness(prefill=2, decode=1, max_retries=1)
     for p in h.prefill:
         p.behavior.mode = "error500"
-    h.decode[0].behavior.delay_s = 0.3
+    h.decode[0].behavior.after = h.prefill
     with h.client() as c:
         r = c.post("/v1/completions", json=COMPLETION, headers=RID)
     assert r.status_code == 502 and r.headers["x-request-id"] == "rq1"
@@ -77,7 +77,7 @@ def test_every_attempt_failing_is_a_502(harness: Callable[..., Harness]) -> None
 def test_decode_failure_retries_and_aborts_the_prefill(harness: Callable[..., Harness]) -> None:
     h = harness(prefill=1, decode=2, decode_policy="round_robin")
     h.decode[0].behavior.mode = "error500"
-    h.prefill[0].behavior.delay_s = 0.3  # still prefilling when decode fails
+    h.prefill[0].behavior.after = h.decode  # still prefilling when decode fails
     with h.client() as c:
         r = c.post("/v1/completions", json=COMPLETION, headers=RID)
     assert r.status_code == 200 and r.json()["node"] == "d1"
@@ -88,7 +88,7 @@ def test_a_node_refusal_is_relayed_without_retry(harness: Callable[..., Harness]
     h = harness(prefill=2, decode=1)
     for p in h.prefill:
         p.behavior.mode = "error400"
-    h.decode[0].behavior.delay_s = 0.3
+    h.decode[0].behavior.after = h.prefill
     with h.client() as c:
         r = c.post("/v1/completions", json=COMPLETION, headers=RID)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
@@ -98,22 +98,21 @@ def test_a_node_refusal_is_relayed_without_retry(harness: Callable[..., Harness]
 
 
 def test_a_read_cut_short_by_prefill_refusal_is_closed_not_leaked() -> None:
-    """Decode's 4xx body read is handed to `_unless_prefill_fails` after prefill already refused:
+    """Decode's 4xx body read is handed to `PrefillSide.guard` after prefill already refused:
     the read coroutine must be closed (it used to be dropped unawaited, which Python reports
     as 'coroutine ... was never awaited')."""
 
     async def scenario() -> str:
-        exchange = Exchange.__new__(Exchange)  # only the prefill-side fields are needed here
         refused = asyncio.get_running_loop().create_future()
-        refused.set_result(Finished(400, b'{"error": {}}'))
-        exchange._prefill, exchange._prefill_ok = refused, False
+        refused.set_result(Refused(Finished(400, b'{"error": {}}')))
+        prefill = PrefillSide(refused)
 
         async def read_body() -> bytes:
             return b"never read"
 
         read = read_body()
         with pytest.raises(Refused):
-            await exchange._unless_prefill_fails(read)
+            await prefill.guard(read)
         return inspect.getcoroutinestate(read)
 
     assert asyncio.run(scenario()) == inspect.CORO_CLOSED
@@ -124,7 +123,7 @@ def test_stream_retried_when_prefill_fails_before_the_first_event(
 ) -> None:
     h = harness(prefill=2, decode=1, prefill_policy="round_robin")
     h.prefill[0].behavior.mode = "error500"
-    h.decode[0].behavior.delay_s = 0.3
+    h.decode[0].behavior.after = h.prefill
     with h.client() as c, c.stream("POST", "/v1/completions", json=STREAM) as r:
         assert r.status_code == 200
         got = events(r)

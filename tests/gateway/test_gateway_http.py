@@ -165,6 +165,16 @@ def test_unknown_routes_answer_in_openai_shape(harness: Callable[..., Harness]) 
         assert_openai_error(c.get("/v1/completions"), 405)
 
 
+def test_unknown_routes_and_methods_carry_string_codes(harness: Callable[..., Harness]) -> None:
+    h = harness(prefill=0, decode=1)
+    with h.client() as c:
+        missing = assert_openai_error(c.get("/v1/engines", headers={"X-Request-Id": "r404"}), 404)
+        wrong = c.get("/v1/completions")
+    assert missing["code"] == "not_found"
+    assert assert_openai_error(wrong, 405)["code"] == "method_not_allowed"
+    assert wrong.headers["x-request-id"]  # these answers carry a request id too
+
+
 def test_admin_routes_are_off_without_an_admin_key(harness: Callable[..., Harness]) -> None:
     h = harness(prefill=0, decode=1)
     with h.client() as c:

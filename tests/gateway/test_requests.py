@@ -11,12 +11,11 @@ import pytest
 from api.errors import ApiError
 from api.settings import Instance
 from gateway.breaker import CircuitBreaker
-from gateway.context import Pair
 from gateway.dispatch import attempt_rid
 from gateway.limits import PromptCounter
 from gateway.pd import pd_body
 from gateway.requests import CHAT, COMPLETIONS, GENERATE, RequestLimits, prepare
-from gateway.workers import Worker
+from gateway.workers import Pair, Worker
 
 NO_LIMITS = RequestLimits()
 

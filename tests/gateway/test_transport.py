@@ -532,8 +532,10 @@ def test_closing_a_fully_arrived_body_unread_keeps_the_connection() -> None:
         transport = NodeTransport(max_connections=1, max_keepalive=1)
         reply = stalled_body_server_reply(release)
         async with raw_server(reply) as server, client_for(server, transport) as client:
-            async with client.stream("GET", "/stall"):
-                await asyncio.sleep(0.05)  # all 8 bytes arrive; none is read
+            # straight on the transport, as the gateway sends: its body says when it has arrived
+            r = await transport.handle_async_request(httpx.Request("GET", f"{server.url}/stall"))
+            await wait_for(lambda: r.stream.at_end)  # all 8 bytes arrived; none is read
+            await r.aclose()
             assert (await client.get("/next")).text == "/next"
             assert [q.connection for q in server.requests] == [0, 0]
 

@@ -1,0 +1,125 @@
+"""What a node's answer means for an attempt, decided here and nowhere else (pure functions of the
+status code, the body and the first events; tests/gateway/test_outcome.py checks them directly).
+
+    Finished       a whole answer for the client, relayed as it is (decode's answer, not streamed)
+    Refused        the request itself is wrong: a 4xx, or an error event of type
+                   invalid_request_error; relayed, never retried
+    AttemptFailed  that instance failed: a 5xx, a transport error, a stream that ends or begins with
+                   another error before its first event; retried on another pair while nothing
+                   has reached the client
+    None           prefill did its part (a 2xx without an error event)
+
+`Refused` and `AttemptFailed` are exceptions: the exchange raises the verdict, dispatch acts on it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from api.errors import ApiError, server_error
+from api.sse import SSEDecoder, error_in
+
+from .events import Events
+
+CLIENT_ERROR_TYPE = "invalid_request_error"  # an error event of this type is a refusal
+UPSTREAM_ERROR = "upstream_error"  # the code of an instance's failure, unless it named its own
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A whole response to hand to the client as it is."""
+
+    status: int
+    body: bytes
+    media_type: str = "application/json"
+
+
+class Refused(Exception):
+    """A node refused the request (the request is wrong, not the node): relay `answer`."""
+
+    def __init__(self, answer: Finished) -> None:
+        super().__init__(answer.status)
+        self.answer = answer
+
+
+class AttemptFailed(Exception):
+    """Instance `url` failed this attempt; `error` is what the client gets if no retry is left."""
+
+    def __init__(self, url: str, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.url = url
+        self.error = error
+
+
+def decode_answer(
+    url: str, status: int, body: bytes, media_type: str
+) -> Finished | Refused | AttemptFailed:
+    """A decode node's whole answer: not streamed, or of status 400 or more."""
+    if status < 400:
+        return Finished(status, body, media_type)
+    return refusal_or_failure("decode", url, status, body)
+
+
+def first_events(url: str, first: Events) -> Events | Refused | AttemptFailed:
+    """The first events of a decode stream: relay them, or what their error means."""
+    if not first.any:
+        return failed("decode", url, "its stream ended before the first event")
+    error = error_in(first.first) if first.first is not None else None
+    return first if error is None else error_verdict("decode", url, error)
+
+
+def prefill_answer(
+    url: str, status: int, body: bytes, media_type: str
+) -> Refused | AttemptFailed | None:
+    """A prefill node's whole answer: None when it did its part."""
+    if status >= 400:
+        return refusal_or_failure("prefill", url, status, body)
+    error = _stream_error(body, media_type)
+    return None if error is None else error_verdict("prefill", url, error)
+
+
+def refusal_or_failure(role: str, url: str, status: int, body: bytes) -> Refused | AttemptFailed:
+    """An answer of status 400 or more: the node's 4xx is relayed, a 5xx fails the instance."""
+    if status < 500:
+        return Refused(Finished(status, body))
+    return failed(role, url, f"HTTP {status}: {body[:300].decode(errors='replace')}")
+
+
+def error_verdict(role: str, url: str, error: dict[str, Any]) -> Refused | AttemptFailed:
+    """An error event in a 200 answer: its `type` says whose fault it is (never its `code`)."""
+    if error.get("type") == CLIENT_ERROR_TYPE:
+        return Refused(Finished(400, json.dumps({"error": error}).encode()))
+    code = error.get("code")
+    what = f"its stream carried an error: {error.get('message')}"
+    return failed(role, url, what, code if isinstance(code, str) and code else UPSTREAM_ERROR)
+
+
+def unreachable(role: str, url: str, exc: Exception) -> AttemptFailed:
+    """The exchange with the node broke (connect, read, timeout) before its answer was whole."""
+    return failed(role, url, f"{type(exc).__name__}: {exc}")
+
+
+def failed(role: str, url: str, what: str, code: str = UPSTREAM_ERROR) -> AttemptFailed:
+    return AttemptFailed(url, server_error(f"{role} instance {url} failed: {what}", 502, code=code))
+
+
+def cut_mid_stream(url: str, exc: Exception) -> ApiError:
+    """The decode stream broke after events reached the client: the error event it ends with."""
+    return server_error(
+        f"decode instance {url} failed mid-stream ({exc}); the response is incomplete",
+        502,
+        code=UPSTREAM_ERROR,
+    )
+
+
+def _stream_error(body: bytes, media_type: str) -> dict[str, Any] | None:
+    """The first error event of a whole SSE answer, None when it has none (or is not SSE)."""
+    if b'"error"' not in body or "event-stream" not in media_type:
+        return None  # NOTE: the cheap test first: prefill answers every request
+    for payload in SSEDecoder().feed(body + b"\n\n"):
+        error = error_in(payload)
+        if error is not None:
+            return error
+    return None

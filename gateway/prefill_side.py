@@ -1,0 +1,126 @@
+"""`PrefillSide`: the prefill node's half of one attempt, awaited alongside the decode side.
+
+The prefill POST runs as a background task while the decode answer is awaited; `guard` wraps each
+step of the decode side so that a prefill refusal or failure ends the wait at once (the decode
+node would otherwise sit on a room whose KV never comes). Colocated attempts have no prefill side:
+`PrefillSide.none()` guards nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import httpx
+
+from . import outcome
+from .background import Background
+from .logs import log_event
+from .outcome import AttemptFailed, Refused
+from .upstream import Upstream
+from .workers import Worker
+
+T = TypeVar("T")
+Verdict = Refused | AttemptFailed | None  # None: prefill did its part
+
+
+class PrefillSide:
+    def __init__(self, task: asyncio.Future[Verdict] | None) -> None:
+        self.task = task
+        self.ok = task is None  # nothing left to wait for
+
+    @classmethod
+    def none(cls) -> PrefillSide:
+        return cls(None)
+
+    @classmethod
+    def start(
+        cls,
+        worker: Worker,
+        request: httpx.Request,
+        tokens: int,
+        upstream: Upstream,
+        tasks: Background,
+        clock: Callable[[], float],
+        rid: str,
+    ) -> PrefillSide:
+        """Send `request` to `worker` in the background, its load counted until the task ends."""
+        worker.begin(tokens, clock())
+        task = tasks.spawn(_run(worker, request, upstream, clock, rid))
+        # NOTE: a callback, not a finally: a task cancelled before it ran never enters its body
+        task.add_done_callback(lambda _: worker.end(tokens))
+        return cls(task)
+
+    def cancel(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    async def guard(self, awaitable: Awaitable[T]) -> T:
+        """`awaitable`'s result, unless the prefill side fails first (then it is cancelled and the
+        prefill verdict raised)."""
+        prefill = self.task
+        if prefill is None or self.ok:
+            return await awaitable
+        if prefill.done():
+            try:
+                self.check()
+            except BaseException:
+                if inspect.iscoroutine(awaitable):
+                    awaitable.close()  # never awaited: close it rather than leak a warning
+                raise
+            return await awaitable
+        return await self._race(prefill, awaitable)
+
+    async def _race(self, prefill: asyncio.Future[Verdict], awaitable: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(awaitable)
+        failed = False
+
+        def on_prefill(done: asyncio.Future[Verdict]) -> None:
+            nonlocal failed
+            if task.done():
+                return
+            if done.cancelled() or done.exception() is not None or done.result() is not None:
+                failed = True
+                task.cancel()
+
+        prefill.add_done_callback(on_prefill)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if not failed:
+                raise
+        finally:
+            prefill.remove_done_callback(on_prefill)
+        self.check()
+        raise AssertionError("unreachable: the prefill side failed")
+
+    def check(self) -> None:
+        """Raise the finished prefill side's verdict (`Refused`, `AttemptFailed`), if any."""
+        assert self.task is not None
+        verdict = self.task.result()
+        if verdict is not None:
+            raise verdict
+        self.ok = True
+
+
+async def _run(
+    worker: Worker, request: httpx.Request, upstream: Upstream, clock: Callable[[], float], rid: str
+) -> Verdict:
+    """The prefill node's verdict on `request`, recorded on its breaker."""
+    try:
+        response = await upstream.call(request)
+        media_type = response.headers.get("content-type", "")
+        verdict = outcome.prefill_answer(
+            worker.url, response.status_code, response.content, media_type
+        )
+    except httpx.HTTPError as exc:
+        verdict = outcome.unreachable("prefill", worker.url, exc)
+    if isinstance(verdict, AttemptFailed):
+        worker.breaker.record_failure(clock())
+        log_event(logging.WARNING, "prefill_failed", rid, error=verdict.error.message)
+    else:
+        worker.breaker.record_success()  # NOTE: a refusal too: the node itself is fine
+    return verdict
