@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from api.chat import chat_prompt_ids
 from api.errors import forbidden, unauthorized
 
 
@@ -63,10 +64,5 @@ class PromptCounter:
         return len(self.tokenizer.encode(text))
 
     def count_chat(self, messages: Sequence[Mapping[str, Any]]) -> int:
-        """Tokens of the chat as its template renders it (joined contents if it has none)."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            return self.count_text("\n".join(str(m.get("content") or "") for m in messages))
-        text = self.tokenizer.apply_chat_template(
-            [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
-        )
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+        """Tokens of the chat as the nodes will encode it (api/chat.py); 400 without a template."""
+        return len(chat_prompt_ids(self.tokenizer, messages))

@@ -88,10 +88,14 @@ def refusal_or_failure(role: str, url: str, status: int, body: bytes) -> Refused
 
 
 def error_verdict(role: str, url: str, error: dict[str, Any]) -> Refused | AttemptFailed:
-    """An error event in a 200 answer: its `type` says whose fault it is (never its `code`)."""
-    if error.get("type") == CLIENT_ERROR_TYPE:
-        return Refused(Finished(400, json.dumps({"error": error}).encode()))
+    """An error event in a 200 answer: the client's fault (`type` invalid_request_error, or an
+    integer 4xx `code`, as SGLang's nodes send) is a refusal with that status, relayed with the
+    code as a string; anything else fails the instance."""
     code = error.get("code")
+    status = code if isinstance(code, int) and 400 <= code < 500 else None
+    if status is not None or error.get("type") == CLIENT_ERROR_TYPE:
+        relayed = {**error, "code": None if code is None else str(code)}
+        return Refused(Finished(status or 400, json.dumps({"error": relayed}).encode()))
     what = f"its stream carried an error: {error.get('message')}"
     return failed(role, url, what, code if isinstance(code, str) and code else UPSTREAM_ERROR)
 

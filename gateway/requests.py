@@ -66,7 +66,7 @@ def _chat(body: dict[str, Any], limits: RequestLimits) -> Prepared:
     _check_model(req.model, limits)
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     _check_max_tokens(req.output_limit, name, limits)
-    messages = [{"role": m.role, "content": m.text} for m in req.messages]
+    messages = req.chat_messages()
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     count = None
     if limits.counter is not None:

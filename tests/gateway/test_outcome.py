@@ -64,12 +64,15 @@ def test_prefill_that_did_its_part_has_no_verdict() -> None:
     assert prefill_answer(URL, 200, b'{"text": "\\"error\\""}', "application/json") is None
 
 
-def test_an_error_event_is_judged_by_its_type_never_its_code() -> None:
+def test_an_error_event_is_judged_by_its_type_or_an_integer_4xx_code() -> None:
     refused = prefill_answer(URL, 200, TOKEN + event_error("invalid_request_error") + DONE, SSE)
     assert isinstance(refused, Refused) and refused.answer.status == 400
     assert json.loads(refused.answer.body)["error"]["message"] == "boom"
-    # a numeric 4xx code on a server error is still a failure of the instance
-    failed = prefill_answer(URL, 200, event_error("server_error", 400) + DONE, SSE)
+    # SGLang's nodes say whose fault it is with an integer code: relayed as a string
+    foreign = prefill_answer(URL, 200, event_error("BadRequestError", 413) + DONE, SSE)
+    assert isinstance(foreign, Refused) and foreign.answer.status == 413
+    assert json.loads(foreign.answer.body)["error"]["code"] == "413"
+    failed = prefill_answer(URL, 200, event_error("server_error", 500) + DONE, SSE)
     assert isinstance(failed, AttemptFailed) and failed.error.code == "upstream_error"
     assert "its stream carried an error: boom" in failed.error.message
     named = prefill_answer(URL, 200, event_error("server_error", "timeout") + DONE, SSE)
