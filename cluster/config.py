@@ -25,8 +25,9 @@ from typing import Any
 import yaml
 
 from api.settings import GatewaySettings, Instance, NodeSettings, TransferSettings
+from modelgen.spec import MakeSpec
 
-from .modelcache import MakeSpec, ensure_model, model_dir
+from .modelcache import ensure_model, model_dir
 from .overrides import apply_overrides
 from .schema import ConfigError, build, did_you_mean
 from .validate import GATEWAY, check_cluster

@@ -16,10 +16,12 @@ import yaml
 
 from api.settings import GatewaySettings, Instance, NodeSettings, TransferSettings
 from cluster import modelcache
+from cluster.cli import build_parser
 from cluster.cli import main as pdserve
 from cluster.config import CONFIGS_DIR, DEFAULT_CONFIG, load_cluster, parse_cluster
-from cluster.modelcache import MakeSpec, ensure_model, model_dir
+from cluster.modelcache import ensure_model, model_dir
 from cluster.schema import ConfigError
+from modelgen.spec import MakeSpec, spec_from_flags
 
 BASE: dict[str, Any] = {
     "model": {"path": "/models/tiny"},
@@ -302,6 +304,38 @@ def test_make_args_pick_the_directory(tmp_path: Path) -> None:
     assert a.name.startswith("qwen3-")
 
 
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (MakeSpec("qwen3"), "qwen3-6b960d53c85074de"),
+        (MakeSpec("llama", layers=1, hidden=32, heads=2, kv_heads=1), "llama-9d92c1b4c79789ae"),
+        (
+            MakeSpec(
+                "deepseek_v3", fp8=True, tokenizer="qwen", dtype="bfloat16", intermediate=96, seed=3
+            ),
+            "deepseek_v3-80c1390800c289f6",
+        ),
+    ],
+)
+def test_cache_directory_names_stay_put(make: MakeSpec, name: str) -> None:
+    """Models already in users' caches keep being found: these names were written before
+    MakeSpec moved to modelgen (a changed field name or default would move them)."""
+    assert model_dir(make, Path("/cache")).name == name
+
+
+def test_make_model_flags_are_the_spec_fields() -> None:
+    """`pdserve make-model` parses into the same MakeSpec that `model.make` reads."""
+    parser = build_parser()
+    args = parser.parse_args(["make-model", "--arch", "qwen3", "--out", "x"])
+    assert spec_from_flags(args) == MakeSpec("qwen3") and args.out == "x"
+    flags = ["--kv-heads", "1", "--intermediate", "96", "--tokenizer", "deepseek", "--fp8"]
+    args = parser.parse_args(["make-model", "--arch", "llama", "--out", "x", *flags])
+    want = MakeSpec("llama", kv_heads=1, intermediate=96, tokenizer="deepseek", fp8=True)
+    assert spec_from_flags(args) == want
+    cluster = parse_cluster(config_with(model={"make": dataclasses.asdict(want)}))
+    assert cluster.model.make == want
+
+
 def test_racing_writers_generate_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
     started = threading.Barrier(4)
@@ -311,7 +345,7 @@ def test_racing_writers_generate_once(tmp_path: Path, monkeypatch: pytest.Monkey
         (Path(out) / "config.json").write_text("{}")
         return Path(out)
 
-    monkeypatch.setattr("engine.checkpoint.make_model", fake_make_model)
+    monkeypatch.setattr("modelgen.make.make_model", fake_make_model)
     results: list[Path] = []
 
     def worker() -> None:
