@@ -209,6 +209,6 @@ class EngineConfig:
     max_model_len: int | None = None
     seed: int = 0
     threads: int | None = None  # torch intra-op threads (None: torch's default, all cores)
-    cpu_kernels: bool = True  # native CPU LM head where it can run (engine/kernels/cpu.py)
+    cpu_kernels: bool = True  # native CPU kernels where they can run (engine/kernels/)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

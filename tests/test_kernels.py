@@ -57,13 +57,13 @@ def test_decode_attention_equals_dense_reference(
 ) -> None:
     """Ragged decode batch over scattered pages == per-request dense softmax attention, on
     torch's path and on the native CPU kernel (which reads the pages in place)."""
-    from engine.kernels.attention import build_decode_attention
+    from engine.kernels.decode_attention import build_decode_attention
 
     page = 4
     pool = PagePool(KVLayout.mha(1, kv_heads, dim, dtype), 64, page)
     backend = TorchAttention(pool, scale=dim**-0.5)
     if native:
-        from engine.kernels.cpu import cpu_flags
+        from engine.kernels.build import cpu_flags
 
         if "avx512f" not in cpu_flags():
             pytest.skip("no AVX-512 on this CPU")
@@ -146,9 +146,9 @@ def test_extend_attention_equals_dense_reference(dtype: torch.dtype, waste: floa
 
 
 def _lm_head_or_skip(weight: torch.Tensor, threads: int = 1):
-    from engine.kernels.cpu import _unsupported, build_lm_head
+    from engine.kernels.lm_head import build_lm_head, lm_head_unsupported
 
-    reason = _unsupported(weight)
+    reason = lm_head_unsupported(weight)
     if reason is not None and "lacks" in reason:
         pytest.skip(reason)
     head = build_lm_head(weight, threads)
@@ -195,7 +195,7 @@ def test_cpu_lm_head_argmax_equals_argmax_of_its_logits(dtype: torch.dtype, thre
 
 
 def test_cpu_lm_head_declines_what_it_cannot_run() -> None:
-    from engine.kernels.cpu import build_lm_head
+    from engine.kernels.lm_head import build_lm_head
 
     assert build_lm_head(torch.randn(100, 33)) is None  # odd hidden size
     assert build_lm_head(torch.randn(100, 32, dtype=torch.float16)) is None
@@ -230,15 +230,15 @@ def test_engine_with_and_without_cpu_kernels_agree(make_tiny, dtype: str) -> Non
 
 
 def _native_capable(dtype: str) -> bool:
-    from engine.kernels.cpu import _unsupported
+    from engine.kernels.lm_head import lm_head_unsupported
 
-    return _unsupported(torch.zeros(16, 8, dtype=getattr(torch, dtype))) is None
+    return lm_head_unsupported(torch.zeros(16, 8, dtype=getattr(torch, dtype))) is None
 
 
 def test_malloc_tuning_takes_on_glibc() -> None:
     import platform
 
-    from engine.kernels.cpu import keep_freed_memory_mapped
+    from engine.kernels.build import keep_freed_memory_mapped
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")

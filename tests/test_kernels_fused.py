@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels.cpu import cpu_flags
+from engine.kernels.build import cpu_flags
 from engine.llm import LLM
 from engine.sampling import SamplingParams
 

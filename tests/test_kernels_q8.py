@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.kernels.cpu import _q8_library, _unsupported, build_lm_head
+from engine.kernels.lm_head import build_lm_head, lm_head_unsupported
+from engine.kernels.lm_head_q8 import q8_library
 
 
 def _heads(weight: torch.Tensor, threads: int = 2):
     """(the head with the int8 pass, the same head's float argmax) or skip without VNNI."""
-    if _unsupported(weight) is not None or _q8_library() is None:
+    if lm_head_unsupported(weight) is not None or q8_library() is None:
         pytest.skip("no AVX-512 VNNI / BF16 on this CPU")
     head = build_lm_head(weight, threads)
     assert head is not None and head.q8 is not None
