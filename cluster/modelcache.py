@@ -1,9 +1,9 @@
 """Tiny generated checkpoints (`model.make` in a cluster config), written once into a cache dir.
 
 The directory name holds a hash of the make arguments (`modelgen.spec.MakeSpec`), so a config
-always finds the same model and different arguments never share one. Writers take a file lock and write into a temporary
-directory that is renamed into place, so two processes starting at once generate it once, and a
-crash mid-write never leaves a half checkpoint under the final name.
+always finds the same model and different arguments never share one. Writers take a file lock
+and write into a temporary directory that is renamed into place, so two processes starting at
+once generate it once, and a crash mid-write never leaves a half checkpoint under the final name.
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ class TorchAttention(AttentionBackend):
         self.scale = scale
         self.page_size = pool.page_size
         self.device = pool.device
-        # the native CPU kernel for decode rows (engine/kernels/decode_attention.py), set by the runner
+        # the native CPU kernel for decode rows (kernels/decode_attention.py), set by the runner
         self.decode_kernel: DecodeAttention | None = None
 
     def prepare(self, batch: AttentionBatch) -> TorchAttentionMeta:
