@@ -9,41 +9,21 @@ import sys
 from collections.abc import Sequence
 
 from cluster import commands
+from modelgen.spec import add_flags, spec_from_flags
 
 
 def _add_make_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-model", help="write a tiny random-weight HF checkpoint")
-    p.add_argument("--arch", required=True, help="llama, qwen2, qwen3, deepseek_v2, deepseek_v3")
     p.add_argument("--out", required=True, help="directory to write")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", choices=["qwen", "deepseek"], help="default: the arch's")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--fp8", action="store_true", help="FP8 block weights, as DeepSeek-V3 ships")
+    add_flags(p)
     p.set_defaults(func=_make_model)
 
 
 def _make_model(args: argparse.Namespace) -> int:
-    from engine.checkpoint import make_model
+    from modelgen.make import make_model
 
-    path = make_model(
-        args.arch,
-        args.out,
-        layers=args.layers,
-        hidden=args.hidden,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        intermediate=args.intermediate,
-        seed=args.seed,
-        tokenizer=args.tokenizer,
-        dtype=args.dtype,
-        fp8=args.fp8,
-    )
-    print(path)
+    spec = spec_from_flags(args)
+    print(make_model(spec.arch, args.out, **spec.make_kwargs()))
     return 0
 
 

@@ -1,9 +1,9 @@
 """Tiny generated checkpoints (`model.make` in a cluster config), written once into a cache dir.
 
-The directory name holds a hash of the make arguments, so a config always finds the same model
-and different arguments never share one. Writers take a file lock and write into a temporary
-directory that is renamed into place, so two processes starting at once generate it once, and a
-crash mid-write never leaves a half checkpoint under the final name.
+The directory name holds a hash of the make arguments (`modelgen.spec.MakeSpec`), so a config
+always finds the same model and different arguments never share one. Writers take a file lock
+and write into a temporary directory that is renamed into place, so two processes starting at
+once generate it once, and a crash mid-write never leaves a half checkpoint under the final name.
 """
 
 from __future__ import annotations
@@ -15,37 +15,12 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelgen.spec import MakeSpec
+
 CACHE_ENV = "PDSERVE_CACHE"
-
-
-@dataclass(frozen=True)
-class MakeSpec:
-    """Arguments of `engine.checkpoint.make_model` (see `pdserve make-model --help`)."""
-
-    arch: str
-    layers: int = 2
-    hidden: int = 64
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int | None = None
-    seed: int = 0
-    tokenizer: str | None = None  # None: the arch's own (deepseek for DeepSeek archs, else qwen)
-    dtype: str = "float32"
-    fp8: bool = False
-
-    def make_kwargs(self) -> dict[str, Any]:
-        """`make_model`'s keyword arguments: the fields set, less the arch (and a None tokenizer,
-        which make_model resolves to the arch's own)."""
-        kwargs = dataclasses.asdict(self)
-        del kwargs["arch"]
-        if kwargs["tokenizer"] is None:
-            del kwargs["tokenizer"]
-        return kwargs
-
 
 # NOTE: fields added after the cache existed enter the directory hash only when they differ from
 # their defaults, so configs written before them keep finding their checkpoints.
@@ -89,7 +64,7 @@ def is_complete(path: Path) -> bool:
 
 
 def write_atomically(make: MakeSpec, target: Path) -> None:
-    from engine.checkpoint import make_model
+    from modelgen.make import make_model  # torch and transformers: only when writing a model
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

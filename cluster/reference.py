@@ -9,15 +9,19 @@ added without its help text, or a page left stale, fails the suite.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from typing import Any
 
 from api.settings import GatewaySettings
+from engine.layers.attention import ATTENTION_BACKENDS
 from engine.options import EngineOptions
+from gateway.policies import POLICIES
+from modelgen.spec import MakeSpec
 from node.settings import NodeSettings
+from transfer import served_backends
 from transfer.config import TransferConfig
 
-from .modelcache import MakeSpec
 from .spec import DecodeSpec, ModelSpec, PrefillSpec
 
 HEADER = """# Configuration reference
@@ -58,6 +62,13 @@ SECTIONS: tuple[tuple[str, str, type, tuple[str, ...]], ...] = (
     ("decode[]", "decode nodes, a list of entries (at least one)", DecodeSpec, ()),
 )
 NODE_FIELDS = {f.name: f for f in dataclasses.fields(NodeSettings)}
+# Choices that registries hold (a field's own metadata["choices"] is read too).
+REGISTERED: dict[tuple[type, str], Any] = {
+    (EngineOptions, "attention_backend"): ATTENTION_BACKENDS,
+    (TransferConfig, "backend"): served_backends(),
+    (GatewaySettings, "prefill_policy"): POLICIES,
+    (GatewaySettings, "decode_policy"): POLICIES,
+}
 
 
 def render() -> str:
@@ -67,27 +78,32 @@ def render() -> str:
         parts.append("| key | default | what |\n|---|---|---|")
         for f in dataclasses.fields(cls):
             if f.name not in skip:
-                parts.append(row(f))
+                parts.append(row(f, REGISTERED.get((cls, f.name))))
     return "\n".join(parts) + "\n"
 
 
-def row(f: dataclasses.Field[Any]) -> str:
+def row(f: dataclasses.Field[Any], registered: Any = None) -> str:
     """A table row; a node entry's NodeSettings fields take their help and default from there."""
     source = f
     if "help" not in f.metadata and f.name in NODE_FIELDS:
         source = NODE_FIELDS[f.name]
     if "help" not in source.metadata:
         raise ValueError(f"{f.name}: a settings field without help (add metadata={{'help': ...}})")
-    return f"| `{f.name}` | {default_of(source)} | {source.metadata['help']} |"
+    what = source.metadata["help"]
+    choices = registered or source.metadata.get("choices")
+    if choices:
+        what += f" ({', '.join(f'`{c}`' for c in choices)})"
+    return f"| `{f.name}` | {default_of(source)} | {what} |"
 
 
 def default_of(f: dataclasses.Field[Any]) -> str:
     if f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-        return "see below" if dataclasses.is_dataclass(value) else f"`{value!r}`"
+        return f"see `{f.name}`"
     if f.default is dataclasses.MISSING:
         return "required"
-    return "" if f.default is None else f"`{f.default!r}`"
+    if f.default is None or f.default == ():
+        return ""
+    return f"`{json.dumps(f.default)}`"  # YAML spells values as JSON does
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from api.settings import GatewaySettings, Instance, setting
 from engine.options import EngineOptions
+from modelgen.spec import MakeSpec
 from node.settings import NodeSettings
 from transfer.config import TransferConfig
 
-from .modelcache import MakeSpec, ensure_model, model_dir
+from .modelcache import ensure_model, model_dir
 from .schema import ConfigError, did_you_mean
 
 GATEWAY = "gateway"  # the gateway's component name

@@ -90,7 +90,11 @@ class EngineOptions:
         None, "prompt + output tokens at most (default: the model's)"
     )
     seed: int = setting(0, "seed of torch and of sampling for requests that send none")
-    threads: int | None = setting(None, "torch intra-op threads (default: torch's, all cores)")
+    threads: int | None = setting(
+        None,
+        "torch intra-op threads (default: torch's, every core; in a cluster config, the cores "
+        "split among the nodes on the host)",
+    )
     cpu_kernels: bool = setting(True, "native AVX-512 CPU kernels where they can run")
 
     def __post_init__(self) -> None:

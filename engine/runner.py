@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from engine.config import ModelConfig, parse_dtype
-from engine.kernels.attention import build_decode_attention
-from engine.kernels.cpu import build_lm_head, keep_freed_memory_mapped
+from engine.kernels.build import keep_freed_memory_mapped
+from engine.kernels.decode_attention import build_decode_attention
 from engine.kernels.decode_layer import build_fused_decode
+from engine.kernels.lm_head import build_lm_head
 from engine.kv.pool import KVLayout, PagePool, available_memory_bytes, pages_for_budget
 from engine.layers.attention import create_backend
 from engine.layers.attention.base import AttentionBackend, AttentionBatch

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import ARCHS, make_model
 from engine.llm import LLM
 from engine.sampling import SamplingParams
+from modelgen.archs import ARCHS
+from modelgen.make import make_model
 
 
 def parse_args() -> argparse.Namespace:

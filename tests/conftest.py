@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from engine.checkpoint import make_model
 from engine.tokenizer import load_tokenizer
+from modelgen.make import make_model
 
 
 def _cache_key(arch: str, tokenizer: str, kw: dict[str, Any]) -> str:
@@ -22,7 +22,7 @@ def _cache_key(arch: str, tokenizer: str, kw: dict[str, Any]) -> str:
 def make_tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """`make_tiny(arch="llama", tokenizer="qwen", **make_model_kwargs) -> Path`.
 
-    Writes a tiny HF checkpoint with `engine.checkpoint.make_model` the first time a combination
+    Writes a tiny HF checkpoint with `modelgen.make.make_model` the first time a combination
     of arguments is asked for, and returns the same directory afterwards. Treat it as read-only:
     it is shared by every test of the session.
     """

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
-from engine import checkpoint
-from engine.checkpoint import make_model
+from modelgen import weights
+from modelgen.make import make_model
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -247,4 +247,4 @@ def test_bad_arguments_name_the_fix(tmp_path: Path, kw: dict, message: str) -> N
 def test_every_weight_has_an_init_rule() -> None:
     """New architectures fail loudly here instead of writing unscaled weights."""
     with pytest.raises(ValueError, match="no init rule"):
-        checkpoint.init_tensor("model.conv.weight", (2, 3, 4), None, torch.Generator())
+        weights.init_tensor("model.conv.weight", (2, 3, 4), None, torch.Generator())

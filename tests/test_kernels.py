@@ -1,15 +1,24 @@
-"""The CPU fast paths equal the plain torch ops they replace."""
+"""The CPU fast paths equal the plain torch ops they replace.
+
+Every native kernel test (they need AVX-512, and say so when they skip) stands beside a test of
+the torch path it replaces, run on any CPU: the same inputs through torch's op, or the engine
+with `cpu_kernels=False` against transformers.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 from torch.nn import functional as F
 
 from engine.kv.pool import KVLayout, PagePool
+from engine.layers import linear as linear_module
 from engine.layers.attention.base import AttentionBatch
 from engine.layers.attention.torch_backend import TorchAttention
-from engine.layers.linear import linear
+from engine.layers.linear import SMALL_ROWS, linear
+from engine.models.base import DecoderOnlyLM
 from engine.sampling import argmax_rows
 
 
@@ -33,8 +42,24 @@ def test_argmax_rows_on_a_view() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [0, 1, 17])
-def test_linear_equals_f_linear(dtype: torch.dtype, rows: int) -> None:
+@pytest.mark.parametrize("rows", [0, 1, 17, SMALL_ROWS, SMALL_ROWS + 1, 100])
+def test_linear_equals_f_linear(
+    dtype: torch.dtype, rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32 inputs of SMALL_ROWS rows or more go to oneDNN (its calls are counted), within
+    float tolerance of `F.linear`; smaller ones and bfloat16 stay on `F.linear` itself."""
+    onednn = linear_module._ONEDNN_LINEAR
+    takes_onednn = dtype == torch.float32 and rows >= SMALL_ROWS
+    if takes_onednn and onednn is None:
+        pytest.skip("this torch build has no oneDNN linear op (torch.ops.mkldnn)")
+    calls: list[int] = []
+
+    def counted(x: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return onednn(x, *args)
+
+    if onednn is not None:
+        monkeypatch.setattr(linear_module, "_ONEDNN_LINEAR", counted)
     gen = torch.Generator().manual_seed(rows)
     w = torch.randn(300, 64, generator=gen).to(dtype)
     b = torch.randn(300, generator=gen).to(dtype)
@@ -45,30 +70,40 @@ def test_linear_equals_f_linear(dtype: torch.dtype, rows: int) -> None:
         torch.testing.assert_close(
             got, want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-4
         )
+    assert calls == ([rows, rows] if takes_onednn else [])
+
+
+# (heads, kv_heads, head_dim): every shape the native kernel serves also runs on torch's path
+ATTENTION_SHAPES = [(4, 2, 8), (4, 2, 16), (8, 1, 64), (3, 3, 128)]
+ATTENTION_CASES = [
+    pytest.param(
+        native, *shape, id=f"{'native' if native else 'torch'}-{'-'.join(map(str, shape))}"
+    )
+    for shape in ATTENTION_SHAPES
+    for native in (False, True)
+    if not (native and shape[2] % 16)  # the kernel serves head_dim multiples of 16 only
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "native, heads, kv_heads, dim",
-    [(False, 4, 2, 8), (True, 4, 2, 16), (True, 8, 1, 64), (True, 3, 3, 128), (False, 3, 3, 128)],
-)
+@pytest.mark.parametrize("native, heads, kv_heads, dim", ATTENTION_CASES)
 def test_decode_attention_equals_dense_reference(
     dtype: torch.dtype, native: bool, heads: int, kv_heads: int, dim: int
 ) -> None:
     """Ragged decode batch over scattered pages == per-request dense softmax attention, on
     torch's path and on the native CPU kernel (which reads the pages in place)."""
-    from engine.kernels.attention import build_decode_attention
+    from engine.kernels.build import cpu_flags
+    from engine.kernels.decode_attention import build_decode_attention
 
+    if native and "avx512f" not in cpu_flags():
+        pytest.skip("needs AVX-512: this CPU lacks avx512f (the [torch] case runs torch's path)")
     page = 4
     pool = PagePool(KVLayout.mha(1, kv_heads, dim, dtype), 64, page)
     backend = TorchAttention(pool, scale=dim**-0.5)
     if native:
-        from engine.kernels.cpu import cpu_flags
-
-        if "avx512f" not in cpu_flags():
-            pytest.skip("no AVX-512 on this CPU")
         backend.decode_kernel = build_decode_attention(threads=2)
         assert backend.decode_kernel is not None, "an AVX-512 CPU must get the kernel (gcc?)"
+        assert backend.decode_kernel.supports(dtype, heads, kv_heads, dim)  # the kernel runs
     gen = torch.Generator().manual_seed(dim)
     lens = [1 + 5, 13, 2, 9, 40]  # context lengths after this step's token
     tables = [pool.alloc(-(-n // page))[::-1] for n in lens]  # reversed: non-contiguous
@@ -145,43 +180,76 @@ def test_extend_attention_equals_dense_reference(dtype: torch.dtype, waste: floa
         row += q_len
 
 
-def _lm_head_or_skip(weight: torch.Tensor, threads: int = 1):
-    from engine.kernels.cpu import _unsupported, build_lm_head
+class TorchLMHead:
+    """What the runner does without the native head: the model's `compute_logits` (float32
+    logits of torch's matmul) and the sampler's greedy argmax over them (`argmax_rows`)."""
 
-    reason = _unsupported(weight)
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.model = DecoderOnlyLM()
+        self.model.embed_tokens = torch.nn.Embedding.from_pretrained(weight)
+        self.model.lm_head = None  # tied: the LM head is the embedding
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(x)
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        return argmax_rows(self(x))
+
+
+def _lm_head_reason(weight: torch.Tensor) -> str | None:
+    from engine.kernels.lm_head import lm_head_unsupported
+
+    return lm_head_unsupported(weight)
+
+
+def _lm_head_or_skip(weight: torch.Tensor, threads: int = 1):
+    from engine.kernels.lm_head import build_lm_head
+
+    reason = _lm_head_reason(weight)
     if reason is not None and "lacks" in reason:
-        pytest.skip(reason)
+        pytest.skip(f"needs AVX-512: {reason} (the [torch] case runs torch's path)")
     head = build_lm_head(weight, threads)
     assert head is not None, "a supported CPU must get the native LM head (is gcc installed?)"
     return head
 
 
+def _lm_head(path: str, weight: torch.Tensor, threads: int):
+    return TorchLMHead(weight) if path == "torch" else _lm_head_or_skip(weight, threads)
+
+
+@pytest.mark.parametrize("path", ["native", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_cpu_lm_head_equals_matmul(dtype: torch.dtype, threads: int) -> None:
+def test_cpu_lm_head_equals_matmul(path: str, dtype: torch.dtype, threads: int) -> None:
     gen = torch.Generator().manual_seed(threads)
     vocab, hidden = 1000 + 7, 96  # a vocabulary that is not a multiple of the 16-row block
     weight = (torch.randn(vocab, hidden, generator=gen) * 0.1).to(dtype)
-    head = _lm_head_or_skip(weight, threads)
+    head = _lm_head(path, weight, threads)
+    # torch's bfloat16 matmul rounds the logits to bfloat16; the kernel's stay float32
+    tol = 1e-2 if path == "torch" and dtype == torch.bfloat16 else None
+    rtol, atol = (tol, tol) if tol else (1e-5, 1e-4)
     for rows in (0, 1, 3, 8, 16, 17, 40):
         x = torch.randn(rows, hidden, generator=gen).to(dtype)
         got = head(x)
         assert got.dtype == torch.float32 and got.shape == (rows, vocab)
         want = x.float() @ weight.float().T
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
     x = torch.randn(4, 2 * hidden, generator=gen).to(dtype)[:, ::2]  # a strided view
-    torch.testing.assert_close(head(x), x.float() @ weight.float().T, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(head(x), x.float() @ weight.float().T, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("path", ["native", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_cpu_lm_head_argmax_equals_argmax_of_its_logits(dtype: torch.dtype, threads: int) -> None:
+def test_cpu_lm_head_argmax_equals_argmax_of_its_logits(
+    path: str, dtype: torch.dtype, threads: int
+) -> None:
     gen = torch.Generator().manual_seed(7 + threads)
     vocab, hidden = 2000 + 5, 64
     weight = (torch.randn(vocab, hidden, generator=gen) * 0.1).to(dtype)
     weight[1500:1510] = weight[3]  # exact ties with an earlier row: the first index must win
     weight[vocab - 1] = weight[0]  # ... and in the last, partial block
-    head = _lm_head_or_skip(weight, threads)
+    head = _lm_head(path, weight, threads)
     for rows in (0, 1, 5, 16, 23):
         x = torch.randn(rows, hidden, generator=gen).to(dtype)
         if rows > 2:
@@ -195,10 +263,16 @@ def test_cpu_lm_head_argmax_equals_argmax_of_its_logits(dtype: torch.dtype, thre
 
 
 def test_cpu_lm_head_declines_what_it_cannot_run() -> None:
-    from engine.kernels.cpu import build_lm_head
+    """For its own reasons, which come before any CPU flag (so this runs on any CPU)."""
+    from engine.kernels.lm_head import build_lm_head
 
-    assert build_lm_head(torch.randn(100, 33)) is None  # odd hidden size
-    assert build_lm_head(torch.randn(100, 32, dtype=torch.float16)) is None
+    odd, half = torch.randn(100, 33), torch.randn(100, 32, dtype=torch.float16)
+    assert "not [vocab, even hidden]" in (_lm_head_reason(odd) or "")
+    assert "no kernel for torch.float16" in (_lm_head_reason(half) or "")
+    assert build_lm_head(odd) is None and build_lm_head(half) is None
+
+
+def test_cpu_lm_head_rejects_a_wrong_x() -> None:
     with pytest.raises(ValueError, match="expects x"):
         _lm_head_or_skip(torch.randn(100, 32))(torch.randn(2, 31))
 
@@ -209,6 +283,9 @@ def test_engine_with_and_without_cpu_kernels_agree(make_tiny, dtype: str) -> Non
     from engine.llm import LLM
     from engine.sampling import SamplingParams
 
+    reason = _lm_head_reason(torch.zeros(16, 8, dtype=getattr(torch, dtype)))
+    if reason is not None:
+        pytest.skip(f"needs AVX-512: {reason} (see test_engine_without_cpu_kernels_*)")
     model = make_tiny("llama")
     prompts = [[5, 17, 300, 9], list(range(100, 160)), [42]]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
@@ -216,7 +293,7 @@ def test_engine_with_and_without_cpu_kernels_agree(make_tiny, dtype: str) -> Non
     for native in (True, False):
         llm = LLM(str(model), dtype=dtype, cpu_kernels=native, keep_logits=True)
         kernel = llm.engine.runner.lm_head_kernel
-        assert kernel is None if not native else kernel is not None or not _native_capable(dtype)
+        assert (kernel is not None) == native, "a supported CPU must get the native LM head (gcc?)"
         runs[native] = llm.generate(prompts, params)
     for fast, plain in zip(runs[True], runs[False], strict=True):
         if dtype == "bfloat16":
@@ -229,16 +306,10 @@ def test_engine_with_and_without_cpu_kernels_agree(make_tiny, dtype: str) -> Non
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
 
-def _native_capable(dtype: str) -> bool:
-    from engine.kernels.cpu import _unsupported
-
-    return _unsupported(torch.zeros(16, 8, dtype=getattr(torch, dtype))) is None
-
-
 def test_malloc_tuning_takes_on_glibc() -> None:
     import platform
 
-    from engine.kernels.cpu import keep_freed_memory_mapped
+    from engine.kernels.build import keep_freed_memory_mapped
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
@@ -252,8 +323,9 @@ def test_greedy_steps_take_the_kernels_argmax_and_match_the_sampler(make_tiny) -
     from engine.llm import LLM
     from engine.sampling import SamplingParams
 
-    if not _native_capable("float32"):
-        pytest.skip("no native LM head on this CPU")
+    reason = _lm_head_reason(torch.zeros(16, 8))
+    if reason is not None:
+        pytest.skip(f"needs AVX-512: {reason} (see test_engine_without_cpu_kernels_*)")
     model = str(make_tiny("llama"))
     prompts = [[5, 17, 300, 9], list(range(100, 160)), [42], list(range(900, 903))]
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -273,3 +345,22 @@ def test_greedy_steps_take_the_kernels_argmax_and_match_the_sampler(make_tiny) -
             assert sum(calls) == len(prompts) * greedy.max_tokens  # every token came from it
         else:
             assert sum(calls) < len(prompts) * greedy.max_tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_engine_without_cpu_kernels_matches_transformers(make_tiny, arch: str) -> None:
+    """The torch path beside the engine-level kernel tests above, on any CPU: with
+    `cpu_kernels=False` nothing native is built, and the greedy tokens and prompt logits are
+    transformers', also when a request with logprobs shares the batch."""
+    from tests.test_engine_oracle import GREEDY, assert_matches_hf, new_llm
+
+    model = make_tiny(arch)
+    prompts = [[5, 17, 300, 9], list(range(100, 160)), [42], list(range(900, 903))]
+    llm = new_llm(model, cpu_kernels=False)
+    runner = llm.engine.runner
+    assert runner.lm_head_kernel is None and runner.fused_decode is None
+    assert runner.attention.decode_kernel is None
+    assert_matches_hf(model, prompts, llm.generate(prompts, GREEDY))
+    with_logprobs = dataclasses.replace(GREEDY, logprobs=1)
+    mixed = [GREEDY, with_logprobs, GREEDY, GREEDY]
+    assert_matches_hf(model, prompts, llm.generate(prompts, mixed))

@@ -1,17 +1,34 @@
-"""The int8 greedy LM head returns exactly the float kernel's argmax, whatever the input."""
+"""The int8 greedy LM head returns exactly the float kernel's argmax, whatever the input.
+
+Each test also runs the torch path that stands in for it on a CPU without AVX-512 (the [torch]
+cases): the model's float32 logits and the sampler's `argmax_rows`, against torch's argmax.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.kernels.cpu import _q8_library, _unsupported, build_lm_head
+from engine.kernels.build import cpu_flags
+from engine.kernels.lm_head import build_lm_head, lm_head_unsupported
+from engine.kernels.lm_head_q8 import Q8_CPU_FLAGS, q8_library
+from tests.test_kernels import TorchLMHead
+
+PATHS = ["int8", "torch"]
 
 
-def _heads(weight: torch.Tensor, threads: int = 2):
-    """(the head with the int8 pass, the same head's float argmax) or skip without VNNI."""
-    if _unsupported(weight) is not None or _q8_library() is None:
-        pytest.skip("no AVX-512 VNNI / BF16 on this CPU")
+def _heads(path: str, weight: torch.Tensor, threads: int = 2):
+    """(the head, the float argmax it must equal): the int8 pass against the same head's float
+    kernel, or torch's path against torch's argmax of its logits; skips the int8 pass where
+    the CPU lacks AVX-512 (VNNI, BF16), saying which flags."""
+    if path == "torch":
+        head = TorchLMHead(weight)
+        return head, lambda x: head(x).argmax(dim=-1)
+    reason = lm_head_unsupported(weight)
+    missing = [f for f in Q8_CPU_FLAGS if f not in cpu_flags()]
+    if reason is not None or missing:
+        pytest.skip(f"needs AVX-512 with VNNI: {reason or 'this CPU lacks ' + ', '.join(missing)}")
+    assert q8_library() is not None
     head = build_lm_head(weight, threads)
     assert head is not None and head.q8 is not None
     q8 = head.q8
@@ -26,14 +43,15 @@ def _heads(weight: torch.Tensor, threads: int = 2):
     return head, float_argmax
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_int8_argmax_equals_float_argmax(dtype: torch.dtype, threads: int) -> None:
+def test_int8_argmax_equals_float_argmax(path: str, dtype: torch.dtype, threads: int) -> None:
     gen = torch.Generator().manual_seed(threads)
     vocab, hidden = 5000 + 3, 66  # a partial last block; hidden not a multiple of 4
     weight = (torch.randn(vocab, hidden, generator=gen) * 0.05).to(dtype)
     weight[4000:4010] = weight[17]  # exact ties: the first index wins
-    head, float_argmax = _heads(weight, threads)
+    head, float_argmax = _heads(path, weight, threads)
     for rows in (1, 2, 3, 7, 16, 21, 40):
         for scale in (1e-3, 1.0, 300.0):
             x = (torch.randn(rows, hidden, generator=gen) * scale).to(dtype)
@@ -47,9 +65,10 @@ def test_int8_argmax_equals_float_argmax(dtype: torch.dtype, threads: int) -> No
                 assert got[2].item() == 17
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("outlier", [False, True])
-def test_int8_argmax_on_hostile_inputs(dtype: torch.dtype, outlier: bool) -> None:
+def test_int8_argmax_on_hostile_inputs(path: str, dtype: torch.dtype, outlier: bool) -> None:
     """Rows the int8 pass cannot serve fall back to a full float scan, with the same answer:
     zero and non-finite x, thousands of exact ties (one thread's candidate list overflows
     while the other's holds a near miss), near-ties closer than int8 can tell apart, and an
@@ -63,7 +82,7 @@ def test_int8_argmax_on_hostile_inputs(dtype: torch.dtype, outlier: bool) -> Non
     weight[6500] = (weight[1].float() * (1 - 2**-9)).to(dtype)  # ... the other has a near miss
     weight[7000] = weight[50]
     weight[7001] = (weight[50].float() * (1 + 2**-12)).to(dtype)  # a near-tie with row 50
-    head, float_argmax = _heads(weight, threads=2)
+    head, float_argmax = _heads(path, weight, threads=2)
     x = torch.randn(9, hidden, generator=gen).to(dtype)
     x[0] = 0
     x[1, 3] = float("nan")
@@ -79,11 +98,12 @@ def test_int8_argmax_on_hostile_inputs(dtype: torch.dtype, outlier: bool) -> Non
     assert torch.equal(got[finite], head(x[finite]).argmax(dim=-1))
 
 
-def test_int8_argmax_on_a_real_vocabulary() -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_int8_argmax_on_a_real_vocabulary(path: str) -> None:
     """The Qwen-sized vocabulary of the benchmark, many random batches."""
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(151936, 64, generator=gen) * 0.02
-    head, float_argmax = _heads(weight)
+    head, float_argmax = _heads(path, weight)
     for _ in range(20):
         x = torch.randn(16, 64, generator=gen) * 2
         assert torch.equal(head.argmax(x), float_argmax(x))

@@ -1,4 +1,4 @@
-"""A whole decode step of a small Llama-family model in one native call (decode_layer.c).
+"""A whole decode step of a small Llama-family model in one native call (csrc/decode_layer.c).
 
 At decode batch sizes a small model's layer is ~25 torch ops of a few microseconds each, so
 dispatch, not arithmetic, is most of the step. `FusedLlamaDecode` runs every layer of a pure
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import subprocess
 from typing import Any
 
 import torch
 
-from engine.kernels.cpu import bind, cpu_flags, float_kernels, pack_weight
+from engine.kernels.build import BUILD_ERRORS, bind, cpu_flags, float_kernels
+from engine.kernels.lm_head import pack_weight
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def build_fused_decode(model: Any, pool: Any, scale: float, threads: int):
     if reason is None:
         try:
             return FusedLlamaDecode(float_kernels(), model, pool, scale, threads)
-        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        except BUILD_ERRORS as exc:
             reason = str(exc)
     log.info("fused CPU decode off: %s", reason)
     return None

@@ -15,12 +15,14 @@ import pytest
 import yaml
 
 from api.settings import GatewaySettings, Instance
-from cluster import modelcache
+from cluster import modelcache, reference
+from cluster.cli import build_parser
 from cluster.cli import main as pdserve
 from cluster.config import CONFIGS_DIR, DEFAULT_CONFIG, load_cluster, parse_cluster
-from cluster.modelcache import MakeSpec, ensure_model, model_dir
+from cluster.modelcache import ensure_model, model_dir
 from cluster.schema import ConfigError
 from engine.options import EngineOptions
+from modelgen.spec import MakeSpec, spec_from_flags
 from node.settings import NodeSettings
 from transfer import TransferConfig
 
@@ -305,6 +307,38 @@ def test_make_args_pick_the_directory(tmp_path: Path) -> None:
     assert a.name.startswith("qwen3-")
 
 
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (MakeSpec("qwen3"), "qwen3-6b960d53c85074de"),
+        (MakeSpec("llama", layers=1, hidden=32, heads=2, kv_heads=1), "llama-9d92c1b4c79789ae"),
+        (
+            MakeSpec(
+                "deepseek_v3", fp8=True, tokenizer="qwen", dtype="bfloat16", intermediate=96, seed=3
+            ),
+            "deepseek_v3-80c1390800c289f6",
+        ),
+    ],
+)
+def test_cache_directory_names_stay_put(make: MakeSpec, name: str) -> None:
+    """Models already in users' caches keep being found: these names were written before
+    MakeSpec moved to modelgen (a changed field name or default would move them)."""
+    assert model_dir(make, Path("/cache")).name == name
+
+
+def test_make_model_flags_are_the_spec_fields() -> None:
+    """`pdserve make-model` parses into the same MakeSpec that `model.make` reads."""
+    parser = build_parser()
+    args = parser.parse_args(["make-model", "--arch", "qwen3", "--out", "x"])
+    assert spec_from_flags(args) == MakeSpec("qwen3") and args.out == "x"
+    flags = ["--kv-heads", "1", "--intermediate", "96", "--tokenizer", "deepseek", "--fp8"]
+    args = parser.parse_args(["make-model", "--arch", "llama", "--out", "x", *flags])
+    want = MakeSpec("llama", kv_heads=1, intermediate=96, tokenizer="deepseek", fp8=True)
+    assert spec_from_flags(args) == want
+    cluster = parse_cluster(config_with(model={"make": dataclasses.asdict(want)}))
+    assert cluster.model.make == want
+
+
 def test_racing_writers_generate_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[Path] = []
     started = threading.Barrier(4)
@@ -314,7 +348,7 @@ def test_racing_writers_generate_once(tmp_path: Path, monkeypatch: pytest.Monkey
         (Path(out) / "config.json").write_text("{}")
         return Path(out)
 
-    monkeypatch.setattr("engine.checkpoint.make_model", fake_make_model)
+    monkeypatch.setattr("modelgen.make.make_model", fake_make_model)
     results: list[Path] = []
 
     def worker() -> None:
@@ -336,8 +370,14 @@ def test_failed_generation_leaves_nothing_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(modelcache.CACHE_ENV, str(tmp_path))
-    with pytest.raises(ValueError, match=r"model\.make: unknown arch 'gpt9'"):
-        ensure_model(MakeSpec("gpt9"))
+
+    def half_written(arch: str, out: Path, **_kw: Any) -> Path:
+        (Path(out) / "config.json").write_text("{}")
+        raise ValueError(f"{arch}: no init rule for a weight")
+
+    monkeypatch.setattr("modelgen.make.make_model", half_written)
+    with pytest.raises(ValueError, match=r"model\.make: qwen3: no init rule"):
+        ensure_model(MakeSpec("qwen3"))
     assert [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
 
 
@@ -383,6 +423,23 @@ def test_unknown_attention_backend_fails_at_load(
     )
 
 
+def test_model_make_is_checked_at_load() -> None:
+    assert "model.make.arch: 'gpt9' is unknown (use one of" in error_of(
+        config_with(model={"make": {"arch": "gpt9"}})
+    )
+    make = {"arch": "qwen3", "heads": 4, "kv_heads": 3}
+    assert "model.make.heads: must be a multiple of kv_heads (4, 3)" in error_of(
+        config_with(model={"make": make})
+    )
+    make = {"arch": "llama", "hidden": 66}
+    assert "model.make.hidden: must be a multiple of heads (66, 4)" in error_of(
+        config_with(model={"make": make})
+    )
+    assert "model.make.tokenizer: 'gpt2' is unknown" in error_of(
+        config_with(model={"make": {"arch": "qwen3", "tokenizer": "gpt2"}})
+    )
+
+
 def test_engine_options_are_checked_with_their_path() -> None:
     message = error_of(config_with(engine={"page_size": 0}))
     assert message == "engine.page_size: must be >= 1, got 0"
@@ -424,6 +481,15 @@ def test_transfer_yaml_sets_every_transfer_option_but_the_node_placed_ones() -> 
     assert "unknown key 'bootstrap_port' in transfer" in error_of(
         config_with(transfer={"bootstrap_port": 1})
     )
+
+
+def test_the_config_reference_is_written_from_the_settings_types() -> None:
+    page = (CONFIGS_DIR.parent / "docs" / "CONFIG.md").read_text()
+    assert page == reference.render(), "docs/CONFIG.md is stale: python -m cluster.reference"
+    for cls in (EngineOptions, TransferConfig, GatewaySettings, MakeSpec):
+        for f in dataclasses.fields(cls):
+            if f.name not in ("prefill", "decode", "host", "bootstrap_port"):
+                assert f"| `{f.name}` |" in page, f"{cls.__name__}.{f.name} is not in CONFIG.md"
 
 
 def test_default_config_is_local_cpu() -> None:

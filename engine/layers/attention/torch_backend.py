@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from engine.kernels.attention import DecodeAttention
+from engine.kernels.decode_attention import DecodeAttention
 from engine.kv.pool import RESERVED_PAGE
 from engine.layers.attention.base import AttentionBackend, AttentionBatch
 from engine.layers.attention.torch_mla import mla_attention
@@ -133,7 +133,7 @@ class TorchAttention(AttentionBackend):
         self.scale = scale
         self.page_size = pool.page_size
         self.device = pool.device
-        # the native CPU kernel for decode rows (engine/kernels/attention.py), set by the runner
+        # the native CPU kernel for decode rows (kernels/decode_attention.py), set by the runner
         self.decode_kernel: DecodeAttention | None = None
 
     def prepare(self, batch: AttentionBatch) -> TorchAttentionMeta:

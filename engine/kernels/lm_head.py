@@ -1,117 +1,35 @@
-"""The LM head on x86 CPUs with AVX-512: a C kernel (lm_head.c) built on first use, via ctypes.
+"""The LM head on x86 CPUs with AVX-512: csrc/lm_head.c, via ctypes.
 
 Why: at decode batch sizes the LM head is most of a small model's step, and torch's CPU matmuls
 reach well under half of this machine's AVX-512 rate on its skinny shape (`[16, hidden] x
 [hidden, 152k]`). The kernel streams a weight packed once at load through 16 accumulators and
 writes float32 logits directly: 2.4x faster than `F.linear` in bfloat16 and 3-4x in float32 on
 the project's AMD EPYC machine. Greedy steps need only the argmax: where the CPU has VNNI an
-exact int8 pre-pass (lm_head_q8.c, q8.py) finds it with a quarter of the float32 work.
+exact int8 pre-pass (csrc/lm_head_q8.c, lm_head_q8.py) finds it with a quarter of the float32
+work.
 
-The shared library is compiled with `cc` (gcc or clang) into the pdserve cache the first time a
-process needs it (well under a second) and reused after; concurrent processes race safely
-(each writes a private temp file, then renames it into place). Where there is no compiler, no
-AVX-512, or (for bfloat16) no AVX512-BF16, `build_lm_head` returns None with the reason logged
-and the model keeps torch's matmul. The libraries use OpenMP and bind to the libgomp torch has
-already loaded, so their threads are torch's own.
+Where there is no compiler, no AVX-512, or (for bfloat16) no AVX512-BF16, `build_lm_head`
+returns None with the reason logged and the model keeps torch's matmul (build.py compiles).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-from engine.kernels.q8 import Q8_MAX_HIDDEN, Q8Argmax
+from engine.kernels.build import BUILD_ERRORS, bind, cpu_flags, float_kernels
+from engine.kernels.lm_head_q8 import Q8_MAX_HIDDEN, Q8Argmax, q8_library
 
 log = logging.getLogger(__name__)
 
-HERE = Path(__file__).parent
-CFLAGS = ("-O3", "-fopenmp", "-mavx512f", "-mavx512bf16", "-mfma", "-shared", "-fPIC")
-Q8_CFLAGS = (*CFLAGS, "-mavx512bw", "-mavx512vnni")
-FLOAT_SOURCES = ("lm_head", "decode_attention", "decode_layer")
 BLOCK = 16  # vocabulary rows per packed block (one 512-bit register of float32)
 TILES = (1, 2, 4, 8, 16)  # rows of x per pass over the weight
 # lm_head_*(x, M, ldx, K, packed, V, out, ldo, out_idx, mt, threads); see lm_head.c
 _ARGTYPES = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_int64]
 _ARGTYPES += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
 _NEEDED_FLAGS = {torch.float32: ("avx512f",), torch.bfloat16: ("avx512f", "avx512_bf16")}
-_Q8_FLAGS = ("avx512bw", "avx512_vnni")
-# q8_argmax_*(x, rows, M, ldx, K, packed, V, q8_packed, Kp, scale, err_max, norm_max, eps_rel,
-#             mt, threads, out); see lm_head_q8.c
-_Q8_ARGTYPES = [ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64]
-_Q8_ARGTYPES += [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_double] * 4]
-_Q8_ARGTYPES += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-
-
-def cache_dir() -> Path:
-    base = Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
-    return base / "kernels"
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def compile_library(
-    name: str | tuple[str, ...] = "lm_head",
-    flags: tuple[str, ...] = CFLAGS,
-    out_dir: Path | None = None,
-) -> Path:
-    """The shared library built from `name`.c (or several sources, named after the first;
-    all may include lm_head.h), compiled into `out_dir` unless it is already there."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (install gcc, or set CC) to build the CPU kernels")
-    names = (name,) if isinstance(name, str) else name
-    sources = [HERE / f"{n}.c" for n in names]
-    text = b"".join(p.read_bytes() for p in [*sources, HERE / "lm_head.h"])
-    digest = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
-    out_dir = out_dir or cache_dir()
-    target = out_dir / f"{names[0]}-{digest}.so"
-    if target.is_file():
-        return target
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        cmd = [compiler, *flags, "-o", tmp, *map(str, sources)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed to build {names[0]}: {proc.stderr.strip()}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def float_kernels() -> ctypes.CDLL:
-    """The float kernels (lm_head.c, decode_attention.c, decode_layer.c) as one library, built
-    on first use; every caller gets the same loaded object."""
-    return ctypes.CDLL(str(compile_library(FLOAT_SOURCES, CFLAGS)))
-
-
-def bind(lib: ctypes.CDLL, names: tuple[str, ...], argtypes: list) -> list:
-    """`lib`'s functions `names`, typed with `argtypes` and an int return code."""
-    fns = [getattr(lib, name) for name in names]
-    for fn in fns:
-        fn.argtypes = argtypes
-        fn.restype = ctypes.c_int
-    return fns
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -210,52 +128,21 @@ class CpuLMHead:
         return next((t for t in TILES if t >= rows), TILES[-1])
 
 
-def keep_freed_memory_mapped() -> bool:
-    """Make glibc's malloc reuse freed blocks of any size instead of unmapping them.
-
-    By default glibc serves blocks above ~32 MB with mmap and unmaps them on free, so a step
-    that allocates logits `[64, 152k]` (39 MB) page-faults it in again every time: 9 ms per
-    step for allocate-and-fill here instead of 2.5 ms, which halved the engine's throughput at
-    batch 64. Returns False where the C library is not glibc. Process-wide; the engine calls it
-    once at start on CPU.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    limit = 2**31 - 1
-    # M_MMAP_THRESHOLD (-3): serve blocks below `limit` from the heap; M_TRIM_THRESHOLD (-1):
-    # do not hand the heap's top back to the OS after every large free.
-    return bool(mallopt(-3, limit)) and bool(mallopt(-1, limit))
-
-
 def build_lm_head(weight: torch.Tensor, threads: int = 1) -> CpuLMHead | None:
     """The native LM head for `weight`, or None (reason logged) where it cannot run."""
-    reason = _unsupported(weight)
+    reason = lm_head_unsupported(weight)
     if reason is None:
         try:
             lib = float_kernels()
-            return CpuLMHead(lib, weight, threads, _q8_library())
-        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            return CpuLMHead(lib, weight, threads, q8_library())
+        except BUILD_ERRORS as exc:
             reason = str(exc)
     log.info("CPU LM head kernel off, using torch's matmul: %s", reason)
     return None
 
 
-def _q8_library() -> ctypes.CDLL | None:
-    """The int8 argmax library, or None (reason logged) where the CPU lacks VNNI."""
-    missing = [f for f in _Q8_FLAGS if f not in cpu_flags()]
-    if missing:
-        log.info("int8 greedy LM head off: this CPU lacks %s", ", ".join(missing))
-        return None
-    lib = ctypes.CDLL(str(compile_library("lm_head_q8", Q8_CFLAGS)))
-    bind(lib, ("q8_argmax_f32", "q8_argmax_bf16"), _Q8_ARGTYPES)
-    return lib
-
-
-def _unsupported(weight: torch.Tensor) -> str | None:
+def lm_head_unsupported(weight: torch.Tensor) -> str | None:
+    """Why the native LM head cannot serve `weight`, or None."""
     if weight.device.type != "cpu":
         return f"the weight is on {weight.device}"
     if weight.dtype not in _NEEDED_FLAGS:

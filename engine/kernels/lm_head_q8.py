@@ -1,4 +1,4 @@
-"""Exact greedy argmax through an int8 pre-pass (lm_head_q8.c, AVX512-VNNI).
+"""Exact greedy argmax through an int8 pre-pass (csrc/lm_head_q8.c, AVX512-VNNI).
 
 The LM head of a small model at decode batch sizes is bound by multiply work, not memory:
 `[16, 64] x [64, 152k]` is 155M multiply-adds a step. One VNNI instruction does 64 int8
@@ -11,10 +11,23 @@ argmax returns, bit for bit, ties included.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from engine.kernels.build import CFLAGS, bind, compile_library, cpu_flags
+
+log = logging.getLogger(__name__)
+
+Q8_CFLAGS = (*CFLAGS, "-mavx512bw", "-mavx512vnni")
+Q8_CPU_FLAGS = ("avx512bw", "avx512_vnni")
+# q8_argmax_*(x, rows, M, ldx, K, packed, V, q8_packed, Kp, scale, err_max, norm_max, eps_rel,
+#             mt, threads, out); see lm_head_q8.c
+_ARGTYPES = [ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64]
+_ARGTYPES += [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_double] * 4]
+_ARGTYPES += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
 BLOCK = 16
 Q8_MAX_HIDDEN = 32768  # int32 sums of int8 products cannot overflow below this (lm_head_q8.c)
 CHUNK_ROWS = 8192  # vocabulary rows quantized at a time (bounds the float64 temporaries)
@@ -30,6 +43,17 @@ class Q8Weight:
     norm_max: float  # max over rows of |scale * wq|
     eps_rel: float  # the float kernel's own summation error, relative to |x| |w|
     hidden_padded: int
+
+
+def q8_library() -> ctypes.CDLL | None:
+    """The int8 argmax library, or None (reason logged) where the CPU lacks VNNI."""
+    missing = [f for f in Q8_CPU_FLAGS if f not in cpu_flags()]
+    if missing:
+        log.info("int8 greedy LM head off: this CPU lacks %s", ", ".join(missing))
+        return None
+    lib = ctypes.CDLL(str(compile_library("lm_head_q8", Q8_CFLAGS)))
+    bind(lib, ("q8_argmax_f32", "q8_argmax_bf16"), _ARGTYPES)
+    return lib
 
 
 def quantize_weight(weight: torch.Tensor) -> Q8Weight:
@@ -57,7 +81,7 @@ def quantize_weight(weight: torch.Tensor) -> Q8Weight:
 class Q8Argmax:
     """Greedy argmax of `x @ weight.T` for the float kernel whose packed weight is `exact`."""
 
-    def __init__(self, lib, weight: torch.Tensor, exact: torch.Tensor) -> None:
+    def __init__(self, lib: ctypes.CDLL, weight: torch.Tensor, exact: torch.Tensor) -> None:
         self.vocab, self.hidden = weight.shape
         self.q8 = quantize_weight(weight)
         self.exact = exact

@@ -1,4 +1,4 @@
-"""Paged decode attention on x86 CPUs with AVX-512 (decode_attention.c), via ctypes.
+"""Paged decode attention on x86 CPUs with AVX-512 (csrc/decode_attention.c), via ctypes.
 
 The torch path gathers every decoding request's pages into one padded block and runs SDPA on
 it: at decode batch sizes that is two copies of the context and a call whose fixed cost
@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import subprocess
 
 import torch
 
-from engine.kernels.cpu import bind, cpu_flags, float_kernels
+from engine.kernels.build import BUILD_ERRORS, bind, cpu_flags, float_kernels
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +71,6 @@ def build_decode_attention(threads: int = 1) -> DecodeAttention | None:
         return None
     try:
         return DecodeAttention(float_kernels(), threads)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+    except BUILD_ERRORS as exc:
         log.info("CPU decode attention kernel off: %s", exc)
         return None
