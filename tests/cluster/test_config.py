@@ -483,6 +483,14 @@ def test_transfer_yaml_sets_every_transfer_option_but_the_node_placed_ones() -> 
     )
 
 
+def test_launch_help_shows_its_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        pdserve(["launch", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "healthy (default: 600.0)" in text and "SIGKILL when stopping (default: 10.0)" in text
+    assert "--dry-run" in text
+
+
 def test_the_config_reference_is_written_from_the_settings_types() -> None:
     page = (CONFIGS_DIR.parent / "docs" / "CONFIG.md").read_text()
     assert page == reference.render(), "docs/CONFIG.md is stale: python -m cluster.reference"

@@ -122,3 +122,19 @@ def test_requests_keep_extensions_and_read_helpers() -> None:
     assert parse_request(CompletionRequest, {"model": "m", "prompt": [1, 2]}).prompts == [[1, 2]]
     with pytest.raises(ApiError, match="JSON object"):
         parse_request(CompletionRequest, ["not", "an", "object"])
+
+
+@pytest.mark.parametrize("value", [-1, 0])
+@pytest.mark.parametrize("name", ["max_tokens", "max_completion_tokens"])
+def test_too_few_tokens_say_at_least_one_and_name_the_param(name: str, value: int) -> None:
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], name: value}
+    bodies = [(ChatCompletionRequest, chat)]
+    if name == "max_tokens":
+        bodies.append((CompletionRequest, {"model": "m", "prompt": "x", name: value}))
+    for model, body in bodies:
+        with pytest.raises(ApiError) as info:
+            parse_request(model, body)
+        assert info.value.param == name
+        assert (
+            info.value.message == f"{name}: must be >= 1 (ask for at least one token) (got {value})"
+        )
