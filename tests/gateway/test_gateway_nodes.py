@@ -143,6 +143,15 @@ def test_pd_and_colocated_agree(nodes: Nodes) -> None:
 
     assert greedy(nodes.pd) == greedy(nodes.colocated)
 
+    def greedy_ids(gateway: ServerThread) -> list[int]:  # equal text can hide different ids
+        params = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
+        body = {"text": PROMPT, "sampling_params": params}
+        answer = httpx.post(f"{gateway.url}/generate", json=body, timeout=60.0, trust_env=False)
+        return answer.json()["output_ids"]
+
+    pd = greedy_ids(nodes.pd)
+    assert len(pd) == 10 and pd == greedy_ids(nodes.colocated)
+
 
 def test_chat_options(nodes: Nodes, gateway: ServerThread) -> None:
     client = nodes.client(gateway)
