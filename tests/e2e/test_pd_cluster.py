@@ -9,6 +9,7 @@ native /generate returns, and the text every API returns.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -61,13 +62,15 @@ def expected_ids(model: Path, ids: list[int]) -> list[int]:
     return hf_reference(str(model), tuple(ids))[0]
 
 
+def generate_params(max_new: int) -> dict:
+    return {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}
+
+
 def generate(url: str, prompt: str | list[int], max_new: int = MAX_NEW) -> dict:
     """Greedy native /generate of a text or token-id prompt: {"text", "output_ids", ...}."""
-    params = {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}
     key = "text" if isinstance(prompt, str) else "input_ids"
-    answer = httpx.post(
-        f"{url}/generate", json={key: prompt, "sampling_params": params}, timeout=120
-    )
+    body = {key: prompt, "sampling_params": generate_params(max_new)}
+    answer = httpx.post(f"{url}/generate", json=body, timeout=120)
     assert answer.status_code == 200, answer.text
     return answer.json()
 
@@ -110,6 +113,12 @@ def test_stream_equals_non_stream_with_usage(cluster: Cluster) -> None:
     )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == whole.choices[0].text
+    native = {"text": prompt, "sampling_params": generate_params(MAX_NEW), "stream": True}
+    with httpx.stream("POST", f"{cluster.url}/generate", json=native, timeout=120) as r:
+        last = [line for line in r.iter_lines() if line.startswith("data: {")][-1]
+    native_whole = generate(cluster.url, prompt)  # and as token ids, which text can hide
+    assert json.loads(last[6:])["output_ids"] == native_whole["output_ids"]
+    assert json.loads(last[6:])["text"] == native_whole["text"] == text
     assert chunks[-1].usage.completion_tokens == MAX_NEW
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
     messages = [{"role": "user", "content": "stream me"}]
@@ -129,7 +138,7 @@ def test_32_concurrent_requests_of_mixed_lengths(cluster: Cluster) -> None:
     api = openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
 
     native = httpx.AsyncClient(base_url=cluster.url, timeout=120)
-    sampling = {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
+    sampling = generate_params(MAX_NEW)
 
     async def one(prompt: str) -> tuple[str, list[int], str]:
         out = await api.completions.create(model="tiny", prompt=prompt, **GREEDY)
