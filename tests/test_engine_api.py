@@ -16,7 +16,13 @@ from safetensors.torch import load_file, save_file
 from engine.config import ModelConfig
 from engine.llm import LLM
 from engine.sampling import SamplingParams
-from tests.test_engine_oracle import GREEDY, assert_matches_hf, assert_pages_released, new_llm
+from tests.test_engine_oracle import (
+    GREEDY,
+    assert_matches_hf,
+    assert_pages_released,
+    new_llm,
+    random_prompts,
+)
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -199,3 +205,56 @@ def test_generation_stops_at_context_end(small_llm) -> None:
     out = small_llm.generate([list(range(120))], params)[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 8
     assert_pages_released(small_llm)
+
+
+def test_abort_frees_a_request_pages_once_wherever_it_is(make_tiny) -> None:
+    """Engine.abort of a waiting, a running (mid-decode) and a reserved request, and of ids it
+    does not know: each request's pages go back exactly once, and a request decoding beside
+    them is not disturbed."""
+    path = make_tiny("llama")
+    llm = new_llm(path)
+    engine, sched = llm.engine, llm.engine.scheduler
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    doomed, survivor, queued, held = random_prompts([41, 23, 30, 17], len(llm.tokenizer), seed=9)
+    alone = new_llm(path).generate([survivor], params)[0].token_ids
+
+    engine.add_request("doomed", doomed, params)
+    engine.add_request("survivor", survivor, params)
+    outs: dict[str, list[int]] = {"doomed": [], "survivor": []}
+    while len(outs["doomed"]) < 6:  # both are mid-decode, the doomed one's prompt is cached
+        for out in engine.step():
+            outs[out.rid] += out.new_token_ids
+    engine.add_request("queued", queued, params)  # waits: no step has run since
+    assert engine.reserve("held", held, params, headroom=8) is not None
+    assert [r.rid for r in sched.waiting] == ["queued"] and not sched.find("queued").page_table
+
+    free = engine.num_free_pages
+    assert engine.abort("queued") and sched.find("queued") is None
+    assert engine.num_free_pages == free  # it held nothing
+    engine.check_integrity()
+
+    req = sched.find("doomed")
+    assert req in sched.running and req.num_tree_pages > 0 and req.own_pages
+    free += len(req.page_table)
+    assert engine.abort("doomed") and sched.find("doomed") is None
+    # its own pages back in the pool, its cached prompt pages unlocked (evictable): all free
+    assert engine.num_free_pages == free
+    engine.check_integrity()
+
+    free += len(sched.held["held"].page_table)
+    assert engine.abort("held") and "held" not in sched.held
+    assert engine.num_free_pages == free
+    engine.check_integrity()
+
+    before = (engine.pool.num_free, engine.num_free_pages)
+    for rid in ("doomed", "queued", "held", "never-sent"):  # gone or unknown: nothing to free
+        assert engine.abort(rid) is False
+    assert (engine.pool.num_free, engine.num_free_pages) == before
+    engine.check_integrity()
+
+    while engine.has_work():
+        for out in engine.step():
+            assert out.rid == "survivor"
+            outs[out.rid] += out.new_token_ids
+    assert outs["survivor"] == alone
+    assert_pages_released(llm)

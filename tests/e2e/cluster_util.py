@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -114,3 +116,64 @@ def launched(config: dict, tmp: Path, timeout_s: float = 240.0) -> Iterator[Clus
             proc.wait()
         for extra in cluster.extra:
             extra.wait(timeout=30)
+
+
+LOAD_BODY = {"model": "tiny", "temperature": 0, "ignore_eos": True}
+
+
+def node_requests(cluster: Cluster) -> int:
+    """Generation requests the nodes have answered, any status, over every node (/metrics)."""
+    total = 0
+    for url in cluster.node_urls():
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        total += sum(
+            int(n) for n in re.findall(r"^pdserve_node_requests_total\{.*\} (\d+)$", text, re.M)
+        )
+    return total
+
+
+def make_load(cluster: Cluster, requests: int = 6) -> None:
+    """Concurrent requests through the gateway, each checked as it ends: completions and chat,
+    whole and streamed, and one stream dropped after its first event (the gateway then aborts
+    it on both nodes; its max_tokens fills the context, so it is still running then unless the
+    context is short). Returns once every node has answered its part of each request."""
+    models = httpx.get(f"{cluster.url}/v1/models", timeout=30).json()["data"]
+    longest = models[0]["max_model_len"] - 64
+    before = node_requests(cluster)
+
+    async def whole(client: httpx.AsyncClient, i: int) -> None:
+        body = {**LOAD_BODY, "prompt": f"Load {i}: " + "pages " * (5 * i), "max_tokens": 8 + i}
+        r = await client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 8 + i
+
+    async def streamed(client: httpx.AsyncClient, i: int) -> None:
+        messages = [{"role": "user", "content": f"Stream {i}: " + "tokens " * (7 * i)}]
+        body = {**LOAD_BODY, "messages": messages, "max_tokens": 8 + i, "stream": True}
+        body["stream_options"] = {"include_usage": True}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and "error" not in "".join(events)
+        assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 8 + i
+
+    async def dropped(client: httpx.AsyncClient) -> None:
+        body = {**LOAD_BODY, "prompt": "Dropped mid-stream", "max_tokens": longest, "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    return  # leaving the block closes the stream mid-way
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=120) as client:
+            jobs = [whole(client, i) if i % 2 else streamed(client, i) for i in range(requests)]
+            await asyncio.gather(dropped(client), *jobs)
+
+    asyncio.run(run())
+    # each request reached one prefill and one decode node; a node counts a request when its
+    # answer ends (the dropped one's prefill answer may end a moment after the client left)
+    expected, deadline = before + 2 * (requests + 1), time.monotonic() + 30
+    while (seen := node_requests(cluster)) != expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert seen == expected, f"the nodes answered {seen - before} requests, not {expected - before}"

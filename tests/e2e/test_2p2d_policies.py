@@ -1,6 +1,7 @@
 """2P2D through `pdserve launch`, then one extra gateway per pairing policy over the same nodes.
 
-Every policy must give correct outputs; round_robin must use every instance.
+Every policy must give correct outputs (token ids through the native /generate, text through
+the OpenAI completions); round_robin must use every instance.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 
 from engine.llm import LLM
 from engine.sampling import SamplingParams
-from tests.e2e.cluster_util import REPO, Cluster, cluster_yaml, free_ports, launched
+from tests.e2e.cluster_util import REPO, Cluster, cluster_yaml, free_ports, launched, make_load
 
 pytestmark = pytest.mark.slow
 
@@ -88,22 +89,46 @@ async def complete_all(url: str, prompts: list[str]) -> list[str]:
     return [o.choices[0].text for o in outs]
 
 
+async def generate_all(url: str, prompts: list[str]) -> list[tuple[list[int], str]]:
+    """Greedy native /generate of each prompt at once: (output_ids, text) each."""
+    params = {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        answers = await asyncio.gather(
+            *(
+                client.post("/generate", json={"text": p, "sampling_params": params})
+                for p in prompts
+            )
+        )
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    return [(a.json()["output_ids"], a.json()["text"]) for a in answers]
+
+
+async def complete_and_generate_all(
+    url: str, prompts: list[str]
+) -> tuple[list[str], list[tuple[list[int], str]]]:
+    return await asyncio.gather(complete_all(url, prompts), generate_all(url, prompts))
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_every_policy_pairs_correctly(cluster: Cluster, policy: str) -> None:
     decode_policy = policy if policy != "cache_aware" else "least_load"
     url = start_gateway(cluster, policy, decode_policy)
     prompts = [f"Policy {policy} request {i}: " + "abc " * (3 * i) for i in range(8)]
     before = node_generate_counts(cluster)
-    got = asyncio.run(complete_all(url, prompts))
+    got, native = asyncio.run(complete_and_generate_all(url, prompts))
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     local = LLM(str(cluster.model), dtype="float32", max_total_tokens=8192)
-    assert got == [o.text for o in local.generate(prompts, params)]
+    expected = local.generate(prompts, params)
+    assert native == [(o.token_ids, o.text) for o in expected]
+    assert got == [o.text for o in expected]
     after = node_generate_counts(cluster)
     served = {u: after[u] - before[u] for u in after}
-    assert sum(served.values()) == 16  # each request: one prefill and one decode node
+    assert sum(served.values()) == 32  # 16 requests, each: one prefill and one decode node
     if policy == "round_robin":
-        assert all(n == 4 for n in served.values()), served
+        assert all(n == 8 for n in served.values()), served
 
 
 def test_pages_all_free_after_load(cluster: Cluster) -> None:
-    cluster.wait_pages_free()
+    make_load(cluster)
+    infos = cluster.wait_pages_free()
+    assert [i["role"] for i in infos] == ["prefill", "prefill", "decode", "decode"]

@@ -52,4 +52,10 @@ def test_short_prompts_prefill_on_decode_long_ones_disaggregate(cluster: Cluster
     sampling = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     expected = local.generate([short, long], sampling)
     assert [got_short.choices[0].text, got_long.choices[0].text] == [o.text for o in expected]
+    # token ids (equal text can hide different ids), from the native /generate of both paths
+    native = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+    for prompt, want in zip([short, long], expected):
+        body = {"text": prompt, "sampling_params": native}
+        answer = httpx.post(f"{cluster.url}/generate", json=body, timeout=60).json()
+        assert (answer["output_ids"], answer["text"]) == (want.token_ids, want.text)
     cluster.wait_pages_free()

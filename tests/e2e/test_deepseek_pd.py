@@ -1,8 +1,9 @@
 """A tiny DeepSeek-V3 (MLA + MoE) served 1P1D through `pdserve launch`, with each transfer backend.
 
 The prefill node writes MLA latent pages (one buffer per layer) into the decode node's reserved
-pages over Mooncake or NIXL, the same path as MHA pages. The `openai` client's greedy output
-must equal transformers', and every page must be free once the load is over.
+pages over Mooncake or NIXL, the same path as MHA pages. Greedy output must equal transformers'
+(token ids through the native /generate, text through the `openai` client), and every page must
+be free once a load is over.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import openai
 import pytest
 
 from engine.tokenizer import load_tokenizer
-from tests.e2e.cluster_util import Cluster, cluster_yaml, launched
-from tests.e2e.test_pd_cluster import GREEDY, expected_text
+from tests.e2e.cluster_util import Cluster, cluster_yaml, launched, make_load
+from tests.e2e.test_pd_cluster import GREEDY, expected_ids, expected_text, generate
 from tests.test_engine_oracle import MAX_NEW
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,9 @@ def test_greedy_completions_and_chat_equal_transformers(cluster: Cluster) -> Non
     for prompt in PROMPTS:
         out = api.completions.create(model="tiny", prompt=prompt, **GREEDY)
         text, n = expected_text(cluster.model, tok(prompt)["input_ids"])
-        assert out.choices[0].text == text
+        native = generate(cluster.url, prompt)
+        assert native["output_ids"] == expected_ids(cluster.model, tok(prompt)["input_ids"])
+        assert out.choices[0].text == native["text"] == text
         assert out.usage.completion_tokens == n == MAX_NEW
     messages = [{"role": "user", "content": "What does MLA keep in its KV cache?"}]
     chat = api.chat.completions.create(model="tiny", messages=messages, **GREEDY)
@@ -49,9 +52,12 @@ def test_greedy_completions_and_chat_equal_transformers(cluster: Cluster) -> Non
         tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
         add_special_tokens=False,
     )
-    assert chat.choices[0].message.content == expected_text(cluster.model, ids)[0]
+    native = generate(cluster.url, ids)
+    assert native["output_ids"] == expected_ids(cluster.model, ids)
+    assert chat.choices[0].message.content == native["text"] == expected_text(cluster.model, ids)[0]
 
 
 def test_pages_all_free_after_load(cluster: Cluster) -> None:
+    make_load(cluster)
     infos = cluster.wait_pages_free()
     assert {i["role"] for i in infos} == {"prefill", "decode"}

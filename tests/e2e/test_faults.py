@@ -123,9 +123,18 @@ class Outcome:
     tokens: int | None = None
     error: dict | None = None
     ended: float = 0.0
+    ids: list[int] | None = None  # output token ids: only the native /generate reports them
+
+    @property
+    def output(self) -> tuple[str, list[int] | None]:
+        return self.text, self.ids
 
 
-def completion(prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+def completion(prompt: str, max_tokens: int, stream: bool, native: bool = False) -> dict[str, Any]:
+    """A greedy /v1/completions body, or with `native` the same request for /generate."""
+    if native:
+        params = {"max_new_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+        return {"text": prompt, "sampling_params": params, "stream": stream}
     body: dict[str, Any] = {
         "model": MODEL,
         "prompt": prompt,
@@ -142,15 +151,18 @@ def completion(prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:
 async def complete(
     client: httpx.AsyncClient, url: str, body: dict, started: asyncio.Event | None = None
 ) -> Outcome:
-    """POST /v1/completions; a stream is read to its end (`started` is set at its first event)."""
+    """POST /v1/completions (or /generate, for a native body); a stream is read to its end
+    (`started` is set at its first event)."""
+    path = "/generate" if "text" in body else "/v1/completions"
     if not body.get("stream"):
-        r = await client.post(f"{url}/v1/completions", json=body)
+        r = await client.post(f"{url}{path}", json=body)
         data = r.json()
         if r.status_code != 200:
             return Outcome(r.status_code, error=data.get("error"), ended=time.monotonic())
-        text, tokens = data["choices"][0]["text"], data["usage"]["completion_tokens"]
-        return Outcome(200, text, tokens, ended=time.monotonic())
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        out = Outcome(200, ended=time.monotonic())
+        read_event(out, data)
+        return out
+    async with client.stream("POST", f"{url}{path}", json=body) as r:
         if r.status_code != 200:
             data = json.loads(await r.aread())
             return Outcome(r.status_code, error=data.get("error"), ended=time.monotonic())
@@ -171,6 +183,10 @@ def read_event(out: Outcome, event: dict) -> None:
     if "error" in event:
         out.error = event["error"]
         return
+    if "output_ids" in event:  # native: every event holds the whole output so far
+        out.text, out.ids = event["text"], event["output_ids"]
+        out.tokens = event["meta_info"]["completion_tokens"]
+        return
     out.text += "".join(c["text"] for c in event.get("choices", []))
     if event.get("usage"):
         out.tokens = event["usage"]["completion_tokens"]
@@ -188,12 +204,16 @@ def offline_engine(model: Path) -> Any:
     return LLM(str(model), dtype="float32", max_total_tokens=16384)
 
 
-def expected_texts(model: Path, prompts: list[str], max_tokens: int) -> list[str]:
-    """Greedy outputs of the offline engine: what a correct cluster returns."""
+def expected_outputs(model: Path, bodies: list[dict], max_tokens: int) -> list[tuple]:
+    """What a correct cluster answers each body (`Outcome.output`): the offline engine's greedy
+    text, and its token ids where the body is native (random weights often decode to U+FFFD, so
+    equal text can hide different ids)."""
     from engine.sampling import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    return [o.text for o in offline_engine(model).generate(prompts, params)]
+    prompts = [b.get("text", b.get("prompt")) for b in bodies]
+    outs = offline_engine(model).generate(prompts, params)
+    return [(o.text, o.token_ids if "text" in b else None) for o, b in zip(outs, bodies)]
 
 
 def assert_openai_error(data: Any, type_: str) -> dict:
@@ -221,13 +241,15 @@ def test_fault_fraction_fails_rooms_cleanly_without_leaks(make_tiny, tmp_path) -
     config = cluster_yaml(model, "mooncake", prefill=1, decode=1, max_retries=1)
     config["transfer"]["fault_fraction"] = 0.3
     prompts = [f"Fault knob request {i}: " + "pages " * (2 * i) for i in range(24)]
-    bodies = [completion(p, SHORT, stream=i % 2 == 1) for i, p in enumerate(prompts)]
+    bodies = [
+        completion(p, SHORT, stream=i % 2 == 1, native=i % 4 >= 2) for i, p in enumerate(prompts)
+    ]
     with launched(config, tmp_path) as cluster:
         outcomes = asyncio.run(complete_all(cluster.url, bodies))
-        expected = expected_texts(model, prompts, SHORT)
-        for outcome, text in zip(outcomes, expected):
+        expected = expected_outputs(model, bodies, SHORT)
+        for outcome, want in zip(outcomes, expected):
             if outcome.status == 200:
-                assert (outcome.text, outcome.tokens, outcome.error) == (text, SHORT, None)
+                assert (outcome.output, outcome.tokens, outcome.error) == (want, SHORT, None)
             else:
                 assert outcome.status in (502, 503), outcome
                 error = assert_openai_error({"error": outcome.error}, "server_error")
@@ -520,7 +542,7 @@ async def streams_across_a_kill(
 def test_decode_kill_fails_only_its_streams_and_it_comes_back(nodes: Nodes) -> None:
     gateway, live, victim = nodes.gateway, nodes.url("decode-0"), nodes.url("decode-1")
     prompts = [f"Stream {i}: " + "a long story about pages " * (i + 1) for i in range(8)]
-    bodies = [completion(p, LONG, stream=True) for p in prompts]
+    bodies = [completion(p, LONG, stream=True, native=i % 2 == 1) for i, p in enumerate(prompts)]
     dead = nodes.components["decode-1"]
 
     def stop_and_count() -> int:
@@ -539,10 +561,10 @@ def test_decode_kill_fails_only_its_streams_and_it_comes_back(nodes: Nodes) -> N
     for o in failed:  # an SSE error event (the stream had begun), soon after the kill
         assert o.status == 200 and o.ended - killed_at < 30, o
         assert "incomplete" in assert_openai_error({"error": o.error}, "server_error")["message"]
-    expected = expected_texts(nodes.model, prompts, LONG)
-    for o, text in zip(outcomes, expected):
+    expected = expected_outputs(nodes.model, bodies, LONG)
+    for o, want in zip(outcomes, expected):
         if o.error is None:
-            assert (o.status, o.text, o.tokens) == (200, text, LONG)
+            assert (o.status, o.output, o.tokens) == (200, want, LONG)
 
     # The gateway takes the dead node out: new requests all go to the live one, no retries.
     wait_until(lambda: not healthy_in(gateway, victim), "gateway takes decode-1 out", 30)
@@ -574,6 +596,10 @@ def test_prefill_kill_retries_waiting_requests_on_the_other_prefill(nodes: Nodes
     long_prompts = [f"Streaming through prefill {i}: " + "tokens " * 20 for i in range(2)]
     short_prompts = [f"Waiting on prefill {i}: " + "abc " * (3 * i) for i in range(8)]
     retries = gateway_metric(gateway, "retries_total")
+    bodies = [
+        completion(p, SHORT, stream=i % 2 == 0, native=i % 4 >= 2)
+        for i, p in enumerate(short_prompts)
+    ]
 
     async def run() -> tuple[list[Outcome], list[Outcome], int]:
         async with httpx.AsyncClient(timeout=120) as client:
@@ -595,7 +621,6 @@ def test_prefill_kill_retries_waiting_requests_on_the_other_prefill(nodes: Nodes
             # NOTE: SIGSTOP first holds the requests sent to prefill-1 there (not yet streaming),
             # so the kill -9 that follows always catches some.
             dead.signal(signal.SIGSTOP)
-            bodies = [completion(p, SHORT, stream=i % 2 == 0) for i, p in enumerate(short_prompts)]
             waiting = [asyncio.ensure_future(complete(client, gateway, b)) for b in bodies]
             held = await asyncio.to_thread(
                 wait_until,
@@ -611,7 +636,7 @@ def test_prefill_kill_retries_waiting_requests_on_the_other_prefill(nodes: Nodes
     streams, outcomes, held = asyncio.run(run())
     assert held >= 1
     assert [(o.status, o.error) for o in outcomes] == [(200, None)] * len(outcomes)
-    assert [o.text for o in outcomes] == expected_texts(nodes.model, short_prompts, SHORT)
+    assert [o.output for o in outcomes] == expected_outputs(nodes.model, bodies, SHORT)
     assert [(o.error, o.tokens) for o in streams] == [(None, LONG)] * len(streams)
     assert gateway_metric(gateway, "retries_total") - retries >= held
 

@@ -1,12 +1,15 @@
 """1P1D through `pdserve launch`, with each transfer backend, driven by the `openai` client.
 
 The gateway pairs each request with the prefill and the decode node; the KV pages cross
-processes through Mooncake or NIXL. Outputs must equal transformers' greedy output.
+processes through Mooncake or NIXL. Outputs must equal transformers' greedy output: the token
+ids (random weights often decode to U+FFFD, so different ids can make equal text), which the
+native /generate returns, and the text every API returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -17,7 +20,7 @@ import openai
 import pytest
 
 from engine.tokenizer import load_tokenizer
-from tests.e2e.cluster_util import Cluster, cluster_yaml, free_ports, launched
+from tests.e2e.cluster_util import Cluster, cluster_yaml, free_ports, launched, make_load
 from tests.test_engine_oracle import MAX_NEW, hf_reference
 
 pytestmark = pytest.mark.slow
@@ -29,12 +32,17 @@ PROMPTS = [
     "日本語のテキストと emoji 🎉 mixed in",
 ]
 GREEDY = {"temperature": 0, "max_tokens": MAX_NEW, "extra_body": {"ignore_eos": True}}
+# NOTE: a context far longer than the checkpoint's 4096, so that a request of UNFINISHABLE
+# tokens cannot end on its own within any wait here (minutes of decoding): only an abort ends it.
+CONTEXT = 65536
+UNFINISHABLE = CONTEXT - 1024
 
 
 @pytest.fixture(scope="module", params=["mooncake", "nixl"])
 def cluster(request, make_tiny, tmp_path_factory) -> Cluster:
     model = make_tiny("qwen3")
     config = cluster_yaml(model, request.param, prefill=1, decode=1)
+    config["engine"].update(max_model_len=CONTEXT, max_total_tokens=CONTEXT)
     with launched(config, tmp_path_factory.mktemp(f"pd-{request.param}")) as c:
         c.model = model
         yield c
@@ -49,13 +57,33 @@ def expected_text(model: Path, ids: list[int]) -> tuple[str, int]:
     return load_tokenizer(model).decode(tokens, skip_special_tokens=True), len(tokens)
 
 
+def expected_ids(model: Path, ids: list[int]) -> list[int]:
+    """transformers' greedy continuation of `ids`: MAX_NEW token ids."""
+    return hf_reference(str(model), tuple(ids))[0]
+
+
+def generate_params(max_new: int) -> dict:
+    return {"max_new_tokens": max_new, "temperature": 0, "ignore_eos": True}
+
+
+def generate(url: str, prompt: str | list[int], max_new: int = MAX_NEW) -> dict:
+    """Greedy native /generate of a text or token-id prompt: {"text", "output_ids", ...}."""
+    key = "text" if isinstance(prompt, str) else "input_ids"
+    body = {key: prompt, "sampling_params": generate_params(max_new)}
+    answer = httpx.post(f"{url}/generate", json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
 def test_completions_and_chat_equal_transformers(cluster: Cluster) -> None:
     tok = load_tokenizer(cluster.model)
     api = client(cluster)
     for prompt in PROMPTS:
         out = api.completions.create(model="tiny", prompt=prompt, **GREEDY)
         text, n = expected_text(cluster.model, tok(prompt)["input_ids"])
-        assert out.choices[0].text == text
+        native = generate(cluster.url, prompt)
+        assert native["output_ids"] == expected_ids(cluster.model, tok(prompt)["input_ids"])
+        assert out.choices[0].text == native["text"] == text
         assert out.usage.completion_tokens == n == MAX_NEW
         assert out.usage.prompt_tokens == len(tok(prompt)["input_ids"])
     messages = [{"role": "user", "content": "Tell me about disaggregated serving."}]
@@ -64,7 +92,9 @@ def test_completions_and_chat_equal_transformers(cluster: Cluster) -> None:
         tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
         add_special_tokens=False,
     )
-    assert chat.choices[0].message.content == expected_text(cluster.model, ids)[0]
+    native = generate(cluster.url, ids)
+    assert native["output_ids"] == expected_ids(cluster.model, ids)
+    assert chat.choices[0].message.content == native["text"] == expected_text(cluster.model, ids)[0]
     assert chat.usage.prompt_tokens == len(ids)
 
 
@@ -83,6 +113,12 @@ def test_stream_equals_non_stream_with_usage(cluster: Cluster) -> None:
     )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == whole.choices[0].text
+    native = {"text": prompt, "sampling_params": generate_params(MAX_NEW), "stream": True}
+    with httpx.stream("POST", f"{cluster.url}/generate", json=native, timeout=120) as r:
+        last = [line for line in r.iter_lines() if line.startswith("data: {")][-1]
+    native_whole = generate(cluster.url, prompt)  # and as token ids, which text can hide
+    assert json.loads(last[6:])["output_ids"] == native_whole["output_ids"]
+    assert json.loads(last[6:])["text"] == native_whole["text"] == text
     assert chunks[-1].usage.completion_tokens == MAX_NEW
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
     messages = [{"role": "user", "content": "stream me"}]
@@ -101,20 +137,26 @@ def test_32_concurrent_requests_of_mixed_lengths(cluster: Cluster) -> None:
     prompts = [("word " * (1 + 7 * i)) + f"number {i}" for i in range(32)]
     api = openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
 
-    async def one(prompt: str) -> str:
-        out = await api.completions.create(model="tiny", prompt=prompt, **GREEDY)
-        return out.choices[0].text
+    native = httpx.AsyncClient(base_url=cluster.url, timeout=120)
+    sampling = generate_params(MAX_NEW)
 
-    async def run_all() -> list[str]:
+    async def one(prompt: str) -> tuple[str, list[int], str]:
+        out = await api.completions.create(model="tiny", prompt=prompt, **GREEDY)
+        r = await native.post("/generate", json={"text": prompt, "sampling_params": sampling})
+        assert r.status_code == 200, r.text
+        return out.choices[0].text, r.json()["output_ids"], r.json()["text"]
+
+    async def run_all() -> list[tuple[str, list[int], str]]:
         try:
             return await asyncio.gather(*(one(p) for p in prompts))
         finally:
             await api.close()
+            await native.aclose()
 
     got = asyncio.run(run_all())
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     local = LLM(str(cluster.model), dtype="float32", max_total_tokens=16384)
-    assert got == [o.text for o in local.generate(prompts, params)]
+    assert got == [(o.text, o.token_ids, o.text) for o in local.generate(prompts, params)]
 
 
 def test_repeated_prefix_hits_the_prefill_cache(cluster: Cluster) -> None:
@@ -131,7 +173,7 @@ def test_bad_request_is_an_openai_error(cluster: Cluster) -> None:
     with pytest.raises(openai.BadRequestError) as err:
         api.completions.create(model="tiny", prompt="x", max_tokens=0)
     assert "max_tokens" in str(err.value)
-    too_long = "word " * 5000
+    too_long = "word " * (CONTEXT + 1000)
     with pytest.raises(openai.BadRequestError, match="context"):
         api.completions.create(model="tiny", prompt=too_long, max_tokens=4)
 
@@ -140,20 +182,23 @@ def test_client_disconnect_aborts_on_both_nodes(cluster: Cluster) -> None:
     body = {
         "model": "tiny",
         "prompt": "never ending " * 20,
-        "max_tokens": 3000,
+        "max_tokens": UNFINISHABLE,
         "ignore_eos": True,
         "stream": True,
     }
+    decode = cluster.node_urls()[-1]
     with httpx.stream("POST", f"{cluster.url}/v1/completions", json=body, timeout=60) as resp:
         assert resp.status_code == 200
         lines = resp.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
-    # Closed mid-stream: both nodes must drop the request and its pages. 3000 tokens take far
-    # longer than this wait at this model's speed, so only an abort frees the pages in time.
+        assert httpx.get(f"{decode}/get_server_info", timeout=10).json()["running"] == 1
+    # Closed mid-stream: both nodes must drop the request and its pages. UNFINISHABLE tokens
+    # take minutes at this model's speed, so only an abort frees the pages in time.
     cluster.wait_pages_free(timeout_s=5)
 
 
 def test_pages_all_free_after_load(cluster: Cluster) -> None:
+    make_load(cluster)  # its dropped stream can only end by an abort (UNFINISHABLE tokens)
     infos = cluster.wait_pages_free()
     assert {i["role"] for i in infos} == {"prefill", "decode"}
     for url, info in zip(cluster.node_urls(), infos):
@@ -182,10 +227,7 @@ def test_sglang_router_drives_our_nodes_unchanged(cluster: Cluster) -> None:
     prompt = PROMPTS[1]
     out = api.completions.create(model="tiny", prompt=prompt, **GREEDY)
     assert out.choices[0].text == expected_text(cluster.model, tok(prompt)["input_ids"])[0]
-    body = {
-        "text": prompt,
-        "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True},
-    }
-    native = httpx.post(f"{url}/generate", json=body, timeout=60).json()
+    native = generate(url, prompt)
+    assert native["output_ids"] == expected_ids(cluster.model, tok(prompt)["input_ids"])
     assert native["text"] == out.choices[0].text
     assert native["meta_info"]["completion_tokens"] == MAX_NEW

@@ -4,6 +4,7 @@ driven by the `openai` client: colocated (decode only) and 1P1D through the same
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -23,7 +24,12 @@ from .servers import ServerThread, free_port, wait_until
 
 NODE_START_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 20.0
-ENGINE = ["--served-model-name", "tiny", "--engine-opt", "max_total_tokens=4096"]
+# NOTE: a context far longer than the checkpoint's, so that a request of UNFINISHABLE tokens
+# cannot end on its own within any wait of these tests: only an abort ends it.
+CONTEXT = 131072
+UNFINISHABLE = CONTEXT - 1024
+ENGINE = ["--served-model-name", "tiny", "--engine-opt", f"max_total_tokens={CONTEXT}"]
+ENGINE += ["--engine-opt", f"max_model_len={CONTEXT}"]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
 
 
@@ -137,6 +143,15 @@ def test_pd_and_colocated_agree(nodes: Nodes) -> None:
 
     assert greedy(nodes.pd) == greedy(nodes.colocated)
 
+    def greedy_ids(gateway: ServerThread) -> list[int]:  # equal text can hide different ids
+        params = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
+        body = {"text": PROMPT, "sampling_params": params}
+        answer = httpx.post(f"{gateway.url}/generate", json=body, timeout=60.0, trust_env=False)
+        return answer.json()["output_ids"]
+
+    pd = greedy_ids(nodes.pd)
+    assert len(pd) == 10 and pd == greedy_ids(nodes.colocated)
+
 
 def test_chat_options(nodes: Nodes, gateway: ServerThread) -> None:
     client = nodes.client(gateway)
@@ -200,18 +215,51 @@ def test_errors_reach_the_client_in_openai_shape(nodes: Nodes) -> None:
     assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices
 
 
+def server_info(instance: Instance) -> dict:
+    return httpx.get(f"{instance.url}/get_server_info", timeout=5.0, trust_env=False).json()
+
+
+def idle(instance: Instance) -> bool:
+    """No request on the node and every page free."""
+    info = server_info(instance)
+    busy = info["running"] + info["waiting"] + info["held"]
+    return busy == 0 and info["free_pages"] == info["total_pages"]
+
+
 def test_disconnect_mid_stream_frees_pages_on_both_nodes(nodes: Nodes) -> None:
     client = nodes.client(nodes.pd)
     stream = client.completions.create(
-        model="tiny", prompt=PROMPT, max_tokens=2000, stream=True,
+        model="tiny", prompt=PROMPT, max_tokens=UNFINISHABLE, stream=True,
         extra_body={"ignore_eos": True},
     )  # fmt: skip
     next(iter(stream))
+    assert server_info(nodes.decode)["running"] == 1  # decoding, and far from its end
     stream.close()
+    # only an abort ends it in time: UNFINISHABLE tokens take minutes
+    wait_until(lambda: idle(nodes.decode), 30.0, "decode drops the request and frees its pages")
+    wait_until(lambda: idle(nodes.prefill), 30.0, "prefill pages freed")
 
-    def all_free(instance: Instance) -> bool:
-        info = httpx.get(f"{instance.url}/get_server_info", timeout=5.0, trust_env=False).json()
-        return info["running"] == 0 and info["free_pages"] == info["total_pages"]
 
-    wait_until(lambda: all_free(nodes.decode), 30.0, "decode pages freed")
-    wait_until(lambda: all_free(nodes.prefill), 30.0, "prefill pages freed")
+def test_node_abort_request_ends_its_stream(nodes: Nodes) -> None:
+    """POST /abort_request {"rid"} to a node: the node's own stream of that request ends with
+    finish_reason abort, and its pages come back, while the client still listens."""
+    rid = "abort-me"
+    params = {"max_new_tokens": UNFINISHABLE, "temperature": 0, "ignore_eos": True}
+    body = {"rid": rid, "text": PROMPT, "sampling_params": params, "stream": True}
+    with (
+        httpx.Client(base_url=nodes.decode.url, timeout=60.0, trust_env=False) as c,
+        c.stream("POST", "/generate", json=body) as r,
+    ):
+        assert r.status_code == 200
+        lines = (line for line in r.iter_lines() if line.startswith("data: "))
+        assert json.loads(next(lines)[6:])["meta_info"]["finish_reason"] is None
+        assert server_info(nodes.decode)["running"] == 1
+        answer = c.post("/abort_request", json={"rid": rid})
+        assert answer.json() == {"rid": rid, "aborted": True}
+        # NOTE: the stream is still open, so its end cannot be a disconnect's abort
+        wait_until(lambda: idle(nodes.decode), 30.0, "the aborted request's pages freed")
+        rest = list(lines)
+    assert rest[-1] == "data: [DONE]"
+    last = json.loads(rest[-2][6:])
+    assert last["meta_info"]["finish_reason"]["type"] == "abort"
+    assert len(last["output_ids"]) == last["meta_info"]["completion_tokens"] < UNFINISHABLE

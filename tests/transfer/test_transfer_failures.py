@@ -147,16 +147,26 @@ def test_decode_killed_mid_transfer(backend: str) -> None:
         prefill.close()
 
 
-def test_hung_decode_holds_no_writer_a_live_one_needs() -> None:
+MOONCAKE_HOLDS_LIVE_WRITES = pytest.mark.xfail(
+    strict=False,
+    reason="known defect: Mooncake's TCP transport sometimes holds other peers' writes while one "
+    "peer hangs (about 1 run in 5), until its MC_TRANSFER_TIMEOUT",
+)
+
+
+@pytest.mark.parametrize(
+    "backend", [pytest.param("mooncake", marks=MOONCAKE_HOLDS_LIVE_WRITES), "nixl"]
+)
+def test_hung_decode_holds_no_writer_a_live_one_needs(backend: str) -> None:
     """A decode that hangs mid-transfer (SIGSTOP: alive, silent) fails only its own rooms: its
     writes may block writer threads until the engine gives up, but a room for another decode
     that arrives meanwhile is written at once.
 
-    NIXL only: Mooncake's TCP transport itself sometimes holds other peers' writes while one
-    peer hangs (about 1 run in 5 here, with this pool's fix; every run without it), until its
-    MC_TRANSFER_TIMEOUT, so with Mooncake this holds only mostly. The pool's part is
-    unit-tested in test_transfer_units.py."""
-    config = fast_config("nixl", max_batch_descriptors=16, max_inflight_batches=1)
+    Mooncake is an expected failure (not strict, so the report shows it every run until fixed):
+    its TCP transport itself sometimes holds other peers' writes while one peer hangs (about 1
+    run in 5 here, with this pool's fix; every run without it), until its MC_TRANSFER_TIMEOUT.
+    The pool's part is unit-tested in test_transfer_units.py."""
+    config = fast_config(backend, max_batch_descriptors=16, max_inflight_batches=1)
     prefill = PrefillSide(config, 8192, layouts=("mha",))
     hung = DecodeNode(config, 8192, ("mha",))
     alive = DecodeNode(config, 1024, ("mha",))
