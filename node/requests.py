@@ -120,7 +120,13 @@ def openai_params(req: Any, max_tokens: int, logprobs: int | None) -> dict[str, 
 def completion_prompts(
     req: CompletionRequest, encode: Callable[[str], list[int]]
 ) -> list[list[int]]:
-    return [encode(p) if isinstance(p, str) else list(p) for p in req.prompts]
+    """Token ids of each prompt; a 400 for one that tokenizes to nothing (a "" without a BOS)."""
+    prompts = [encode(p) if isinstance(p, str) else list(p) for p in req.prompts]
+    if any(not p for p in prompts):
+        raise invalid_request(
+            "prompt is empty once tokenized (send at least one token)", param="prompt"
+        )
+    return prompts
 
 
 def completion_max_tokens(req: CompletionRequest) -> int:

@@ -57,15 +57,16 @@ class PrefillLoop(NodeLoop):
         assert req.bootstrap_room is not None
         if req.bootstrap_room in self.by_room:
             raise ValueError(f"bootstrap_room {req.bootstrap_room} is already in use")
-        ended = self.sender.status(req.bootstrap_room)
-        if ended is not None and ended.state.is_final:
-            # decode declined the room (it prefills locally) before this request got here
-            self.send(TokenOutput.aborted(req.rid))
-            return
         self.engine.add_request(req.rid, req.prompt_ids, params, prefill_only=True)
+        try:
+            # NOTE: a room decode declined before this request got here ends at once; the next
+            # poll() (before any engine step) drops the request without computing it
+            self.sender.open_room(req.bootstrap_room)
+        except ValueError:
+            self.engine.abort(req.rid)  # the room is taken: this request never runs
+            raise
         room = Room(req.rid, req.bootstrap_room)
         self.by_rid[req.rid], self.by_room[room.room] = room, room
-        self.sender.open_room(room.room)
 
     def on_output(self, out: RequestOutput) -> None:
         room = self.by_rid.get(out.rid)

@@ -53,6 +53,7 @@ class RoomTable:
         self._rooms: dict[int, Room] = {}
         self._finished: list[RoomStatus] = []
         self._tombstones: OrderedDict[int, RoomStatus] = OrderedDict()
+        self._unclaimed: set[int] = set()  # ended before the user opened them (declined, ...)
 
     def get(self, room: int) -> Room | None:
         return self._rooms.get(room)
@@ -89,9 +90,21 @@ class RoomTable:
             status = room.status()
             if room.user_owned:
                 self._finished.append(status)
+            else:
+                self._unclaimed.add(room.room)
             self._tombstones[room.room] = status
             while len(self._tombstones) > _TOMBSTONES:
-                self._tombstones.popitem(last=False)
+                self._unclaimed.discard(self._tombstones.popitem(last=False)[0])
+
+    def claim(self, room: int) -> bool:
+        """The user opens a room that ended before (decode declined or aborted it first): its
+        end goes to ``pop_finished`` now. False when no such room is waiting to be claimed."""
+        with self._lock:
+            if room not in self._unclaimed:
+                return False
+            self._unclaimed.discard(room)
+            self._finished.append(self._tombstones[room])
+            return True
 
     def expired(self, now: float) -> list[Room]:
         with self._lock:

@@ -100,7 +100,8 @@ class KVSender:
     # ---- API (any thread) -------------------------------------------------------------------
 
     def open_room(self, room: int) -> None:
-        """Expect decode's request for ``room`` (BOOTSTRAPPING until it arrives)."""
+        """Expect decode's request for ``room`` (BOOTSTRAPPING until it arrives). A room decode
+        already declined or aborted ends at once: ``pop_finished`` reports it, as any other."""
         self._loop.call(lambda: self._open(room))
 
     def send(self, room: int, src_pages: Sequence[int], metadata: RoomMetadata) -> None:
@@ -144,6 +145,8 @@ class KVSender:
         if existing is not None and not existing.user_owned:
             existing.user_owned = True  # decode's request arrived first
             return
+        if existing is None and self._table.claim(room):
+            return  # decode declined or aborted it first: pop_finished reports how it ended
         if existing is not None or self._table.tombstone(room) is not None:
             raise ValueError(f"room {room} was already opened on this prefill node")
         self._table.add(Room(room))

@@ -57,5 +57,6 @@ def test_short_prompts_prefill_on_decode_long_ones_disaggregate(cluster: Cluster
     for prompt, want in zip([short, long], expected):
         body = {"text": prompt, "sampling_params": native}
         answer = httpx.post(f"{cluster.url}/generate", json=body, timeout=60).json()
+        assert "output_ids" in answer, answer
         assert (answer["output_ids"], answer["text"]) == (want.token_ids, want.text)
     cluster.wait_pages_free()

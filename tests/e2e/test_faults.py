@@ -232,7 +232,7 @@ def test_fault_fraction_must_be_a_fraction() -> None:
 
     data = {"model": {"path": "m"}, "decode": [{"name": "decode-0", "port": 30002}]}
     assert parse_cluster(data).transfer.fault_fraction == 0.0
-    with pytest.raises(ValueError, match=r"transfer\.fault_fraction must be between 0 and 1"):
+    with pytest.raises(ValueError, match=r"transfer\.fault_fraction: must be between 0 and 1"):
         parse_cluster({**data, "transfer": {"fault_fraction": 1.5}})
 
 

@@ -30,7 +30,8 @@ class Channel:
 
 
 class Sender:
-    """Records what the loop asks of the sender; hands back the statuses a test queues."""
+    """Records what the loop asks of the sender; hands back the statuses a test queues. A room
+    in `ended` (decode declined it first) ends as soon as it is opened, as KVSender's do."""
 
     bootstrap_address = "127.0.0.1:8998"
 
@@ -38,20 +39,21 @@ class Sender:
         self.opened: list[int] = []
         self.sent: dict[int, tuple[list[int], RoomMetadata]] = {}
         self.aborted: dict[int, str] = {}
-        self.ended: dict[int, RoomStatus] = {}  # rooms final before their request arrives
+        self.ended: dict[int, RoomStatus] = {}
         self.finished: list[RoomStatus] = []
 
     def open_room(self, room: int) -> None:
+        if room in self.opened:
+            raise ValueError(f"room {room} was already opened on this prefill node")
         self.opened.append(room)
+        if room in self.ended:
+            self.finished.append(self.ended.pop(room))
 
     def send(self, room: int, pages: list[int], meta: RoomMetadata) -> None:
         self.sent[room] = (list(pages), meta)
 
     def abort(self, room: int, reason: str) -> None:
         self.aborted[room] = reason
-
-    def status(self, room: int) -> RoomStatus | None:
-        return self.ended.get(room)
 
     def pop_finished(self) -> list[RoomStatus]:
         done, self.finished = self.finished, []
@@ -148,10 +150,10 @@ def test_abort_while_sending_keeps_the_pages_until_the_sender_lets_go(loop) -> N
 
 
 def test_room_declined_by_decode_ends_without_an_error(loop) -> None:
-    declined = RoomStatus(11, TransferState.FAILED, f"{DECLINED}: it prefills locally")
-    loop.sender.ended[11] = declined
+    loop.sender.ended[11] = RoomStatus(11, TransferState.FAILED, f"{DECLINED}: prefills locally")
     loop.dispatch(pd_request("r5", 11))  # decode's decline came first
-    assert loop.sender.opened == [] and not loop.engine.has_work()
+    loop.poll()  # before any engine step: dropped, never computed
+    assert not loop.engine.has_work()
     loop.dispatch(pd_request("r6", 12))
     loop.sender.finished.append(RoomStatus(12, TransferState.FAILED, f"{DECLINED}: local"))
     loop.poll()  # declined after it started: not computed, dropped
@@ -159,7 +161,8 @@ def test_room_declined_by_decode_ends_without_an_error(loop) -> None:
         ("r5", "abort", None),
         ("r6", "abort", None),
     ]
-    assert not loop.engine.has_work()
+    assert not loop.engine.has_work() and not loop.has_pending()
+    loop.engine.check_integrity()
 
 
 def test_request_without_bootstrap_fields_is_served_whole(loop) -> None:
@@ -177,3 +180,7 @@ def test_bad_requests_answer_400(loop) -> None:
     failures = {o.rid: o for o in outputs(loop) if o.error}
     assert set(failures) == {"b", "c"} and {o.status for o in failures.values()} == {400}
     assert "bootstrap_room 13 is already in use" in (failures["b"].error or "")
+    loop.sender.opened.append(14)  # a room the sender knows already (another node's request)
+    loop.dispatch(pd_request("d", 14))
+    assert "room 14 was already opened" in (outputs(loop)[-1].error or "")
+    assert [r.rid for r in loop.engine.scheduler.waiting] == ["a"]  # "d" left nothing behind

@@ -18,7 +18,14 @@ import zmq
 from transfer import KVBuffer, KVCompat, KVReceiver, KVSender, RoomMetadata, RoomStatus
 from transfer import TransferState as S
 from transfer.fake import FakeBackend
-from transfer.protocol import Register, RegisterReply, RoomRequest, decode, encode
+from transfer.protocol import (
+    PROTOCOL_VERSION,
+    Register,
+    RegisterReply,
+    RoomRequest,
+    decode,
+    encode,
+)
 
 from .harness import fast_config
 
@@ -213,7 +220,10 @@ def test_prefill_fails_rooms_of_a_silent_decode(pair: Pair) -> None:
     try:
         buffers = ((0, 32, 64, 32, "cpu"),)
         wire_compat = ("tiny", "uint8", 1, 1, "mla")
-        register = Register(1, "ghost", "fake", "nowhere", b"", buffers, wire_compat, 0, 256, 4)
+        version = PROTOCOL_VERSION
+        register = Register(
+            version, "ghost", "fake", "nowhere", b"", buffers, wire_compat, 0, 256, 4
+        )
         ghost.send(encode(register))
         assert decode(ghost.recv()) == RegisterReply("")
         pair.sender.open_room(9)
@@ -231,3 +241,19 @@ def test_destination_pages_outside_the_decode_pool_are_refused(pair: Pair) -> No
     expected = "destination page 1000 out of range (decode has 64 pages)"
     assert pair.finished(pair.sender, 10).reason == expected
     assert expected in pair.finished(pair.receiver, 10).reason
+
+
+def test_a_room_declined_before_prefill_opens_it_ends_at_open(pair: Pair) -> None:
+    """Decode's decline can reach prefill before the request does: opening the room then ends
+    it at once (reported by pop_finished), instead of refusing the request."""
+    pair.receiver.decline(21, pair.sender.bootstrap_address, "it prefills locally")
+    deadline = time.monotonic() + 10
+    while pair.sender.status(21) is None:
+        assert time.monotonic() < deadline, "the decline never reached prefill"
+        time.sleep(0.01)
+    assert pair.sender.pop_finished() == []  # nobody opened it: nobody is told
+    pair.sender.open_room(21)
+    [status] = pair.sender.pop_finished()
+    assert status.room == 21 and status.state is S.FAILED and "declined by decode" in status.reason
+    with pytest.raises(ValueError, match="already opened"):
+        pair.sender.open_room(21)  # claimed once; a second open is a real clash
