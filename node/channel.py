@@ -13,12 +13,18 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from node.messages import CODEC, AbortRequest, ControlReply, ControlRequest, TokenOutput
+from node.messages import (
+    CODEC,
+    AbortRequest,
+    ControlReply,
+    ControlRequest,
+    NodeMessage,
+    TokenOutput,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,7 @@ class SchedulerChannel:
         self._push.setsockopt(zmq.LINGER, 1000)
         self._push.connect(outputs_addr)
 
-    def receive(self, timeout_ms: int) -> list[Any]:
+    def receive(self, timeout_ms: int) -> list[NodeMessage]:
         """Every message waiting now; blocks up to timeout_ms for the first one."""
         if timeout_ms > 0 and not self._pull.poll(timeout_ms):
             return []
@@ -45,7 +51,7 @@ class SchedulerChannel:
             except zmq.Again:
                 return messages
 
-    def send(self, msg: Any) -> None:
+    def send(self, msg: NodeMessage) -> None:
         self._push.send(CODEC.encode(msg))
 
     def close(self) -> None:
@@ -102,7 +108,7 @@ class SchedulerClient:
     def open_rids(self) -> list[str]:
         return list(self._queues)
 
-    async def send(self, msg: Any) -> None:
+    async def send(self, msg: NodeMessage) -> None:
         await self._push.send(CODEC.encode(msg))
 
     async def abort(self, rid: str) -> None:

@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers import PreTrainedTokenizerFast
+
 from api.chat import chat_prompt_ids
 from node.channel import SchedulerClient
 from node.metrics import NodeMetrics
@@ -16,7 +18,7 @@ from node.settings import NodeSettings
 class NodeContext:
     settings: NodeSettings
     client: SchedulerClient
-    tokenizer: Any  # a transformers fast tokenizer
+    tokenizer: PreTrainedTokenizerFast
     max_model_len: int
     alive: Callable[[], bool]
     request_timeout_s: float = 600.0

@@ -20,6 +20,7 @@ from node.messages import (
     ControlReply,
     ControlRequest,
     GenerateRequest,
+    NodeMessage,
     TokenOutput,
 )
 from node.settings import NodeSettings, Role
@@ -84,7 +85,7 @@ class NodeLoop:
                 for out in self.engine.step():
                     self.on_output(out)
 
-    def dispatch(self, msg: Any) -> None:
+    def dispatch(self, msg: NodeMessage) -> None:
         if isinstance(msg, GenerateRequest):
             try:
                 self.on_generate(msg)

@@ -117,4 +117,5 @@ class TokenOutput:
         )
 
 
-CODEC = MessageCodec((GenerateRequest, AbortRequest, ControlRequest, ControlReply, TokenOutput))
+NodeMessage = GenerateRequest | AbortRequest | ControlRequest | ControlReply | TokenOutput
+CODEC = MessageCodec(NodeMessage.__args__)

@@ -20,6 +20,7 @@ from multiprocessing.process import BaseProcess
 
 import uvicorn
 from starlette.applications import Starlette
+from transformers import PreTrainedTokenizerFast
 
 from engine.tokenizer import load_tokenizer
 from node.app import create_node_app
@@ -64,7 +65,9 @@ def serve_node(settings: NodeSettings, loop_cls: type[NodeLoop]) -> None:
         shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
-def node_app(settings: NodeSettings, tokenizer: object, scheduler: Scheduler) -> Starlette:
+def node_app(
+    settings: NodeSettings, tokenizer: PreTrainedTokenizerFast, scheduler: Scheduler
+) -> Starlette:
     client = SchedulerClient(scheduler.requests_addr, scheduler.outputs_addr)
     proc = scheduler.process
     ctx = NodeContext(
