@@ -324,6 +324,7 @@ def test_launch_with_a_bad_config_fails_cleanly(
 
 # --- the real cluster ----------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_pdserve_launch_serves_the_default_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
