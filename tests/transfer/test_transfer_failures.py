@@ -195,14 +195,11 @@ def test_hung_decode_holds_no_writer_a_live_one_needs(backend: str) -> None:
         assert prefill.wait([live_room], timeout=8)[live_room].state is TransferState.SUCCESS
         assert alive.wait([live_room])[live_room][1] == expected
         done = prefill.wait(hung_rooms, timeout=config.transfer_timeout_s + 10)
-        # NOTE: every hung room ends; one whose last write landed before SIGSTOP took hold (a
-        # loaded machine) may have succeeded, the rest fail
-        assert set(done) == set(hung_rooms)
-        states = [s.state for s in done.values()]
-        assert TransferState.FAILED in states and set(states) <= {
-            TransferState.FAILED,
-            TransferState.SUCCESS,
-        }
+        # NOTE: every hung room ends, none hangs the sender. How depends on the transport: a
+        # write can land in a stopped process (UCX may write through the kernel, as with CMA,
+        # and a write may finish before SIGSTOP takes hold), so SUCCESS is as good as FAILED
+        assert set(done) == set(hung_rooms), "a hung decode's room never ended"
+        assert all(s.state.is_final for s in done.values())
     finally:
         hung.kill()
         alive.close()
