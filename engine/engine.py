@@ -7,6 +7,7 @@ detokenization and stop rules. It knows nothing of HTTP or other nodes; servers 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +44,20 @@ class RequestOutput:
     logits: torch.Tensor | None = None  # only when the engine keeps logits (tests)
 
 
+def limit_onednn_caches(entries: int) -> None:
+    """Bound oneDNN's and ideep's caches of compiled matmul kernels at `entries` each (0: their
+    defaults). Each distinct matmul shape compiles one kernel; a prefill node's batches come in
+    ever-new token counts, so with the default limits (1024) its RSS grew by about 1 GB before
+    the caches filled. Rebuilding an evicted kernel costs little next to a prefill step.
+
+    NOTE: process-wide: both libraries read these variables when they first build a kernel, and a
+    variable the user set wins.
+    """
+    if entries > 0:
+        for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+            os.environ.setdefault(name, str(entries))
+
+
 class Engine:
     def __init__(
         self,
@@ -53,6 +68,7 @@ class Engine:
     ) -> None:
         self.model_path = str(model_path)
         self.options = options = options or EngineOptions()
+        limit_onednn_caches(options.onednn_cache)
         self.model_cfg = ModelConfig.load(model_path)
         self.tokenizer = load_tokenizer(model_path)
         self.eos_token_ids = frozenset(eos_token_ids(model_path, self.tokenizer))

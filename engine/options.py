@@ -96,6 +96,12 @@ class EngineOptions:
         "split among the nodes on the host)",
     )
     cpu_kernels: bool = setting(True, "native AVX-512 CPU kernels where they can run")
+    onednn_cache: int = setting(
+        128,
+        "compiled oneDNN matmul kernels kept per process (one per shape, about 0.5-1 MB each; "
+        "past it, the least recently used are rebuilt); 0: oneDNN's own limit of 1024, which "
+        "a prefill node's ever-new batch shapes fill with about 1 GB",
+    )
 
     def __post_init__(self) -> None:
         if self.dtype is not None and str(self.dtype).removeprefix("torch.") not in DTYPE_NAMES:
@@ -109,6 +115,8 @@ class EngineOptions:
                 f"attention_backend {self.attention_backend!r} is not registered "
                 f"(use one of: {', '.join(sorted(ATTENTION_BACKENDS))})"
             )
+        if self.onednn_cache < 0:
+            raise ValueError(f"onednn_cache must be >= 0, got {self.onednn_cache}")
         for name in ("max_model_len", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
