@@ -38,13 +38,12 @@ class HealthMonitor:
     def record(self, worker: Worker, ok: bool) -> None:
         if ok:
             worker.failed_checks = 0
-            if not worker.healthy:
-                worker.healthy = True
+            if worker.take_back():
                 log_event(logging.WARNING, "instance_back", role=worker.role, url=worker.url)
             return
         worker.failed_checks += 1
         if worker.healthy and worker.failed_checks >= self.gw.settings.health_failures:
-            worker.healthy = False
+            worker.take_out("health checks failed")
             log_event(
                 logging.WARNING,
                 "instance_out",
