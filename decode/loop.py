@@ -65,11 +65,11 @@ class DecodeLoop(NodeLoop):
     def on_generate(self, req: GenerateRequest) -> None:
         params = self.sampling_params(req)
         if not req.disaggregated or self._prefill_here(req):
-            self.engine.add_request(req.rid, req.prompt_ids, params)
+            self.engine.add_request(req.rid, req.prompt_ids, params, resumed=req.num_resumed)
             return
         if req.bootstrap_room in self.rooms:
             raise ValueError(f"bootstrap_room {req.bootstrap_room} is already in use")
-        self.engine.check_request(req.prompt_ids, params)
+        self.engine.check_request(req.prompt_ids, params, req.num_resumed)
         self.prealloc[req.rid] = Pending(req, params, time.monotonic())
 
     def _prefill_here(self, req: GenerateRequest) -> bool:
@@ -108,8 +108,9 @@ class DecodeLoop(NodeLoop):
         while self.prealloc:
             rid, pending = next(iter(self.prealloc.items()))
             req = pending.req
+            headroom = self.settings.decode_headroom_tokens
             pages = self.engine.reserve(
-                rid, req.prompt_ids, pending.params, self.settings.decode_headroom_tokens
+                rid, req.prompt_ids, pending.params, headroom, resumed=req.num_resumed
             )
             if pages is None:
                 return  # FIFO: wait until running requests give pages back

@@ -20,7 +20,7 @@ from engine.request import Req
 from engine.runner import ModelRunner, StepResult
 from engine.sampling import SamplerState, SamplingParams
 from engine.scheduler import Scheduler
-from engine.stop import StopChecker
+from engine.stop import StopChecker, shown_text
 from engine.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -93,20 +93,26 @@ class Engine:
         params: SamplingParams,
         *,
         prefill_only: bool = False,
+        resumed: int = 0,
     ) -> Req:
         """Queue a request; raises ValueError with the fix when it cannot run.
 
         `prefill_only` (a prefill node): the request ends after its first token, and its pages
         stay held (`kv_pages`) until `release` once they have been sent.
+        `resumed`: the last this many of `prompt_ids` are output the request already produced
+        elsewhere (a stream moved off a failed node): they are computed like prompt, and count as
+        output for max_tokens, penalties, the seeded draw's position, stop text and usage.
         """
-        req = self._new_req(rid, prompt_ids, params)
+        req = self._new_req(rid, prompt_ids, params, resumed)
         req.prefill_only = prefill_only
         self.scheduler.add(req)
         return req
 
-    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    def check_request(
+        self, prompt_ids: Sequence[int], params: SamplingParams, resumed: int = 0
+    ) -> None:
         """Raise ValueError (naming the fix) if this request could never run here."""
-        self._validate([int(t) for t in prompt_ids], params)
+        self._validate([int(t) for t in prompt_ids], params, resumed)
 
     def cached_prefix_len(self, prompt_ids: Sequence[int]) -> int:
         """How many leading prompt tokens the prefix cache holds now."""
@@ -115,30 +121,47 @@ class Engine:
             return 0
         return cache.match_prefix(list(prompt_ids)[:-1]).num_tokens
 
-    def _new_req(self, rid: str, prompt_ids: Sequence[int], params: SamplingParams) -> Req:
+    def _new_req(
+        self, rid: str, prompt_ids: Sequence[int], params: SamplingParams, resumed: int = 0
+    ) -> Req:
         prompt = [int(t) for t in prompt_ids]
-        self._validate(prompt, params)
+        self._validate(prompt, params, resumed)
         if self.scheduler.find(rid) is not None:
             raise ValueError(f"request id {rid!r} is already in use (send a unique rid)")
-        req = Req(rid, prompt, params)
-        req.sampler_state = SamplerState.create(params, prompt)
+        req = Req(rid, prompt, params, num_resumed=resumed)
+        req.sampler_state = SamplerState.create(params, prompt[: len(prompt) - resumed])
         req.detokenizer = IncrementalDetokenizer(
             self.tokenizer, skip_special_tokens=params.skip_special_tokens
         )
         req.stop_checker = StopChecker(params, self.eos_token_ids)
+        if resumed:
+            self._replay_output(req, prompt[len(prompt) - resumed :])
         return req
+
+    def _replay_output(self, req: Req, output: list[int]) -> None:
+        """A resumed request's state as the node that produced `output` left it: sampler counts,
+        the detokenizer (fed token by token, as there), the text kept and the text shown."""
+        for token in output:
+            req.sampler_state.append(token)
+            req.text += req.detokenizer.push(token)
+        req.num_sent_chars = len(shown_text(req.text, req.params.stop))
 
     # ---- PD --------------------------------------------------------------------------------
 
     def reserve(
-        self, rid: str, prompt_ids: Sequence[int], params: SamplingParams, headroom: int = 0
+        self,
+        rid: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        headroom: int = 0,
+        resumed: int = 0,
     ) -> list[int] | None:
         """Decode side: hold pages for the prompt (+ headroom tokens) before its KV arrives.
 
         Returns the page ids that will hold the prompt's KV, or None when memory is short (try
         again later; nothing is held). Raises ValueError for a request that can never run.
         """
-        req = self._new_req(rid, prompt_ids, params)
+        req = self._new_req(rid, prompt_ids, params, resumed)
         tokens = min(len(req.prompt_ids) + max(headroom, 1), self.max_model_len)
         if not self.scheduler.reserve(req, tokens):
             return None
@@ -181,7 +204,7 @@ class Engine:
             raise KeyError(f"no reserved or parked request {rid!r}")
         return req
 
-    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+    def _validate(self, prompt: list[int], params: SamplingParams, resumed: int = 0) -> None:
         if not prompt:
             raise ValueError("prompt is empty (send at least one token or a non-empty text)")
         if len(prompt) >= self.max_model_len:
@@ -194,6 +217,11 @@ class Engine:
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
         params.validate(self.max_model_len)
+        if not 0 <= resumed < len(prompt) or resumed >= params.max_tokens:
+            raise ValueError(
+                f"cannot resume {resumed} output tokens after a {len(prompt) - resumed}-token "
+                f"prompt with max_tokens={params.max_tokens} (nothing would be left to generate)"
+            )
         pages = -(-(len(prompt) + 1) // self.pool.page_size)
         if pages > self.pool.total_pages:
             raise ValueError(
@@ -242,9 +270,9 @@ class Engine:
             self._end_prefill(req, token, out)
         else:
             self._apply_stop_rules(req, token, out)
-        out.prompt_tokens = len(req.prompt_ids)
-        out.completion_tokens = len(req.output_ids)
-        out.cached_tokens = req.num_cached_prompt
+        out.prompt_tokens = len(req.prompt_ids) - req.num_resumed
+        out.completion_tokens = req.num_resumed + len(req.output_ids)
+        out.cached_tokens = min(req.num_cached_prompt, out.prompt_tokens)
 
     def _end_prefill(self, req: Req, token: int, out: RequestOutput) -> None:
         """A prefill node's request is done after one token; its pages wait to be sent."""
@@ -255,7 +283,8 @@ class Engine:
 
     def _apply_stop_rules(self, req: Req, token: int, out: RequestOutput) -> None:
         delta = req.detokenizer.push(token)
-        verdict = req.stop_checker.check(token, len(req.output_ids), req.text + delta, len(delta))
+        produced = req.num_resumed + len(req.output_ids)
+        verdict = req.stop_checker.check(token, produced, req.text + delta, len(delta))
         reason = verdict.finish_reason
         if reason is None and req.seq_len >= self.max_model_len:
             reason = "length"

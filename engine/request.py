@@ -48,6 +48,8 @@ class Req:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     prefill_only: bool = False  # a prefill node: finish after the first token
+    # the last this many prompt_ids are output produced elsewhere before (a moved stream)
+    num_resumed: int = 0
     # output text: the detokenizer and stop checker the engine attaches, the text kept so far,
     # and how much of it was already handed out
     detokenizer: Any = None

@@ -48,6 +48,12 @@ class StopResult:
         return self.text[: len(self.text) - self.hold_back]
 
 
+def shown_text(text: str, stops: Sequence[str]) -> str:
+    """What a stream has shown of an unfinished request's output ``text``: all of it but the tail
+    that may still grow into a stop string."""
+    return text[: len(text) - stop_hold_back(text, stops)]
+
+
 @dataclass(frozen=True)
 class StopChecker:
     """Stop rules of one request; ``eos_token_ids`` come from the model's generation config."""

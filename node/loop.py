@@ -48,7 +48,8 @@ class NodeLoop:
 
     def on_generate(self, req: GenerateRequest) -> None:
         """Start a request; raise ValueError for a request that cannot run (HTTP 400)."""
-        self.engine.add_request(req.rid, req.prompt_ids, self.sampling_params(req))
+        params = self.sampling_params(req)
+        self.engine.add_request(req.rid, req.prompt_ids, params, resumed=req.num_resumed)
 
     def sampling_params(self, req: GenerateRequest) -> SamplingParams:
         return SamplingParams(**req.params)

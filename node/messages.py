@@ -26,6 +26,9 @@ class GenerateRequest:
     bootstrap_host: str | None = None
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
+    # the last this many prompt_ids are output the request produced on a node that failed
+    # (the gateway moved its stream here): see Engine.add_request
+    num_resumed: int = 0
 
     @property
     def disaggregated(self) -> bool:

@@ -52,12 +52,14 @@ class PrefillLoop(NodeLoop):
     def on_generate(self, req: GenerateRequest) -> None:
         params = self.sampling_params(req)
         if not req.disaggregated:  # sent here directly: serve it whole
-            self.engine.add_request(req.rid, req.prompt_ids, params)
+            self.engine.add_request(req.rid, req.prompt_ids, params, resumed=req.num_resumed)
             return
         assert req.bootstrap_room is not None
         if req.bootstrap_room in self.by_room:
             raise ValueError(f"bootstrap_room {req.bootstrap_room} is already in use")
-        self.engine.add_request(req.rid, req.prompt_ids, params, prefill_only=True)
+        self.engine.add_request(
+            req.rid, req.prompt_ids, params, prefill_only=True, resumed=req.num_resumed
+        )
         try:
             # NOTE: a room decode declined before this request got here ends at once; the next
             # poll() (before any engine step) drops the request without computing it
