@@ -47,6 +47,17 @@ class GatewaySettings:
     breaker_errors: int = setting(5, "consecutive request errors that open an instance's breaker")
     breaker_cooldown_s: float = setting(10.0, "an open breaker lets a request through after this")
     max_retries: int = setting(2, "more attempts on other pairs while nothing reached the client")
+    max_migrations: int = setting(
+        3,
+        "times a stream may move to another pair after its decode node failed mid-stream "
+        "(0: the stream ends in an error event instead)",
+    )
+    first_token_timeout_s: float = setting(
+        60.0, "a stream whose first event takes longer fails its pair (and is retried)"
+    )
+    token_timeout_s: float = setting(
+        20.0, "a stream silent this long between events fails its pair (and moves on)"
+    )
     tokenizer: str | None = setting(
         None, "a checkpoint dir, for prompt limits and cache_aware (default: the model's)"
     )
@@ -59,3 +70,10 @@ class GatewaySettings:
     balance_rel_threshold: float = setting(1.5, "... and max > min * this (least load then)")
     cache_max_chars: int = setting(1 << 22, "cache_aware: text kept per instance (LRU evicted)")
     log_level: str = setting("warning", "debug, info, warning or error")
+
+    def __post_init__(self) -> None:
+        if self.max_migrations < 0:
+            raise ValueError(f"max_migrations must be >= 0, got {self.max_migrations}")
+        for name in ("first_token_timeout_s", "token_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")

@@ -20,7 +20,7 @@ from engine.request import Req
 from engine.runner import ModelRunner, StepResult
 from engine.sampling import SamplerState, SamplingParams
 from engine.scheduler import Scheduler
-from engine.stop import StopChecker, shown_text
+from engine.stop import StopChecker, replay_text
 from engine.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,8 @@ class Engine:
         the detokenizer (fed token by token, as there), the text kept and the text shown."""
         for token in output:
             req.sampler_state.append(token)
-            req.text += req.detokenizer.push(token)
-        req.num_sent_chars = len(shown_text(req.text, req.params.stop))
+        req.text, shown = replay_text(req.detokenizer, output, req.params.stop)
+        req.num_sent_chars = len(shown)
 
     # ---- PD --------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from engine.sampling import SamplingParams
+from engine.tokenizer import IncrementalDetokenizer
 
 FinishReason = Literal["stop", "length"]
 
@@ -46,6 +47,15 @@ class StopResult:
     def streamable_text(self) -> str:
         """The prefix of ``text`` that can be shown to a client now."""
         return self.text[: len(self.text) - self.hold_back]
+
+
+def replay_text(
+    detokenizer: IncrementalDetokenizer, token_ids: Sequence[int], stops: Sequence[str]
+) -> tuple[str, str]:
+    """(text kept, text shown) after `token_ids` were streamed, fed one by one as a stream feeds
+    them (at once, a character split over the last tokens would hold back more)."""
+    text = "".join([detokenizer.push(token) for token in token_ids])
+    return text, shown_text(text, stops)
 
 
 def shown_text(text: str, stops: Sequence[str]) -> str:

@@ -10,12 +10,17 @@ through `SSEDecoder` and `encode_event`, as before, so the output is the same ei
     feed(b'data: {"a":1}\\n\\ndata: {"b":2}\\n\\nda') -> Events(data=b'data: {"a":1}\\n\\ndata: {"b":2}\\n\\n',
                                                        first=b'{"a":1}', last=b'{"b":2}')
     feed(b'ta: [DONE]\\n\\n')                         -> Events(done=True)
+
+Token-id comment lines (`:ids 5,17`, api/resume.py) are taken out of the bytes before anything
+else and handed over as `Events.ids`, so what is relayed is the same as without them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from api.resume import IDS_LINE
 from api.sse import DONE_PAYLOAD, SSEDecoder, encode_event
 
 DATA = b"data: "
@@ -31,6 +36,9 @@ class Events:
     first: bytes | None = None  # the first event's payload
     last: bytes | None = None  # the last event's payload
     done: bool = False  # `[DONE]` came
+    ids: tuple[int, ...] = ()  # the token ids the events added, from their comment lines
+    untagged: int = 0  # events that came without an ids line (their tokens are not known)
+    finished: bool = False  # an ids line said the request finished
 
     @property
     def any(self) -> bool:
@@ -52,15 +60,16 @@ class EventSplitter:
         if self._decoder is not None or b"\r" in buffer:
             self._pending = b""
             self._decoder = self._decoder or SSEDecoder()
-            return _decoded_events(self._decoder.feed(buffer))
+            return _count_untagged(_decoded_events(self._decoder.feed(buffer)))
         end = buffer.rfind(BLOCK_END)
         if end < 0:
             self._pending = buffer
             return NO_EVENTS
         blocks, self._pending = buffer[: end + 2], buffer[end + 2 :]
-        if is_plain(blocks):
-            return _plain_events(blocks)
-        return _decoded_events(SSEDecoder().feed(blocks))
+        if blocks.startswith(b":ids ") or b"\n:ids " in blocks:
+            return _tagged_events(blocks)
+        events = _plain_events(blocks) if is_plain(blocks) else _undecoded(blocks)
+        return _count_untagged(events)
 
 
 def is_plain(blocks: bytes) -> bool:
@@ -75,6 +84,30 @@ def is_plain(blocks: bytes) -> bool:
         and blocks.count(b"\n") == 2 * count
         and blocks.count(BLOCK_END + DATA) == count - 1
     )
+
+
+def _tagged_events(blocks: bytes) -> Events:
+    """Events whose ids lines are taken out and added up."""
+    tags = IDS_LINE.findall(blocks)
+    blocks = IDS_LINE.sub(b"", blocks)
+    events = _plain_events(blocks) if is_plain(blocks) else _undecoded(blocks)
+    ids = tuple(int(t) for numbers, _ in tags for t in numbers.split(b",") if t)
+    finished = any(end for _, end in tags)
+    untagged = max(_event_count(events) - len(tags), 0)
+    return dataclasses.replace(events, ids=ids, untagged=untagged, finished=finished)
+
+
+def _count_untagged(events: Events) -> Events:
+    count = _event_count(events)
+    return dataclasses.replace(events, untagged=count) if count else events
+
+
+def _event_count(events: Events) -> int:
+    return events.data.count(BLOCK_END + DATA) + 1 if events.data else 0
+
+
+def _undecoded(blocks: bytes) -> Events:
+    return _decoded_events(SSEDecoder().feed(blocks))
 
 
 def _plain_events(blocks: bytes) -> Events:

@@ -4,8 +4,13 @@ The same JSON body goes to both nodes (`pd.Attempt`). The decode node's answer i
 answer; the prefill node's is awaited alongside it (`PrefillSide`). What each answer means is
 decided by `outcome`: until something reaches the client, a failure of either side raises
 `AttemptFailed` (the caller retries on another pair) and a refusal raises `Refused` (no retry).
-After that, `relay` turns a failure into an SSE error event. An attempt that ends any other way
-(client gone, cancelled) aborts both nodes.
+After that, `relay` raises `StreamBroken` on a failure of the decode side, once every good event
+before it was relayed (gateway/migration.py moves the stream on, or ends it in an error event).
+An attempt that ends any other way (client gone, cancelled) aborts both nodes.
+
+Failures are noticed in seconds: the first event may take `first_token_timeout_s` and the next
+ones `token_timeout_s` each (read timeouts), and an instance the health checks take out of routing
+fails what this exchange awaits from it at once (`Worker.watchers`).
 
 An `Exchange` is handed what it uses (the upstream client, a task spawner, a clock); it never
 sees the `Gateway`.
@@ -20,7 +25,9 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 
-from api.sse import DONE, error_event, error_in
+from api.errors import ApiError
+from api.settings import GatewaySettings
+from api.sse import DONE, error_in
 
 from . import outcome
 from .background import Background
@@ -40,6 +47,14 @@ class StreamCut(Exception):
     """The decode stream ended without `[DONE]`."""
 
 
+class StreamBroken(Exception):
+    """The decode side failed after events reached the client; `error` says how."""
+
+    def __init__(self, error: ApiError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class Exchange:
     def __init__(
         self,
@@ -47,9 +62,11 @@ class Exchange:
         upstream: Upstream,
         tasks: Background,
         clock: Callable[[], float],
+        settings: GatewaySettings,
     ) -> None:
         self.attempt, self.pair = attempt, attempt.pair
         self.upstream, self.tasks, self.clock = upstream, tasks, clock
+        self.settings = settings
         self.headers = upstream.headers(attempt.rid, len(attempt.content))
         self.splitter = EventSplitter()
         self.prefill = PrefillSide.none()
@@ -57,6 +74,14 @@ class Exchange:
         self._chunks: AsyncIterator[bytes] | None = None
         self._decode_open = False
         self._closed = False
+        # what the client was sent, as token ids (api/resume.py): for moving the stream on
+        self.streamed: list[int] = []
+        self.untagged = 0  # events sent without ids: the stream cannot be moved
+        self.finished = False  # the node said the request finished
+        self.ended_in_error = False  # a refusal's error event was relayed
+        self._opening: asyncio.Future[Finished | Events] | None = None
+        self._gone: AttemptFailed | None = None  # an instance was taken out under us
+        self._watching: list[tuple[Worker, Callable[[str], None]]] = []
 
     # ---- opening: nothing has reached the client yet ----
 
@@ -66,7 +91,9 @@ class Exchange:
         tokens = self.attempt.req.key.tokens
         self._decode_open = True
         self.pair.decode.begin(tokens, self.clock())
+        self._watch(self.pair.decode)
         if self.pair.prefill is not None:
+            self._watch(self.pair.prefill)
             self.prefill = PrefillSide.start(
                 self.pair.prefill,
                 self._post(self.pair.prefill),
@@ -77,7 +104,7 @@ class Exchange:
                 self.attempt.rid,
             )
         try:
-            return await self._open_decode()
+            return await self._open_watched()
         except AttemptFailed as exc:
             error, node_rid = exc.error.message, self.attempt.node_rid
             log_event(
@@ -93,18 +120,36 @@ class Exchange:
             self.abandon()
             raise
 
+    async def _open_watched(self) -> Finished | Events:
+        """`_open_decode`, failed at once when an instance of the pair is taken out."""
+        self._opening = opening = asyncio.ensure_future(self._open_decode())
+        try:
+            return await opening
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._gone is None or (task is not None and task.cancelling()):
+                raise
+            raise self._gone from None
+        finally:
+            self._opening = None
+
     async def _open_decode(self) -> Finished | Events:
         decode, guard = self.pair.decode, self.prefill.guard
+        stream = self.attempt.req.stream
         verdict: Finished | Events | Refused | AttemptFailed
         try:
-            response = self._response = await guard(self.upstream.send(self._post(decode)))
-            if response.status_code >= 400 or not self.attempt.req.stream:
+            first_s = self.settings.first_token_timeout_s if stream else None
+            request = self._post(decode, first_s)
+            response = self._response = await guard(self.upstream.send(request))
+            if response.status_code >= 400 or not stream:
                 body = await guard(response.aread())
                 media_type = response.headers.get("content-type", "application/json")
                 verdict = outcome.decode_answer(decode.url, response.status_code, body, media_type)
             else:
                 self._chunks = response.aiter_bytes()
                 verdict = outcome.first_events(decode.url, await guard(self._first_events()))
+                if hasattr(response.stream, "read_timeout"):  # NodeTransport's: from now on
+                    response.stream.read_timeout = self.settings.token_timeout_s
         except httpx.HTTPError as exc:
             verdict = outcome.unreachable("decode", decode.url, exc)
         if isinstance(verdict, AttemptFailed):
@@ -116,9 +161,37 @@ class Exchange:
             await self._finish_decode()
         return verdict
 
-    def _post(self, worker: Worker) -> httpx.Request:
+    def _post(self, worker: Worker, read_timeout_s: float | None = None) -> httpx.Request:
         attempt = self.attempt
-        return self.upstream.post(worker.url, attempt.req.route, attempt.content, self.headers)
+        return self.upstream.post(
+            worker.url, attempt.req.route, attempt.content, self.headers, read_timeout_s
+        )
+
+    def _watch(self, worker: Worker) -> None:
+        def taken_out(reason: str) -> None:
+            self._taken_out(worker, reason)
+
+        worker.watchers.add(taken_out)
+        self._watching.append((worker, taken_out))
+
+    def _unwatch(self) -> None:
+        for worker, watcher in self._watching:
+            worker.watchers.discard(watcher)
+        self._watching = []
+
+    def _taken_out(self, worker: Worker, reason: str) -> None:
+        """`worker` left routing: fail what this exchange awaits from it (the open, or the
+        decode stream; a prefill node that already answered no longer matters)."""
+        if self._closed or self._gone is not None:
+            return
+        if self._opening is None and worker is not self.pair.decode:
+            return
+        role = "decode" if worker is self.pair.decode else "prefill"
+        self._gone = outcome.failed(role, worker.url, f"it was taken out of routing ({reason})")
+        if self._opening is not None:
+            self._opening.cancel()
+        elif self._response is not None and hasattr(self._response.stream, "fail"):
+            self._response.stream.fail(httpx.ReadError(self._gone.error.message))
 
     async def _first_events(self) -> Events:
         assert self._chunks is not None
@@ -131,35 +204,47 @@ class Exchange:
     # ---- relaying a stream: events have reached the client ----
 
     async def relay(self, first: Events, tracker: Tracker) -> AsyncIterator[bytes]:
-        """The client's SSE stream; ends in `[DONE]`, with an error event before it on failure.
+        """The client's events, up to and with `[DONE]`; raises `StreamBroken` when the decode
+        side fails first, once the good events before the failure were yielded.
 
         The events that arrive together leave together (one write to the client per chunk the
-        node sent, `[DONE]` joined to the last), as `EventSplitter` relays them.
+        node sent, `[DONE]` joined to the last), as `EventSplitter` relays them. An error event
+        of the client's kind (a refusal) is relayed; any other breaks the stream.
         """
-        ended_in_error = False
         try:
             events = first
             while True:
-                if events.data:
+                data = events.data
+                if data:
                     tracker.first_event()
                     assert events.last is not None
-                    ended_in_error = error_in(events.last) is not None
+                    error = error_in(events.last)
+                    if error is not None and not outcome.is_refusal(error):
+                        self._close_decode(ok=outcome.is_draining(error))
+                        if good := _without_last_event(data):
+                            self._count(events)
+                            yield good
+                        raise StreamBroken(outcome.failed_mid_stream(self.pair.decode.url, error))
+                    self._count(events)
+                    self.ended_in_error = error is not None
                 if events.done:
                     await self._finish_decode()
-                    yield events.data + DONE
+                    yield data + DONE
                     return
-                if events.data:
-                    yield events.data
+                if data:
+                    yield data
                 events = self.splitter.feed(await self._next_chunk())
         except (httpx.HTTPError, StreamCut) as exc:
             self._close_decode(ok=False)
-            tracker.stream_failed()
             log_event(logging.WARNING, "stream_failed", self.attempt.rid, error=repr(exc))
-            if not ended_in_error:
-                yield error_event(outcome.cut_mid_stream(self.pair.decode.url, exc))
-            yield DONE
+            raise StreamBroken(outcome.cut_mid_stream(self.pair.decode.url, exc)) from None
         finally:
             self.abandon()  # a no-op once closed; else the client went away mid-stream
+
+    def _count(self, events: Events) -> None:
+        self.streamed.extend(events.ids)
+        self.untagged += events.untagged
+        self.finished = self.finished or events.finished
 
     async def _next_chunk(self) -> bytes:
         assert self._chunks is not None
@@ -181,6 +266,7 @@ class Exchange:
     def _close_decode(self, ok: bool, release: bool = True) -> None:
         """The decode answer is complete (ok) or broken; release its load and connection."""
         self._closed = True
+        self._unwatch()
         self._end_decode_load()
         if ok:
             self.pair.decode.breaker.record_success()
@@ -202,6 +288,7 @@ class Exchange:
         if self._closed:
             return
         self._closed = True
+        self._unwatch()
         self._end_decode_load()
         self.prefill.cancel()
         self.tasks.spawn(self._abort_both())
@@ -218,6 +305,12 @@ class Exchange:
         rid, node_rid = self.attempt.rid, self.attempt.node_rid
         log_event(logging.INFO, "abort", rid, attempt=node_rid)
         await asyncio.gather(*(self.upstream.abort(w.url, node_rid) for w in targets))
+
+
+def _without_last_event(data: bytes) -> bytes:
+    """`data` (whole events) without its last event."""
+    cut = data.rfind(b"\n\ndata: ", 0, len(data) - 2)
+    return data[: cut + 2] if cut >= 0 else b""
 
 
 def _at_end(response: httpx.Response) -> bool:

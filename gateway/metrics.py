@@ -56,6 +56,7 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, int]] = Counter()  # (route, status)
         self.retries = 0
+        self.migrations = 0  # streams moved to another pair mid-stream
         self.stream_errors = 0  # streams that ended in an error event
         self.inflight = 0
         self.ttft = Histogram()
@@ -82,6 +83,12 @@ class GatewayMetrics:
         )
         lines += _scalar(
             "stream_errors_total", "counter", "Streams ended by an error.", self.stream_errors
+        )
+        lines += _scalar(
+            "migrations_total",
+            "counter",
+            "Streams moved to another pair after their decode node failed mid-stream.",
+            self.migrations,
         )
         for name, hist, text in (
             ("time_to_first_token_seconds", self.ttft, "Time to the first streamed event."),

@@ -24,7 +24,8 @@ from api.sse import SSEDecoder, error_in
 from .events import Events
 
 CLIENT_ERROR_TYPE = "invalid_request_error"  # an error event of this type is a refusal
-UPSTREAM_ERROR = "upstream_error"  # the code of an instance's failure, unless it named its own
+UPSTREAM_ERROR = "upstream_error"
+DRAINING = "draining"  # the code of a node's answer or event while it shuts down  # the code of an instance's failure, unless it named its own
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,24 @@ def error_verdict(role: str, url: str, error: dict[str, Any]) -> Refused | Attem
     integer 4xx `code`, as SGLang's nodes send) is a refusal with that status, relayed with the
     code as a string; anything else fails the instance."""
     code = error.get("code")
-    status = code if isinstance(code, int) and 400 <= code < 500 else None
-    if status is not None or error.get("type") == CLIENT_ERROR_TYPE:
+    if is_refusal(error):
+        status = code if isinstance(code, int) else 400
         relayed = {**error, "code": None if code is None else str(code)}
-        return Refused(Finished(status or 400, json.dumps({"error": relayed}).encode()))
+        return Refused(Finished(status, json.dumps({"error": relayed}).encode()))
     what = f"its stream carried an error: {error.get('message')}"
     return failed(role, url, what, code if isinstance(code, str) and code else UPSTREAM_ERROR)
+
+
+def is_refusal(error: dict[str, Any]) -> bool:
+    """Is an error event the client's fault (`type` invalid_request_error, or an integer 4xx
+    `code`, as SGLang's nodes send)?"""
+    code = error.get("code")
+    return (isinstance(code, int) and 400 <= code < 500) or error.get("type") == CLIENT_ERROR_TYPE
+
+
+def is_draining(error: dict[str, Any]) -> bool:
+    """Did the node end the request because it is shutting down (not because it failed)?"""
+    return error.get("code") == DRAINING
 
 
 def unreachable(role: str, url: str, exc: Exception) -> AttemptFailed:
@@ -107,6 +120,18 @@ def unreachable(role: str, url: str, exc: Exception) -> AttemptFailed:
 
 def failed(role: str, url: str, what: str, code: str = UPSTREAM_ERROR) -> AttemptFailed:
     return AttemptFailed(url, server_error(f"{role} instance {url} failed: {what}", 502, code=code))
+
+
+def failed_mid_stream(url: str, error: dict[str, Any]) -> ApiError:
+    """The decode node ended its stream with a server-side error event after events reached
+    the client: the error the client gets if the stream cannot move on."""
+    code = error.get("code")
+    return server_error(
+        f"decode instance {url} failed mid-stream ({error.get('message')}); the response is "
+        "incomplete",
+        502,
+        code=code if isinstance(code, str) and code else UPSTREAM_ERROR,
+    )
 
 
 def cut_mid_stream(url: str, exc: Exception) -> ApiError:

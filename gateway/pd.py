@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from api.resume import RESUME_IDS, TOKEN_IDS
 
 from .requests import Prepared
 from .workers import Pair
@@ -25,11 +28,23 @@ class Attempt:
 
     @classmethod
     def make(
-        cls, req: Prepared, rid: str, node_rid: str, pair: Pair, rng: random.Random
+        cls,
+        req: Prepared,
+        rid: str,
+        node_rid: str,
+        pair: Pair,
+        rng: random.Random,
+        movable: bool = False,
+        resume: Sequence[int] = (),
     ) -> Attempt:
-        """The attempt, with fresh bootstrap rooms drawn from `rng`."""
-        content = json.dumps(pd_body(req, node_rid, pair, rng)).encode()
-        return cls(req, rid, node_rid, pair, content)
+        """The attempt, with fresh bootstrap rooms drawn from `rng`. A `movable` stream asks
+        for its events' token ids; `resume` goes on after those ids (api/resume.py)."""
+        body = pd_body(req, node_rid, pair, rng)
+        if movable:
+            body[TOKEN_IDS] = True
+        if resume:
+            body[RESUME_IDS] = list(resume)
+        return cls(req, rid, node_rid, pair, json.dumps(body).encode())
 
 
 def pd_body(req: Prepared, rid: str, pair: Pair, rng: random.Random) -> dict[str, Any]:

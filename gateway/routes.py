@@ -28,6 +28,7 @@ from .exchange import Exchange
 from .limits import check_api_key
 from .logs import log
 from .metrics import CONTENT_TYPE
+from .migration import StreamRelay
 from .outcome import Finished
 from .requests import Prepared, prepare
 from .streaming import EventStreamResponse
@@ -71,7 +72,7 @@ async def generate(request: Request, route: str) -> Response:
     except BaseException:
         watch.stop()
         raise
-    return _respond(exchange, answer, tracker, watch)
+    return _respond(gw, exchange, answer, tracker, watch)
 
 
 async def _open(
@@ -86,6 +87,7 @@ async def _open(
 
 
 def _respond(
+    gw: Gateway,
     exchange: Exchange | None,
     answer: Finished | Events,
     tracker: Tracker,
@@ -97,12 +99,13 @@ def _respond(
         tracker.finish(answer.status)
         return Response(answer.body, answer.status, headers=headers, media_type=answer.media_type)
     assert exchange is not None
+    relay = StreamRelay(gw, exchange.attempt.req, tracker.rid, tracker, exchange)
 
     def on_close() -> None:
-        exchange.abandon()  # NOTE: a no-op after a whole stream; covers one that never started
+        relay.abandon()  # NOTE: a no-op after a whole stream; covers one that never started
         tracker.finish(200)
 
-    return EventStreamResponse(exchange.relay(answer, tracker), headers, on_close, watch)
+    return EventStreamResponse(relay.events(exchange, answer), headers, on_close, watch)
 
 
 async def _prepare(gw: Gateway, route: str, body: dict[str, Any], size: int) -> Prepared:

@@ -193,6 +193,13 @@ class _Body(httpx.AsyncByteStream):
             self.done = True
             self.conn.pool._release(self.conn)
 
+    def fail(self, error: Exception) -> None:
+        """End the body with `error` now, whatever arrives (its instance was taken out): a read
+        waiting for bytes raises it, and the connection closes."""
+        if not self.done and not self.conn.complete:
+            self.conn._fail(error)
+            self.conn.close()
+
     async def aclose(self) -> None:
         self._finish()  # NOTE: a body not read to its end closes the connection (see _release)
 

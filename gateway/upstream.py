@@ -53,9 +53,17 @@ class Upstream:
         headers["content-length"] = str(content_length)
         return headers
 
-    def post(self, base: str, route: str, content: bytes, headers: httpx.Headers) -> httpx.Request:
+    def post(
+        self,
+        base: str,
+        route: str,
+        content: bytes,
+        headers: httpx.Headers,
+        read_timeout_s: float | None = None,
+    ) -> httpx.Request:
         """A POST of `content` to instance `base`'s `route` with `headers` (see `headers`) and the
-        client's timeouts: what `client.build_request` makes, built for a hot path."""
+        client's timeouts (the read timeout replaced by `read_timeout_s` if given): what
+        `client.build_request` makes, built for a hot path."""
         endpoint = self._endpoints.get((base, route))
         if endpoint is None:
             url = httpx.URL(base + route)
@@ -63,12 +71,11 @@ class Upstream:
         url, host = endpoint
         headers = httpx.Headers(headers)
         headers["host"] = host
+        extensions = self._extensions
+        if read_timeout_s is not None:
+            extensions = {"timeout": {**extensions["timeout"], "read": read_timeout_s}}
         return httpx.Request(
-            "POST",
-            url,
-            headers=headers,
-            stream=httpx.ByteStream(content),
-            extensions=self._extensions,
+            "POST", url, headers=headers, stream=httpx.ByteStream(content), extensions=extensions
         )
 
     async def send(self, request: httpx.Request) -> httpx.Response:

@@ -6,8 +6,7 @@ this gateway itself has in flight on the instance: requests and (estimated) toke
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,19 +38,19 @@ class Worker:
     outstanding_tokens: int = 0
     out_reason: str | None = None  # why it was taken out of routing (None while healthy)
     host: str = field(init=False)
-    # set when the instance is taken out: requests streaming from it move elsewhere at once
-    gone: asyncio.Event = field(init=False, repr=False)
+    # called with the reason when the instance is taken out: what streams from it moves at once
+    watchers: set[Callable[[str], None]] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         self.host = urlsplit(self.instance.url).hostname or ""
-        self.gone = asyncio.Event()
 
     def take_out(self, reason: str) -> bool:
         """Stop routing to the instance (health checks failed, it is draining, it hangs) and
         wake what streams from it; False when it was out already."""
         was_in = self.healthy
         self.healthy, self.out_reason = False, reason
-        self.gone.set()
+        for watcher in list(self.watchers):
+            watcher(reason)
         return was_in
 
     def take_back(self) -> bool:
@@ -59,7 +58,6 @@ class Worker:
         if self.healthy:
             return False
         self.healthy, self.out_reason, self.failed_checks = True, None, 0
-        self.gone = asyncio.Event()
         return True
 
     @property

@@ -9,7 +9,10 @@ from typing import Any
 from transformers import PreTrainedTokenizerFast
 
 from api.chat import chat_prompt_ids
+from engine.stop import replay_text
+from engine.tokenizer import IncrementalDetokenizer
 from node.channel import SchedulerClient
+from node.messages import GenerateRequest, TokenOutput
 from node.metrics import NodeMetrics
 from node.settings import NodeSettings
 
@@ -36,3 +39,14 @@ class NodeContext:
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
+
+    def resumed_output(self, req: GenerateRequest) -> TokenOutput:
+        """A resumed request's output as its stream showed it before it moved here (the engine
+        replays it alike), so whole answers and cumulative streams include it."""
+        ids = req.prompt_ids[len(req.prompt_ids) - req.num_resumed :]
+        skip = req.params.get("skip_special_tokens", True)
+        stop = req.params.get("stop") or []
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=bool(skip))
+        _, shown = replay_text(detokenizer, ids, stops)
+        return TokenOutput(req.rid, token_ids=list(ids), text=shown, completion_tokens=len(ids))

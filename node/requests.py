@@ -13,6 +13,7 @@ from typing import Any
 
 from api.errors import invalid_request
 from api.openai import ChatCompletionRequest, CompletionRequest
+from api.resume import RESUME_IDS, resume_ids
 from node.messages import GenerateRequest
 
 # Extra sampling fields clients may send beside OpenAI's (SGLang / vLLM extensions).
@@ -87,6 +88,9 @@ def make_jobs(
             f"{total} prompts x samples need {total} bootstrap rooms (send bootstrap_room as a list)",
             param="bootstrap_room",
         )
+    resume = resume_ids(body)
+    if resume and total > 1:
+        raise invalid_request(f"{RESUME_IDS} goes with one prompt and n=1", param=RESUME_IDS)
     jobs = []
     for p, prompt in enumerate(prompts):
         for i in range(n):
@@ -95,7 +99,8 @@ def make_jobs(
                 sample["seed"] = sample["seed"] + i  # n different samples, still reproducible
             index = p * n + i
             boot = bootstrap_of(body, index, total)
-            req = GenerateRequest(job_rid(rid, index, total), list(prompt), sample, **boot)
+            ids, rid_i = [*prompt, *resume], job_rid(rid, index, total)
+            req = GenerateRequest(rid_i, ids, sample, num_resumed=len(resume), **boot)
             jobs.append(Job(index, p, req))
     return jobs
 

@@ -38,6 +38,7 @@ from api.openai import (
     ResponseMessage,
     parse_request,
 )
+from api.resume import wants_token_ids
 from api.sse import MEDIA_TYPE, STREAM_HEADERS
 from node import requests as nreq
 from node import responses as fmt
@@ -91,7 +92,7 @@ class NodeRoutes:
                 return chunk_payload(resp, reason)
 
             tail = usage_tail(req.include_usage, run, CompletionResponse, rid, created, model)
-            return self._stream(run, first, chunk, tail, rid)
+            return self._stream(run, first, chunk, tail, rid, wants_token_ids(body))
         await self._finish(request, run)
         choices = [choice(s, s.out, s.out.finish_reason) for s in run.ordered]
         usage = fmt.usage_of(run.ordered)
@@ -117,7 +118,8 @@ class NodeRoutes:
             )
 
         if req.stream:
-            started: set[int] = set()
+            # a resumed stream (api/resume.py) said "assistant" on the node it came from
+            started = {j.index for j in jobs if j.request.num_resumed}
 
             def chunk(state: JobState, out: TokenOutput) -> dict:
                 index = state.job.index
@@ -133,7 +135,7 @@ class NodeRoutes:
                 return chunk_payload(resp, reason)
 
             tail = usage_tail(req.include_usage, run, ChatCompletionChunk, rid, created, model)
-            return self._stream(run, first, chunk, tail, rid)
+            return self._stream(run, first, chunk, tail, rid, wants_token_ids(body))
         await self._finish(request, run)
         choices = []
         for s in run.ordered:
@@ -164,7 +166,8 @@ class NodeRoutes:
             return fmt.native_result(state.out, time.monotonic() - run.started, with_lp)
 
         if body.get("stream"):
-            return self._stream(run, first, lambda s, _o: result(s), list, rid)
+            tag = wants_token_ids(body)
+            return self._stream(run, first, lambda s, _o: result(s), list, rid, tag)
         await self._finish(request, run)
         results = [result(s) for s in run.ordered]
         return self._json(results if batch else results[0], rid, run)
@@ -176,6 +179,9 @@ class NodeRoutes:
     ) -> tuple[JobRun, list[tuple[JobState, TokenOutput]]]:
         """Submit the jobs and wait for every job's first output."""
         run = JobRun(self.ctx.client, jobs, self.ctx.request_timeout_s)
+        for state in run.states.values():
+            if state.job.request.num_resumed:
+                state.out = self.ctx.resumed_output(state.job.request)
         try:
             await run.start()
             first = await _unless_client_leaves(request, run.first_outputs())
@@ -197,10 +203,11 @@ class NodeRoutes:
         chunk: ChunkMaker,
         tail: Callable[[], list[dict]],
         rid: str,
+        tag: bool,
     ) -> Response:
         self.ctx.metrics.observe_first_token(run.first_token_s)
         return StreamingResponse(
-            stream_jobs(run, first, chunk, tail),
+            stream_jobs(run, first, chunk, tail, tag),
             media_type=MEDIA_TYPE,
             headers={**STREAM_HEADERS, "X-Request-Id": rid},
         )

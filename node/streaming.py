@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from api.errors import ApiError
+from api.resume import ids_comment
 from api.sse import DONE, encode_event, error_event
 from node.jobs import JobRun, JobState
 from node.messages import TokenOutput
@@ -19,21 +20,34 @@ async def stream_jobs(
     first: list[tuple[JobState, TokenOutput]],
     chunk: ChunkMaker,
     tail: Callable[[], list[dict[str, Any]]],
+    tag: bool = False,
 ) -> AsyncIterator[bytes]:
     """The events of a run whose first outputs arrived already; aborts what is left at the end
-    (the client went away, or a job failed)."""
+    (the client went away, or a job failed). With `tag`, each event carries the token ids it
+    added in a comment line first (api/resume.py)."""
+    untold: list[int] = []  # ids of outputs that made no event, told with the next one
+
+    def event(payload: dict[str, Any] | None, out: TokenOutput | None) -> bytes:
+        if out is not None:
+            untold.extend(out.token_ids)
+        if payload is None:
+            return b""
+        if not tag:
+            return encode_event(payload)
+        line = ids_comment(untold, out is not None and out.finished)
+        untold.clear()
+        return line + encode_event(payload)
+
     try:
         for state, out in first:
-            payload = chunk(state, out)
-            if payload is not None:
-                yield encode_event(payload)
+            if data := event(chunk(state, out), out):
+                yield data
         while not run.done:
             state, out = await run.next()
-            payload = chunk(state, out)
-            if payload is not None:
-                yield encode_event(payload)
+            if data := event(chunk(state, out), out):
+                yield data
         for payload in tail():
-            yield encode_event(payload)
+            yield event(payload, None)
     except ApiError as err:
         yield error_event(err)
     finally:
