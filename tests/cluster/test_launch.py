@@ -336,6 +336,24 @@ def test_a_killed_component_restarts_while_the_others_serve(run: Run, tmp_path: 
     assert wait_until(lambda: not any(alive(pid) for pid in run.all_pids()))
 
 
+def test_a_restart_that_stays_unhealthy_counts_as_an_exit(run: Run, tmp_path: Path) -> None:
+    run.add("prefill-0")
+    victim = run.add("decode-0")
+    run.start(timeout_s=2.0, log_dir=tmp_path / "logs")
+    run.wait_ready()
+    health = tmp_path / "site-decode-0" / "health"
+    health.unlink()  # its next runs serve, but /health is a 404
+    os.killpg(victim.pids()[0], signal.SIGKILL)
+    url = f"http://127.0.0.1:{victim.port}/health"
+    late = f"component 'decode-0' did not become healthy at {url} within 2s"
+    assert wait_until(lambda: late in run.stderr()), run.stderr()
+    health.write_text("ok")
+    assert wait_until(lambda: run.state()["decode-0"]["state"] == "up")
+    assert run.state()["decode-0"]["restarts"] >= 2  # the kill, the unhealthy run
+    assert f"{late} (last check: HTTP 404); restarting it in" in run.stderr()
+    assert run.proc.poll() is None  # not the start's timeout: the launch goes on
+
+
 def test_a_component_that_keeps_dying_is_given_up_on_once(run: Run, tmp_path: Path) -> None:
     others = [run.add("prefill-0"), run.add("decode-0")]
     run.add_command("decode-1", [sys.executable, "-c", CRASH], free_port())
