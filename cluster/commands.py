@@ -37,12 +37,14 @@ def add_launch(sub: argparse._SubParsersAction) -> None:
     add_set(p)
     p.add_argument("--log-dir", type=Path, help="write NAME.log files here instead of stderr")
     p.add_argument(
-        "--timeout", type=float, default=600.0,
-        help="seconds to wait for every component to be healthy (default: %(default)s)",
+        "--timeout", type=float,
+        help="seconds to wait for every component to be healthy (default: the config's "
+        "launch.health_timeout_s, 600)",
     )  # fmt: skip
     p.add_argument(
-        "--grace", type=float, default=10.0,
-        help="seconds between SIGTERM and SIGKILL when stopping (default: %(default)s)",
+        "--grace", type=float,
+        help="seconds between SIGTERM and SIGKILL when stopping, for the gateway and then for "
+        "the nodes (default: the config's launch.grace_s, 45)",
     )  # fmt: skip
     p.add_argument(
         "--dry-run", action="store_true",

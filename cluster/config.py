@@ -8,6 +8,7 @@ transfer: {backend: mooncake, protocol: tcp}
 gateway: {port: 30000, prefill_policy: cache_aware}   # any GatewaySettings field
 prefill: [{name: prefill-0, port: 30001, bootstrap_port: 8998}]
 decode: [{name: decode-0, port: 30002, engine: {max_running: 64}}]
+launch: {restart_budget: 5, grace_s: 45}   # how `pdserve launch` restarts and stops (LaunchSettings)
 ```
 
 `load_cluster(path, overrides)` reads, applies `--set` overrides and validates; the result hands

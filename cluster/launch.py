@@ -7,6 +7,7 @@ settings alike.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import shlex
 import socket
@@ -14,13 +15,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .child import Component
 from .config import load_cluster, resolve_config_path
+from .launch_settings import LaunchSettings
 from .schema import ConfigError
 from .spec import GATEWAY, ClusterConfig, http_url
-from .supervisor import Component, Supervisor
+from .supervisor import Supervisor
 from .validate import listeners
 
 ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+NEEDED_ROLES = ("gateway", "decode")  # with none of either left, the cluster serves nothing
+FLAGS = {"health_timeout_s": "--timeout", "grace_s": "--grace"}
 
 
 def launch(
@@ -28,12 +33,14 @@ def launch(
     overrides: Sequence[str] = (),
     *,
     log_dir: Path | None = None,
-    timeout_s: float = 600.0,
-    grace_s: float = 10.0,
+    timeout_s: float | None = None,
+    grace_s: float | None = None,
 ) -> int:
-    """Start the cluster, print its URL when every component is healthy, run until stopped."""
+    """Start the cluster, print its URL when every component is healthy, supervise it until
+    stopped. `timeout_s` and `grace_s`, when given, override the config's `launch` section."""
     path = resolve_config_path(config).resolve()  # the components may not share our cwd
     cluster = load_cluster(path, list(overrides))
+    settings = with_flags(cluster.launch, health_timeout_s=timeout_s, grace_s=grace_s)
     check_can_listen(cluster)
     if not Path(cluster.model_path()).exists():
         print(f"pdserve launch: writing model.make to {cluster.model_path()}", file=sys.stderr)
@@ -41,7 +48,19 @@ def launch(
     components = cluster_components(cluster, path, overrides)
     host, port = cluster.address_of(GATEWAY)
     ready = f"pdserve cluster ready: {http_url(ANY_ADDRESS.get(host, host), port)}/v1"
-    return Supervisor(components, log_dir=log_dir, grace_s=grace_s).run(ready, timeout_s)
+    return Supervisor(components, settings, log_dir).run(ready)
+
+
+def with_flags(settings: LaunchSettings, **flags: float | None) -> LaunchSettings:
+    """`settings` with the flags that were given (not None) over the config's values."""
+    for name, value in flags.items():
+        if value is None:
+            continue
+        try:
+            settings = dataclasses.replace(settings, **{name: value})
+        except ValueError as exc:  # "grace_s must be >= 0, ...": name the flag instead
+            raise ConfigError(f"{FLAGS[name]}: {str(exc).partition(' ')[2]}") from None
+    return settings
 
 
 def dry_run(config: str | None, overrides: Sequence[str] = ()) -> int:
@@ -64,15 +83,20 @@ def cluster_components(
     cluster: ClusterConfig, path: Path, overrides: Sequence[str]
 ) -> list[Component]:
     """The command and health URL of every component; the gateway starts once nodes are up."""
-    return [
-        Component(
-            name,
-            component_argv(cluster.role_of(name), path, name, overrides),
-            health(cluster, name),
-            stage=1 if name == GATEWAY else 0,
-        )
-        for name in cluster.component_names()
-    ]
+    return [component_of(cluster, name, path, overrides) for name in cluster.component_names()]
+
+
+def component_of(
+    cluster: ClusterConfig, name: str, path: Path, overrides: Sequence[str]
+) -> Component:
+    role = cluster.role_of(name)
+    return Component(
+        name,
+        component_argv(role, path, name, overrides),
+        health(cluster, name),
+        stage=1 if name == GATEWAY else 0,
+        needed_group=role if role in NEEDED_ROLES else None,
+    )
 
 
 def component_argv(role: str, path: Path, name: str, overrides: Sequence[str]) -> tuple[str, ...]:

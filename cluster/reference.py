@@ -22,6 +22,7 @@ from node.settings import NodeSettings
 from transfer import served_backends
 from transfer.config import TransferConfig
 
+from .launch_settings import LaunchSettings
 from .spec import DecodeSpec, ModelSpec, PrefillSpec
 
 HEADER = """# Configuration reference
@@ -58,6 +59,13 @@ SECTIONS: tuple[tuple[str, str, type, tuple[str, ...]], ...] = (
         ("host", "bootstrap_port"),
     ),
     ("gateway", "the gateway", GatewaySettings, ("prefill", "decode")),
+    (
+        "launch",
+        "how `pdserve launch` supervises the components: a component that exits is restarted "
+        "with backoff while the others serve; `--timeout` and `--grace` override two keys",
+        LaunchSettings,
+        (),
+    ),
     ("prefill[]", "prefill nodes, a list of entries", PrefillSpec, ()),
     ("decode[]", "decode nodes, a list of entries (at least one)", DecodeSpec, ()),
 )

@@ -15,6 +15,7 @@ from modelgen.spec import MakeSpec
 from node.settings import NodeSettings
 from transfer.config import TransferConfig
 
+from .launch_settings import LaunchSettings
 from .modelcache import ensure_model, model_dir
 from .schema import ConfigError, did_you_mean
 
@@ -67,6 +68,7 @@ class ClusterConfig:
         default_factory=TransferConfig, metadata={"skip": ("host", "bootstrap_port")}
     )
     gateway: GatewaySettings = field(default_factory=GatewaySettings)  # without instances
+    launch: LaunchSettings = field(default_factory=LaunchSettings)  # `pdserve launch` only
 
     def component_names(self) -> tuple[str, ...]:
         """Every component, in start order: prefill nodes, decode nodes, the gateway."""

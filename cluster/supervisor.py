@@ -1,45 +1,44 @@
-"""Child processes that live and die together: start, wait until healthy, watch, stop.
+"""Child processes run as one cluster: start in stages, restart what dies, stop in order.
 
-Each component runs in its own session (so its own process group): a terminal's Ctrl-C reaches
-only the supervisor, which then stops every group in order, and signals to a group reach the
-processes a component started itself (a node's scheduler process). Stopping is SIGTERM to every
-group, a grace period, then SIGKILL to whatever is left of them. When one component exits on its
-own, the supervisor stops the others and reports which one died, with the end of its log.
+Components start stage by stage (the gateway once the nodes are healthy). One that exits is
+restarted with the same command after a backoff that doubles, while the others keep serving,
+until it spends its budget of restarts in a window (cluster/launch_settings.py); then it stays
+down, unless nothing could serve without it (no gateway, or no decode node left): then the
+supervisor stops everything and fails, naming it and quoting the end of its log. At start, a
+component that is not healthy within the health timeout fails the launch as before; after it, a
+restarted one that is not healthy in time counts as one more exit.
+
+Only a SIGINT or SIGTERM to the supervisor stops the cluster, highest stage first: SIGTERM to the
+gateway and up to the grace period for it to finish its open streams, then the same for the
+nodes (which drain), then SIGKILL to whatever is left of every group. With a log dir,
+`launch-state.json` there says where each component stands, for tools (a pid is also the
+component's process group id).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from .child import Child, Component, health_error
+from .launch_settings import LaunchSettings
+from .supervised import Supervised
+
 POLL_S = 0.1
-TAIL_LINES = 30
-
-
-@dataclass(frozen=True)
-class Component:
-    """One child process: a name for logs and errors, its command line, its health URL."""
-
-    name: str
-    argv: tuple[str, ...]
-    health_url: str | None = None  # GET must answer 200 before the component counts as up
-    stage: int = 0  # stages start in order, each once the one before is healthy
+STATE_FILE = "launch-state.json"
 
 
 class ComponentFailed(RuntimeError):
-    """A component exited, or did not become healthy in time."""
+    """The cluster cannot go on: a component was not healthy in time at start, or was given up
+    on and nothing can serve without it."""
 
-    def __init__(self, message: str, child: Child) -> None:
+    def __init__(self, message: str, child: Child | None) -> None:
         super().__init__(message)
         self.child = child
 
@@ -48,88 +47,44 @@ class StopRequested(Exception):
     """SIGINT or SIGTERM reached the supervisor."""
 
 
-class Child:
-    """A running component: its process, and a thread that copies its output to the log sink."""
-
-    def __init__(self, component: Component, sink: IO[str], lock: threading.Lock) -> None:
-        self.component = component
-        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            component.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        self.pump = threading.Thread(target=self.copy_output, args=(sink, lock), daemon=True)
-        self.pump.start()
-
-    def copy_output(self, sink: IO[str], lock: threading.Lock) -> None:
-        prefix = f"[{self.component.name}] " if sink in (sys.stderr, sys.stdout) else ""
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", errors="replace").rstrip("\n")
-            self.tail.append(line)
-            with lock:
-                sink.write(f"{prefix}{line}\n")
-                sink.flush()
-
-    def signal_group(self, signum: int) -> bool:
-        """Send `signum` to the component's process group; False when the group is gone."""
-        try:
-            os.killpg(self.proc.pid, signum)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # a reused id that is no longer ours
-            return False
-        return True
-
-    def group_alive(self) -> bool:
-        self.proc.poll()  # reap the leader, so a zombie does not keep the group alive
-        return self.signal_group(0) and group_has_live_member(self.proc.pid)
-
-    def log_tail(self) -> str:
-        self.pump.join(timeout=1.0)  # the last lines, written before the exit
-        lines = list(self.tail) or ["(no output)"]
-        return "\n".join(f"    {line}" for line in lines)
-
-    def exit_description(self) -> str:
-        code = self.proc.returncode
-        if code is not None and code < 0:
-            return f"was killed by {signal.Signals(-code).name}"
-        return f"exited with code {code}"
-
-
 class Supervisor:
-    """Runs components as one unit; `run` is the whole life cycle."""
+    """Runs components as one cluster; `run` is the whole life cycle."""
 
     def __init__(
-        self, components: list[Component], log_dir: Path | None = None, grace_s: float = 10.0
+        self,
+        components: list[Component],
+        settings: LaunchSettings | None = None,
+        log_dir: Path | None = None,
     ) -> None:
-        self.components = components
+        self.settings = settings or LaunchSettings()
         self.log_dir = log_dir
-        self.grace_s = grace_s
-        self.children: list[Child] = []
         self.lock = threading.Lock()
         self.sinks: list[IO[str]] = []
+        self.members = [
+            Supervised(c, self.settings, self.sink_for(c), self.lock) for c in components
+        ]
+        self.active: list[Supervised] = []  # the members of every stage started so far
+        self.start_deadline = 0.0
+        self.ready = False
         self.signal_received: int | None = None
         self.stopped = False
 
-    def run(self, ready_message: str, timeout_s: float) -> int:
-        """Start all, wait for health, print `ready_message`, watch; 0 after a requested stop."""
+    def run(self, ready_message: str) -> int:
+        """Start all, wait for health, print `ready_message`, supervise; 0 after a requested
+        stop, 1 when the cluster could not start or can no longer serve."""
         previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self.start_stages(timeout_s)
+            self.write_state()
+            self.start_stages()
+            self.ready = True
             print(ready_message, flush=True)
             self.watch()
         except StopRequested:
             return 0
         except ComponentFailed as exc:
             self.stop_all()  # first: then its pipe is closed and its log complete
-            tail = exc.child.log_tail()
-            print(f"pdserve launch: {exc}; its log ends with:\n{tail}", file=sys.stderr, flush=True)
+            tail = exc.child.log_tail() if exc.child else "    (no output)"
+            self.say(f"{exc}; its log ends with:\n{tail}")
             return 1
         finally:
             self.stop_all()
@@ -144,16 +99,10 @@ class Supervisor:
         if self.signal_received is not None:
             raise StopRequested
 
-    def start_stages(self, timeout_s: float) -> None:
-        """Start every component, stage by stage, each stage once the one before is healthy."""
-        deadline = time.monotonic() + timeout_s
-        for stage in sorted({c.stage for c in self.components}):
-            started = []
-            for component in (c for c in self.components if c.stage == stage):
-                self.check_stop()
-                started.append(Child(component, self.sink_for(component), self.lock))
-                self.children.append(started[-1])
-            self.wait_healthy(started, deadline, timeout_s)
+    def say(self, line: str) -> None:
+        """One line about an event, on stderr (beside the components' prefixed lines)."""
+        with self.lock:
+            print(f"pdserve launch: {line}", file=sys.stderr, flush=True)
 
     def sink_for(self, component: Component) -> IO[str]:
         if self.log_dir is None:
@@ -163,89 +112,128 @@ class Supervisor:
         self.sinks.append(sink)
         return sink
 
-    def wait_healthy(self, children: list[Child], deadline: float, timeout_s: float) -> None:
-        pending = [c for c in children if c.component.health_url]
-        last_error: dict[str, str] = {}
-        while pending:
-            self.check_stop()
-            self.check_exits()
-            for child in list(pending):
-                error = health_error(child.component.health_url or "")
-                if error is None:
-                    pending.remove(child)
-                last_error[child.component.name] = error or ""
-            if pending and time.monotonic() > deadline:
-                child = pending[0]
-                raise ComponentFailed(
-                    f"component {child.component.name!r} did not become healthy at "
-                    f"{child.component.health_url} within {timeout_s:g}s (last check: "
-                    f"{last_error[child.component.name]})",
-                    child,
-                )
-            if pending:
+    def start_stages(self) -> None:
+        """Start every component, stage by stage, each stage once the one before is settled
+        (healthy, or given up on)."""
+        self.start_deadline = time.monotonic() + self.settings.health_timeout_s
+        for stage in sorted({m.component.stage for m in self.members}):
+            started = [m for m in self.members if m.component.stage == stage]
+            for member in started:
+                self.check_stop()
+                member.start(self.start_deadline)
+                self.active.append(member)
+            self.write_state()
+            while True:
+                self.check_stop()
+                self.poll()
+                if all(m.state in ("up", "given_up") for m in started):
+                    break
                 time.sleep(POLL_S)
 
-    def check_exits(self) -> None:
-        for child in self.children:
-            if child.proc.poll() is not None:
-                raise ComponentFailed(
-                    f"component {child.component.name!r} {child.exit_description()}; "
-                    "stopped the others",
-                    child,
-                )
-
     def watch(self) -> None:
-        """Return never: raise StopRequested on a signal, ComponentFailed when a child exits."""
+        """Return never: raise StopRequested on a signal, ComponentFailed when nothing can
+        serve any more."""
         while True:
             self.check_stop()
-            self.check_exits()
+            self.poll()
             time.sleep(POLL_S)
 
+    def poll(self) -> None:
+        """One look at every started component: exits, health, restarts that are due."""
+        now = time.monotonic()
+        for member in self.active:
+            if member.exited():
+                assert member.child is not None
+                self.on_exit(member, member.child.exit_description())
+            elif member.state == "starting":
+                self.check_health(member, now)
+            elif member.state == "backoff" and now >= member.restart_at:
+                timeout = self.settings.health_timeout_s
+                member.start(now + timeout if self.ready else self.start_deadline)
+                self.write_state()
+
+    def check_health(self, member: Supervised, now: float) -> None:
+        url = member.component.health_url
+        error = health_error(url) if url else None
+        if error is None:
+            member.state = "up"
+            self.write_state()
+            if member.restarts:
+                self.say(f"component {member.name!r} is healthy again")
+            return
+        if now <= member.deadline:
+            return
+        timeout = self.settings.health_timeout_s
+        late = f"did not become healthy at {url} within {timeout:g}s (last check: {error})"
+        if not self.ready:
+            raise ComponentFailed(f"component {member.name!r} {late}", member.child)
+        self.on_exit(member, late)
+
+    def on_exit(self, member: Supervised, description: str) -> None:
+        """A run ended (or was ended): restart it after the backoff, or give up on it."""
+        member.end_run(description)
+        delay = member.schedule_restart(time.monotonic())
+        self.write_state()
+        if delay is not None:
+            restart = f"restarting it in {delay:g}s ({member.budget_line()})"
+            self.say(f"component {member.name!r} {description}; {restart}")
+            return
+        gave_up = f"gave up on component {member.name!r} {member.spent_line()}"
+        gave_up += f"; its last run {description}"
+        group = self.unserved_group()
+        if group is not None:
+            raise ComponentFailed(
+                f"{gave_up}; with no {group} component left nothing can serve, so the "
+                "launcher stopped the cluster",
+                member.child,
+            )
+        assert member.child is not None
+        self.say(f"{gave_up}; its log ends with:\n{member.child.log_tail()}")
+
+    def unserved_group(self) -> str | None:
+        """A needed group whose every component has been given up on, if there is one."""
+        groups = sorted({m.component.needed_group for m in self.members} - {None})
+        for group in groups:
+            members = [m for m in self.members if m.component.needed_group == group]
+            if all(m.state == "given_up" for m in members):
+                return group
+        return None
+
     def stop_all(self) -> None:
-        """SIGTERM to every group (last started first), grace, SIGKILL to what is left."""
+        """Stage by stage, last first: SIGTERM, up to the grace period for those groups to
+        exit; then SIGKILL to what is left of every group."""
         if self.stopped:
             return
         self.stopped = True
-        for child in reversed(self.children):
-            child.signal_group(signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_s
-        while any(c.group_alive() for c in self.children) and time.monotonic() < deadline:
-            time.sleep(POLL_S / 2)
-        for child in self.children:
-            child.signal_group(signal.SIGKILL)
-            child.proc.wait()
-            child.pump.join(timeout=1.0)
+        for stage in sorted({m.component.stage for m in self.active}, reverse=True):
+            running = [m for m in self.active if m.component.stage == stage and m.running]
+            self.terminate([m.child for m in running if m.child is not None])
+        for member in self.active:
+            if member.running and member.child is not None:
+                member.child.kill()
+            if member.child is not None:
+                member.child.pump.join(timeout=1.0)
+        for member in self.members:
+            if member.state != "given_up":
+                member.stop()
+        self.write_state()
         for sink in self.sinks:
             sink.close()
 
+    def terminate(self, children: list[Child]) -> None:
+        """SIGTERM to each group, then wait up to the grace period for all of them to exit."""
+        for child in children:
+            child.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.grace_s
+        while any(c.group_alive() for c in children) and time.monotonic() < deadline:
+            time.sleep(POLL_S / 2)
 
-def group_has_live_member(pgid: int) -> bool:
-    """Whether a process of group `pgid` is still running (zombies do not count).
-
-    NOTE: an orphaned grandchild is reparented to init, and where init does not reap (containers,
-    microVMs) it stays a zombie: signalling the group still succeeds then, so /proc decides.
-    """
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return True
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, IndexError, ValueError):
-            continue
-        if int(group) == pgid and state != "Z":
-            return True
-    return False
-
-
-def health_error(url: str) -> str | None:
-    """None when GET `url` answers 200, else what went wrong (proxies ignored: local checks)."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=2.0) as response:
-            return None if response.status == 200 else f"HTTP {response.status}"
-    except urllib.error.HTTPError as exc:
-        return f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return str(reason)
+    def write_state(self) -> None:
+        """`launch-state.json` in the log dir, replaced whole (readers never see half of it)."""
+        if self.log_dir is None:
+            return
+        state = {"components": {m.name: m.describe() for m in self.members}}
+        path = self.log_dir / STATE_FILE
+        temporary = path.with_name(f".{STATE_FILE}.tmp")
+        temporary.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+        os.replace(temporary, path)

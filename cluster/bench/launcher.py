@@ -21,8 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from ..launch_settings import LaunchSettings
+
 READY = re.compile(r"pdserve cluster ready: (\S+)")
-STOP_GRACE_S = 30.0  # the launcher's own grace (10 s by default) plus slack
+# the launcher's own grace, for the gateway and then for the nodes (45 s each by default), + slack
+STOP_GRACE_S = 2 * LaunchSettings.grace_s + 30.0
 PDSERVE_LAUNCH = (sys.executable, "-m", "cluster.cli", "launch")
 
 

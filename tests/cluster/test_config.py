@@ -19,6 +19,7 @@ from cluster import modelcache, reference
 from cluster.cli import build_parser
 from cluster.cli import main as pdserve
 from cluster.config import CONFIGS_DIR, DEFAULT_CONFIG, load_cluster, parse_cluster
+from cluster.launch_settings import LaunchSettings
 from cluster.modelcache import ensure_model, model_dir
 from cluster.schema import ConfigError
 from engine.options import EngineOptions
@@ -160,6 +161,26 @@ def test_transfer_timeouts_must_be_positive_and_ordered() -> None:
         config_with(transfer={"quarantine_s": -1})
     )
     assert parse_cluster(config_with(transfer={"quarantine_s": 0})).transfer.quarantine_s == 0
+
+
+def test_launch_section_sets_the_supervision_and_is_checked() -> None:
+    assert parse_cluster(BASE).launch == LaunchSettings()
+    launch = {"restart_backoff_s": 0.5, "restart_budget": 0, "grace_s": 60}
+    assert parse_cluster(config_with(launch=launch)).launch == LaunchSettings(**launch)
+    assert "launch.restart_budget: must be >= 0 (0: never), got -1" in error_of(
+        config_with(launch={"restart_budget": -1})
+    )
+    assert "launch.grace_s: must be >= 0" in error_of(config_with(launch={"grace_s": -5}))
+    assert "launch.restart_backoff_s: must be > 0" in error_of(
+        config_with(launch={"restart_backoff_s": -1})
+    )
+    assert "launch.restart_backoff_max_s: must be >= restart_backoff_s (2.0 < 4.0)" in error_of(
+        config_with(launch={"restart_backoff_s": 4, "restart_backoff_max_s": 2})
+    )
+    assert "launch.restart_budget: expected int, got float 2.5" in error_of(
+        config_with(launch={"restart_budget": 2.5})
+    )
+    assert "did you mean 'grace_s'?" in error_of(config_with(launch={"grace": 3}))
 
 
 def test_at_least_one_decode_node() -> None:
@@ -487,14 +508,15 @@ def test_launch_help_shows_its_defaults(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit):
         pdserve(["launch", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "healthy (default: 600.0)" in text and "SIGKILL when stopping (default: 10.0)" in text
+    assert "(default: the config's launch.health_timeout_s, 600)" in text
+    assert "(default: the config's launch.grace_s, 45)" in text
     assert "--dry-run" in text
 
 
 def test_the_config_reference_is_written_from_the_settings_types() -> None:
     page = (CONFIGS_DIR.parent / "docs" / "CONFIG.md").read_text()
     assert page == reference.render(), "docs/CONFIG.md is stale: python -m cluster.reference"
-    for cls in (EngineOptions, TransferConfig, GatewaySettings, MakeSpec):
+    for cls in (EngineOptions, TransferConfig, GatewaySettings, MakeSpec, LaunchSettings):
         for f in dataclasses.fields(cls):
             if f.name not in ("prefill", "decode", "host", "bootstrap_port"):
                 assert f"| `{f.name}` |" in page, f"{cls.__name__}.{f.name} is not in CONFIG.md"

@@ -1,8 +1,9 @@
-"""The launcher's supervision with real child processes: clean stops, dying children, health waits.
+"""The launcher's supervision with real child processes: restarts, giving up, ordered stops,
+health waits, the state file.
 
 Stand-in components are small real servers (Python's http.server, each starting a grandchild
 process the way a node starts its scheduler process), so the process-tree handling is what runs
-under `pdserve launch`.
+under `pdserve launch`. Backoffs are tiny here (RESTARTS), so a restart takes a moment.
 """
 
 from __future__ import annotations
@@ -23,22 +24,36 @@ from typing import Any
 
 import pytest
 
+from cluster.child import group_has_live_member
 from cluster.cli import main as pdserve_main
 from cluster.config import DEFAULT_CONFIG, load_cluster
-from cluster.launch import check_can_listen, cluster_components
+from cluster.launch import check_can_listen, cluster_components, with_flags
+from cluster.launch_settings import LaunchSettings
 from cluster.schema import ConfigError
-from cluster.supervisor import group_has_live_member
 
 REPO = Path(__file__).resolve().parents[2]
 
 # A component: serves `directory` on `port` (GET /health answers 200 when the directory holds a
 # `health` file), after starting a grandchild; writes "own_pid grandchild_pid" to `pidfile`.
+# on_term: "default" dies, "ignore" ignores SIGTERM, "record" appends "term T" to PIDFILE.term,
+# takes a moment (an open stream finishing), appends "exit T" and exits (T: time.monotonic()).
 COMPONENT = """
-import functools, http.server, os, signal, subprocess, sys
-port, directory, pidfile, ignore_term = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-if ignore_term == "1":
+import functools, http.server, os, signal, subprocess, sys, time
+port, directory, pidfile, on_term = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+
+def record(signum, frame):
+    with open(pidfile + ".term", "a") as f:
+        f.write(f"term {time.monotonic()}\\n")
+    time.sleep(0.3)
+    with open(pidfile + ".term", "a") as f:
+        f.write(f"exit {time.monotonic()}\\n")
+    os._exit(0)
+
+if on_term == "ignore":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+if on_term == "record":
+    signal.signal(signal.SIGTERM, record)
 with open(pidfile + ".tmp", "w") as f:
     f.write(f"{os.getpid()} {grandchild.pid}")
 os.rename(pidfile + ".tmp", pidfile)
@@ -46,19 +61,22 @@ print(f"serving on {port}", flush=True)
 handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
 http.server.ThreadingHTTPServer(("127.0.0.1", port), handler).serve_forever()
 """
+CRASH = "print('bad option: --frobnicate'); raise SystemExit(3)"
 
 SUPERVISE = """
 import json, sys
 from pathlib import Path
-from cluster.supervisor import Component, Supervisor
+from cluster.child import Component
+from cluster.launch_settings import LaunchSettings
+from cluster.supervisor import Supervisor
 spec = json.loads(sys.argv[1])
-components = [
-    Component(c["name"], tuple(c["argv"]), c["health_url"], c["stage"]) for c in spec["components"]
-]
+components = [Component(**{**c, "argv": tuple(c["argv"])}) for c in spec["components"]]
 log_dir = Path(spec["log_dir"]) if spec["log_dir"] else None
-supervisor = Supervisor(components, log_dir=log_dir, grace_s=spec["grace_s"])
-sys.exit(supervisor.run("READY", spec["timeout_s"]))
+supervisor = Supervisor(components, LaunchSettings(**spec["settings"]), log_dir)
+sys.exit(supervisor.run("READY"))
 """
+# Restarts at once, as far as a test can tell; the budget and window are the defaults.
+RESTARTS = {"restart_backoff_s": 0.05, "restart_backoff_max_s": 0.2}
 
 
 def free_port() -> int:
@@ -87,13 +105,22 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def wait_until(check: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+def wait_until(check: Callable[[], Any], timeout_s: float = 10.0) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if check():
-            return True
+        if result := check():
+            return result
         time.sleep(0.02)
     return check()
+
+
+def serves(port: int) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 @dataclass
@@ -106,6 +133,17 @@ class StandIn:
         assert wait_until(self.pidfile.exists), f"{self.name} never wrote {self.pidfile}"
         return [int(p) for p in self.pidfile.read_text().split()]
 
+    def stop_record(self) -> dict[str, float]:
+        """{"term": when SIGTERM came, "exit": when it was done} (on_term="record")."""
+        path = Path(f"{self.pidfile}.term")
+        assert path.exists(), f"{self.name} never got SIGTERM"
+        return {k: float(v) for k, v in (line.split() for line in path.read_text().splitlines())}
+
+
+def needed_group(name: str) -> str | None:
+    """As the launcher sets it: the gateway and the decode nodes are needed."""
+    return next((g for g in ("gateway", "decode") if name.startswith(g)), None)
+
 
 class Run:
     """A supervisor process (the code `pdserve launch` runs) over stand-in components."""
@@ -116,9 +154,10 @@ class Run:
         self.stand_ins: list[StandIn] = []
         self.ready = threading.Event()
         self.stdout: list[str] = []
+        self.log_dir: Path | None = None
 
     def add(
-        self, name: str, healthy: bool = True, ignore_term: bool = False, stage: int = 0
+        self, name: str, healthy: bool = True, on_term: str = "default", stage: int = 0
     ) -> StandIn:
         port, site = free_port(), self.tmp / f"site-{name}"
         site.mkdir()
@@ -126,19 +165,34 @@ class Run:
             (site / "health").write_text("ok")
         stand_in = StandIn(name, port, self.tmp / f"{name}.pids")
         argv = [sys.executable, "-c", COMPONENT, str(port), str(site), str(stand_in.pidfile)]
-        self.add_command(name, [*argv, "1" if ignore_term else "0"], port, stage)
+        self.add_command(name, [*argv, on_term], port, stage)
         self.stand_ins.append(stand_in)
         return stand_in
 
     def add_command(self, name: str, argv: list[str], port: int | None, stage: int = 0) -> None:
         url = f"http://127.0.0.1:{port}/health" if port else None
-        self.components.append({"name": name, "argv": argv, "health_url": url, "stage": stage})
+        self.components.append(
+            {
+                "name": name,
+                "argv": argv,
+                "health_url": url,
+                "stage": stage,
+                "needed_group": needed_group(name),
+            }
+        )
 
-    def start(self, timeout_s: float = 20.0, grace_s: float = 5.0, log_dir: Path | None = None):
+    def start(
+        self, timeout_s: float = 20.0, grace_s: float = 5.0, log_dir: Path | None = None, **settings
+    ):
+        self.log_dir = log_dir
         spec = {
             "components": self.components,
-            "timeout_s": timeout_s,
-            "grace_s": grace_s,
+            "settings": {
+                **RESTARTS,
+                "health_timeout_s": timeout_s,
+                "grace_s": grace_s,
+                **settings,
+            },
             "log_dir": str(log_dir) if log_dir else None,
         }
         self.stderr_path = self.tmp / "supervisor.stderr"
@@ -167,6 +221,11 @@ class Run:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text()
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        """launch-state.json's components."""
+        assert self.log_dir is not None
+        return json.loads((self.log_dir / "launch-state.json").read_text())["components"]
 
     def all_pids(self) -> list[int]:
         return [pid for s in self.stand_ins for pid in s.pids()]
@@ -207,7 +266,7 @@ def test_signal_stops_every_process_tree(run: Run, signum: int) -> None:
 
 
 def test_stubborn_component_is_killed_after_the_grace_period(run: Run) -> None:
-    stubborn = run.add("stubborn", ignore_term=True)
+    stubborn = run.add("stubborn", on_term="ignore")
     run.start(grace_s=0.5)
     run.wait_ready()
     pids = stubborn.pids()
@@ -218,28 +277,149 @@ def test_stubborn_component_is_killed_after_the_grace_period(run: Run) -> None:
     assert wait_until(lambda: not any(alive(pid) for pid in pids))
 
 
-def test_a_dying_component_stops_the_rest_and_is_named(run: Run) -> None:
-    run.add("prefill-0")
-    victim = run.add("decode-0")
+def test_stop_waits_for_the_gateway_before_it_stops_the_nodes(run: Run) -> None:
+    nodes = [run.add("prefill-0", on_term="record"), run.add("decode-0", on_term="record")]
+    gateway = run.add("gateway", on_term="record", stage=1)
     run.start()
     run.wait_ready()
+    run.proc.terminate()
+    assert run.wait_exit() == 0
+    first = gateway.stop_record()
+    for node in nodes:  # NOTE: the order of events, from one clock: no durations asserted
+        assert node.stop_record()["term"] > first["exit"] > first["term"]
+
+
+def test_a_killed_component_restarts_while_the_others_serve(run: Run, tmp_path: Path) -> None:
+    others = [run.add("prefill-0"), run.add("decode-0")]
+    victim = run.add("decode-1")
+    others.append(run.add("gateway", stage=1))
+    run.start(log_dir=tmp_path / "logs")
+    run.wait_ready()
+    before = {s.name: s.pids() for s in run.stand_ins}
+    state = run.state()
+    for stand_in in run.stand_ins:  # each component leads its own process group
+        pid = state[stand_in.name]["pid"]
+        assert (pid, os.getpgid(pid)) == (before[stand_in.name][0], pid)
+        assert state[stand_in.name] == {
+            "pid": pid,
+            "state": "up",
+            "restarts": 0,
+            "last_exit": None,
+        }
+
+    os.killpg(before["decode-1"][0], signal.SIGKILL)
+    restarted = {"state": "up", "restarts": 1}
+    assert wait_until(lambda: restarted.items() <= run.state()["decode-1"].items())
+    after = victim.pids()
+    assert after[0] != before["decode-1"][0] and serves(victim.port)
+    assert not any(alive(pid) for pid in before["decode-1"])  # the old group went whole
+    for stand_in in others:  # untouched, and serving all along
+        assert stand_in.pids() == before[stand_in.name] and serves(stand_in.port)
+    assert run.state()["decode-1"] == {
+        "pid": after[0],
+        "state": "up",
+        "restarts": 1,
+        "last_exit": "was killed by SIGKILL",
+    }
+    message = run.stderr()
+    assert (
+        "pdserve launch: component 'decode-1' was killed by SIGKILL; restarting it in 0.05s "
+        "(restart 1 of 5 in 300s)"
+    ) in message
+    assert "pdserve launch: component 'decode-1' is healthy again" in message
+    log = (tmp_path / "logs" / "decode-1.log").read_text()
+    assert log.count("serving on") == 2 and "--- pdserve launch: restart 1 ---" in log
+
+    run.proc.terminate()
+    assert run.wait_exit() == 0
+    assert {c["state"] for c in run.state().values()} == {"stopped"}
+    assert wait_until(lambda: not any(alive(pid) for pid in run.all_pids()))
+
+
+def test_a_restart_that_stays_unhealthy_counts_as_an_exit(run: Run, tmp_path: Path) -> None:
+    run.add("prefill-0")
+    victim = run.add("decode-0")
+    run.start(timeout_s=2.0, log_dir=tmp_path / "logs")
+    run.wait_ready()
+    health = tmp_path / "site-decode-0" / "health"
+    health.unlink()  # its next runs serve, but /health is a 404
+    os.killpg(victim.pids()[0], signal.SIGKILL)
+    url = f"http://127.0.0.1:{victim.port}/health"
+    late = f"component 'decode-0' did not become healthy at {url} within 2s"
+    assert wait_until(lambda: late in run.stderr()), run.stderr()
+    health.write_text("ok")
+    assert wait_until(lambda: run.state()["decode-0"]["state"] == "up")
+    assert run.state()["decode-0"]["restarts"] >= 2  # the kill, the unhealthy run
+    assert f"{late} (last check: HTTP 404); restarting it in" in run.stderr()
+    assert run.proc.poll() is None  # not the start's timeout: the launch goes on
+
+
+def test_a_component_that_keeps_dying_is_given_up_on_once(run: Run, tmp_path: Path) -> None:
+    others = [run.add("prefill-0"), run.add("decode-0")]
+    run.add_command("decode-1", [sys.executable, "-c", CRASH], free_port())
+    others.append(run.add("gateway", stage=1))
+    run.start(log_dir=tmp_path / "logs", restart_budget=3)
+    run.wait_ready()  # startup goes on without it: decode-0 serves
+    assert run.state()["decode-1"] == {
+        "pid": None,
+        "state": "given_up",
+        "restarts": 3,
+        "last_exit": "exited with code 3",
+    }
+    assert all(serves(s.port) for s in others)
     pids = run.all_pids()
-    os.kill(victim.pids()[0], signal.SIGKILL)
+    time.sleep(1.0)  # many polls later: still said once, still serving, nothing restarted
+    message = run.stderr()
+    assert message.count("gave up on component 'decode-1'") == 1, message
+    assert (
+        "pdserve launch: gave up on component 'decode-1' after 3 restarts in 300s; its last run "
+        "exited with code 3; its log ends with:\n    bad option: --frobnicate"
+    ) in message
+    assert "component 'decode-1' exited with code 3; restarting it in" in message
+    assert "(restart 3 of 3 in 300s)" in message
+    assert run.proc.poll() is None and run.all_pids() == pids
+    assert all(serves(s.port) for s in others)
+
+    run.proc.terminate()
+    assert run.wait_exit() == 0
+    assert wait_until(lambda: not any(alive(pid) for pid in pids))
+
+
+def test_giving_up_on_the_gateway_stops_everything(run: Run) -> None:
+    run.add("prefill-0")
+    run.add("decode-0")
+    gateway = run.add("gateway", stage=1)
+    run.start(restart_budget=0)  # never restart: the first exit gives up
+    run.wait_ready()
+    pids = run.all_pids()
+    os.killpg(gateway.pids()[0], signal.SIGKILL)
     assert run.wait_exit() == 1
-    assert "component 'decode-0' was killed by SIGKILL" in run.stderr()
+    message = run.stderr()
+    assert (
+        "gave up on component 'gateway' without a restart (launch.restart_budget is 0); its "
+        "last run was killed by SIGKILL; with no gateway component left nothing can serve"
+    ) in message
+    assert "its log ends with:\n    serving on" in message
+    assert "restarting it" not in message
     assert wait_until(lambda: not any(alive(pid) for pid in pids)), "orphans left behind"
 
 
-def test_a_component_failing_at_start_names_itself_with_its_log(run: Run) -> None:
+def test_the_last_decode_failing_at_start_names_itself_with_its_log(run: Run) -> None:
     run.add("prefill-0")
-    crash = "print('bad option: --frobnicate'); raise SystemExit(3)"
-    run.add_command("decode-0", [sys.executable, "-c", crash], free_port())
-    run.start()
+    run.add_command("decode-0", [sys.executable, "-c", CRASH], free_port())
+    gateway = run.add("gateway", stage=1)
+    run.start(restart_budget=1)
     assert run.wait_exit() == 1
     assert not run.ready.is_set()
     message = run.stderr()
-    assert "component 'decode-0' exited with code 3" in message
-    assert "its log ends with" in message.lower() and "bad option: --frobnicate" in message
+    assert "component 'decode-0' exited with code 3; restarting it in 0.05s" in message
+    assert (
+        "gave up on component 'decode-0' after 1 restarts in 300s; its last run exited with "
+        "code 3; with no decode component left nothing can serve"
+    ) in message
+    assert "its log ends with:\n    bad option: --frobnicate" in message
+    assert not gateway.pidfile.exists()  # never started: nothing could serve
+    run.stand_ins.remove(gateway)
     assert wait_until(lambda: not any(alive(pid) for pid in run.written_pids()))
 
 
@@ -268,6 +448,24 @@ def test_log_dir_gets_one_file_per_component(run: Run, tmp_path: Path) -> None:
     assert "[prefill-0]" not in run.stderr()
 
 
+# --- launch settings -----------------------------------------------------------------------------
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    settings = LaunchSettings(restart_backoff_s=1.0, restart_backoff_max_s=30.0)
+    assert [settings.backoff_s(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+    assert LaunchSettings(restart_budget=10**6).backoff_s(10**6) == 30.0
+
+
+def test_flags_override_the_config_and_are_checked() -> None:
+    config = LaunchSettings(grace_s=20.0, health_timeout_s=100.0)
+    assert with_flags(config, health_timeout_s=None, grace_s=None) == config
+    flagged = with_flags(config, health_timeout_s=5.0, grace_s=None)
+    assert (flagged.health_timeout_s, flagged.grace_s) == (5.0, 20.0)
+    with pytest.raises(ConfigError, match=r"--grace: must be >= 0, got -1"):
+        with_flags(config, grace_s=-1.0)
+
+
 # --- the launcher's plan of a config -------------------------------------------------------------
 
 
@@ -293,6 +491,8 @@ def test_components_of_a_config_run_the_cli_with_the_same_overrides() -> None:
     )
     assert components[0].argv[3] == "prefill" and components[1].argv[3] == "decode"
     assert [c.stage for c in components] == [0, 0, 1]  # the gateway finds its nodes up
+    # nothing serves without a gateway or without a decode node; prefill nodes can go
+    assert [c.needed_group for c in components] == [None, "decode", "gateway"]
 
 
 def test_busy_port_is_reported_before_anything_starts() -> None:
@@ -318,6 +518,8 @@ def test_launch_with_a_bad_config_fails_cleanly(
 ) -> None:
     assert pdserve_main(["launch", str(DEFAULT_CONFIG), "--set", "gateway.prot=1"]) == 2
     assert "did you mean 'port'?" in capsys.readouterr().err
+    assert pdserve_main(["launch", str(DEFAULT_CONFIG), "--grace", "-1"]) == 2
+    assert "--grace: must be >= 0" in capsys.readouterr().err  # before anything starts
     assert pdserve_main(["launch", str(tmp_path / "missing.yaml")]) == 2
     assert "local-cpu" in capsys.readouterr().err  # lists the shipped configs
 

@@ -86,12 +86,16 @@ class Cluster:
 
 
 @contextmanager
-def launched(config: dict, tmp: Path, timeout_s: float = 240.0) -> Iterator[Cluster]:
+def launched(
+    config: dict, tmp: Path, timeout_s: float = 240.0, args: tuple[str, ...] = ()
+) -> Iterator[Cluster]:
+    """`pdserve launch` of `config` (more flags in `args`); its stderr goes to tmp/launch.log."""
     path = tmp / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
     log = tmp / "launch.log"
+    command = ["launch", str(path), "--timeout", str(timeout_s), *args]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "launch", str(path), "--timeout", str(timeout_s)],
+        [sys.executable, "-m", "cluster.cli", *command],
         cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,

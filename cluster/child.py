@@ -1,0 +1,126 @@
+"""One run of one component: its process (group), its output copied to a log, its health check.
+
+Each run is a session of its own (so its own process group): a terminal's Ctrl-C reaches only
+the launcher, and a signal to the group reaches the processes the component started itself (a
+node's scheduler process). The launcher's view across runs is cluster/supervised.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+TAIL_LINES = 30
+
+
+@dataclass(frozen=True)
+class Component:
+    """One child process: a name for logs and errors, its command line, its health URL."""
+
+    name: str
+    argv: tuple[str, ...]
+    health_url: str | None = None  # GET must answer 200 before the component counts as up
+    stage: int = 0  # stages start in order, each once the one before is healthy
+    # NOTE: the cluster serves while every named group keeps a component that has not been
+    # given up on ("gateway", "decode"); None: the rest serve without this one (a prefill node)
+    needed_group: str | None = None
+
+
+class Child:
+    """A running component: its process, and a thread that copies its output to the log sink."""
+
+    def __init__(self, component: Component, sink: IO[str], lock: threading.Lock) -> None:
+        self.component = component
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            component.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        self.pump = threading.Thread(target=self.copy_output, args=(sink, lock), daemon=True)
+        self.pump.start()
+
+    def copy_output(self, sink: IO[str], lock: threading.Lock) -> None:
+        prefix = f"[{self.component.name}] " if sink in (sys.stderr, sys.stdout) else ""
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            self.tail.append(line)
+            with lock:
+                sink.write(f"{prefix}{line}\n")
+                sink.flush()
+
+    def signal_group(self, signum: int) -> bool:
+        """Send `signum` to the component's process group; False when the group is gone."""
+        try:
+            os.killpg(self.proc.pid, signum)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # a reused id that is no longer ours
+            return False
+        return True
+
+    def group_alive(self) -> bool:
+        self.proc.poll()  # reap the leader, so a zombie does not keep the group alive
+        return self.signal_group(0) and group_has_live_member(self.proc.pid)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group (what a dead leader left behind, too) and reap the leader."""
+        self.signal_group(signal.SIGKILL)
+        self.proc.wait()
+
+    def log_tail(self) -> str:
+        self.pump.join(timeout=1.0)  # the last lines, written before the exit
+        lines = list(self.tail) or ["(no output)"]
+        return "\n".join(f"    {line}" for line in lines)
+
+    def exit_description(self) -> str:
+        code = self.proc.returncode
+        if code is not None and code < 0:
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}"
+
+
+def group_has_live_member(pgid: int) -> bool:
+    """Whether a process of group `pgid` is still running (zombies do not count).
+
+    NOTE: an orphaned grandchild is reparented to init, and where init does not reap (containers,
+    microVMs) it stays a zombie: signalling the group still succeeds then, so /proc decides.
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            state, _ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
+
+
+def health_error(url: str) -> str | None:
+    """None when GET `url` answers 200, else what went wrong (proxies ignored: local checks)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=2.0) as response:
+            return None if response.status == 200 else f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return str(reason)
