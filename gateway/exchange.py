@@ -235,7 +235,9 @@ class Exchange:
                     yield data
                 events = self.splitter.feed(await self._next_chunk())
         except (httpx.HTTPError, StreamCut) as exc:
-            self._close_decode(ok=False)
+            # NOTE: the node may be alive (silent, or taken out while it hangs): abort there too
+            self._close_decode(ok=False, release=False)
+            self.tasks.spawn(self._abort_both())
             log_event(logging.WARNING, "stream_failed", self.attempt.rid, error=repr(exc))
             raise StreamBroken(outcome.cut_mid_stream(self.pair.decode.url, exc)) from None
         finally:

@@ -3,6 +3,8 @@ gateway uses and fails on demand (HTTP 500, a cut stream, a hang, failing health
 
 It is not a model of our nodes' behaviour; tests that need real answers drive real nodes
 (test_gateway_nodes.py). It records what it received, so tests can check the PD protocol fields.
+Asked for token ids (`pd_token_ids`), its stream's token i has id `TOKEN_BASE + i`, and a request
+resumed after k ids (`pd_resume_ids`) starts at token k, as a node that took a stream over does.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from api.errors import error_body
+from api.resume import ids_comment, resume_ids, wants_token_ids
 from api.sse import DONE, encode_event
 
 GENERATION_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
+TOKEN_BASE = 100  # token i's id in tagged streams
 TURN_TIMEOUT_S = 20.0  # a turn that never comes fails the test rather than hanging it
 
 
@@ -122,8 +126,8 @@ class StandIn:
         with self.lock:
             return rid in self.succeeded
 
-    def tokens(self) -> list[str]:
-        return [f"{self.name}-t{i} " for i in range(self.behavior.events)]
+    def tokens(self, start: int = 0) -> list[str]:
+        return [f"{self.name}-t{i} " for i in range(start, self.behavior.events)]
 
     def answer(self, body: dict[str, Any], text: str) -> dict[str, Any]:
         usage = {"prompt_tokens": 5, "completion_tokens": self.behavior.events, "total_tokens": 8}
@@ -144,7 +148,8 @@ class StandIn:
             yield encode_event(error_body(f"{self.name} failed", "server_error"))
             yield DONE
             return
-        for i, token in enumerate(self.tokens()):
+        tag, start = wants_token_ids(body), len(resume_ids(body))
+        for i, token in enumerate(self.tokens(start)):
             if b.mode == "hang" and i == b.hang_after:
                 try:
                     await asyncio.sleep(3600)
@@ -154,7 +159,11 @@ class StandIn:
             if b.mode == "cut" and i == b.hang_after:
                 raise ConnectionResetError(f"{self.name} cut the stream")  # uvicorn drops it
             await asyncio.sleep(b.event_delay_s)
-            yield encode_event(self.answer(body, token))
+            event = encode_event(self.answer(body, token))
+            if tag:
+                last = start + i == b.events - 1
+                event = ids_comment([TOKEN_BASE + start + i], finished=last) + event
+            yield event
         yield DONE
 
 

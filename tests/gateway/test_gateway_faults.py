@@ -140,8 +140,10 @@ def test_stream_error_event_first_is_retried(harness: Callable[..., Harness]) ->
     assert [json.loads(e)["node"] for e in got[:-1]] == ["d1"] * 3
 
 
-def test_stream_cut_after_tokens_ends_with_an_error_event(harness: Callable[..., Harness]) -> None:
-    h = harness(prefill=1, decode=1)
+def test_stream_cut_that_cannot_move_ends_with_an_error_event(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(prefill=1, decode=1, max_migrations=0)
     h.decode[0].behavior.mode = "cut"
     h.decode[0].behavior.hang_after = 2
     with h.client() as c, c.stream("POST", "/v1/completions", json=STREAM) as r:
