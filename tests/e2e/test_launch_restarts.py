@@ -1,12 +1,17 @@
-"""`pdserve launch` brings back a node killed with kill -9 while the rest of the cluster serves.
+"""`pdserve launch` heals a cluster: a node killed with kill -9 under load costs no client
+anything, and the launcher brings it back.
 
-One 2P2D cluster of the tiny model: decode-1's process group is killed (its HTTP and scheduler
-processes together, found through `launch-state.json`), the launcher restarts it, the gateway
-takes it back, and requests reach it again; then the same for prefill-1.
+One 2P2D cluster of the tiny model. decode-1's process group is killed (its HTTP and scheduler
+processes together, found through `launch-state.json`) while 16 greedy streams run (completions,
+chat and native /generate): every stream completes, with the text of an undisturbed run (the
+gateway moved decode-1's streams mid-way). The launcher restarts it, the gateway takes it back,
+and requests reach it again. Then prefill-1 is killed while requests wait on it: all of them
+complete on prefill-0, and it comes back the same way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -25,6 +30,75 @@ pytestmark = pytest.mark.slow
 
 ADMIN_KEY = "sk-admin-restarts"
 REQUESTS = 4  # round robin: half of them reach each node of a role
+STREAMS = 16
+STREAM_TOKENS = 160
+
+
+def load_bodies(tag: str) -> list[tuple[str, dict[str, Any]]]:
+    """(route, body) of STREAMS greedy streams: completions, chat and native /generate."""
+    greedy = {"temperature": 0, "ignore_eos": True}
+    out = []
+    for i in range(STREAMS):
+        prompt = f"{tag} {i}: " + "a story of pages and tokens " * (i % 5 + 1)
+        if i % 3 == 0:
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": STREAM_TOKENS, **greedy}
+            out.append(("/v1/completions", body))
+        elif i % 3 == 1:
+            messages = [{"role": "user", "content": prompt}]
+            body = {"model": "tiny", "messages": messages, "max_tokens": STREAM_TOKENS, **greedy}
+            out.append(("/v1/chat/completions", body))
+        else:
+            params = {"max_new_tokens": STREAM_TOKENS, **greedy}
+            out.append(("/generate", {"text": prompt, "sampling_params": params}))
+    return out
+
+
+async def stream(
+    client: httpx.AsyncClient, route: str, body: dict[str, Any], started: asyncio.Event
+) -> tuple[str, Any, int | None]:
+    """(text, native output ids, completion tokens) of one stream read to its end; an error
+    event fails the test."""
+    text, ids, tokens = "", None, None
+    body = {
+        **body,
+        "stream": True,
+        **({} if route == "/generate" else {"stream_options": {"include_usage": True}}),
+    }
+    async with client.stream("POST", route, json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            started.set()
+            if line == "data: [DONE]":
+                break
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            if route == "/generate":  # every event holds the whole output so far
+                text, ids = event["text"], event["output_ids"]
+                tokens = event["meta_info"]["completion_tokens"]
+                continue
+            for choice in event["choices"]:
+                text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return text, ids, tokens
+
+
+async def streams_across(
+    url: str, bodies: list[tuple[str, dict[str, Any]]], fault: Callable[[], None] | None
+) -> list[tuple[str, Any, int | None]]:
+    """Run every stream; once each has begun, `fault()` (in a thread), then read them out."""
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        started = [asyncio.Event() for _ in bodies]
+        tasks = [
+            asyncio.ensure_future(stream(client, route, body, ev))
+            for (route, body), ev in zip(bodies, started)
+        ]
+        if fault is not None:
+            await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in started)), 120)
+            await asyncio.to_thread(fault)
+        return await asyncio.wait_for(asyncio.gather(*tasks), 300)
 
 
 def wait_until(check: Callable[[], Any], what: str, timeout_s: float = 60.0) -> Any:
@@ -58,11 +132,15 @@ def served(url: str) -> int:
     return sum(int(n) for n in found)
 
 
-def gateway_retries(cluster: Cluster) -> int:
+def gateway_counter(cluster: Cluster, name: str) -> int:
     text = httpx.get(f"{cluster.url}/metrics", timeout=10).text
-    found = re.search(r"^pdserve_gateway_retries_total (\d+)", text, re.M)
-    assert found, "no pdserve_gateway_retries_total in the gateway's /metrics"
+    found = re.search(rf"^pdserve_gateway_{name} (\d+)", text, re.M)
+    assert found, f"no pdserve_gateway_{name} in the gateway's /metrics"
     return int(found.group(1))
+
+
+def gateway_retries(cluster: Cluster) -> int:
+    return gateway_counter(cluster, "retries_total")
 
 
 def complete_some(cluster: Cluster, tag: str) -> None:
@@ -73,17 +151,64 @@ def complete_some(cluster: Cluster, tag: str) -> None:
         assert r.json()["usage"]["completion_tokens"] == 4
 
 
-def kill_and_see_it_back(cluster: Cluster, logs: Path, name: str) -> None:
-    """kill -9 `name`'s process group; the launcher restarts it, the gateway takes it back,
-    and requests through the gateway reach it again."""
-    node = next(
-        n for n in cluster.config["prefill"] + cluster.config["decode"] if n["name"] == name
-    )
-    url = f"http://{node['host']}:{node['port']}"
+def node_url(cluster: Cluster, name: str) -> str:
+    nodes = cluster.config["prefill"] + cluster.config["decode"]
+    node = next(n for n in nodes if n["name"] == name)
+    return f"http://{node['host']}:{node['port']}"
+
+
+def kill(logs: Path, name: str) -> dict[str, Any]:
+    """kill -9 of `name`'s process group; its launch state from before."""
     before = launch_state(logs)[name]
     assert before["state"] == "up" and before["pid"] == os.getpgid(before["pid"])
     os.killpg(before["pid"], signal.SIGKILL)
+    return before
 
+
+def outstanding(cluster: Cluster, url: str) -> int:
+    text = httpx.get(f"{cluster.url}/metrics", timeout=10).text
+    labels = rf'\{{role="[a-z]+",url="{re.escape(url)}"\}}'
+    found = re.search(rf"^pdserve_gateway_instance_outstanding_requests{labels} (\d+)$", text, re.M)
+    return int(found.group(1)) if found else 0
+
+
+def kill_decode_under_streams(cluster: Cluster, logs: Path, expected: list) -> dict[str, Any]:
+    """kill -9 of decode-1 once 16 streams run: all complete as if nothing happened."""
+    killed: dict[str, Any] = {}
+
+    def fault() -> None:
+        assert outstanding(cluster, node_url(cluster, "decode-1")) > 0
+        killed.update(kill(logs, "decode-1"))
+
+    moved = gateway_counter(cluster, "migrations_total")
+    got = asyncio.run(streams_across(cluster.url, load_bodies("Load"), fault))
+    assert got == expected
+    assert gateway_counter(cluster, "migrations_total") > moved  # decode-1's streams moved
+    return killed
+
+
+def kill_prefill_under_requests(cluster: Cluster, logs: Path, expected: list) -> dict[str, Any]:
+    """kill -9 of prefill-1 while requests wait on it: all complete on prefill-0."""
+    url, killed = node_url(cluster, "prefill-1"), {}
+
+    async def run() -> list:
+        async with httpx.AsyncClient(base_url=cluster.url, timeout=300) as client:
+            tasks = [
+                asyncio.ensure_future(stream(client, route, body, asyncio.Event()))
+                for route, body in load_bodies("Load")
+            ]
+            await asyncio.to_thread(wait_until, lambda: outstanding(cluster, url), "load on p1")
+            killed.update(await asyncio.to_thread(kill, logs, "prefill-1"))
+            return await asyncio.wait_for(asyncio.gather(*tasks), 300)
+
+    assert asyncio.run(run()) == expected
+    return killed
+
+
+def see_it_back(cluster: Cluster, logs: Path, name: str, before: dict[str, Any]) -> None:
+    """The launcher restarts `name`, the gateway takes it back, and requests through the gateway
+    reach it again."""
+    url = node_url(cluster, name)
     back = {"state": "up", "restarts": before["restarts"] + 1}
     wait_until(lambda: back.items() <= launch_state(logs)[name].items(), f"{name} restarted")
     state = launch_state(logs)[name]
@@ -96,7 +221,9 @@ def kill_and_see_it_back(cluster: Cluster, logs: Path, name: str) -> None:
     assert gateway_retries(cluster) == retries
 
 
-def test_killed_nodes_are_restarted_and_serve_again(make_tiny, tmp_path: Path) -> None:
+def test_nodes_killed_under_load_cost_no_client_anything_and_come_back(
+    make_tiny, tmp_path: Path
+) -> None:
     config = cluster_yaml(
         make_tiny("llama"),
         "mooncake",
@@ -111,8 +238,12 @@ def test_killed_nodes_are_restarted_and_serve_again(make_tiny, tmp_path: Path) -
     logs = tmp_path / "logs"
     with launched(config, tmp_path, args=("--log-dir", str(logs))) as cluster:
         complete_some(cluster, "Before the kills")
-        kill_and_see_it_back(cluster, logs, "decode-1")
-        kill_and_see_it_back(cluster, logs, "prefill-1")
+        undisturbed = asyncio.run(streams_across(cluster.url, load_bodies("Load"), None))
+        assert all(tokens == STREAM_TOKENS for _, _, tokens in undisturbed)
+        before = kill_decode_under_streams(cluster, logs, undisturbed)
+        see_it_back(cluster, logs, "decode-1", before)
+        before = kill_prefill_under_requests(cluster, logs, undisturbed)
+        see_it_back(cluster, logs, "prefill-1", before)
         launcher = cluster.log.read_text()
     for name in ("decode-1", "prefill-1"):
         assert (
