@@ -2,10 +2,10 @@
 anything, and the launcher brings it back.
 
 One 2P2D cluster of the tiny model. decode-1's process group is killed (its HTTP and scheduler
-processes together, found through `launch-state.json`) while 16 greedy streams run (completions,
-chat and native /generate): every stream completes, with the text of an undisturbed run (the
-gateway moved decode-1's streams mid-way). The launcher restarts it, the gateway takes it back,
-and requests reach it again. Then prefill-1 is killed while requests wait on it: all of them
+processes together, found through `launch-state.json`) while 16 streams run (completions,
+chat and native /generate; greedy and seeded): every stream completes with the text of an
+undisturbed run (the gateway moved decode-1's streams mid-way). The launcher restarts it, the
+gateway takes it back, and requests reach it again. Then prefill-1 is killed while requests wait on it: all of them
 complete on prefill-0, and it comes back the same way.
 """
 
@@ -35,10 +35,13 @@ STREAM_TOKENS = 160
 
 
 def load_bodies(tag: str) -> list[tuple[str, dict[str, Any]]]:
-    """(route, body) of STREAMS greedy streams: completions, chat and native /generate."""
-    greedy = {"temperature": 0, "ignore_eos": True}
+    """(route, body) of STREAMS streams: completions, chat and native /generate, greedy but every
+    fourth seeded sampling (a moved stream draws on from the same position)."""
     out = []
     for i in range(STREAMS):
+        greedy = {"temperature": 0, "ignore_eos": True}
+        if i % 4 == 3:
+            greedy = {"temperature": 0.8, "top_k": 20, "seed": 100 + i, "ignore_eos": True}
         prompt = f"{tag} {i}: " + "a story of pages and tokens " * (i % 5 + 1)
         if i % 3 == 0:
             body = {"model": "tiny", "prompt": prompt, "max_tokens": STREAM_TOKENS, **greedy}
@@ -193,6 +196,8 @@ def kill_prefill_under_requests(cluster: Cluster, logs: Path, expected: list) ->
 
     async def run() -> list:
         async with httpx.AsyncClient(base_url=cluster.url, timeout=300) as client:
+            # NOTE: frozen first, so that requests surely wait on it when the kill comes
+            os.killpg(launch_state(logs)["prefill-1"]["pid"], signal.SIGSTOP)
             tasks = [
                 asyncio.ensure_future(stream(client, route, body, asyncio.Event()))
                 for route, body in load_bodies("Load")
