@@ -1,4 +1,5 @@
-"""What a node's HTTP handlers share: its settings, the scheduler client, the tokenizer."""
+"""What a node's HTTP handlers share: its settings, the scheduler client, the tokenizer, the
+drain."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from api.chat import chat_prompt_ids
 from node.channel import SchedulerClient
+from node.drain import Drain
 from node.metrics import NodeMetrics
 from node.settings import NodeSettings
 
@@ -21,6 +23,7 @@ class NodeContext:
     tokenizer: PreTrainedTokenizerFast
     max_model_len: int
     alive: Callable[[], bool]
+    drain: Drain
     request_timeout_s: float = 600.0
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
 
