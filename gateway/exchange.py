@@ -108,7 +108,7 @@ class Exchange:
         except httpx.HTTPError as exc:
             verdict = outcome.unreachable("decode", decode.url, exc)
         if isinstance(verdict, AttemptFailed):
-            decode.breaker.record_failure(self.clock())
+            decode.attempt_failed(self.clock(), verdict.draining)
             raise verdict
         if isinstance(verdict, Refused):
             raise verdict

@@ -57,6 +57,7 @@ class GatewayMetrics:
         self.requests: Counter[tuple[str, int]] = Counter()  # (route, status)
         self.retries = 0
         self.stream_errors = 0  # streams that ended in an error event
+        self.draining_refusals = 0  # attempts a draining instance turned away
         self.inflight = 0
         self.ttft = Histogram()
         self.latency = Histogram()
@@ -82,6 +83,12 @@ class GatewayMetrics:
         )
         lines += _scalar(
             "stream_errors_total", "counter", "Streams ended by an error.", self.stream_errors
+        )
+        lines += _scalar(
+            "draining_refusals_total",
+            "counter",
+            "Attempts an instance refused because it was draining (taken out, not a breaker error).",
+            self.draining_refusals,
         )
         for name, hist, text in (
             ("time_to_first_token_seconds", self.ttft, "Time to the first streamed event."),
