@@ -61,4 +61,9 @@ class GatewaySettings:
     balance_abs_threshold: int = setting(32, "cache_aware: out of balance when max - min > this")
     balance_rel_threshold: float = setting(1.5, "... and max > min * this (least load then)")
     cache_max_chars: int = setting(1 << 22, "cache_aware: text kept per instance (LRU evicted)")
+    drain_timeout_s: float = setting(
+        30.0,
+        "on SIGTERM the gateway stops accepting connections and lets the responses it is "
+        "sending finish for up to this long",
+    )
     log_level: str = setting("warning", "debug, info, warning or error")
