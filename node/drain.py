@@ -89,10 +89,9 @@ class Drain:
             self.timeout_s,
         )
         if not await self._until_idle(self.timeout_s, hurry=True):
-            self._cut = draining(
-                "this node shut down before the request could finish (drain_timeout_s ran out)"
-            )
-            log.warning("drain timeout: ending %d requests in flight", len(self._runs))
+            why = "a second signal" if self._hurried else f"drain_timeout_s={self.timeout_s:g}s"
+            self._cut = draining(f"this node shut down before the request could finish ({why})")
+            log.warning("drain cut short by %s: ending %d requests", why, len(self._runs))
             for run in list(self._runs):
                 run.cut(self._cut)
             await self._until_idle(CUT_WAIT_S)
