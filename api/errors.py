@@ -93,6 +93,16 @@ def server_error(message: str, status: int = 500, code: str | None = None) -> Ap
     return ApiError(status, message, code=code)
 
 
+DRAINING = "draining"  # the code of a node's refusal while it drains (and of /health's status)
+
+
+def draining(message: str) -> ApiError:
+    """A node that is shutting down refuses new work (or ends what it could not finish): a 503
+    with code "draining", which the gateway retries on another instance without counting it
+    against this one."""
+    return ApiError(503, message, code=DRAINING)
+
+
 def from_body(status: int, body: Any) -> ApiError:
     """An `ApiError` from someone else's error response (OpenAI shape or not)."""
     error = body.get("error") if isinstance(body, dict) else None

@@ -42,8 +42,11 @@ class GatewaySettings:
     max_tokens_limit: int | None = setting(None, "max_tokens limit (400 above)")
     max_inflight: int = setting(1024, "requests in flight at once (429 above)")
     request_timeout_s: float = setting(600.0, "a node's answer may take this long")
-    health_interval_s: float = setting(5.0, "each instance's /health is checked this often")
-    health_failures: int = setting(3, "consecutive failed checks that take an instance out")
+    health_interval_s: float = setting(1.0, "each instance's /health is checked this often")
+    health_timeout_s: float = setting(1.5, "a check that gets no answer this fast fails")
+    health_failures: int = setting(
+        2, "consecutive failed checks that take an instance out (a draining one is out at once)"
+    )
     breaker_errors: int = setting(5, "consecutive request errors that open an instance's breaker")
     breaker_cooldown_s: float = setting(10.0, "an open breaker lets a request through after this")
     max_retries: int = setting(2, "more attempts on other pairs while nothing reached the client")
@@ -69,6 +72,11 @@ class GatewaySettings:
     balance_abs_threshold: int = setting(32, "cache_aware: out of balance when max - min > this")
     balance_rel_threshold: float = setting(1.5, "... and max > min * this (least load then)")
     cache_max_chars: int = setting(1 << 22, "cache_aware: text kept per instance (LRU evicted)")
+    drain_timeout_s: float = setting(
+        30.0,
+        "on SIGTERM the gateway stops accepting connections and lets the responses it is "
+        "sending finish for up to this long",
+    )
     log_level: str = setting("warning", "debug, info, warning or error")
 
     def __post_init__(self) -> None:

@@ -39,6 +39,7 @@ class PrefillSpec:
     engine: EngineOptions = field(
         default_factory=EngineOptions, metadata={"help": "engine options over the cluster's"}
     )
+    drain_timeout_s: float | None = None
     log_level: str | None = None
 
 
@@ -53,6 +54,7 @@ class DecodeSpec:
     local_prefill_threshold: int | None = None
     decode_headroom_tokens: int | None = None
     prealloc_timeout_s: float | None = None
+    drain_timeout_s: float | None = None
     log_level: str | None = None
 
 

@@ -66,6 +66,8 @@ async def open_request(
         except AttemptFailed as exc:
             failed.append(exc.url)
             last = exc
+            if exc.draining:
+                gw.metrics.draining_refusals += 1
             if number + 1 < attempts:
                 gw.metrics.retries += 1
                 log_event(logging.WARNING, "retry", rid, attempt=number + 1, after=exc.url)

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 
 import httpx
 
-from api.errors import ApiError
+from api.errors import DRAINING, ApiError
 from api.settings import GatewaySettings
 from api.sse import DONE, error_in
 
@@ -153,7 +153,7 @@ class Exchange:
         except httpx.HTTPError as exc:
             verdict = outcome.unreachable("decode", decode.url, exc)
         if isinstance(verdict, AttemptFailed):
-            decode.breaker.record_failure(self.clock())
+            decode.attempt_failed(self.clock(), verdict.draining)
             raise verdict
         if isinstance(verdict, Refused):
             raise verdict
@@ -182,8 +182,8 @@ class Exchange:
     def _taken_out(self, worker: Worker, reason: str) -> None:
         """`worker` left routing: fail what this exchange awaits from it (the open, or the
         decode stream; a prefill node that already answered no longer matters)."""
-        if self._closed or self._gone is not None:
-            return
+        if self._closed or self._gone is not None or reason == DRAINING:
+            return  # NOTE: a draining node finishes what it holds, or says when it cannot
         if self._opening is None and worker is not self.pair.decode:
             return
         role = "decode" if worker is self.pair.decode else "prefill"

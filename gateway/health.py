@@ -1,7 +1,10 @@
-"""Periodic health checks: `GET /health` on every instance each `health_interval_s`.
+"""Periodic health checks: `GET /health` on every instance each `health_interval_s`, each given
+`health_timeout_s` to answer.
 
-An instance failing `health_failures` checks in a row is taken out of routing; one passing check
-puts it back. Each round also refreshes the served model ids from the decode instances.
+An instance failing `health_failures` checks in a row is taken out of routing; one that says it is
+draining (503 `{"status": "draining"}`: it shuts down and finishes what it holds) is taken out at
+once, with no failure counted. One passing check puts it back. Each round also refreshes the
+served model ids from the decode instances.
 """
 
 from __future__ import annotations
@@ -9,16 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from api.errors import DRAINING
+
 from .context import Gateway
 from .logs import log_event
+from .upstream import Probe
 from .workers import Worker
 
 
 class HealthMonitor:
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
-        interval = gw.settings.health_interval_s
-        self.timeout_s = max(1.0, min(5.0, interval))
 
     async def run(self) -> None:
         while True:
@@ -28,18 +32,29 @@ class HealthMonitor:
     async def check_all(self) -> None:
         workers = self.gw.pool.all()
         results = await asyncio.gather(*(self.probe(w) for w in workers))
-        for worker, ok in zip(workers, results):
-            self.record(worker, ok)
+        for worker, probe in zip(workers, results):
+            self.record(worker, probe)
         await self.refresh_models()
 
-    async def probe(self, worker: Worker) -> bool:
-        return await self.gw.upstream.probe(worker.url, self.timeout_s)
+    async def probe(self, worker: Worker) -> Probe:
+        return await self.gw.upstream.probe(worker.url, self.gw.settings.health_timeout_s)
 
-    def record(self, worker: Worker, ok: bool) -> None:
-        if ok:
+    def record(self, worker: Worker, probe: Probe) -> None:
+        if probe is Probe.UP:
             worker.failed_checks = 0
             if worker.take_back():
                 log_event(logging.WARNING, "instance_back", role=worker.role, url=worker.url)
+            return
+        if probe is Probe.DRAINING:
+            worker.failed_checks = 0  # NOTE: the node is fine, only leaving
+            if worker.take_out(DRAINING):
+                log_event(
+                    logging.WARNING,
+                    "instance_out",
+                    role=worker.role,
+                    url=worker.url,
+                    reason=DRAINING,
+                )
             return
         worker.failed_checks += 1
         if worker.healthy and worker.failed_checks >= self.gw.settings.health_failures:

@@ -58,6 +58,7 @@ class GatewayMetrics:
         self.retries = 0
         self.migrations = 0  # streams moved to another pair mid-stream
         self.stream_errors = 0  # streams that ended in an error event
+        self.draining_refusals = 0  # attempts a draining instance turned away
         self.inflight = 0
         self.ttft = Histogram()
         self.latency = Histogram()
@@ -89,6 +90,12 @@ class GatewayMetrics:
             "counter",
             "Streams moved to another pair after their decode node failed mid-stream.",
             self.migrations,
+        )
+        lines += _scalar(
+            "draining_refusals_total",
+            "counter",
+            "Attempts an instance refused because it was draining (taken out, not a breaker error).",
+            self.draining_refusals,
         )
         for name, hist, text in (
             ("time_to_first_token_seconds", self.ttft, "Time to the first streamed event."),

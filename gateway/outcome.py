@@ -6,7 +6,8 @@ status code, the body and the first events; tests/gateway/test_outcome.py checks
                    invalid_request_error; relayed, never retried
     AttemptFailed  that instance failed: a 5xx, a transport error, a stream that ends or begins with
                    another error before its first event; retried on another pair while nothing
-                   has reached the client
+                   has reached the client. A 503 (or error event) with code "draining" is one
+                   too, but `draining`: the node is shutting down, not broken
     None           prefill did its part (a 2xx without an error event)
 
 `Refused` and `AttemptFailed` are exceptions: the exchange raises the verdict, dispatch acts on it.
@@ -18,14 +19,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from api.errors import ApiError, server_error
+from api.errors import DRAINING, ApiError, server_error
 from api.sse import SSEDecoder, error_in
 
 from .events import Events
 
 CLIENT_ERROR_TYPE = "invalid_request_error"  # an error event of this type is a refusal
-UPSTREAM_ERROR = "upstream_error"
-DRAINING = "draining"  # the code of a node's answer or event while it shuts down  # the code of an instance's failure, unless it named its own
+UPSTREAM_ERROR = "upstream_error"  # the code of an instance's failure, unless it named its own
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,12 @@ class AttemptFailed(Exception):
         super().__init__(error.message)
         self.url = url
         self.error = error
+
+    @property
+    def draining(self) -> bool:
+        """The instance refused because it is shutting down: no fault of its own (its breaker
+        is left alone), but no more requests should go there."""
+        return self.error.code == DRAINING
 
 
 def decode_answer(
@@ -85,6 +91,8 @@ def refusal_or_failure(role: str, url: str, status: int, body: bytes) -> Refused
     """An answer of status 400 or more: the node's 4xx is relayed, a 5xx fails the instance."""
     if status < 500:
         return Refused(Finished(status, body))
+    if status == 503 and _error_code(body) == DRAINING:
+        return failed(role, url, "it is draining (shutting down)", DRAINING)
     return failed(role, url, f"HTTP {status}: {body[:300].decode(errors='replace')}")
 
 
@@ -141,6 +149,15 @@ def cut_mid_stream(url: str, exc: Exception) -> ApiError:
         502,
         code=UPSTREAM_ERROR,
     )
+
+
+def _error_code(body: bytes) -> Any:
+    """The `code` of an answer in OpenAI's error shape, None for any other body."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return None
+    return error.get("code") if isinstance(error, dict) else None
 
 
 def _stream_error(body: bytes, media_type: str) -> dict[str, Any] | None:

@@ -109,7 +109,8 @@ class PrefillSide:
 async def _run(
     worker: Worker, request: httpx.Request, upstream: Upstream, clock: Callable[[], float], rid: str
 ) -> Verdict:
-    """The prefill node's verdict on `request`, recorded on its breaker."""
+    """The prefill node's verdict on `request`, recorded on its breaker (or, draining, on its
+    health)."""
     try:
         response = await upstream.call(request)
         media_type = response.headers.get("content-type", "")
@@ -119,7 +120,7 @@ async def _run(
     except httpx.HTTPError as exc:
         verdict = outcome.unreachable("prefill", worker.url, exc)
     if isinstance(verdict, AttemptFailed):
-        worker.breaker.record_failure(clock())
+        worker.attempt_failed(clock(), verdict.draining)
         log_event(logging.WARNING, "prefill_failed", rid, error=verdict.error.message)
     else:
         worker.breaker.record_success()  # NOTE: a refusal too: the node itself is fine

@@ -1,8 +1,14 @@
-"""`run(settings)`: serve the gateway with uvicorn on uvloop until interrupted."""
+"""`run(settings)`: serve the gateway with uvicorn on uvloop until a signal drains it.
+
+On SIGTERM or SIGINT the gateway stops accepting connections, lets the responses it is sending
+finish for up to `drain_timeout_s` (uvicorn's graceful shutdown), and returns: the process exits 0.
+A second signal stops it without waiting.
+"""
 
 from __future__ import annotations
 
 import logging
+from types import FrameType
 
 import uvicorn
 
@@ -11,6 +17,15 @@ from api.settings import GatewaySettings
 from .app import create_app
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+class GatewayServer(uvicorn.Server):
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # NOTE: not uvicorn's own: it raises the signal again once stopped, so the process would
+        # die by it (exit -15) instead of exiting 0 after a graceful stop
+        if self.should_exit:
+            self.force_exit = True
+        self.should_exit = True
 
 
 def run(settings: GatewaySettings) -> None:
@@ -28,6 +43,6 @@ def run(settings: GatewaySettings) -> None:
         proxy_headers=False,
         timeout_keep_alive=30,
         backlog=4096,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=settings.drain_timeout_s,
     )
-    uvicorn.Server(config).run()
+    GatewayServer(config).run()

@@ -10,18 +10,27 @@ client on that same transport.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from typing import Any
 
 import httpx
 
-from api.errors import server_error
+from api.errors import DRAINING, server_error
 
 from .logs import log_event
 from .transport import node_transport
 
 ABORT_TIMEOUT_S = 5.0
 MODELS_TIMEOUT_S = 10.0
+
+
+class Probe(str, enum.Enum):
+    """What an instance's `GET /health` said."""
+
+    UP = "up"  # 200
+    DRAINING = "draining"  # 503 {"status": "draining"}: shutting down, finishing its requests
+    DOWN = "down"  # anything else, or no answer in time
 
 
 class Upstream:
@@ -111,13 +120,15 @@ class Upstream:
         except httpx.HTTPError as exc:
             log_event(logging.INFO, "abort_failed", rid, url=url, error=repr(exc))
 
-    async def probe(self, url: str, timeout_s: float) -> bool:
-        """Does instance `url` answer `GET /health` with 200?"""
+    async def probe(self, url: str, timeout_s: float) -> Probe:
+        """What instance `url` answers `GET /health` within `timeout_s`."""
         try:
             answer = await self.client.get(f"{url}/health", timeout=timeout_s)
         except httpx.HTTPError:
-            return False
-        return answer.status_code == 200
+            return Probe.DOWN
+        if answer.status_code == 200:
+            return Probe.UP
+        return Probe.DRAINING if _says_draining(answer) else Probe.DOWN
 
     async def model_cards(self, urls: list[str]) -> list[dict[str, Any]]:
         """The union of the instances' /v1/models cards (first card per id); 503 when none
@@ -143,6 +154,17 @@ class Upstream:
                 code="no_healthy_instance",
             )
         return list(cards.values())
+
+
+def _says_draining(answer: httpx.Response) -> bool:
+    """Is this a draining node's health answer (503 `{"status": "draining"}`)?"""
+    if answer.status_code != 503:
+        return False
+    try:
+        body = answer.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("status") == DRAINING
 
 
 def _model_cards(answer: httpx.Response | BaseException) -> list[dict[str, Any]] | None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from api.errors import DRAINING
 from api.settings import Instance, Role
 
 from .breaker import BreakerState, CircuitBreaker
@@ -59,6 +60,14 @@ class Worker:
             return False
         self.healthy, self.out_reason, self.failed_checks = True, None, 0
         return True
+
+    def attempt_failed(self, now: float, draining: bool) -> None:
+        """An attempt failed here: one more breaker error; but an instance that said it is
+        draining is fine, only leaving: it is taken out instead (a passing check takes it back)."""
+        if draining:
+            self.take_out(DRAINING)
+        else:
+            self.breaker.record_failure(now)
 
     @property
     def url(self) -> str:

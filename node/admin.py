@@ -8,7 +8,7 @@ import uuid
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from api.errors import ApiError, invalid_request
+from api.errors import DRAINING, ApiError, invalid_request
 from api.http import error_response, parse_json, read_body
 from api.openai import ModelCard, ModelList
 from node import requests as nreq
@@ -36,13 +36,17 @@ class NodeAdmin:
     async def health(self, _request: Request) -> Response:
         if not self.ctx.alive():
             return PlainTextResponse("scheduler process is not running", status_code=503)
+        if self.ctx.drain.draining:  # NOTE: the gateway takes a draining node out at once
+            return JSONResponse({"status": DRAINING}, status_code=503)
         return PlainTextResponse("ok")
 
-    async def health_generate(self, _request: Request) -> Response:
+    async def health_generate(self, request: Request) -> Response:
+        if self.ctx.drain.draining:
+            return await self.health(request)
         rid = f"health-{uuid.uuid4().hex}"
         params = {"max_tokens": 1, "temperature": 0.0}
         job = nreq.Job(0, 0, GenerateRequest(rid, self.ctx.encode("ping") or [0], params))
-        run = JobRun(self.ctx.client, [job], 20.0)
+        run = JobRun(self.ctx.client, [job], 20.0, self.ctx.drain)
         try:
             await run.start()
             await run.rest()

@@ -1,4 +1,5 @@
-"""What a node's HTTP handlers share: its settings, the scheduler client, the tokenizer."""
+"""What a node's HTTP handlers share: its settings, the scheduler client, the tokenizer, the
+drain."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from api.chat import chat_prompt_ids
 from engine.stop import replay_text
 from engine.tokenizer import IncrementalDetokenizer
 from node.channel import SchedulerClient
+from node.drain import Drain
 from node.messages import GenerateRequest, TokenOutput
 from node.metrics import NodeMetrics
 from node.settings import NodeSettings
@@ -24,6 +26,7 @@ class NodeContext:
     tokenizer: PreTrainedTokenizerFast
     max_model_len: int
     alive: Callable[[], bool]
+    drain: Drain
     request_timeout_s: float = 600.0
     metrics: NodeMetrics = field(default_factory=NodeMetrics)
 

@@ -1,4 +1,8 @@
-"""One HTTP request's jobs in flight: submit them, add up their outputs, abort what is left."""
+"""One HTTP request's jobs in flight: submit them, add up their outputs, abort what is left.
+
+A run tracks itself with the node's drain (node/drain.py), which may cut it: its next output is
+then the drain's error.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,11 @@ from dataclasses import dataclass
 
 from api.errors import ApiError, invalid_request, server_error
 from node.channel import SchedulerClient
+from node.drain import Drain
 from node.messages import TokenOutput
 from node.requests import Job
+
+WAKE = TokenOutput("")  # put on a cut run's queue so that a waiting `next()` returns
 
 
 @dataclass
@@ -22,8 +29,16 @@ class JobState:
 
 
 class JobRun:
-    def __init__(self, client: SchedulerClient, jobs: Sequence[Job], timeout_s: float) -> None:
+    def __init__(
+        self,
+        client: SchedulerClient,
+        jobs: Sequence[Job],
+        timeout_s: float,
+        drain: Drain | None = None,
+    ) -> None:
         self.client = client
+        self.drain = drain
+        self.cut_by: ApiError | None = None
         self.queue: asyncio.Queue[TokenOutput] = asyncio.Queue()
         self.states = {job.request.rid: JobState(job, TokenOutput(job.request.rid)) for job in jobs}
         self.deadline = time.monotonic() + timeout_s
@@ -41,6 +56,8 @@ class JobRun:
         return all(s.out.finished for s in self.states.values())
 
     async def start(self) -> None:
+        if self.drain is not None:
+            self.drain.track(self)
         for rid in self.states:
             self.client.open(rid, self.queue)
             self._opened.append(rid)
@@ -54,7 +71,9 @@ class JobRun:
                 ) from None
 
     async def next(self) -> tuple[JobState, TokenOutput]:
-        """The next output of any job; raises ApiError for a job's error or the timeout."""
+        """The next output of any job; raises ApiError for a job's error, the timeout or a cut."""
+        if self.cut_by is not None:
+            raise self.cut_by
         remaining = self.deadline - time.monotonic()
         try:
             out = await asyncio.wait_for(self.queue.get(), max(remaining, 0.001))
@@ -62,6 +81,8 @@ class JobRun:
             raise server_error(
                 f"request timed out after {self.timeout_s:.0f}s", status=504, code="timeout"
             ) from None
+        if self.cut_by is not None:
+            raise self.cut_by
         state = self.states[out.rid]
         if out.error is not None:
             state.out.finished = True
@@ -87,8 +108,16 @@ class JobRun:
             got.append(await self.next())
         return got
 
+    def cut(self, error: ApiError) -> None:
+        """End the run with `error` at once (the node drains and its time ran out); `close()`
+        then aborts what is left."""
+        self.cut_by = error
+        self.queue.put_nowait(WAKE)
+
     async def close(self) -> None:
         """Abort unfinished jobs on the scheduler and stop routing their outputs."""
+        if self.drain is not None:
+            self.drain.untrack(self)
         for rid in self._opened:
             if not self.states[rid].out.finished:
                 await self.client.abort(rid)

@@ -1,5 +1,8 @@
 """The scheduler process: started by the node's HTTP process, it loads the engine, builds the
-role's loop and runs it until SIGTERM.
+role's loop and runs it until the HTTP process stops it (`stop_process`: STOP_SIGNAL).
+
+Once running it ignores SIGTERM and SIGINT: the launcher (and a terminal's Ctrl-C) signal the
+node's whole process group, and the scheduler must keep serving while the HTTP process drains.
 
 `start_scheduler` (HTTP side) spawns it and waits for its ready message; `scheduler_main` is its
 body, the same for every role: the role is the loop class it is given.
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -23,6 +27,7 @@ from node.settings import NodeSettings
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 900.0
+STOP_SIGNAL = signal.SIGUSR1  # the HTTP process's "stop now" (SIGTERM is the node's drain)
 
 
 @dataclass(frozen=True)
@@ -62,8 +67,9 @@ def start_scheduler(settings: NodeSettings, loop_cls: type[NodeLoop], ipc_dir: s
 
 
 def stop_process(proc: BaseProcess, grace_s: float = 10.0) -> None:
-    if proc.is_alive():
-        proc.terminate()
+    """Stop a scheduler process: STOP_SIGNAL (it ignores SIGTERM), SIGKILL after `grace_s`."""
+    if proc.is_alive() and proc.pid is not None:
+        os.kill(proc.pid, STOP_SIGNAL)
         proc.join(grace_s)
     if proc.is_alive():
         proc.kill()
@@ -89,9 +95,11 @@ def scheduler_main(
         log.exception("scheduler start failed")
         conn.send({"error": f"{type(exc).__name__}: {exc}"})
         raise SystemExit(1) from None
+    # NOTE: before "ready": from then on the HTTP process may stop us, and SIGTERM is a drain
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(STOP_SIGNAL, lambda *_: loop.stop_event.set())
     conn.send({"ok": True, **loop.ready_info()})
     conn.close()
-    signal.signal(signal.SIGTERM, lambda *_: loop.stop_event.set())
     try:
         loop.run()
     finally:

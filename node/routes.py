@@ -3,7 +3,8 @@
 
 Requests are tokenized here and run by the scheduler process (node/channel.py); PD requests carry
 bootstrap_host / bootstrap_port / bootstrap_room as SGLang's router sends them. A request whose
-client leaves is aborted on the scheduler.
+client leaves is aborted on the scheduler. A draining node refuses new requests (503, code
+"draining") and counts the ones in flight (node/drain.py).
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ class NodeRoutes:
         self, request: Request, jobs: list[nreq.Job]
     ) -> tuple[JobRun, list[tuple[JobState, TokenOutput]]]:
         """Submit the jobs and wait for every job's first output."""
-        run = JobRun(self.ctx.client, jobs, self.ctx.request_timeout_s)
+        run = JobRun(self.ctx.client, jobs, self.ctx.request_timeout_s, self.ctx.drain)
         for state in run.states.values():
             if state.job.request.num_resumed:
                 state.out = self.ctx.resumed_output(state.job.request)
@@ -228,9 +229,17 @@ async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
 
 
 def generation_route(handler: Handler, ctx: NodeContext, name: str) -> Callable:
-    """The endpoint: body and rid, the handler, errors in OpenAI's shape, counted by status."""
+    """The endpoint: body and rid, the handler, errors in OpenAI's shape, counted by status;
+    while the node drains, a refusal."""
 
     async def endpoint(request: Request) -> Response:
+        if ctx.drain.draining:  # NOTE: before reading the body: new work goes elsewhere at once
+            ctx.metrics.count(name, 503)
+            return error_response(ctx.drain.refusal(), request_id(request.headers))
+        with ctx.drain.handling():
+            return await handle(request)
+
+    async def handle(request: Request) -> Response:
         rid = None
         try:
             body = parse_json(await read_body(request, MAX_BODY_BYTES))

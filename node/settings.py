@@ -39,7 +39,19 @@ class NodeSettings:
     prealloc_timeout_s: float = setting(
         300.0, "decode: a request waits this long for free KV pages (503 after)"
     )
+    drain_timeout_s: float = setting(
+        30.0,
+        "on SIGTERM the node refuses new requests and finishes its own for up to this long; "
+        "what is left then ends with a `draining` error",
+    )
     log_level: str = setting("warning", "debug, info, warning or error")
+
+    def __post_init__(self) -> None:
+        if self.drain_timeout_s < 0:
+            raise ValueError(
+                f"drain_timeout_s must be >= 0, got {self.drain_timeout_s} (0: end what is in "
+                "flight at once)"
+            )
 
     @property
     def model_name(self) -> str:

@@ -31,7 +31,7 @@ TURN_TIMEOUT_S = 20.0  # a turn that never comes fails the test rather than hang
 
 @dataclass
 class Behavior:
-    mode: str = "ok"  # ok | error500 | error400 | hang | cut | error_event
+    mode: str = "ok"  # ok | error500 | error400 | hang | cut | error_event | draining
     # Answer a rid only once one of these stand-ins has answered it with a success (a decode node
     # waits for prefill's KV), or once the gateway has aborted it here (that attempt is over).
     # It orders the two sides of an attempt by what happened, not by how long a sleep lasts.
@@ -40,6 +40,7 @@ class Behavior:
     event_delay_s: float = 0.0
     hang_after: int = 1  # mode "hang" on a stream: events sent before hanging
     healthy: bool = True
+    draining: bool = False  # /health answers as a draining node does (503 {"status": "draining"})
 
 
 @dataclass
@@ -76,6 +77,8 @@ class StandIn:
 
     async def health(self, request: Request) -> Response:
         self.health_checks += 1
+        if self.behavior.draining:
+            return JSONResponse({"status": "draining"}, 503)
         return Response(status_code=200 if self.behavior.healthy else 503)
 
     async def models(self, request: Request) -> Response:
@@ -100,6 +103,9 @@ class StandIn:
             raise
         if b.mode == "error500":
             return JSONResponse(error_body(f"{self.name} broke", "server_error"), 500)
+        if b.mode == "draining":  # as a node that shuts down refuses new work
+            refusal = error_body(f"{self.name} is draining", "server_error", code="draining")
+            return JSONResponse(refusal, 503)
         if b.mode == "error400":
             refusal = error_body(f"{self.name} refuses", param="prompt", code="invalid_prompt")
             return JSONResponse(refusal, 400)

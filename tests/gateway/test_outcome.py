@@ -96,3 +96,24 @@ def test_transport_errors_and_cuts() -> None:
     assert failed.error.message == f"prefill instance {URL} failed: ConnectError: refused"
     cut = cut_mid_stream(URL, httpx.ReadError("reset"))
     assert cut.status == 502 and cut.code == "upstream_error" and "mid-stream" in cut.message
+
+
+def test_a_draining_refusal_fails_the_attempt_but_not_the_instance() -> None:
+    refusal = json.dumps(error_body("shutting down", "server_error", code="draining")).encode()
+    whole = [
+        decode_answer(URL, 503, refusal, "application/json"),
+        prefill_answer(URL, 503, refusal, "application/json"),
+        prefill_answer(URL, 200, event_error("server_error", "draining") + DONE, SSE),
+        first_events(URL, EventSplitter().feed(event_error("server_error", "draining"))),
+    ]
+    for verdict in whole:
+        assert isinstance(verdict, AttemptFailed) and verdict.draining, verdict
+        assert verdict.url == URL and verdict.error.code == "draining"
+    # any other 5xx is the instance's failure, whatever its body says
+    others = [
+        decode_answer(URL, 503, b"overloaded", "text/plain"),
+        decode_answer(URL, 500, refusal, "application/json"),
+        prefill_answer(URL, 503, b'{"error": "draining"}', "application/json"),
+    ]
+    for verdict in others:
+        assert isinstance(verdict, AttemptFailed) and not verdict.draining, verdict
