@@ -120,12 +120,12 @@ class Round:
 
 
 class Load:
-    """`pdserve bench` rounds, back to back, and their added-up counts.
+    """`pdserve bench` rounds, one after another, and their added-up counts.
 
     A bench process spends seconds (tens on a busy machine) loading its tokenizer before it
     sends anything, so the next round is started that long before the current one is due to end
     at the gateway's pace: the load stays near --max-concurrency instead of pausing between
-    rounds (two rounds may overlap for a moment; `inflight` in the report says how steady it was).
+    rounds (two may overlap for a moment; `inflight_after_warmup` says how steady it was).
     """
 
     def __init__(self, args: argparse.Namespace, gateway: str, log_dir: Path) -> None:
