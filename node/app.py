@@ -1,8 +1,8 @@
 """`create_node_app(ctx)`: the node's ASGI app (Starlette), the same for prefill and decode.
 
 Routes: /generate, /v1/completions, /v1/chat/completions (node/routes.py); /v1/models, /health,
-/health_generate, /get_model_info, /get_server_info, /flush_cache, /metrics, /abort_request
-(node/admin.py). Starlette's own 404/405 answer in OpenAI's shape.
+/health_generate, /get_model_info, /get_server_info, /flush_cache, /check_integrity, /metrics,
+/abort_request (node/admin.py). Starlette's own 404/405 answer in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def create_node_app(ctx: NodeContext) -> Starlette:
         Route("/get_model_info", admin.model_info, methods=["GET"]),
         Route("/get_server_info", admin.server_info, methods=["GET"]),
         Route("/flush_cache", admin.flush_cache, methods=["POST", "GET"]),
+        Route("/check_integrity", admin.check_integrity, methods=["GET"]),
         Route("/metrics", admin.metrics, methods=["GET"]),
         Route("/abort_request", admin.abort_request, methods=["POST"]),
     ]

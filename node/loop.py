@@ -105,9 +105,18 @@ class NodeLoop:
         if msg.op == "flush_cache":
             return ControlReply(msg.call_id, bool(self.engine.flush_cache()))
         if msg.op == "check_integrity":
-            self.engine.check_integrity()
-            return ControlReply(msg.call_id, True)
+            return self.check_integrity(msg.call_id)
         return ControlReply(msg.call_id, False, {"error": f"unknown op {msg.op!r}"})
+
+    def check_integrity(self, call_id: int) -> ControlReply:
+        """The engine's page and cache invariants, as an answer: a broken one is a finding to
+        report (GET /check_integrity), not a reason for the scheduler process to die."""
+        try:
+            self.engine.check_integrity()
+        except AssertionError as exc:
+            log.error("check_integrity failed: %s", exc)
+            return ControlReply(call_id, False, {"error": str(exc)})
+        return ControlReply(call_id, True)
 
     def server_info(self) -> dict[str, Any]:
         engine = self.engine

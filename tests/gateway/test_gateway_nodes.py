@@ -239,6 +239,9 @@ def test_disconnect_mid_stream_frees_pages_on_both_nodes(nodes: Nodes) -> None:
     # only an abort ends it in time: UNFINISHABLE tokens take minutes
     wait_until(lambda: idle(nodes.decode), 30.0, "decode drops the request and frees its pages")
     wait_until(lambda: idle(nodes.prefill), 30.0, "prefill pages freed")
+    for node in (nodes.decode, nodes.prefill):
+        answer = httpx.get(f"{node.url}/check_integrity", timeout=5.0, trust_env=False)
+        assert (answer.status_code, answer.json()) == (200, {"ok": True})
 
 
 def test_node_abort_request_ends_its_stream(nodes: Nodes) -> None:

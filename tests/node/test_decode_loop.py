@@ -11,7 +11,7 @@ import pytest
 from decode.loop import DecodeLoop
 from engine.engine import Engine
 from engine.options import EngineOptions
-from node.messages import GenerateRequest, TokenOutput
+from node.messages import ControlReply, ControlRequest, GenerateRequest, TokenOutput
 from node.settings import NodeSettings
 from transfer.base import RoomStatus, TransferState
 
@@ -99,3 +99,11 @@ def test_confirmed_failed_room_frees_pages_at_once(loop) -> None:
     assert [f.rid for f in failures(loop)] == ["r2"]
     assert loop.engine.num_free_pages == total
     loop.engine.check_integrity()
+
+
+def test_check_integrity_answers_a_leak_instead_of_raising(loop) -> None:
+    call = ControlRequest(1, "check_integrity")
+    assert loop.control(call) == ControlReply(1, True)
+    loop.engine.pool.alloc(2)  # taken from the pool by no request: a leak
+    reply = loop.control(ControlRequest(2, "check_integrity"))
+    assert not reply.ok and "leaked" in reply.data["error"]
