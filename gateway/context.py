@@ -106,7 +106,13 @@ class Gateway:
         log_event(logging.WARNING, "worker_removed", role=worker.role, url=worker.url)
         return worker
 
-    async def fetch_models(self) -> list[dict[str, Any]]:
-        """Model cards of the healthy decode instances (first card per id); 503 when none answer."""
-        urls = [w.url for w in self.pool.of_role("decode") if w.healthy]
-        return await self.upstream.model_cards(urls)
+    async def fetch_models(
+        self, urls: list[str] | None = None, timeout_s: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Model cards of the healthy decode instances (or of `urls`; first card per id); 503
+        when none answer."""
+        if urls is None:
+            urls = [w.url for w in self.pool.of_role("decode") if w.healthy]
+        if timeout_s is None:
+            return await self.upstream.model_cards(urls)
+        return await self.upstream.model_cards(urls, timeout_s)

@@ -34,7 +34,10 @@ class HealthMonitor:
         results = await asyncio.gather(*(self.probe(w) for w in workers))
         for worker, probe in zip(workers, results):
             self.record(worker, probe)
-        await self.refresh_models()
+        # NOTE: only from decode instances that just answered, and no slower than a probe: an
+        # instance that hangs must not hold up the next round (the round that takes it out)
+        answered = [w.url for w, p in zip(workers, results) if w.role == "decode" and p is Probe.UP]
+        await self.refresh_models(answered)
 
     async def probe(self, worker: Worker) -> Probe:
         return await self.gw.upstream.probe(worker.url, self.gw.settings.health_timeout_s)
@@ -67,9 +70,11 @@ class HealthMonitor:
                 failed_checks=worker.failed_checks,
             )
 
-    async def refresh_models(self) -> None:
+    async def refresh_models(self, urls: list[str]) -> None:
+        if not urls:
+            return
         try:
-            cards = await self.gw.fetch_models()
+            cards = await self.gw.fetch_models(urls, self.gw.settings.health_timeout_s)
         except Exception:  # NOTE: keep the last known ids; routing does not depend on them
             return
         self.gw.models = frozenset(card["id"] for card in cards)

@@ -130,11 +130,13 @@ class Upstream:
             return Probe.UP
         return Probe.DRAINING if _says_draining(answer) else Probe.DOWN
 
-    async def model_cards(self, urls: list[str]) -> list[dict[str, Any]]:
+    async def model_cards(
+        self, urls: list[str], timeout_s: float = MODELS_TIMEOUT_S
+    ) -> list[dict[str, Any]]:
         """The union of the instances' /v1/models cards (first card per id); 503 when none
         answers."""
         answers = await asyncio.gather(
-            *(self.client.get(f"{url}/v1/models", timeout=MODELS_TIMEOUT_S) for url in urls),
+            *(self.client.get(f"{url}/v1/models", timeout=timeout_s) for url in urls),
             return_exceptions=True,
         )
         cards: dict[str, dict[str, Any]] = {}
