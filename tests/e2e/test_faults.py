@@ -524,7 +524,9 @@ def test_bad_input_is_a_4xx_in_openai_shape(strict: str, case: str) -> None:
 
 # ---- SIGSTOP of a decode node -----------------------------------------------------------------
 
-HANG_BOUND_S = 15.0  # a hung node's streams go on within this: its probes, not the 20 s token timeout
+HANG_BOUND_S = (
+    15.0  # a hung node's streams go on within this: its probes, not the 20 s token timeout
+)
 
 
 def test_decode_hang_moves_its_streams_within_seconds_and_it_is_probed_back_in(

@@ -1,12 +1,14 @@
-"""`pdserve launch` heals a cluster: a node killed with kill -9 under load costs no client
-anything, and the launcher brings it back.
+"""`pdserve launch` heals a cluster: a node killed with kill -9 or stopped with SIGTERM under
+load costs no client anything, and the launcher brings it back.
 
 One 2P2D cluster of the tiny model. decode-1's process group is killed (its HTTP and scheduler
-processes together, found through `launch-state.json`) while 16 streams run (completions,
-chat and native /generate; greedy and seeded): every stream completes with the text of an
-undisturbed run (the gateway moved decode-1's streams mid-way). The launcher restarts it, the
-gateway takes it back, and requests reach it again. Then prefill-1 is killed while requests wait on it: all of them
-complete on prefill-0, and it comes back the same way.
+processes together, found through `launch-state.json`) while 16 streams run (completions, chat
+and native /generate; greedy and seeded): every stream completes with the text of an undisturbed
+run (the gateway moved decode-1's streams mid-way). The launcher restarts it, the gateway takes it
+back, and requests reach it again. Then prefill-1 is killed while requests wait on it: all of
+them complete on prefill-0, and it comes back the same way. Last, decode-1 gets SIGTERM under
+the same streams (a rolling restart): it drains, every stream completes, requests sent during the
+drain succeed elsewhere, it exits 0 and comes back.
 """
 
 from __future__ import annotations
@@ -210,14 +212,37 @@ def kill_prefill_under_requests(cluster: Cluster, logs: Path, expected: list) ->
     return killed
 
 
-def see_it_back(cluster: Cluster, logs: Path, name: str, before: dict[str, Any]) -> None:
-    """The launcher restarts `name`, the gateway takes it back, and requests through the gateway
-    reach it again."""
+def drain_decode_under_streams(cluster: Cluster, logs: Path, expected: list) -> dict[str, Any]:
+    """SIGTERM to decode-1 (what Kubernetes sends) once 16 streams run: it drains, every stream
+    completes as if nothing happened, and requests sent meanwhile succeed elsewhere."""
+    url, stopped, during = node_url(cluster, "decode-1"), {}, []
+
+    def fault() -> None:
+        assert outstanding(cluster, url) > 0
+        before = launch_state(logs)["decode-1"]
+        os.killpg(before["pid"], signal.SIGTERM)
+        stopped.update(before)
+        # the node says it is draining (it still holds streams), and new requests go elsewhere
+        wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 503, "draining")
+        for i in range(REQUESTS):
+            body = {"model": "tiny", "prompt": f"During the drain {i}", "max_tokens": 4}
+            r = httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=60)
+            during.append(r.status_code)
+
+    got = asyncio.run(streams_across(cluster.url, load_bodies("Load"), fault))
+    assert got == expected
+    assert during == [200] * REQUESTS
+    return stopped
+
+
+def see_it_back(cluster: Cluster, logs: Path, name: str, before: dict[str, Any], how: str) -> None:
+    """The launcher restarts `name` (which ended `how`), the gateway takes it back, and requests
+    through the gateway reach it again."""
     url = node_url(cluster, name)
     back = {"state": "up", "restarts": before["restarts"] + 1}
     wait_until(lambda: back.items() <= launch_state(logs)[name].items(), f"{name} restarted")
     state = launch_state(logs)[name]
-    assert state["pid"] != before["pid"] and state["last_exit"] == "was killed by SIGKILL"
+    assert state["pid"] != before["pid"] and state["last_exit"] == how
     wait_until(lambda: url in healthy_workers(cluster), f"the gateway takes {name} back")
     retries = gateway_retries(cluster)
     complete_some(cluster, f"After {name} came back")
@@ -246,9 +271,11 @@ def test_nodes_killed_under_load_cost_no_client_anything_and_come_back(
         undisturbed = asyncio.run(streams_across(cluster.url, load_bodies("Load"), None))
         assert all(tokens == STREAM_TOKENS for _, _, tokens in undisturbed)
         before = kill_decode_under_streams(cluster, logs, undisturbed)
-        see_it_back(cluster, logs, "decode-1", before)
+        see_it_back(cluster, logs, "decode-1", before, "was killed by SIGKILL")
         before = kill_prefill_under_requests(cluster, logs, undisturbed)
-        see_it_back(cluster, logs, "prefill-1", before)
+        see_it_back(cluster, logs, "prefill-1", before, "was killed by SIGKILL")
+        before = drain_decode_under_streams(cluster, logs, undisturbed)
+        see_it_back(cluster, logs, "decode-1", before, "exited with code 0")
         launcher = cluster.log.read_text()
     for name in ("decode-1", "prefill-1"):
         assert (
