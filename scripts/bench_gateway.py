@@ -3,7 +3,8 @@
 The nodes here are stand-ins, not pdserve nodes: one small raw-asyncio HTTP/1.1 process serves
 every stand-in instance (one port each). A decode stand-in answers a streamed `/v1/completions`
 or `/v1/chat/completions` at once with `--tokens` SSE events in the node's OpenAI chunk shape
-(built with `api.openai`'s models) and `[DONE]`; a prefill stand-in answers with a small JSON.
+(built with `api.openai`'s models) and `[DONE]`, each event with its token-id comment line when
+the gateway asks for them, as our nodes do; a prefill stand-in answers with a small JSON.
 So the benchmark measures the gateway (and the wire), never a model.
 
 Three processes: the stand-ins, the gateway (`gateway.server.run`, as `pdserve gateway` serves
@@ -71,8 +72,10 @@ def parse_args() -> argparse.Namespace:
 # ---- stand-in nodes ----
 
 
-def stream_events(route: str, tokens: int) -> list[bytes]:
-    """The SSE events of one streamed answer, `{rid}` where the node writes the request id."""
+def stream_events(route: str, tokens: int, tagged: bool = False) -> list[bytes]:
+    """The SSE events of one streamed answer, `{rid}` where the node writes the request id;
+    `tagged`: each with its token id's comment line first, as our nodes send them when the
+    gateway asks (api/resume.py)."""
     from api.openai import (
         ChatChunkChoice,
         ChatCompletionChunk,
@@ -80,6 +83,7 @@ def stream_events(route: str, tokens: int) -> list[bytes]:
         CompletionChunk,
         DeltaMessage,
     )
+    from api.resume import ids_comment
     from api.sse import DONE, encode_event
 
     events = []
@@ -92,7 +96,8 @@ def stream_events(route: str, tokens: int) -> list[bytes]:
         else:
             choice = CompletionChoice(index=0, text=f" tok{i}", finish_reason=reason)
             chunk = CompletionChunk(id="{rid}", created=0, model=MODEL, choices=[choice])
-        events.append(encode_event(chunk.model_dump(exclude_none=True)))
+        event = encode_event(chunk.model_dump(exclude_none=True))
+        events.append(ids_comment([1000 + i], reason is not None) + event if tagged else event)
     return [*events, DONE]
 
 
@@ -118,11 +123,13 @@ class StandInNode:
 
     role: str
     tokens: int
-    events: dict[str, list[bytes]] = field(default_factory=dict)  # route -> stream template
+    # (route, tagged) -> stream template
+    events: dict[tuple[str, bool], list[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for route in ("/v1/completions", "/v1/chat/completions"):
-            self.events[route] = stream_events(route, self.tokens)
+            for tagged in (False, True):
+                self.events[route, tagged] = stream_events(route, self.tokens, tagged)
 
     def answer(self, method: bytes, path: str, body: bytes) -> bytes:
         if method == b"GET" and path == "/health":
@@ -131,13 +138,14 @@ class StandInNode:
             return json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
         if path == "/abort_request":
             return json_response({"ok": True})
-        if path not in self.events and path != "/generate":
+        if (path, False) not in self.events and path != "/generate":
             return json_response({"error": {"message": f"no route {path}"}}, b"404 Not Found")
         request = json.loads(body)
         rid = str(request.get("rid", "bench")).encode()
         if self.role == "prefill" or not request.get("stream") or path == "/generate":
             return json_response({"id": rid.decode(), "object": "prefill", "rid": rid.decode()})
-        parts = [http_chunk(event.replace(b"{rid}", rid)) for event in self.events[path]]
+        template = self.events[path, request.get("pd_token_ids") is True]
+        parts = [http_chunk(event.replace(b"{rid}", rid)) for event in template]
         return STREAM_HEAD + b"".join(parts) + CHUNKED_END
 
 
