@@ -241,6 +241,7 @@ class Load:
             "completed": record.get("completed", 0) if record else 0,
             "failed": record.get("failed", 0) if record else 0,
             "unaccounted": 0 if record else r.prompts,  # bench died or hung: nothing reported
+            "short": cut_short(record) if record else 0,
             "startup_s": round(r.startup_s, 1) if r.sending_at else None,
             "load_s": round(record["duration"], 1) if record else None,
             "exit": code,
@@ -252,7 +253,7 @@ class Load:
         print(f"chaos: round {json.dumps(done)}", file=sys.stderr, flush=True)
 
     def totals(self) -> dict[str, Any]:
-        keys = ("sent", "completed", "failed", "unaccounted")
+        keys = ("sent", "completed", "failed", "unaccounted", "short")
         sums = {k: sum(r[k] for r in self.rounds) for k in keys}
         by_backend: dict[str, Counter[str]] = {}
         for r in self.rounds:
@@ -264,6 +265,17 @@ class Load:
             "inflight_after_warmup": self.meter.inflight_summary(self.warmed_at),
             "errors": dict(self.errors.most_common(10)),
         }
+
+
+def cut_short(record: dict[str, Any]) -> int:
+    """Answers that succeeded with fewer tokens than asked for, by the server's own count (the
+    load ignores EOS, so every whole answer has them all): a stream cut without an error."""
+    rows = zip(
+        record.get("reported_output_lens", []),
+        record.get("requested_output_lens", []),
+        record.get("errors", []),
+    )
+    return sum(1 for got, asked, error in rows if not error and got is not None and got < asked)
 
 
 def read_record(path: Path) -> dict[str, Any] | None:

@@ -75,7 +75,8 @@ def measure(
     record = result_record({**(labels or {}), **arguments(args, request_rate, pd)}, metrics)
     if args.output_details:
         lens = [output_len(o, workload.count_tokens) if o.success else 0 for o in result.outputs]
-        record.update(result_details(result.outputs, lens))
+        requested = [row.output_len for row in workload.rows]
+        record.update(result_details(result.outputs, lens, requested))
     if args.output_file:
         append_jsonl(args.output_file, record)
     return Measured(metrics, result, record)

@@ -94,12 +94,16 @@ def result_record(arguments: Mapping[str, Any], m: BenchmarkMetrics) -> dict[str
 
 
 def result_details(
-    outputs: Sequence[RequestOutput], output_lens: Sequence[int]
+    outputs: Sequence[RequestOutput], output_lens: Sequence[int], requested: Sequence[int]
 ) -> dict[str, list[Any]]:
-    """--output-details: per request, in dataset order."""
+    """--output-details: per request, in dataset order. `requested_output_lens` beside the
+    server's own counts (`reported_output_lens`, None where it sent none) shows an answer cut
+    short without an error."""
     return {
         "input_lens": [o.prompt_len for o in outputs],
         "output_lens": list(output_lens),
+        "requested_output_lens": list(requested),
+        "reported_output_lens": [o.output_len for o in outputs],
         "ttfts": [o.ttft for o in outputs],
         "itls": [list(o.itl) for o in outputs],
         "generated_texts": [o.generated_text for o in outputs],
