@@ -12,12 +12,12 @@ through `SSEDecoder` and `encode_event`, as before, so the output is the same ei
     feed(b'ta: [DONE]\\n\\n')                         -> Events(done=True)
 
 Token-id comment lines (`:ids 5,17`, api/resume.py) are taken out of the bytes before anything
-else and handed over as `Events.ids`, so what is relayed is the same as without them.
+else and handed over as `Events.ids` (their numbers as sent, parsed only if a stream moves), so
+what is relayed is the same as without them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from api.resume import IDS_LINE
@@ -26,6 +26,7 @@ from api.sse import DONE_PAYLOAD, SSEDecoder, encode_event
 DATA = b"data: "
 BLOCK_END = b"\n\n"
 DONE_EVENT = b"data: [DONE]\n\n"
+IDS = b":ids "  # a token-id comment line's start (api/resume.py)
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Events:
     first: bytes | None = None  # the first event's payload
     last: bytes | None = None  # the last event's payload
     done: bool = False  # `[DONE]` came
-    ids: tuple[int, ...] = ()  # the token ids the events added, from their comment lines
+    ids: bytes = b""  # the token ids the events added, as comma-separated digits (`token_ids`)
     untagged: int = 0  # events that came without an ids line (their tokens are not known)
     finished: bool = False  # an ids line said the request finished
 
@@ -87,19 +88,51 @@ def is_plain(blocks: bytes) -> bool:
 
 
 def _tagged_events(blocks: bytes) -> Events:
-    """Events whose ids lines are taken out and added up."""
+    """Events whose ids lines are taken out and added up.
+
+    NOTE: the hot path of every stream from our nodes: when each event carries its line first,
+    as they send them, a few splits and joins do it (a regex over the whole run cost ~10x)."""
+    if blocks.startswith(IDS):
+        pieces = blocks[len(IDS) :].split(BLOCK_END + IDS)
+        tags, bodies = [], []
+        for piece in pieces:
+            tag, _, body = piece.partition(b"\n")
+            tags.append(tag)
+            bodies.append(body)
+        rest = b"\n\n".join(bodies)
+        if b"\n:ids " in rest:  # NOTE: a tag line elsewhere (not this form): the general way
+            return _tagged_by_regex(blocks)
+    else:
+        return _tagged_by_regex(blocks)
+    events = _plain_events(rest) if is_plain(rest) else _undecoded(rest)
+    numbers = b",".join(tags)
+    finished = b" end" in numbers
+    return _with_tags(events, numbers.replace(b" end", b""), len(tags), finished)
+
+
+def _tagged_by_regex(blocks: bytes) -> Events:
     tags = IDS_LINE.findall(blocks)
     blocks = IDS_LINE.sub(b"", blocks)
     events = _plain_events(blocks) if is_plain(blocks) else _undecoded(blocks)
-    ids = tuple(int(t) for numbers, _ in tags for t in numbers.split(b",") if t)
-    finished = any(end for _, end in tags)
-    untagged = max(_event_count(events) - len(tags), 0)
-    return dataclasses.replace(events, ids=ids, untagged=untagged, finished=finished)
+    ids = b",".join(numbers for numbers, _ in tags)
+    return _with_tags(events, ids, len(tags), any(end for _, end in tags))
+
+
+def token_ids(ids: bytes) -> list[int]:
+    """The ids of `Events.ids` (or of several joined with commas)."""
+    return [int(t) for t in ids.split(b",") if t]
+
+
+def _with_tags(events: Events, ids: bytes, tagged: int, finished: bool) -> Events:
+    untagged = max(_event_count(events) - tagged, 0)
+    return Events(events.data, events.first, events.last, events.done, ids, untagged, finished)
 
 
 def _count_untagged(events: Events) -> Events:
     count = _event_count(events)
-    return dataclasses.replace(events, untagged=count) if count else events
+    if not count:
+        return events
+    return Events(events.data, events.first, events.last, events.done, untagged=count)
 
 
 def _event_count(events: Events) -> int:

@@ -31,7 +31,7 @@ from api.sse import DONE, error_in
 
 from . import outcome
 from .background import Background
-from .events import NO_EVENTS, Events, EventSplitter
+from .events import NO_EVENTS, Events, EventSplitter, token_ids
 from .logs import log_event
 from .outcome import AttemptFailed, Finished, Refused
 from .pd import Attempt
@@ -75,13 +75,13 @@ class Exchange:
         self._decode_open = False
         self._closed = False
         # what the client was sent, as token ids (api/resume.py): for moving the stream on
-        self.streamed: list[int] = []
+        self._ids: list[bytes] = []  # the events' ids as they came (`streamed` parses them)
         self.untagged = 0  # events sent without ids: the stream cannot be moved
         self.finished = False  # the node said the request finished
         self.ended_in_error = False  # a refusal's error event was relayed
-        self._opening: asyncio.Future[Finished | Events] | None = None
+        self._opening: asyncio.Timeout | None = None  # set while opening: expired when gone
         self._gone: AttemptFailed | None = None  # an instance was taken out under us
-        self._watching: list[tuple[Worker, Callable[[str], None]]] = []
+        self._watching: list[Worker] = []
 
     # ---- opening: nothing has reached the client yet ----
 
@@ -121,13 +121,13 @@ class Exchange:
             raise
 
     async def _open_watched(self) -> Finished | Events:
-        """`_open_decode`, failed at once when an instance of the pair is taken out."""
-        self._opening = opening = asyncio.ensure_future(self._open_decode())
+        """`_open_decode`, failed at once when an instance of the pair is taken out (`taken_out`
+        expires the timeout: a cancellation of this task that asyncio.timeout takes back)."""
         try:
-            return await opening
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self._gone is None or (task is not None and task.cancelling()):
+            async with asyncio.timeout(None) as self._opening:
+                return await self._open_decode()
+        except TimeoutError:
+            if self._gone is None:
                 raise
             raise self._gone from None
         finally:
@@ -168,18 +168,15 @@ class Exchange:
         )
 
     def _watch(self, worker: Worker) -> None:
-        def taken_out(reason: str) -> None:
-            self._taken_out(worker, reason)
-
-        worker.watchers.add(taken_out)
-        self._watching.append((worker, taken_out))
+        worker.watchers.add(self)
+        self._watching.append(worker)
 
     def _unwatch(self) -> None:
-        for worker, watcher in self._watching:
-            worker.watchers.discard(watcher)
+        for worker in self._watching:
+            worker.watchers.discard(self)
         self._watching = []
 
-    def _taken_out(self, worker: Worker, reason: str) -> None:
+    def taken_out(self, worker: Worker, reason: str) -> None:
         """`worker` left routing: fail what this exchange awaits from it (the open, or the
         decode stream; a prefill node that already answered no longer matters)."""
         if self._closed or self._gone is not None or reason == DRAINING:
@@ -189,7 +186,7 @@ class Exchange:
         role = "decode" if worker is self.pair.decode else "prefill"
         self._gone = outcome.failed(role, worker.url, f"it was taken out of routing ({reason})")
         if self._opening is not None:
-            self._opening.cancel()
+            self._opening.reschedule(asyncio.get_running_loop().time())
         elif self._response is not None and hasattr(self._response.stream, "fail"):
             self._response.stream.fail(httpx.ReadError(self._gone.error.message))
 
@@ -243,8 +240,14 @@ class Exchange:
         finally:
             self.abandon()  # a no-op once closed; else the client went away mid-stream
 
+    @property
+    def streamed(self) -> list[int]:
+        """The token ids the client was sent from this exchange."""
+        return token_ids(b",".join(self._ids))
+
     def _count(self, events: Events) -> None:
-        self.streamed.extend(events.ids)
+        if events.ids:
+            self._ids.append(events.ids)
         self.untagged += events.untagged
         self.finished = self.finished or events.finished
 

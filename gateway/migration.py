@@ -46,34 +46,29 @@ class StreamRelay:
     async def events(self, exchange: Exchange, first: Events) -> AsyncIterator[bytes]:
         """The client's SSE stream; ends in `[DONE]`, after an error event if it failed."""
         try:
-            async with contextlib.aclosing(self._events(exchange, first)) as events:
-                async for data in events:
-                    yield data
+            while True:
+                self.exchange = exchange
+                try:
+                    async with contextlib.aclosing(exchange.relay(first, self.tracker)) as relay:
+                        async for data in relay:
+                            yield data
+                    return
+                except StreamBroken as broken:
+                    self.streamed.extend(exchange.streamed)
+                    if exchange.finished or exchange.ended_in_error:
+                        yield DONE  # NOTE: the answer was whole (or refused): nothing to move
+                        return
+                    why_not = self._why_not_move(exchange)
+                    if why_not is not None:
+                        yield self._fail(broken.error, why_not)
+                        return
+                    moved = await self._move(exchange)
+                    if isinstance(moved, bytes):
+                        yield moved
+                        return
+                    exchange, first = moved
         finally:
             self.abandon()
-
-    async def _events(self, exchange: Exchange, first: Events) -> AsyncIterator[bytes]:
-        while True:
-            self.exchange = exchange
-            try:
-                async with contextlib.aclosing(exchange.relay(first, self.tracker)) as relay:
-                    async for data in relay:
-                        yield data
-                return
-            except StreamBroken as broken:
-                self.streamed.extend(exchange.streamed)
-                if exchange.finished or exchange.ended_in_error:
-                    yield DONE  # NOTE: the answer was whole (or refused): nothing to move
-                    return
-                why_not = self._why_not_move(exchange)
-                if why_not is not None:
-                    yield self._fail(broken.error, why_not)
-                    return
-                moved = await self._move(exchange)
-                if isinstance(moved, bytes):
-                    yield moved
-                    return
-                exchange, first = moved
 
     def _why_not_move(self, exchange: Exchange) -> str | None:
         if not movable(self.gw, self.req):

@@ -6,9 +6,9 @@ this gateway itself has in flight on the instance: requests and (estimated) toke
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from api.errors import DRAINING
@@ -28,6 +28,10 @@ def normalize_url(url: str) -> str:
     return url
 
 
+class Watcher(Protocol):
+    def taken_out(self, worker: Worker, reason: str) -> None: ...
+
+
 @dataclass(eq=False)
 class Worker:
     role: Role
@@ -39,8 +43,9 @@ class Worker:
     outstanding_tokens: int = 0
     out_reason: str | None = None  # why it was taken out of routing (None while healthy)
     host: str = field(init=False)
-    # called with the reason when the instance is taken out: what streams from it moves at once
-    watchers: set[Callable[[str], None]] = field(default_factory=set, repr=False)
+    # told when the instance is taken out (`taken_out(worker, reason)`): the exchanges waiting
+    # on it, so that what streams from it moves at once
+    watchers: set[Watcher] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         self.host = urlsplit(self.instance.url).hostname or ""
@@ -51,7 +56,7 @@ class Worker:
         was_in = self.healthy
         self.healthy, self.out_reason = False, reason
         for watcher in list(self.watchers):
-            watcher(reason)
+            watcher.taken_out(self, reason)
         return was_in
 
     def take_back(self) -> bool:
