@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ import httpx
 import pytest
 
 from tests.e2e.cluster_util import Cluster, cluster_yaml, launched
+from tests.e2e.test_faults import gateway_metric, served
 
 pytestmark = pytest.mark.slow
 
@@ -130,24 +130,6 @@ def healthy_workers(cluster: Cluster) -> set[str]:
     return {w["url"] for w in listing["workers"] if w["healthy"]}
 
 
-def served(url: str) -> int:
-    """Generation requests a node answered with 200 (its /metrics; 0 after a restart)."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    found = re.findall(r'pdserve_node_requests_total\{[^}]*status="200"\} (\d+)', text)
-    return sum(int(n) for n in found)
-
-
-def gateway_counter(cluster: Cluster, name: str) -> int:
-    text = httpx.get(f"{cluster.url}/metrics", timeout=10).text
-    found = re.search(rf"^pdserve_gateway_{name} (\d+)", text, re.M)
-    assert found, f"no pdserve_gateway_{name} in the gateway's /metrics"
-    return int(found.group(1))
-
-
-def gateway_retries(cluster: Cluster) -> int:
-    return gateway_counter(cluster, "retries_total")
-
-
 def complete_some(cluster: Cluster, tag: str) -> None:
     for i in range(REQUESTS):
         body = {"model": "tiny", "prompt": f"{tag} {i}", "max_tokens": 4, "temperature": 0}
@@ -170,25 +152,23 @@ def kill(logs: Path, name: str) -> dict[str, Any]:
     return before
 
 
-def outstanding(cluster: Cluster, url: str) -> int:
-    text = httpx.get(f"{cluster.url}/metrics", timeout=10).text
-    labels = rf'\{{role="[a-z]+",url="{re.escape(url)}"\}}'
-    found = re.search(rf"^pdserve_gateway_instance_outstanding_requests{labels} (\d+)$", text, re.M)
-    return int(found.group(1)) if found else 0
-
-
 def kill_decode_under_streams(cluster: Cluster, logs: Path, expected: list) -> dict[str, Any]:
     """kill -9 of decode-1 once 16 streams run: all complete as if nothing happened."""
     killed: dict[str, Any] = {}
 
     def fault() -> None:
-        assert outstanding(cluster, node_url(cluster, "decode-1")) > 0
+        assert (
+            gateway_metric(
+                cluster.url, "instance_outstanding_requests", node_url(cluster, "decode-1")
+            )
+            > 0
+        )
         killed.update(kill(logs, "decode-1"))
 
-    moved = gateway_counter(cluster, "migrations_total")
+    moved = gateway_metric(cluster.url, "migrations_total")
     got = asyncio.run(streams_across(cluster.url, load_bodies("Load"), fault))
     assert got == expected
-    assert gateway_counter(cluster, "migrations_total") > moved  # decode-1's streams moved
+    assert gateway_metric(cluster.url, "migrations_total") > moved  # decode-1's streams moved
     return killed
 
 
@@ -204,7 +184,11 @@ def kill_prefill_under_requests(cluster: Cluster, logs: Path, expected: list) ->
                 asyncio.ensure_future(stream(client, route, body, asyncio.Event()))
                 for route, body in load_bodies("Load")
             ]
-            await asyncio.to_thread(wait_until, lambda: outstanding(cluster, url), "load on p1")
+            await asyncio.to_thread(
+                wait_until,
+                lambda: gateway_metric(cluster.url, "instance_outstanding_requests", url),
+                "load on p1",
+            )
             killed.update(await asyncio.to_thread(kill, logs, "prefill-1"))
             return await asyncio.wait_for(asyncio.gather(*tasks), 300)
 
@@ -218,7 +202,7 @@ def drain_decode_under_streams(cluster: Cluster, logs: Path, expected: list) -> 
     url, stopped, during = node_url(cluster, "decode-1"), {}, []
 
     def fault() -> None:
-        assert outstanding(cluster, url) > 0
+        assert gateway_metric(cluster.url, "instance_outstanding_requests", url) > 0
         before = launch_state(logs)["decode-1"]
         os.killpg(before["pid"], signal.SIGTERM)
         stopped.update(before)
@@ -244,11 +228,11 @@ def see_it_back(cluster: Cluster, logs: Path, name: str, before: dict[str, Any],
     state = launch_state(logs)[name]
     assert state["pid"] != before["pid"] and state["last_exit"] == how
     wait_until(lambda: url in healthy_workers(cluster), f"the gateway takes {name} back")
-    retries = gateway_retries(cluster)
+    retries = gateway_metric(cluster.url, "retries_total")
     complete_some(cluster, f"After {name} came back")
     # each node of the role got its half, and none failed over (a stale peer address would)
     assert served(url) == REQUESTS // 2, f"the restarted {name} did not serve its share"
-    assert gateway_retries(cluster) == retries
+    assert gateway_metric(cluster.url, "retries_total") == retries
 
 
 def test_nodes_killed_under_load_cost_no_client_anything_and_come_back(
