@@ -16,6 +16,8 @@ import torch
 from engine.config import ModelConfig
 from engine.kv.radix import RadixCache
 from engine.options import EngineOptions
+from engine.parallel.check import check_parallel
+from engine.parallel.worker import start_group, threads_per_rank
 from engine.request import Req
 from engine.runner import ModelRunner, StepResult
 from engine.sampling import SamplerState, SamplingParams
@@ -73,11 +75,27 @@ class Engine:
         self.tokenizer = load_tokenizer(model_path)
         self.eos_token_ids = frozenset(eos_token_ids(model_path, self.tokenizer))
         torch.manual_seed(options.seed)
-        if options.threads is not None:
+        self.group = None
+        if options.tp_size > 1:
+            check_parallel(self.model_cfg, options)
+            torch.set_num_threads(threads_per_rank(options))
+            self.group = start_group(self.model_path, options)  # ranks 1.. load alongside
+        elif options.threads is not None:
             torch.set_num_threads(options.threads)
-        self.runner = ModelRunner(
-            self.model_path, options, self.model_cfg, self.eos_token_ids, keep_logits=keep_logits
-        )
+        try:
+            self.runner = ModelRunner(
+                self.model_path,
+                options,
+                self.model_cfg,
+                self.eos_token_ids,
+                keep_logits=keep_logits,
+                group=self.group,
+            )
+        except BaseException:
+            self.close()
+            raise
+        if self.group is not None:
+            self.group.watch()
         self.pool = self.runner.pool
         cache = RadixCache(self.pool) if options.enable_prefix_cache else None
         self.scheduler = Scheduler(options.scheduler, self.pool, cache)
@@ -317,6 +335,17 @@ class Engine:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+
+    def check_health(self) -> None:
+        """Raise RankFailure once a rank of this engine's group is gone (cheap: call it often)."""
+        if self.group is not None:
+            self.group.check()
+
+    def close(self) -> None:
+        """Stop the engine's other ranks (a no-op for one rank); the engine is unusable after."""
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
     @property
     def num_free_pages(self) -> int:

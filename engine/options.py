@@ -96,6 +96,22 @@ class EngineOptions:
         "split among the nodes on the host)",
     )
     cpu_kernels: bool = setting(True, "native AVX-512 CPU kernels where they can run")
+    tp_size: int = setting(
+        1, "tensor-parallel ranks (processes) of one model instance: heads, MLPs and vocab split"
+    )
+    ep_size: int = setting(
+        1,
+        "expert parallelism for MoE: 1 (experts sliced like MLPs) or tp_size (whole experts "
+        "spread over the ranks, tokens exchanged with all-to-all)",
+    )
+    nnodes: int = setting(1, "hosts the rank group spans (tp_size / nnodes ranks on each)")
+    node_rank: int = setting(0, "this host's place among nnodes (0 runs rank 0 and serves)")
+    dist_init_addr: str | None = setting(
+        None, "host:port where rank 0 hosts the group's rendezvous (default: a free loopback port)"
+    )
+    dist_timeout_s: float = setting(
+        60.0, "a collective (or an idle rank's wait for the next step) fails after this long"
+    )
     onednn_cache: int = setting(
         128,
         "compiled oneDNN matmul kernels kept per process (one per shape, about 0.5-1 MB each; "
@@ -121,7 +137,30 @@ class EngineOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        self._check_parallel()
         _ = self.cache, self.scheduler  # their own checks
+
+    def _check_parallel(self) -> None:
+        if self.tp_size < 1 or self.nnodes < 1:
+            raise ValueError(f"tp_size and nnodes must be >= 1, got {self.tp_size}, {self.nnodes}")
+        if self.ep_size not in (1, self.tp_size):
+            raise ValueError(
+                f"ep_size must be 1 or equal tp_size ({self.tp_size}), got {self.ep_size} "
+                "(experts are spread over the tensor-parallel ranks)"
+            )
+        if self.tp_size % self.nnodes:
+            raise ValueError(
+                f"tp_size {self.tp_size} must be a multiple of nnodes {self.nnodes} "
+                "(each host runs the same number of ranks)"
+            )
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("nnodes > 1 needs dist_init_addr (host:port of node_rank 0)")
+        if self.dist_init_addr is not None and ":" not in self.dist_init_addr:
+            raise ValueError(f"dist_init_addr must be host:port, got {self.dist_init_addr!r}")
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
 
     @property
     def cache(self) -> CacheConfig:

@@ -2,6 +2,11 @@
 
 A step's requests are flattened into one token batch (see attention/base.py for the layout);
 only the rows of requests that reach the end of their sequence go through the LM head.
+
+With a rank group (tensor parallelism) every rank has a runner over its slice of the model and
+its own KV heads. Rank 0's `run` turns the scheduled batch into a `StepPlan`, broadcasts it,
+and every rank `execute`s the same plan (the layers' collectives meet there); only rank 0
+samples.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from engine.layers.attention import create_backend
 from engine.layers.attention.base import AttentionBackend, AttentionBatch
 from engine.models import model_class
 from engine.options import EngineOptions
+from engine.parallel.group import Parallel
+from engine.parallel.ranks import RankGroup
+from engine.parallel.step import StepPlan
 from engine.sampling import SampleOutput, Sampler, plain_greedy
 from engine.scheduler import ScheduledBatch
 from engine.weights import iter_weights
@@ -52,19 +60,26 @@ class StepResult:
     logits: torch.Tensor | None
 
 
-def load_model(model_cfg: ModelConfig, path: str, dtype: torch.dtype, device: str) -> Any:
-    """Build the model for `model_cfg` and load the checkpoint at `path` into it."""
+PAGES_AGREE_TIMEOUT_S = 900.0  # ranks wait this long for each other to load their weights
+
+
+def load_model(
+    model_cfg: ModelConfig, path: str, dtype: torch.dtype, device: str, tp: Parallel | None = None
+) -> Any:
+    """Build the model for `model_cfg` (this rank's slice) and load the checkpoint into it."""
     with torch.device(device):
-        model = model_class(model_cfg)(model_cfg)
+        model = model_class(model_cfg)(model_cfg, tp)
     model.load_weights(iter_weights(path, model_cfg.fp8))
     return model.to(dtype=dtype).eval()
 
 
-def kv_layout(model_cfg: ModelConfig, dtype: torch.dtype) -> KVLayout:
+def kv_layout(model_cfg: ModelConfig, dtype: torch.dtype, tp: Parallel | None = None) -> KVLayout:
+    """This rank's KV layout: its KV heads (MHA/GQA), or the whole latent (MLA)."""
     if model_cfg.mla is not None:
         mla = model_cfg.mla
         return KVLayout.mla(model_cfg.num_layers, mla.kv_lora_rank, mla.qk_rope_head_dim, dtype)
-    return KVLayout.mha(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, dtype)
+    heads = (tp or Parallel.single()).kv_heads(model_cfg.num_kv_heads)[1]
+    return KVLayout.mha(model_cfg.num_layers, heads, model_cfg.head_dim, dtype)
 
 
 class ModelRunner:
@@ -76,22 +91,27 @@ class ModelRunner:
         eos_token_ids: frozenset[int],
         *,
         keep_logits: bool = False,
+        group: RankGroup | None = None,
     ) -> None:
-        self.options = options
+        self.options, self.group = options, group
         self.keep_logits = keep_logits  # callers read StepResult.logits: never skip them
         self.model_cfg = model_cfg
         self.device = torch.device(options.device)
         self.dtype = parse_dtype(options.dtype) if options.dtype else model_cfg.dtype
-        self.model = load_model(model_cfg, model_path, self.dtype, options.device)
-        layout = kv_layout(model_cfg, self.dtype)
-        self.pool = PagePool(layout, self._num_pages(layout), options.page_size, options.device)
+        tp = group.parallel if group is not None else Parallel.single()
+        self.model = load_model(model_cfg, model_path, self.dtype, options.device, tp)
+        layout = kv_layout(model_cfg, self.dtype, tp)
+        num_pages = self._num_pages(layout)
+        if group is not None:  # the page ids rank 0 hands out must exist on every rank
+            num_pages = group.agree_min("kv_pages", num_pages, PAGES_AGREE_TIMEOUT_S)
+        self.pool = PagePool(layout, num_pages, options.page_size, options.device)
         self.attention = create_backend(
             options.attention_backend, self.pool, model_cfg.softmax_scale
         )
         self.lm_head_kernel = None
         self.fused_decode = None
-        if options.cpu_kernels and self.device.type == "cpu":
-            self._use_cpu_kernels()
+        if options.cpu_kernels and self.device.type == "cpu" and tp.size == 1:
+            self._use_cpu_kernels()  # NOTE: they compute whole layers: one rank only
         self.sampler = Sampler(eos_token_ids, seed=options.seed)
         log.info(
             "model loaded: %s, %d KV pages of %d tokens",
@@ -120,45 +140,54 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
         """Compute the batch's tokens; sample for requests that reach their sequence end."""
-        ids, positions, logit_rows, sampled = [], [], [], []
-        row = 0
-        for req, n, samples in zip(batch.reqs, batch.num_tokens, batch.samples):
-            start = req.num_computed
-            ids.extend(req.token_slice(start, start + n))
-            positions.extend(range(start, start + n))
+        plan, sampled = self.plan(batch)
+        if self.group is not None:
+            self.group.send(plan.encode())
+        tokens, logits = self.execute(plan)
+        if not sampled:
+            return StepResult([], None, None)
+        if tokens is not None:
+            return StepResult(sampled, SampleOutput(tokens.tolist()), None)
+        params, states = [r.params for r in sampled], [r.sampler_state for r in sampled]
+        return StepResult(sampled, self.sampler(logits, params, states), logits)
+
+    def plan(self, batch: ScheduledBatch) -> tuple[StepPlan, list[Any]]:
+        """The step as plain lists (what every rank runs), and the requests that sample."""
+        ids, logit_rows, sampled, page_tables = [], [], [], []
+        row, page_size = 0, self.pool.page_size
+        kv_lens = [r.num_computed + n for r, n in zip(batch.reqs, batch.num_tokens)]
+        for req, n, samples, kv_len in zip(batch.reqs, batch.num_tokens, batch.samples, kv_lens):
+            ids.extend(req.token_slice(req.num_computed, req.num_computed + n))
+            page_tables.append(list(req.page_table[: -(-kv_len // page_size)]))
             row += n
             if samples:
                 logit_rows.append(row - 1)
                 sampled.append(req)
+        mode = "none"
+        if sampled:
+            states = [r.sampler_state for r in sampled]
+            greedy = not self.keep_logits and plain_greedy([r.params for r in sampled], states)
+            mode = "argmax" if greedy else "logits"
+        plan = StepPlan(ids, list(batch.num_tokens), kv_lens, page_tables, logit_rows, mode)
+        return plan, sampled
+
+    def execute(self, plan: StepPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Run the plan's forward on this rank: (greedy token ids, None), (None, float32 logits)
+        or (None, None), as `plan.mode` asks."""
         meta = self.attention.prepare(
-            AttentionBatch(
-                q_lens=batch.num_tokens,
-                kv_lens=[r.num_computed + n for r, n in zip(batch.reqs, batch.num_tokens)],
-                page_tables=[r.page_table for r in batch.reqs],
-                page_size=self.pool.page_size,
-            )
+            AttentionBatch(plan.q_lens, plan.kv_lens, plan.page_tables, self.pool.page_size)
         )
-        ctx = ForwardContext(self.attention, meta)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        input_ids = torch.tensor(plan.ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(plan.positions(), dtype=torch.long, device=self.device)
         if self.fused_decode is not None and not meta.extends and meta.decode_rows is not None:
             hidden = self.fused_decode(input_ids, pos, meta)  # every row decodes: one call
         else:
-            hidden = self.model(input_ids, pos, ctx)
-        if not sampled:
-            return StepResult([], None, None)
-        params, states = [r.params for r in sampled], [r.sampler_state for r in sampled]
-        if (
-            self.lm_head_kernel is not None
-            and not self.keep_logits
-            and plain_greedy(params, states)
-        ):
-            # greedy with nothing else asked: the kernel's argmax, no logits written out
-            tokens = self.lm_head_kernel.argmax(hidden[logit_rows])
-            return StepResult(sampled, SampleOutput(tokens.tolist()), None)
-        rows = hidden[logit_rows]
-        if self.lm_head_kernel is not None:
-            logits = self.lm_head_kernel(rows)  # the same logits, float32, faster
-        else:
-            logits = self.model.compute_logits(rows)
-        return StepResult(sampled, self.sampler(logits, params, states), logits)
+            hidden = self.model(input_ids, pos, ForwardContext(self.attention, meta))
+        if plan.mode == "none":
+            return None, None
+        rows = hidden[plan.logit_rows]
+        kernel = self.lm_head_kernel
+        if plan.mode == "argmax":
+            # greedy with nothing else asked: no logits written out (or gathered over ranks)
+            return (kernel.argmax(rows) if kernel is not None else self.model.greedy(rows)), None
+        return None, kernel(rows) if kernel is not None else self.model.compute_logits(rows)

@@ -2,7 +2,11 @@
 
 `MergedLinear` stores several checkpoint projections in one weight (q/k/v, gate/up) so the
 model runs one matmul instead of several. Loading checks every shape and names the tensor.
-Tensor-parallel slicing will live here too, so model files stay pure math.
+
+Tensor parallelism lives here, so model files stay pure math: `ColumnLinear` keeps a slice of
+the output rows (no communication), `RowLinear` a slice of the input columns and sums the
+partial outputs over the ranks; `MergedLinear` slices each of its parts on its own (q, k and v
+heads; gate and up halves). Each rank reads only its slice from the checkpoint.
 
 Every matmul against a weight goes through `linear()`: on CPU, float32 runs on oneDNN instead of
 the MKL sgemm that `F.linear` picks. MKL takes a slow path on AMD CPUs; on this project's AMD
@@ -13,10 +17,14 @@ the same float32 math. bfloat16 already goes to oneDNN through `F.linear`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from engine.parallel.group import Parallel
+from engine.weights import WeightRef, read
 
 
 def _onednn_linear_op():
@@ -45,7 +53,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
+def copy_checked(param: torch.Tensor, loaded: WeightRef, name: str) -> None:
     """Copy `loaded` into `param`, or raise naming the tensor and both shapes."""
     if tuple(param.shape) != tuple(loaded.shape):
         raise ValueError(
@@ -53,10 +61,30 @@ def copy_checked(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
             f"{tuple(param.shape)} (config.json does not match the weights)"
         )
     with torch.no_grad():
-        param.copy_(loaded.to(param.dtype))
+        param.copy_(read(loaded).to(param.dtype))
+
+
+def copy_slice(
+    param: torch.Tensor, loaded: WeightRef, name: str, dim: int, start: int, full: int
+) -> None:
+    """Copy rows [start, start + param.shape[dim]) of `loaded` along `dim` (0 or 1) into `param`;
+    `loaded` must have `full` rows there (and param's shape elsewhere)."""
+    expected = list(param.shape)
+    expected[dim] = full
+    if list(loaded.shape) != expected:
+        raise ValueError(
+            f"weight {name!r} has shape {tuple(loaded.shape)} but the config implies "
+            f"{tuple(expected)} (config.json does not match the weights)"
+        )
+    index = [slice(None)] * (dim + 1)
+    index[dim] = slice(start, start + param.shape[dim])
+    with torch.no_grad():
+        param.copy_(read(loaded, *index).to(param.dtype))
 
 
 class Linear(nn.Module):
+    """A linear layer every rank holds whole."""
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
@@ -65,25 +93,104 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
+    def load_param(self, kind: str, loaded: WeightRef, name: str) -> None:
+        copy_checked(self._param(kind, name), loaded, name)
+
+    def _param(self, kind: str, name: str) -> torch.Tensor:
+        param = self.weight if kind == "weight" else self.bias
+        if param is None:
+            raise ValueError(f"{name!r} is a bias but the config says this layer has none")
+        return param
+
+
+class ColumnLinear(Linear):
+    """Output rows split over the ranks: rank r computes rows [r * out/tp, (r + 1) * out/tp)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, *, tp: Parallel
+    ) -> None:
+        super().__init__(in_features, tp.split(out_features, "output features"), bias)
+        self.full, self.start = out_features, tp.rank * self.weight.shape[0]
+
+    def load_param(self, kind: str, loaded: WeightRef, name: str) -> None:
+        copy_slice(self._param(kind, name), loaded, name, 0, self.start, self.full)
+
+
+class RowLinear(Linear):
+    """Input columns split over the ranks; the partial outputs are summed over the ranks
+    (unless `reduce` is off: a caller that sums several partial results reduces once)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        tp: Parallel,
+        reduce: bool = True,
+    ) -> None:
+        super().__init__(tp.split(in_features, "input features"), out_features, bias)
+        self.tp, self.reduce = tp, reduce
+        self.full, self.start = in_features, tp.rank * self.weight.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return linear(x, self.weight, self.bias)
+        out = linear(x, self.weight)
+        if self.reduce:
+            self.tp.all_reduce(out)
+        # NOTE: the bias is added once, after the sum (a partial result would count it tp times)
+        if self.bias is not None and (self.reduce or self.tp.rank == 0):
+            out = out + self.bias
+        return out
+
+    def load_param(self, kind: str, loaded: WeightRef, name: str) -> None:
+        if kind == "bias":
+            copy_checked(self._param(kind, name), loaded, name)
+        else:
+            copy_slice(self.weight, loaded, name, 1, self.start, self.full)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One projection of a merged layer: the checkpoint has `size` rows, this rank keeps
+    [start, start + length)."""
+
+    size: int
+    start: int = 0
+    length: int = -1  # -1: every row
+
+    @property
+    def rows(self) -> int:
+        return self.size if self.length < 0 else self.length
+
+    @staticmethod
+    def split(size: int, tp: Parallel, what: str) -> Part:
+        """An even split over the ranks."""
+        length = tp.split(size, what)
+        return Part(size, tp.rank * length, length)
+
 
 class MergedLinear(Linear):
-    """Several projections of the same input, stacked along the output dimension."""
+    """Several projections of the same input, stacked along the output dimension (each part
+    possibly a slice of its checkpoint tensor: column parallel)."""
 
-    def __init__(self, in_features: int, out_sizes: Sequence[int], bias: bool = False) -> None:
-        super().__init__(in_features, sum(out_sizes), bias)
-        self.out_sizes = tuple(out_sizes)
+    def __init__(
+        self, in_features: int, out_sizes: Sequence[int | Part], bias: bool = False
+    ) -> None:
+        self.parts = tuple(p if isinstance(p, Part) else Part(p) for p in out_sizes)
+        super().__init__(in_features, sum(p.rows for p in self.parts), bias)
+        self.out_sizes = tuple(p.rows for p in self.parts)
 
     def shard_range(self, shard: int) -> tuple[int, int]:
         start = sum(self.out_sizes[:shard])
         return start, start + self.out_sizes[shard]
 
-    def load_shard(self, shard: int, kind: str, tensor: torch.Tensor, name: str) -> None:
+    def load_shard(self, shard: int, kind: str, tensor: WeightRef, name: str) -> None:
         """Load one projection's `weight` or `bias` (kind) into its rows."""
         start, end = self.shard_range(shard)
-        param = self.weight if kind == "weight" else self.bias
-        if param is None:
-            raise ValueError(f"{name!r} is a bias but the config says this layer has none")
-        copy_checked(param[start:end], tensor, name)
+        part = self.parts[shard]
+        copy_slice(self._param(kind, name)[start:end], tensor, name, 0, part.start, part.size)
 
     def split(self, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return out.split(self.out_sizes, dim=-1)

@@ -5,7 +5,12 @@ experts see every token.
 `select_experts` is the routing rule as a pure function; `MoE` is the layer. Expert weights are
 stacked per projection (`gate_up_proj` [E, 2I, H], `down_proj` [E, H, I], the transformers v5
 layout), and load from per-expert checkpoint tensors (`experts.{e}.gate_proj.weight`) too.
-Expert parallelism will slice the expert dimension here, so model files stay pure math.
+Parallelism lives here, so model files stay pure math. Without expert parallelism every rank
+holds every expert with a slice of its intermediate size (like a dense MLP). With it
+(`tp.ep`), rank r holds experts [r * E/ep, (r + 1) * E/ep) whole: each rank routes its share
+of the tokens, sends each (token, expert) pair to the expert's rank with an all-to-all, and
+gets the results back the same way (engine/layers/ep.py). Shared experts are sliced like dense
+MLPs either way; the routed and shared partial sums meet in one all-reduce.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.arch_config import MoEConfig
-from engine.layers.linear import copy_checked, linear
+from engine.layers.ep import dispatch_combine, token_share
+from engine.layers.linear import copy_checked, copy_slice, linear
 from engine.layers.mlp import GatedMLP
+from engine.parallel.group import Parallel
+from engine.weights import WeightRef, read
 
 # per-expert checkpoint projection -> (stacked parameter, half of gate_up_proj or None)
 EXPERT_PROJECTIONS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
@@ -86,73 +94,119 @@ class Router(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """E gated MLPs with stacked weights; tokens are grouped by expert, one matmul per expert."""
+    """This rank's experts as gated MLPs with stacked weights: every expert with a slice of its
+    intermediate rows, or (expert parallel) a range of whole experts."""
 
-    def __init__(self, hidden_size: int, cfg: MoEConfig) -> None:
+    def __init__(self, hidden_size: int, cfg: MoEConfig, tp: Parallel) -> None:
         super().__init__()
-        e, i = cfg.num_experts, cfg.intermediate_size
+        self.num_experts, self.full_intermediate = cfg.num_experts, cfg.intermediate_size
+        if tp.ep:
+            e = tp.split(cfg.num_experts, "n_routed_experts")
+            self.first_expert, self.slice_start, i = tp.rank * e, 0, cfg.intermediate_size
+        else:
+            e, i = cfg.num_experts, tp.split(cfg.intermediate_size, "moe_intermediate_size")
+            self.first_expert, self.slice_start = 0, tp.rank * i
         self.intermediate_size = i
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(e, hidden_size, i))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Σ_k weights[t, k] * expert_{ids[t, k]}(x[t]) (ids global; every expert is here)."""
         out = torch.zeros_like(x)
-        flat = ids.flatten()
-        order = flat.argsort()
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        start = 0
-        for expert, n in enumerate(counts):
-            if n == 0:
-                continue
-            picks = order[start : start + n]
-            start += n
+        for expert, picks in self._groups(ids.flatten()):
             tokens = picks // ids.shape[1]
             y = self._expert(expert, x[tokens]) * weights.flatten()[picks, None]
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
 
+    def compute(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        """Row i through this rank's expert local_ids[i], unweighted (expert parallel)."""
+        out = torch.empty_like(x)
+        for expert, picks in self._groups(local_ids):
+            out[picks] = self._expert(expert, x[picks]).to(out.dtype)
+        return out
+
+    def _groups(self, ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """(local expert, positions in `ids` that pick it) for every expert picked."""
+        order = ids.argsort()
+        counts = torch.bincount(ids, minlength=self.gate_up_proj.shape[0]).tolist()
+        groups, start = [], 0
+        for expert, n in enumerate(counts):
+            if n:
+                groups.append((expert, order[start : start + n]))
+                start += n
+        return groups
+
     def _expert(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
         return linear(F.silu(gate) * up, self.down_proj[expert])
 
-    def load_expert(self, expert: int, proj: str, tensor: torch.Tensor, name: str) -> str:
-        """Load one expert's `gate_proj`/`up_proj`/`down_proj` weight; returns the piece loaded."""
-        if not 0 <= expert < self.gate_up_proj.shape[0]:
+    def load_expert(self, expert: int, proj: str, tensor: WeightRef, name: str) -> str:
+        """Load one expert's `gate_proj`/`up_proj`/`down_proj` weight (this rank's slice, or
+        nothing for another rank's expert); returns the piece seen."""
+        if not 0 <= expert < self.num_experts:
             raise ValueError(
-                f"{name!r} is expert {expert} but the config has {self.gate_up_proj.shape[0]} "
+                f"{name!r} is expert {expert} but the config has {self.num_experts} "
                 "routed experts (n_routed_experts does not match the weights)"
             )
-        if proj == "down_proj":
-            copy_checked(self.down_proj[expert], tensor, name)
-        else:
-            half = EXPERT_PROJECTIONS[proj][1] * self.intermediate_size
-            rows = self.gate_up_proj[expert, half : half + self.intermediate_size]
-            copy_checked(rows, tensor, name)
+        local = expert - self.first_expert
+        if 0 <= local < self.gate_up_proj.shape[0]:
+            full, start = self.full_intermediate, self.slice_start
+            if proj == "down_proj":
+                copy_slice(self.down_proj[local], tensor, name, 1, start, full)
+            else:
+                half = EXPERT_PROJECTIONS[proj][1] * self.intermediate_size
+                rows = self.gate_up_proj[local, half : half + self.intermediate_size]
+                copy_slice(rows, tensor, name, 0, start, full)
         return f"{expert}.{proj}"
 
-    def load_stacked(self, param: str, tensor: torch.Tensor, name: str) -> list[str]:
-        """Load a stacked `gate_up_proj`/`down_proj` [E, ...] tensor; returns the pieces loaded."""
-        copy_checked(getattr(self, param), tensor, name)
+    def load_stacked(self, param: str, tensor: WeightRef, name: str) -> list[str]:
+        """Load a stacked `gate_up_proj`/`down_proj` [E, ...] tensor; returns the pieces seen."""
+        target = getattr(self, param)
+        e, i, full = target.shape[0], self.intermediate_size, self.full_intermediate
+        experts = slice(self.first_expert, self.first_expert + e)
+        shape = (self.num_experts, *target.shape[1:])
+        shape = (shape[0], 2 * full, shape[2]) if param == "gate_up_proj" else (*shape[:2], full)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"weight {name!r} has shape {tuple(tensor.shape)} but the config implies "
+                f"{shape} (config.json does not match the weights)"
+            )
+        a = self.slice_start
+        if param == "down_proj":
+            copy_checked(target, read(tensor, experts, slice(None), slice(a, a + i)), name)
+        else:
+            gate = read(tensor, experts, slice(a, a + i))
+            up = read(tensor, experts, slice(full + a, full + a + i))
+            copy_checked(target, torch.cat([gate, up], dim=1), name)
         projs = ("gate_proj", "up_proj") if param == "gate_up_proj" else ("down_proj",)
-        return [f"{e}.{p}" for e in range(self.gate_up_proj.shape[0]) for p in projs]
+        return [f"{x}.{p}" for x in range(self.num_experts) for p in projs]
 
     def pieces(self) -> set[str]:
         """Every piece `load_expert` must see (or a stacked tensor covers) for a full load."""
         projs = ("gate_proj", "up_proj", "down_proj")
-        return {f"{e}.{p}" for e in range(self.gate_up_proj.shape[0]) for p in projs}
+        return {f"{e}.{p}" for e in range(self.num_experts) for p in projs}
 
 
 class MoE(nn.Module):
     """Routed experts weighted by the router, plus the shared experts on every token."""
 
-    def __init__(self, hidden_size: int, cfg: MoEConfig) -> None:
+    def __init__(self, hidden_size: int, cfg: MoEConfig, tp: Parallel) -> None:
         super().__init__()
+        self.tp = tp
         self.gate = Router(hidden_size, cfg)
-        self.experts = RoutedExperts(hidden_size, cfg)
+        self.experts = RoutedExperts(hidden_size, cfg, tp)
         shared = cfg.intermediate_size * cfg.num_shared_experts
-        self.shared_experts = GatedMLP(hidden_size, shared) if shared else None
+        self.shared_experts = GatedMLP(hidden_size, shared, tp, reduce=False) if shared else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.gate(x)
-        out = self.experts(x, weights, ids)
-        return out if self.shared_experts is None else out + self.shared_experts(x)
+        if self.tp.ep:
+            lo, hi = token_share(len(x), self.tp)  # this rank routes its share of the tokens
+            out = torch.zeros_like(x)
+            weights, ids = self.gate(x[lo:hi])
+            out[lo:hi] = dispatch_combine(self.experts, x[lo:hi], weights, ids, self.tp)
+        else:
+            out = self.experts(x, *self.gate(x))
+        if self.shared_experts is not None:
+            out += self.shared_experts(x)
+        return self.tp.all_reduce(out)

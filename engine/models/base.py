@@ -7,14 +7,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.layers.linear import linear
+from engine.layers.vocab import VocabEmbedding, full_logits, greedy_ids
+from engine.parallel.group import Parallel
 
 
 class DecoderOnlyLM(nn.Module):
     """Subclasses build `embed_tokens`, `layers` (each `layer(x, cos_sin, ctx)`), `norm`,
-    `rotary` and `lm_head` (None when tied to the embeddings)."""
+    `rotary` and `lm_head` (None when tied to the embeddings), and keep their rank's `tp`."""
 
-    embed_tokens: nn.Embedding
+    tp: Parallel
+    embed_tokens: VocabEmbedding
     layers: nn.ModuleList
     norm: nn.Module
     rotary: Any
@@ -29,9 +31,17 @@ class DecoderOnlyLM(nn.Module):
         return self.norm(x)
 
     @property
+    def head(self) -> VocabEmbedding:
+        return self.embed_tokens if self.lm_head is None else self.lm_head
+
+    @property
     def lm_head_weight(self) -> torch.Tensor:
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return self.head.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits [T, vocab] of final hidden states [T, hidden]."""
-        return linear(hidden, self.lm_head_weight).float()
+        """float32 logits [T, vocab] of final hidden states [T, hidden] (on every rank)."""
+        return full_logits(hidden, self.head)
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The argmax token id of each row, without gathering the whole logits."""
+        return greedy_ids(hidden, self.head)

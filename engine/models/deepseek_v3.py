@@ -20,12 +20,16 @@ import torch
 from torch import nn
 
 from engine.config import ModelConfig
-from engine.layers.linear import Linear, MergedLinear, copy_checked
+from engine.layers.linear import ColumnLinear, Linear, RowLinear
 from engine.layers.mlp import GatedMLP
 from engine.layers.moe import MoE, RoutedExperts
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary, deinterleave
+from engine.layers.vocab import LMHead, VocabEmbedding
 from engine.models.base import DecoderOnlyLM
+from engine.models.loading import check_complete, load_param
+from engine.parallel.group import Parallel
+from engine.weights import WeightRef
 
 # NOTE: the q/kv low-rank norms use RMSNorm's default eps in both the reference and transformers,
 # not config.rms_norm_eps.
@@ -36,22 +40,27 @@ _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 class MLAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    """Heads split over the ranks (q, kv_b and o projections); the latent path (q_a,
+    kv_a_proj_with_mqa) is the same on every rank, and so is the latent cache."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, tp: Parallel) -> None:
         super().__init__()
         mla = cfg.mla
         assert mla is not None
-        self.mla, self.layer, self.heads = mla, layer, cfg.num_heads
+        self.mla, self.layer = mla, layer
+        self.heads = tp.split(cfg.num_heads, "num_attention_heads")
         hidden, q_size = cfg.hidden_size, cfg.num_heads * mla.qk_head_dim
         lora, bias = mla.q_lora_rank, cfg.attention_bias
-        self.q_proj = Linear(hidden, q_size) if lora is None else None
+        self.q_proj = ColumnLinear(hidden, q_size, tp=tp) if lora is None else None
         self.q_a_proj = Linear(hidden, lora, bias) if lora is not None else None
         self.q_a_layernorm = RMSNorm(lora, LORA_NORM_EPS) if lora is not None else None
-        self.q_b_proj = Linear(lora, q_size) if lora is not None else None
+        self.q_b_proj = ColumnLinear(lora, q_size, tp=tp) if lora is not None else None
         rank = mla.kv_lora_rank
         self.kv_a_proj_with_mqa = Linear(hidden, rank + mla.qk_rope_head_dim, bias)
         self.kv_a_layernorm = RMSNorm(rank, LORA_NORM_EPS)
-        self.kv_b_proj = Linear(rank, cfg.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim))
-        self.o_proj = Linear(cfg.num_heads * mla.v_head_dim, hidden, bias)
+        kv_b = cfg.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim)
+        self.kv_b_proj = ColumnLinear(rank, kv_b, tp=tp)
+        self.o_proj = RowLinear(cfg.num_heads * mla.v_head_dim, hidden, bias, tp=tp)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, ...], ctx: Any) -> torch.Tensor:
         mla = self.mla
@@ -85,14 +94,14 @@ class MLAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, tp: Parallel) -> None:
         super().__init__()
-        self.self_attn = MLAttention(cfg, layer)
+        self.self_attn = MLAttention(cfg, layer, tp)
         moe = cfg.moe
         if moe is not None and moe.is_moe_layer(layer):
-            self.mlp: nn.Module = MoE(cfg.hidden_size, moe)
+            self.mlp: nn.Module = MoE(cfg.hidden_size, moe, tp)
         else:
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -107,33 +116,41 @@ class DeepseekV3ForCausalLM(DecoderOnlyLM):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: Parallel | None = None) -> None:
         super().__init__()
         if cfg.mla is None:
             raise ValueError(
                 f"{cfg.family} needs MLA sizes (kv_lora_rank, qk_rope_head_dim, ...) in config.json"
             )
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        tp = tp or Parallel.single()
+        self.cfg, self.tp = cfg, tp
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(
             cfg.mla.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
         )
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else LMHead(cfg.vocab_size, cfg.hidden_size, tp)
+        )
 
     # ---- loading ---------------------------------------------------------------------------
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors (per-expert or stacked experts); skip multi-token-prediction
-        layers (index >= num_hidden_layers); raise on unknown, missing or mis-shaped weights."""
-        params = dict(self.named_parameters())
+    def load_weights(self, weights: Iterable[tuple[str, WeightRef]]) -> None:
+        """Load HF-named tensors (per-expert or stacked experts; each rank reads its slices);
+        skip multi-token-prediction layers (index >= num_hidden_layers); raise on unknown,
+        missing or mis-shaped weights."""
         loaded: set[str] = set()
         for name, tensor in weights:
-            loaded.update(self._load_one(name, tensor, params))
-        self._check_complete(params, loaded)
+            loaded.update(self._load_one(name, tensor))
+        pieces = {
+            name: module.pieces()
+            for name, module in self.named_modules()
+            if isinstance(module, RoutedExperts)
+        }
+        check_complete(self, loaded, pieces)
 
-    def _load_one(self, name: str, tensor: torch.Tensor, params: dict) -> list[str]:
+    def _load_one(self, name: str, tensor: WeightRef) -> list[str]:
         key = name.removeprefix("model.")
         if self._skipped(key):
             return []
@@ -151,10 +168,12 @@ class DeepseekV3ForCausalLM(DecoderOnlyLM):
             module_name = ".".join([*parts[:-2], merged])
             self._module(module_name, name).load_shard(shard, parts[-1], tensor, name)
             return [f"{module_name}.{parts[-1]}#{shard}"]
-        if key not in params:
-            raise self._unexpected(name)
-        copy_checked(params[key], tensor, name)
-        return [key]
+        try:
+            return [load_param(self, key, tensor, name, self.cfg.family)]
+        except ValueError as exc:
+            if "unexpected weight" in str(exc):
+                raise self._unexpected(name) from None
+            raise
 
     def _skipped(self, key: str) -> bool:
         if "rotary_emb" in key or (key == "lm_head.weight" and self.lm_head is None):
@@ -173,22 +192,3 @@ class DeepseekV3ForCausalLM(DecoderOnlyLM):
             f"unexpected weight {name!r} in checkpoint (not a {self.cfg.family} weight of this "
             "config: check q_lora_rank, first_k_dense_replace and moe_layer_freq in config.json)"
         )
-
-    def _check_complete(self, params: dict, loaded: set[str]) -> None:
-        expected: set[str] = set()
-        for key in params:
-            module_name, _, _kind = key.rpartition(".")
-            module = self.get_submodule(module_name)
-            if isinstance(module, MergedLinear):
-                expected.update(f"{key}#{i}" for i in range(len(module.out_sizes)))
-            elif isinstance(module, RoutedExperts):
-                expected.update(f"{module_name}#{piece}" for piece in module.pieces())
-            else:
-                expected.add(key)
-        missing = sorted(expected - loaded)
-        if missing:
-            shown = ", ".join(m.split("#")[0] for m in missing[:5])
-            raise ValueError(
-                f"checkpoint is missing {len(missing)} weights, e.g. {shown} "
-                "(the safetensors files are incomplete or belong to another model)"
-            )

@@ -9,25 +9,35 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from engine.config import ModelConfig
-from engine.layers.linear import Linear, MergedLinear, copy_checked
+from engine.layers.linear import MergedLinear, Part, RowLinear
+from engine.layers.mlp import GatedMLP
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from engine.layers.vocab import LMHead, VocabEmbedding
 from engine.models.base import DecoderOnlyLM
+from engine.models.loading import check_complete, load_param
+from engine.parallel.group import Parallel
+from engine.weights import WeightRef
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    """Query heads split over the ranks, KV heads split (or shared where there are fewer)."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, tp: Parallel) -> None:
         super().__init__()
-        self.layer = layer
-        self.q_heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_size, kv_size = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
+        self.layer, self.head_dim = layer, cfg.head_dim
+        self.q_heads = tp.split(cfg.num_heads, "num_attention_heads")
+        kv_start, self.kv_heads = tp.kv_heads(cfg.num_kv_heads)
+        q_size, kv_size = cfg.num_heads * self.head_dim, cfg.num_kv_heads * self.head_dim
+        kv = Part(kv_size, kv_start * self.head_dim, self.kv_heads * self.head_dim)
         self.qkv_proj = MergedLinear(
-            cfg.hidden_size, (q_size, kv_size, kv_size), cfg.attention_bias
+            cfg.hidden_size,
+            (Part.split(q_size, tp, "num_attention_heads"), kv, kv),
+            cfg.attention_bias,
         )
-        self.o_proj = Linear(q_size, cfg.hidden_size)
+        self.o_proj = RowLinear(q_size, cfg.hidden_size, tp=tp)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -50,23 +60,11 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(-1, self.q_heads * self.head_dim))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        size = cfg.intermediate_size
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, (size, size))
-        self.down_proj = Linear(size, cfg.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
-        return self.down_proj(F.silu(gate) * up)
-
-
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, tp: Parallel) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, layer, tp)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -85,26 +83,29 @@ class LlamaForCausalLM(DecoderOnlyLM):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: Parallel | None = None) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        tp = tp or Parallel.single()
+        self.cfg, self.tp = cfg, tp
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else LMHead(cfg.vocab_size, cfg.hidden_size, tp)
+        )
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors; raise on unknown, missing or mis-shaped weights."""
-        params = dict(self.named_parameters())
+    def load_weights(self, weights: Iterable[tuple[str, WeightRef]]) -> None:
+        """Load HF-named tensors (each rank reads its slices); raise on unknown, missing or
+        mis-shaped weights."""
         loaded: set[str] = set()
         for name, tensor in weights:
-            target = self._load_one(name, tensor, params)
+            target = self._load_one(name, tensor)
             if target is not None:
                 loaded.add(target)
-        self._check_complete(params, loaded)
+        check_complete(self, loaded)
 
-    def _load_one(self, name: str, tensor: torch.Tensor, params: dict) -> str | None:
+    def _load_one(self, name: str, tensor: WeightRef) -> str | None:
         key = name.removeprefix("model.")
         if "rotary_emb" in key:
             return None
@@ -117,26 +118,4 @@ class LlamaForCausalLM(DecoderOnlyLM):
             module = self.get_submodule(module_name)
             module.load_shard(shard, parts[-1], tensor, name)
             return f"{module_name}.{parts[-1]}#{shard}"
-        if key not in params:
-            raise ValueError(
-                f"unexpected weight {name!r} in checkpoint (not a {self.cfg.family} weight)"
-            )
-        copy_checked(params[key], tensor, name)
-        return key
-
-    def _check_complete(self, params: dict, loaded: set[str]) -> None:
-        expected: set[str] = set()
-        for key in params:
-            module_name, _, _kind = key.rpartition(".")
-            module = self.get_submodule(module_name)
-            if isinstance(module, MergedLinear):
-                expected.update(f"{key}#{i}" for i in range(len(module.out_sizes)))
-            else:
-                expected.add(key)
-        missing = sorted(expected - loaded)
-        if missing:
-            shown = ", ".join(m.split("#")[0] for m in missing[:5])
-            raise ValueError(
-                f"checkpoint is missing {len(missing)} weights, e.g. {shown} "
-                "(the safetensors files are incomplete or belong to another model)"
-            )
+        return load_param(self, key, tensor, name, self.cfg.family)

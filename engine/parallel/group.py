@@ -1,0 +1,87 @@
+"""What a layer knows of the rank group it runs in: its rank, the group's size, and the
+collectives it needs (all-reduce, all-gather, all-to-all).
+
+`Parallel.single()` is one rank and no torch.distributed at all: every collective is the
+identity, so a model built without a group runs exactly as before. Rank groups are made by
+engine/parallel/ranks.py; layers only ever see this handle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """A rank's place in its tensor/expert-parallel group."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # the torch.distributed process group (None for one rank)
+    ep: bool = False  # routed experts partitioned over the ranks (else sliced like dense MLPs)
+
+    @staticmethod
+    def single() -> Parallel:
+        return Parallel()
+
+    @property
+    def ep_size(self) -> int:
+        return self.size if self.ep else 1
+
+    def split(self, total: int, what: str) -> int:
+        """`total` / size, or a clear error where it does not divide."""
+        if total % self.size:
+            raise ValueError(f"{what} ({total}) is not divisible by tp_size {self.size}")
+        return total // self.size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the ranks, in place."""
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's `x` (same shape on all) along `dim`."""
+        if self.size == 1:
+            return x
+        x = x.contiguous()
+        out = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
+        dist.all_gather_single(out, x, group=self.group)
+        return torch.cat(out.view(self.size, *x.shape).unbind(0), dim=dim)
+
+    def all_to_all(
+        self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]
+    ) -> torch.Tensor:
+        """Rows of `x` go to rank r in blocks of send_counts[r]; returns what the ranks sent us,
+        in rank order (recv_counts[r] rows from rank r)."""
+        if self.size == 1:
+            return x
+        out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=self.group)
+        return out
+
+    def exchange_counts(self, send_counts: list[int], device: torch.device) -> list[int]:
+        """How many rows each rank will send us, given how many we send each."""
+        if self.size == 1:
+            return list(send_counts)
+        send = torch.tensor(send_counts, dtype=torch.long, device=device)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        return recv.tolist()
+
+    def kv_heads(self, total: int) -> tuple[int, int]:
+        """(first KV head, count) this rank holds: an even split, or one head shared by
+        size/total ranks when there are fewer KV heads than ranks."""
+        if total >= self.size:
+            count = self.split(total, "num_key_value_heads")
+            return self.rank * count, count
+        if self.size % total:
+            raise ValueError(
+                f"tp_size {self.size} must be a multiple of num_key_value_heads ({total}) "
+                "when it exceeds them (each KV head is then replicated on tp_size/heads ranks)"
+            )
+        return self.rank // (self.size // total), 1

@@ -1,0 +1,149 @@
+"""Starting a rank group's processes: rank 0's host starts its other ranks (`start_group`), a
+host with node_rank > 0 starts all of its own (`serve_ranks`), and each of those runs
+`rank_main`: load this rank's slice of the model, then run the steps rank 0 broadcasts."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from datetime import timedelta
+from multiprocessing.process import BaseProcess
+
+import torch
+import torch.distributed as dist
+
+from engine.config import ModelConfig
+from engine.options import EngineOptions
+from engine.parallel.ranks import RankGroup
+from engine.parallel.step import StepPlan
+from engine.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+def local_ranks(options: EngineOptions) -> range:
+    """The ranks this host runs (`nnodes` hosts share the group evenly, in node_rank order)."""
+    per_host = options.tp_size // options.nnodes
+    return range(options.node_rank * per_host, (options.node_rank + 1) * per_host)
+
+
+def threads_per_rank(options: EngineOptions) -> int:
+    """A rank's share of the host's cores (or of `threads`)."""
+    total = options.threads or os.cpu_count() or 1
+    return max(1, total // len(local_ranks(options)))
+
+
+def start_group(model_path: str, options: EngineOptions) -> RankGroup:
+    """Rank 0: host the rendezvous (dist_init_addr, or a free loopback port), start this host's
+    other ranks, and join the group."""
+    host, port = (options.dist_init_addr or "127.0.0.1:0").rsplit(":", 1)
+    store = dist.TCPStore(
+        host,
+        int(port),
+        options.tp_size,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=options.dist_timeout_s),
+    )
+    init_addr = f"{host}:{store.port}"
+    children = spawn_ranks(model_path, options, init_addr, local_ranks(options)[1:])
+    try:
+        wait_for_ranks(store, options, children)
+        group = RankGroup(options, 0, store)
+    except BaseException:
+        for proc in children:
+            proc.kill()
+        raise
+    group.children = children
+    return group
+
+
+def wait_for_ranks(store: dist.Store, options: EngineOptions, children: list[BaseProcess]) -> None:
+    """Until every rank has reached the rendezvous; a local rank that exits first, or a group
+    incomplete after dist_timeout_s, is an error (instead of a long wait inside torch)."""
+    keys = [f"joined/{rank}" for rank in range(1, options.tp_size)]
+    deadline = time.monotonic() + options.dist_timeout_s
+    while not store.check(keys):
+        for proc in children:
+            if not proc.is_alive():
+                raise RuntimeError(f"{proc.name} exited with code {proc.exitcode} while starting")
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the rank group did not gather in {options.dist_timeout_s:.0f}s (ranks on other "
+                f"hosts must start with nnodes={options.nnodes}, dist_init_addr=this host:port)"
+            )
+        time.sleep(0.05)
+
+
+def spawn_ranks(
+    model_path: str, options: EngineOptions, init_addr: str, ranks: range
+) -> list[BaseProcess]:
+    ctx = mp.get_context("spawn")
+    procs = []
+    for rank in ranks:
+        proc = ctx.Process(
+            target=rank_main,
+            args=(model_path, options, rank, init_addr),
+            daemon=True,
+            name=f"rank{rank}",
+        )
+        proc.start()
+        procs.append(proc)
+    return procs
+
+
+def serve_ranks(model_path: str, options: EngineOptions) -> int:
+    """A host with node_rank > 0: run its ranks until they end; returns the exit code."""
+    if not options.dist_init_addr:
+        raise ValueError("nnodes > 1 needs dist_init_addr (rank 0's host:port)")
+    procs = spawn_ranks(model_path, options, options.dist_init_addr, local_ranks(options))
+    codes = []
+    for proc in procs:
+        proc.join()
+        codes.append(proc.exitcode)
+    return 0 if all(code == 0 for code in codes) else 1
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when the one that started it dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def rank_main(model_path: str, options: EngineOptions, rank: int, init_addr: str) -> None:
+    """Body of a rank other than 0."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when the group stops
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a node's SIGTERM is its drain
+    logging.basicConfig(
+        level=os.environ.get("PDSERVE_LOG_LEVEL", "INFO").upper(),
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        follow(model_path, options, rank, init_addr)
+    except Exception as exc:  # said once; the exit code tells rank 0
+        log.error("rank %d stops: %s: %s", rank, type(exc).__name__, exc)
+        raise SystemExit(1) from None
+
+
+def follow(model_path: str, options: EngineOptions, rank: int, init_addr: str) -> None:
+    """Join the group, load this rank's slice, run every step rank 0 broadcasts until it says
+    stop (a failed or timed-out broadcast raises)."""
+    torch.set_num_threads(threads_per_rank(options))
+    host, port = init_addr.rsplit(":", 1)
+    timeout = timedelta(seconds=options.dist_timeout_s)
+    store = dist.TCPStore(host, int(port), options.tp_size, is_master=False, timeout=timeout)
+    store.set(f"joined/{rank}", "1")
+    group = RankGroup(options, rank, store)
+    runner = ModelRunner(
+        model_path, options, ModelConfig.load(model_path), frozenset(), group=group
+    )
+    with torch.inference_mode():
+        while (data := group.receive()) is not None:
+            runner.execute(StepPlan.decode(data))
+    group.close()
