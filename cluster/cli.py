@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from cluster import commands
 from modelgen.spec import add_flags, spec_from_flags
@@ -42,6 +43,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--attention-backend", default="torch")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    commands.add_parallel_flags(p)
     p.set_defaults(func=_generate)
 
 
@@ -58,12 +60,24 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
     )
-    llm = LLM(
+    parallel = commands.parallel_options(args)
+    if parallel.get("node_rank", 0) > 0:  # another host of the rank group: its ranks only
+        from engine.options import EngineOptions
+        from engine.parallel.worker import serve_ranks
+
+        return serve_ranks(args.model, EngineOptions(**parallel))
+    with LLM(
         args.model,
         dtype=args.dtype,
         page_size=args.page_size,
         attention_backend=args.attention_backend,
-    )
+        **parallel,
+    ) as llm:
+        _print_completions(llm, args, params)
+    return 0
+
+
+def _print_completions(llm: Any, args: argparse.Namespace, params: Any) -> None:
     for done in llm.generate(args.prompt, params):
         if args.json:
             record = {
@@ -74,7 +88,6 @@ def _generate(args: argparse.Namespace) -> int:
             print(json.dumps(record, ensure_ascii=False), flush=True)
         else:
             print(done.text, flush=True)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,9 +77,31 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     add_set(group)  # type: ignore[arg-type]
 
 
+PARALLEL_FLAGS = ("tp_size", "ep_size", "nnodes", "node_rank", "dist_init_addr")
+
+
+def add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    """SGLang's names for a rank group; with --config they override the instance's engine."""
+    group = p.add_argument_group("parallelism (engine options)")
+    group.add_argument("--tp-size", type=int, help="tensor-parallel ranks of the model")
+    group.add_argument("--ep-size", type=int, help="expert parallelism: 1 or the tp size")
+    group.add_argument("--nnodes", type=int, help="hosts the rank group spans")
+    group.add_argument(
+        "--node-rank", type=int,
+        help="this host's place among --nnodes (not 0: runs only its ranks, no API)",
+    )  # fmt: skip
+    group.add_argument("--dist-init-addr", help="host:port of node rank 0's rendezvous")
+
+
+def parallel_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The parallel flags given, as engine options."""
+    return {k: getattr(args, k) for k in PARALLEL_FLAGS if getattr(args, k, None) is not None}
+
+
 def add_node(sub: argparse._SubParsersAction, role: str) -> None:
     p = sub.add_parser(role, help=f"run one {role} node")
     add_config_flags(p)
+    add_parallel_flags(p)
     flags = p.add_argument_group("without a config")
     flags.add_argument("--model", help="checkpoint directory")
     flags.add_argument("--host", default="127.0.0.1")
@@ -100,6 +122,13 @@ def add_node(sub: argparse._SubParsersAction, role: str) -> None:
 
 def run_node(args: argparse.Namespace) -> int:
     settings = node_from_config(args) if args.config else node_from_flags(args)
+    if parallel := parallel_options(args):
+        engine = build(EngineOptions, {**dataclasses.asdict(settings.engine), **parallel}, "")
+        settings = dataclasses.replace(settings, engine=engine)
+    if settings.engine.node_rank > 0:  # another host of a rank group: its ranks, no API
+        from engine.parallel.worker import serve_ranks
+
+        return serve_ranks(settings.model, settings.engine)
     from node.server import serve_node  # NOTE: here: it pulls in torch and the engine
 
     serve_node(settings, role_loop(settings.role))

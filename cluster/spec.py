@@ -112,7 +112,8 @@ class ClusterConfig:
         own = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
         engine = spec.engine
         if engine.threads is None:
-            engine = dataclasses.replace(engine, threads=self.default_threads(spec.host))
+            threads = self.default_threads(spec.host, ranks_here(engine))
+            engine = dataclasses.replace(engine, threads=threads)
         port = spec.bootstrap_port if isinstance(spec, PrefillSpec) else 0
         return NodeSettings(
             role=role,  # type: ignore[arg-type]
@@ -123,14 +124,15 @@ class ClusterConfig:
             **{k: v for k, v in own.items() if v is not None and k not in placed},
         )
 
-    def default_threads(self, host: str) -> int:
-        """This machine's cores split among the nodes on `host`.
+    def default_threads(self, host: str, ranks: int = 1) -> int:
+        """This machine's cores split among the rank processes of the nodes on `host`: the
+        share of a node with `ranks` of them (at least one thread per rank).
 
         NOTE: torch's default (every core in every process) oversubscribes a machine that runs
         several nodes; on 2 cores a 1P1D ran 9x slower with 2 threads per node than with 1.
         """
-        nodes = sum(1 for n in (*self.prefill, *self.decode) if n.host == host)
-        return max(1, (os.cpu_count() or 1) // max(nodes, 1))
+        total = sum(ranks_here(n.engine) for n in (*self.prefill, *self.decode) if n.host == host)
+        return max(ranks, (os.cpu_count() or 1) * ranks // max(total, 1))
 
     def gateway_settings(self) -> GatewaySettings:
         return dataclasses.replace(
@@ -141,6 +143,11 @@ class ClusterConfig:
             decode=tuple(Instance(http_url(d.host, d.port)) for d in self.decode),
             tokenizer=self.gateway.tokenizer or self.model_path(),
         )
+
+
+def ranks_here(engine: EngineOptions) -> int:
+    """The rank processes a node runs on its own host."""
+    return engine.tp_size // engine.nnodes
 
 
 def http_url(host: str, port: int) -> str:

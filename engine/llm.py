@@ -44,13 +44,27 @@ class Completion:
 class LLM:
     """Runs prompts to completion on one in-process engine (continuous batching inside).
 
-    `options` are `EngineOptions` fields by name (engine/options.py).
+    `options` are `EngineOptions` fields by name (engine/options.py), e.g. `tp_size=2`. With
+    more than one rank, call `close()` (or use `with LLM(...) as llm:`) to stop the other rank
+    processes; they also stop when this process exits.
+
+    NOTE: rank processes are spawned, so a script that builds an LLM with tp_size > 1 needs the
+    usual `if __name__ == "__main__":` guard.
     """
 
     def __init__(self, model: str, *, keep_logits: bool = False, **options: Any) -> None:
         self.engine = Engine(model, EngineOptions(**options), keep_logits=keep_logits)
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):

@@ -28,7 +28,7 @@ from engine.layers.attention.base import AttentionBackend, AttentionBatch
 from engine.models import model_class
 from engine.options import EngineOptions
 from engine.parallel.group import Parallel
-from engine.parallel.ranks import RankGroup
+from engine.parallel.ranks import RankFailure, RankGroup
 from engine.parallel.step import StepPlan
 from engine.sampling import SampleOutput, Sampler, plain_greedy
 from engine.scheduler import ScheduledBatch
@@ -141,15 +141,26 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> StepResult:
         """Compute the batch's tokens; sample for requests that reach their sequence end."""
         plan, sampled = self.plan(batch)
-        if self.group is not None:
-            self.group.send(plan.encode())
-        tokens, logits = self.execute(plan)
+        if self.group is None:
+            tokens, logits = self.execute(plan)
+        else:
+            tokens, logits = self._execute_in_group(self.group, plan)
         if not sampled:
             return StepResult([], None, None)
         if tokens is not None:
             return StepResult(sampled, SampleOutput(tokens.tolist()), None)
         params, states = [r.params for r in sampled], [r.sampler_state for r in sampled]
         return StepResult(sampled, self.sampler(logits, params, states), logits)
+
+    def _execute_in_group(self, group: RankGroup, plan: StepPlan) -> tuple[Any, Any]:
+        """Broadcast and run the plan; any failure on the way ends the group for good."""
+        group.check()
+        try:
+            group.send(plan.encode())
+            return self.execute(plan)
+        except Exception as exc:
+            group.fail(f"a step failed: {type(exc).__name__}: {exc}")
+            raise RankFailure(group.failure) from exc
 
     def plan(self, batch: ScheduledBatch) -> tuple[StepPlan, list[Any]]:
         """The step as plain lists (what every rank runs), and the requests that sample."""

@@ -78,6 +78,7 @@ class NodeLoop:
 
     def run(self) -> None:
         while not self.stop_event.is_set():
+            self.engine.check_health()  # a lost rank ends the loop (and the node) at once
             busy = self.engine.has_work() or self.has_pending()
             for msg in self.channel.receive(0 if busy else IDLE_POLL_MS):
                 self.dispatch(msg)
@@ -131,6 +132,8 @@ class NodeLoop:
             "held": len(sched.held),
             "max_model_len": engine.max_model_len,
             "uptime_s": round(time.time() - self.started, 1),
+            "tp_size": engine.options.tp_size,
+            "ranks": engine.group.describe() if engine.group is not None else [],
             **self.extra_info(),
         }
 
@@ -138,5 +141,6 @@ class NodeLoop:
         self.channel.send(out)
 
     def close(self) -> None:
-        """Release sockets and transfer engines (the loop has stopped)."""
+        """Release sockets and transfer engines (the loop has stopped), then the engine's ranks."""
         self.channel.close()
+        self.engine.close()

@@ -89,6 +89,9 @@ def scheduler_main(
         format=f"%(asctime)s {settings.name}-scheduler %(levelname)s %(name)s: %(message)s",
     )
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the HTTP process decides when to stop
+    # the engine's other ranks (if any) say whose they are in their log lines
+    os.environ["PDSERVE_NODE_NAME"] = settings.name
+    os.environ["PDSERVE_LOG_LEVEL"] = settings.log_level
     try:
         loop = build_loop(settings, loop_cls, requests_addr, outputs_addr)
     except Exception as exc:
@@ -113,4 +116,8 @@ def build_loop(
     if settings.role != loop_cls.ROLE:
         raise TypeError(f"{loop_cls.__name__} does not run {settings.role} nodes")
     engine = Engine(settings.model, settings.engine)
-    return loop_cls.create(engine, SchedulerChannel(requests_addr, outputs_addr), settings)
+    try:
+        return loop_cls.create(engine, SchedulerChannel(requests_addr, outputs_addr), settings)
+    except BaseException:
+        engine.close()
+        raise

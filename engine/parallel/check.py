@@ -29,12 +29,17 @@ def check_parallel(cfg: ModelConfig, options: EngineOptions) -> None:
         if shared:
             sizes.append(("shared experts' intermediate size", shared))
     for what, n in sizes:
-        if n % tp:
-            fix = "ep_size" if what == "routed experts" else "tp_size"
+        if n % tp == 0:
+            continue
+        if what == "routed experts":
             raise ValueError(
-                f"tp_size {tp} does not divide the model's {n} {what} "
-                f"(set {fix} to one of: {divisors(n)})"
+                f"ep_size {tp} does not divide the model's {n} routed experts (use ep_size 1, "
+                f"or tp_size = ep_size among: {divisors(n)})"
             )
+        raise ValueError(
+            f"tp_size {tp} does not divide the model's {n} {what} "
+            f"(set tp_size to one of: {divisors(n)})"
+        )
     if cfg.mla is None and cfg.num_kv_heads < tp and tp % cfg.num_kv_heads:
         raise ValueError(
             f"tp_size {tp} exceeds the model's {cfg.num_kv_heads} KV heads but is not a multiple "

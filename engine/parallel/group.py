@@ -4,6 +4,9 @@ collectives it needs (all-reduce, all-gather, all-to-all).
 `Parallel.single()` is one rank and no torch.distributed at all: every collective is the
 identity, so a model built without a group runs exactly as before. Rank groups are made by
 engine/parallel/ranks.py; layers only ever see this handle.
+
+The group is a process group object of its own (built from the rank group's store), never
+torch.distributed's default one: two engines in one process each have theirs.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Parallel:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place."""
         if self.size > 1:
-            dist.all_reduce(x, group=self.group)
+            self.group.allreduce([x]).wait()
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -49,9 +51,9 @@ class Parallel:
         if self.size == 1:
             return x
         x = x.contiguous()
-        out = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
-        dist.all_gather_single(out, x, group=self.group)
-        return torch.cat(out.view(self.size, *x.shape).unbind(0), dim=dim)
+        out = x.new_empty((self.size, *x.shape))
+        self.group.allgather([list(out.unbind(0))], [x]).wait()
+        return torch.cat(out.unbind(0), dim=dim)
 
     def all_to_all(
         self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]
@@ -61,7 +63,7 @@ class Parallel:
         if self.size == 1:
             return x
         out = x.new_empty((sum(recv_counts), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=self.group)
+        self.group.alltoall_base(out, x.contiguous(), recv_counts, send_counts).wait()
         return out
 
     def exchange_counts(self, send_counts: list[int], device: torch.device) -> list[int]:
@@ -70,7 +72,7 @@ class Parallel:
             return list(send_counts)
         send = torch.tensor(send_counts, dtype=torch.long, device=device)
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
+        self.group.alltoall_base(recv, send, [1] * self.size, [1] * self.size).wait()
         return recv.tolist()
 
     def kv_heads(self, total: int) -> tuple[int, int]:

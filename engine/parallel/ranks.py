@@ -13,6 +13,7 @@ parent-death signal on its host).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -49,12 +50,9 @@ class RankGroup:
         self._lock = threading.Lock()
         self._last_send = time.monotonic()
         self._stopped = threading.Event()
-        backend = "nccl" if options.device.startswith("cuda") else "gloo"
-        dist.init_process_group(
-            backend, store=store, rank=rank, world_size=self.size, timeout=self.timeout
-        )
-        self.control = dist.new_group(backend="gloo", timeout=self.timeout)
-        self.parallel = Parallel(rank, self.size, dist.group.WORLD, ep=options.ep_size > 1)
+        self.compute = new_group(store, "compute", rank, self.size, self.timeout, options.device)
+        self.control = new_group(store, "control", rank, self.size, self.timeout, "cpu")
+        self.parallel = Parallel(rank, self.size, self.compute, ep=options.ep_size > 1)
 
     def agree_min(self, key: str, value: int, timeout_s: float) -> int:
         """The smallest `value` over the ranks, through the store (so ranks that take long to
@@ -77,7 +75,7 @@ class RankGroup:
         """Other ranks: the next step's bytes, or None when rank 0 says stop."""
         while True:
             buf = torch.zeros(HEADER, dtype=torch.uint8)
-            dist.broadcast(buf, 0, group=self.control)
+            self.control.broadcast(buf, 0).wait()
             length = int(buf[:8].view(torch.int64).item())
             if length == STOP:
                 return None
@@ -87,7 +85,7 @@ class RankGroup:
             if length <= first:
                 return buf[8 : 8 + length].numpy().tobytes()
             rest = torch.empty(length - first, dtype=torch.uint8)
-            dist.broadcast(rest, 0, group=self.control)
+            self.control.broadcast(rest, 0).wait()
             return buf[8:].numpy().tobytes() + rest.numpy().tobytes()
 
     def _broadcast(self, length: int, data: bytes) -> None:
@@ -96,10 +94,10 @@ class RankGroup:
         head = data[: HEADER - 8]
         if head:
             buf[8 : 8 + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-        dist.broadcast(buf, 0, group=self.control)
+        self.control.broadcast(buf, 0).wait()
         if len(data) > len(head):
             rest = torch.frombuffer(bytearray(data[len(head) :]), dtype=torch.uint8)
-            dist.broadcast(rest, 0, group=self.control)
+            self.control.broadcast(rest, 0).wait()
 
     # ---- rank 0's watch ----------------------------------------------------------------------
 
@@ -107,6 +105,19 @@ class RankGroup:
         """Raise RankFailure once any rank is known to be gone."""
         if self.failure is not None:
             raise RankFailure(self.failure)
+
+    def fail(self, reason: str) -> None:
+        """Mark the group failed (the first reason stays)."""
+        if self.failure is None:
+            self.failure = reason
+            log.error("%s: the model instance stops", reason)
+
+    def describe(self) -> list[dict[str, int | None]]:
+        """Rank 0's local ranks: rank, pid and (once exited) exit code."""
+        return [
+            {"rank": rank, "pid": proc.pid, "exitcode": proc.exitcode}
+            for rank, proc in enumerate(self.children, start=1)
+        ]
 
     def watch(self) -> None:
         """Rank 0: a thread that notices a local rank exit and keeps idle ranks inside the
@@ -117,9 +128,8 @@ class RankGroup:
         interval = max(0.2, min(5.0, self.options.dist_timeout_s / 4))
         while not self._stopped.wait(0.2):
             for rank, proc in enumerate(self.children, start=1):
-                if not proc.is_alive() and self.failure is None:
-                    self.failure = f"rank {rank} exited with code {proc.exitcode}"
-                    log.error("%s: the model instance stops", self.failure)
+                if not proc.is_alive():
+                    self.fail(f"rank {rank} exited with code {proc.exitcode}")
             if self.failure is not None:
                 return
             with self._lock:
@@ -128,7 +138,7 @@ class RankGroup:
                 try:
                     self._broadcast(NOOP, b"")
                 except Exception as exc:  # any failure ends the group
-                    self.failure = f"rank group heartbeat failed: {exc}"
+                    self.fail(f"rank group heartbeat failed: {exc}")
                     return
                 self._last_send = time.monotonic()
 
@@ -142,9 +152,23 @@ class RankGroup:
             except Exception:  # they are gone already
                 pass
         for proc in self.children:
-            proc.join(JOIN_S)
+            if self.failure is None:  # a failed group's ranks may hang: no waiting for them
+                proc.join(JOIN_S)
             if proc.is_alive():
                 proc.kill()
                 proc.join(JOIN_S)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        for group in (self.compute, self.control):
+            with contextlib.suppress(Exception):  # a group whose peers are gone may refuse
+                group.shutdown()
+
+
+def new_group(
+    store: dist.Store, name: str, rank: int, size: int, timeout: timedelta, device: str
+) -> dist.ProcessGroup:
+    """A process group of its own over `store` (NCCL for CUDA tensors, else gloo)."""
+    prefixed = dist.PrefixStore(name, store)
+    if device.startswith("cuda"):
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, size, options)
+    return dist.ProcessGroupGloo(prefixed, rank, size, timeout)

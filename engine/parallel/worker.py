@@ -120,9 +120,10 @@ def rank_main(model_path: str, options: EngineOptions, rank: int, init_addr: str
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when the group stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a node's SIGTERM is its drain
+    name = f"{os.environ.get('PDSERVE_NODE_NAME', '')}-rank{rank}".lstrip("-")
     logging.basicConfig(
         level=os.environ.get("PDSERVE_LOG_LEVEL", "INFO").upper(),
-        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
     )
     try:
         follow(model_path, options, rank, init_addr)

@@ -1,0 +1,101 @@
+"""A rank group that loses a rank fails in bounded time, and bad parallel settings are refused
+before anything starts, each error naming the fix."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from engine.config import ModelConfig
+from engine.llm import LLM
+from engine.options import EngineOptions
+from engine.parallel.check import check_parallel
+from engine.parallel.ranks import RankFailure
+from engine.sampling import SamplingParams
+
+TIMEOUT_S = 4.0
+PARAMS = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+
+def two_ranks(path) -> LLM:
+    return LLM(str(path), tp_size=2, dist_timeout_s=TIMEOUT_S, max_total_tokens=1024)
+
+
+def test_a_killed_rank_fails_the_engine_at_once(make_tiny) -> None:
+    llm = two_ranks(make_tiny("llama"))
+    try:
+        assert llm.generate([[1, 2, 3]], PARAMS)[0].token_ids
+        (rank1,) = llm.engine.group.describe()
+        os.kill(rank1["pid"], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(RankFailure, match="rank 1"):
+            while True:  # idle: the watch notices without any step
+                llm.engine.check_health()
+                time.sleep(0.05)
+        assert time.monotonic() - start < TIMEOUT_S
+        with pytest.raises(RankFailure):
+            llm.generate([[1, 2, 3]], PARAMS)
+    finally:
+        llm.close()
+
+
+def test_a_hung_rank_fails_a_step_within_the_timeout(make_tiny) -> None:
+    llm = two_ranks(make_tiny("llama"))
+    (rank1,) = llm.engine.group.describe()
+    try:
+        os.kill(rank1["pid"], signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(RankFailure, match="a step failed"):
+            llm.generate([[1, 2, 3]], PARAMS)
+        assert time.monotonic() - start < TIMEOUT_S + 5
+    finally:
+        llm.close()  # kills the stopped rank rather than waiting for it
+    assert time.monotonic() - start < TIMEOUT_S + 10
+
+
+def test_idle_ranks_stay_inside_the_timeout(make_tiny) -> None:
+    """The heartbeat keeps an idle group alive past dist_timeout_s."""
+    with two_ranks(make_tiny("llama")) as llm:
+        time.sleep(TIMEOUT_S * 1.5)
+        llm.engine.check_health()
+        assert llm.generate([[4, 5, 6]], PARAMS)[0].token_ids
+
+
+@pytest.mark.parametrize(
+    ("arch", "options", "message"),
+    [
+        ("llama", {"tp_size": 3}, r"tp_size 3 does not divide the model's 4 attention heads "
+         r"\(set tp_size to one of: 1, 2, 4\)"),
+        ("llama", {"tp_size": 8}, "does not divide the model's 4 attention heads"),
+        ("deepseek_v3", {"tp_size": 2, "ep_size": 2, "_experts": 5}, r"ep_size 2 does not "
+         r"divide the model's 5 routed experts \(use ep_size 1, or tp_size = ep_size among: "
+         r"1, 5\)"),
+        ("llama", {"tp_size": 2, "ep_size": 2}, "ep_size 2 needs a MoE model"),
+    ],
+)  # fmt: skip
+def test_splits_that_do_not_divide_are_refused(make_tiny, arch, options, message) -> None:
+    experts = options.pop("_experts", None)
+    kw = {"config_overrides": {"n_routed_experts": experts, "n_group": 1, "topk_group": 1}}
+    path = make_tiny(arch, layers=3, **(kw if experts else {}))
+    with pytest.raises(ValueError, match=message):
+        check_parallel(ModelConfig.load(path), EngineOptions(**options))
+    with pytest.raises(ValueError, match=message):
+        LLM(str(path), **options)  # refused before any rank starts
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tp_size": 2, "ep_size": 3}, "ep_size must be 1 or equal tp_size"),
+        ({"tp_size": 3, "nnodes": 2}, "must be a multiple of nnodes"),
+        ({"tp_size": 2, "nnodes": 2}, "needs dist_init_addr"),
+        ({"tp_size": 2, "nnodes": 2, "node_rank": 2, "dist_init_addr": "h:1"}, "node_rank"),
+        ({"dist_init_addr": "nohostport"}, "host:port"),
+    ],
+)
+def test_bad_parallel_options_are_refused(options, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        EngineOptions(**options)
