@@ -121,6 +121,8 @@ def add_node(sub: argparse._SubParsersAction, role: str) -> None:
 
 
 def run_node(args: argparse.Namespace) -> int:
+    if not args.config and (parallel_options(args).get("node_rank") or 0) > 0:
+        args.port = args.port or 0  # another host of a rank group serves no API
     settings = node_from_config(args) if args.config else node_from_flags(args)
     if parallel := parallel_options(args):
         engine = build(EngineOptions, {**dataclasses.asdict(settings.engine), **parallel}, "")

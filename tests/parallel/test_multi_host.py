@@ -1,0 +1,84 @@
+"""A rank group across two "hosts": two groups of processes on loopback that meet at
+dist_init_addr (SGLang's nnodes / node_rank / dist_init_addr), through the `pdserve` CLI: the
+offline `generate` and a node serving HTTP whose second half runs no API."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests.e2e.cluster_util import REPO, free_ports
+
+PROMPTS = ["Hello there", "Rank groups span hosts"]
+
+
+def pdserve(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def generate(model: str, *flags: str) -> subprocess.Popen:
+    prompts = [a for p in PROMPTS for a in ("--prompt", p)]
+    return pdserve("generate", "--model", model, *prompts, "--max-tokens", "6", "--json", *flags)
+
+
+def outputs(proc: subprocess.Popen) -> list[list[int]]:
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    return [json.loads(line)["token_ids"] for line in out.splitlines()]
+
+
+def group_flags(port: int, node_rank: int) -> list[str]:
+    return ["--tp-size", "2", "--nnodes", "2", "--node-rank", str(node_rank),
+            "--dist-init-addr", f"127.0.0.1:{port}"]  # fmt: skip
+
+
+def test_generate_across_two_hosts_equals_one_rank(make_tiny) -> None:
+    model = str(make_tiny("qwen3"))
+    expected = outputs(generate(model))
+    (port,) = free_ports(1)
+    second = generate(model, *group_flags(port, 1))
+    first = generate(model, *group_flags(port, 0))
+    assert outputs(first) == expected
+    second.communicate(timeout=60)
+    assert second.returncode == 0  # rank 0 said stop: the other host's ranks leave cleanly
+
+
+def test_node_across_two_hosts_serves_and_its_ranks_leave_with_it(make_tiny) -> None:
+    model = str(make_tiny("llama"))
+    expected = outputs(generate(model))
+    dist_port, http_port = free_ports(2)
+    node = ["decode", "--model", model, "--transfer-backend", "none"]
+    second = pdserve(*node, *group_flags(dist_port, 1))
+    first = pdserve(*node, "--port", str(http_port), *group_flags(dist_port, 0))
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert first.poll() is None, first.stderr.read()[-3000:] if first.stderr else ""
+            time.sleep(0.2)
+        info = httpx.get(f"{url}/get_server_info", timeout=10).json()
+        assert info["tp_size"] == 2 and info["ranks"] == []  # rank 1 runs on the other "host"
+        for prompt, tokens in zip(PROMPTS, expected, strict=True):
+            body = {"text": prompt, "sampling_params": {"max_new_tokens": 6, "temperature": 0}}
+            r = httpx.post(f"{url}/generate", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["output_ids"] == tokens
+    finally:
+        first.terminate()
+        first.wait(timeout=60)
+    assert second.wait(timeout=60) == 0, second.stderr.read()[-3000:] if second.stderr else ""
