@@ -109,9 +109,10 @@ class ModelRunner:
             options.attention_backend, self.pool, model_cfg.softmax_scale
         )
         self.lm_head_kernel = None
+        self.shard_head_kernel = None  # TP: this rank's vocabulary slice, collectives around it
         self.fused_decode = None
-        if options.cpu_kernels and self.device.type == "cpu" and tp.size == 1:
-            self._use_cpu_kernels()  # NOTE: they compute whole layers: one rank only
+        if options.cpu_kernels and self.device.type == "cpu":
+            self._use_cpu_kernels(tp)
         self.sampler = Sampler(eos_token_ids, seed=options.seed)
         log.info(
             "model loaded: %s, %d KV pages of %d tokens",
@@ -120,11 +121,17 @@ class ModelRunner:
             options.page_size,
         )
 
-    def _use_cpu_kernels(self) -> None:
-        """The native CPU paths (engine/kernels/), each off by itself where it cannot run."""
+    def _use_cpu_kernels(self, tp: Parallel) -> None:
+        """The native CPU paths (engine/kernels/), each off by itself where it cannot run.
+        With several ranks the LM head kernel computes this rank's vocabulary slice (the
+        layers' collectives run around it), and whole-layer fused decode is off."""
         keep_freed_memory_mapped()
         threads = torch.get_num_threads()
-        self.lm_head_kernel = build_lm_head(self.model.lm_head_weight, threads)
+        kernel = build_lm_head(self.model.lm_head_weight, threads)
+        if tp.size > 1:
+            self.shard_head_kernel = kernel
+            return
+        self.lm_head_kernel = kernel
         if hasattr(self.attention, "decode_kernel"):  # the torch backend
             self.attention.decode_kernel = build_decode_attention(threads)
             scale = self.model_cfg.softmax_scale
@@ -200,5 +207,9 @@ class ModelRunner:
         kernel = self.lm_head_kernel
         if plan.mode == "argmax":
             # greedy with nothing else asked: no logits written out (or gathered over ranks)
-            return (kernel.argmax(rows) if kernel is not None else self.model.greedy(rows)), None
-        return None, kernel(rows) if kernel is not None else self.model.compute_logits(rows)
+            if kernel is not None:
+                return kernel.argmax(rows), None
+            return self.model.greedy(rows, self.shard_head_kernel), None
+        if kernel is not None:
+            return None, kernel(rows)
+        return None, self.model.compute_logits(rows, self.shard_head_kernel)

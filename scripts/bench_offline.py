@@ -29,6 +29,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--arch", default="llama", choices=sorted(ARCHS))
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (processes)")
+    p.add_argument("--ep-size", type=int, default=1, help="expert parallelism: 1 or --tp-size")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
@@ -42,9 +46,18 @@ def parse_args() -> argparse.Namespace:
 
 def default_model(args: argparse.Namespace) -> Path:
     cache = Path(os.environ.get("PDSERVE_CACHE", Path.home() / ".cache" / "pdserve"))
-    out = cache / "models" / f"bench-{args.arch}-l{args.layers}-h{args.hidden}-{args.dtype}"
+    shape = f"l{args.layers}-h{args.hidden}-a{args.heads}-kv{args.kv_heads}"
+    out = cache / "models" / f"bench-{args.arch}-{shape}-{args.dtype}"
     if not (out / "config.json").is_file():
-        make_model(args.arch, out, layers=args.layers, hidden=args.hidden, dtype=args.dtype)
+        make_model(
+            args.arch,
+            out,
+            layers=args.layers,
+            hidden=args.hidden,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            dtype=args.dtype,
+        )
     return out
 
 
@@ -67,12 +80,15 @@ def bench_engine(
         max_batch_tokens=max(4096, args.input_len * 4),
         max_total_tokens=(args.input_len + args.output_len) * args.batch * 2,
         enable_prefix_cache=False,
+        tp_size=args.tp_size,
+        ep_size=args.ep_size,
     )
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
+    with llm:
+        params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+        llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - start
     assert all(len(o.token_ids) == args.output_len for o in outs)
     tok_s = sum(len(o.token_ids) for o in outs) / elapsed
     return tok_s, llm.engine.pool.layout.bytes_per_token
@@ -113,6 +129,8 @@ def main() -> None:
         "output_len": args.output_len,
         "batch": args.batch,
         "dtype": args.dtype,
+        "tp_size": args.tp_size,
+        "ep_size": args.ep_size,
         "threads": torch.get_num_threads(),
         "engine_output_tok_s": round(engine_tps, 1),
         "kv_bytes_per_token": kv_bytes,

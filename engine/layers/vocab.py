@@ -8,6 +8,8 @@ them: greedy needs just every rank's best (value, id) pair.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -44,27 +46,37 @@ class LMHead(VocabEmbedding):
     embedding's weight, used the same way)."""
 
 
-def local_logits(hidden: torch.Tensor, head: VocabEmbedding) -> torch.Tensor:
-    """float32 logits of this rank's vocabulary slice [T, rows] (pad columns -inf)."""
-    logits = linear(hidden, head.weight).float()
+Matmul = Callable[[torch.Tensor], torch.Tensor]  # hidden -> float32 logits of this rank's slice
+
+
+def local_logits(
+    hidden: torch.Tensor, head: VocabEmbedding, matmul: Matmul | None = None
+) -> torch.Tensor:
+    """float32 logits of this rank's vocabulary slice [T, rows] (pad columns -inf); `matmul`
+    (a native kernel over this rank's rows) in place of torch's."""
+    logits = matmul(hidden) if matmul is not None else linear(hidden, head.weight).float()
     if head.real_rows < head.rows:
         logits[:, head.real_rows :] = float("-inf")
     return logits
 
 
-def full_logits(hidden: torch.Tensor, head: VocabEmbedding) -> torch.Tensor:
+def full_logits(
+    hidden: torch.Tensor, head: VocabEmbedding, matmul: Matmul | None = None
+) -> torch.Tensor:
     """float32 logits over the whole vocabulary [T, V], the same on every rank."""
-    logits = local_logits(hidden, head)
+    logits = local_logits(hidden, head, matmul)
     if head.tp.size == 1:
         return logits
     return head.tp.all_gather(logits, dim=-1)[:, : head.vocab_size]
 
 
-def greedy_ids(hidden: torch.Tensor, head: VocabEmbedding) -> torch.Tensor:
+def greedy_ids(
+    hidden: torch.Tensor, head: VocabEmbedding, matmul: Matmul | None = None
+) -> torch.Tensor:
     """The argmax token of each row [T], without gathering the logits: each rank's best value and
     id are gathered, and the first rank with the highest value wins (ties go to the lower id,
     as a full argmax would)."""
-    logits = local_logits(hidden, head)
+    logits = local_logits(hidden, head, matmul)
     best, idx = logits.max(dim=-1)
     if head.tp.size == 1:
         return idx

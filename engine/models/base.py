@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.layers.vocab import VocabEmbedding, full_logits, greedy_ids
+from engine.layers.vocab import Matmul, VocabEmbedding, full_logits, greedy_ids
 from engine.parallel.group import Parallel
 
 
@@ -38,10 +38,11 @@ class DecoderOnlyLM(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.head.weight
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 logits [T, vocab] of final hidden states [T, hidden] (on every rank)."""
-        return full_logits(hidden, self.head)
+    def compute_logits(self, hidden: torch.Tensor, matmul: Matmul | None = None) -> torch.Tensor:
+        """float32 logits [T, vocab] of final hidden states [T, hidden] (on every rank);
+        `matmul` computes this rank's slice instead of torch (a native kernel)."""
+        return full_logits(hidden, self.head, matmul)
 
-    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+    def greedy(self, hidden: torch.Tensor, matmul: Matmul | None = None) -> torch.Tensor:
         """The argmax token id of each row, without gathering the whole logits."""
-        return greedy_ids(hidden, self.head)
+        return greedy_ids(hidden, self.head, matmul)
