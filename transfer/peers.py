@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .base import Endpoint
 from .buffers import KVBuffer
 from .compat import KVCompat, compat_errors
 from .protocol import PROTOCOL_VERSION, Register, buffers_from_wire
+from .ranks import RankKV, Slice, layout_errors
 
 
 @dataclass
@@ -22,6 +24,9 @@ class DecodePeer:
     meta_slot_bytes: int
     meta_slots: int
     last_seen: float
+    ranks: tuple[RankKV, ...] = ()  # the decode node's ranks (rank 0 first)
+    plan: tuple[Slice, ...] = ()  # which of our ranks writes what into which of them
+    keys: dict[tuple[int, int], str] = field(default_factory=dict)  # (ours, theirs) -> engine key
 
     @classmethod
     def from_register(cls, msg: Register, peer_key: str) -> DecodePeer:
@@ -34,6 +39,7 @@ class DecodePeer:
             msg.meta_slot_bytes,
             msg.meta_slots,
             time.monotonic(),
+            decode_ranks(msg),
         )
 
     def meta_address(self, slot: int) -> int:
@@ -50,10 +56,24 @@ class DecodePeer:
         return ""
 
 
+def decode_ranks(msg: Register) -> tuple[RankKV, ...]:
+    """The registering decode's ranks; a single-rank decode is its rank 0 alone."""
+    if msg.ranks:
+        return tuple(RankKV.from_wire(wire) for wire in msg.ranks)
+    device = msg.buffers[0][4] if msg.buffers else "cpu"
+    endpoint = Endpoint(msg.backend, msg.session, msg.blob, device)
+    return (RankKV(0, buffers_from_wire(msg.buffers), endpoint=endpoint),)
+
+
 def registration_errors(
-    msg: Register, backend: str, compat: KVCompat, buffers: Sequence[KVBuffer]
+    msg: Register,
+    backend: str,
+    compat: KVCompat,
+    buffers: Sequence[KVBuffer],
+    ranks: Sequence[RankKV] = (),
 ) -> list[str]:
-    """Why this prefill cannot write into the registering decode; empty when it can."""
+    """Why this prefill (its `ranks`, rank 0's `buffers`) cannot write into the registering
+    decode; empty when it can."""
     if msg.version != PROTOCOL_VERSION:
         return [
             f"protocol version differs: prefill {PROTOCOL_VERSION}, decode {msg.version} "
@@ -64,4 +84,9 @@ def registration_errors(
             f"transfer backend differs: prefill {backend}, decode {msg.backend} "
             "(set transfer.backend alike)"
         ]
-    return compat_errors(compat, KVCompat(*msg.compat), buffers, buffers_from_wire(msg.buffers))
+    theirs = decode_ranks(msg)
+    ours = tuple(ranks) or (RankKV(0, tuple(buffers)),)
+    if ours[0].sliced and theirs[0].sliced:  # page bytes differ with the heads a rank holds
+        return [*compat_errors(compat, KVCompat(*msg.compat), (), ()), *layout_errors(ours, theirs)]
+    errors = compat_errors(compat, KVCompat(*msg.compat), buffers, buffers_from_wire(msg.buffers))
+    return errors or layout_errors(ours, theirs)

@@ -3,7 +3,7 @@
 Decode opens a ZMQ DEALER to the prefill node's bootstrap ROUTER and says, in order::
 
     decode                                   prefill
-      Register(endpoint, buffers, compat) ->
+      Register(endpoint, buffers, compat, ranks) ->
                                           <- RegisterReply(error="")      (or the mismatch)
       RoomRequest(room, dst_pages, slot)  ->
                                           <- RoomUpdate(WAITING_FOR_INPUT)
@@ -25,7 +25,7 @@ from .buffers import KVBuffer
 from .codec import MessageCodec
 from .compat import KVCompat
 
-PROTOCOL_VERSION = 2  # 2: messages tagged by type name (transfer/codec.py)
+PROTOCOL_VERSION = 3  # 3: Register says every decode rank (tensor-parallel layouts)
 
 WireBuffer = tuple[int, int, int, int, str]
 
@@ -48,6 +48,8 @@ class Register:
     meta_base: int
     meta_slot_bytes: int
     meta_slots: int
+    # every rank of the decode node: RankKV.to_wire() (transfer/ranks.py); () is one rank
+    ranks: tuple = ()
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ within ``abort_timeout_s``. In the last two cases nothing confirmed it, so the s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -51,6 +52,7 @@ from .protocol import (
     encode,
     metrics_from_wire,
 )
+from .ranks import RankKV
 from .registry import create_backend
 from .rooms import Room, RoomTable
 
@@ -78,7 +80,11 @@ class KVReceiver:
         buffers: Sequence[KVBuffer],
         compat: KVCompat,
         backend: TransferBackend | None = None,
+        *,
+        ranks: Sequence[RankKV] = (),
     ) -> None:
+        """`ranks`: a tensor-parallel node's ranks, rank 0 (whose pool is `buffers`) first, the
+        others with their engines' endpoints (each rank registers its own pool)."""
         self.config = config
         self.buffers = tuple(buffers)
         self.compat = compat
@@ -88,6 +94,12 @@ class KVReceiver:
         slot_region = MemoryRegion(self._slots.base_ptr, len(self._slots.array))
         self.backend.register([*regions_for(self.buffers), slot_region])
         self._endpoint = self.backend.endpoint()
+        self.ranks = tuple(ranks)
+        if self.ranks:
+            self.ranks = (
+                dataclasses.replace(self.ranks[0], endpoint=self._endpoint),
+                *self.ranks[1:],
+            )
         self._table = RoomTable(config)
         self._peers: dict[str, PrefillPeer] = {}
         self._loop = ControlLoop("kv-receiver")
@@ -231,6 +243,7 @@ class KVReceiver:
             self._slots.base_ptr,
             self._slots.slot_bytes,
             self._slots.num_slots,
+            tuple(rank.to_wire() for rank in self.ranks),
         )
 
     def _drop_peer(self, peer: PrefillPeer, reason: str, *, confirmed: bool = True) -> None:

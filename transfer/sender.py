@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import zmq
 
-from .base import Endpoint, RoomMetadata, RoomStatus, TransferBackend, TransferState
+from .base import RoomMetadata, RoomStatus, TransferBackend, TransferError, TransferState
 from .buffers import KVBuffer, regions_for
 from .compat import KVCompat
 from .config import TransferConfig
@@ -45,9 +45,10 @@ from .protocol import (
     encode,
     metrics_to_wire,
 )
+from .ranks import RankKV, slice_plan
 from .registry import create_backend
 from .rooms import Room, RoomTable
-from .worker import JobResult, TransferJob, TransferWorkers
+from .worker import JobResult, TransferJob, TransferWorkers, WritePart
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +62,24 @@ class KVSender:
         buffers: Sequence[KVBuffer],
         compat: KVCompat,
         backend: TransferBackend | None = None,
+        *,
+        ranks: Sequence[RankKV] = (),
+        rank_backends: Sequence[TransferBackend] = (),
     ) -> None:
+        """`ranks`: a tensor-parallel node's ranks (rank 0, whose pool is `buffers`, first) and
+        `rank_backends` the engines of ranks 1.. (transfer/agent.py's RemoteBackend)."""
         self.config = config
         self.buffers = tuple(buffers)
         self.compat = compat
         self.backend = backend or create_backend(config)
+        self.ranks = tuple(ranks) or (RankKV(0, self.buffers),)
+        self._engines = {
+            0: self.backend,
+            **{r.rank: b for r, b in zip(self.ranks[1:], rank_backends, strict=True)},
+        }
         max_batch = config.max_batch_descriptors or self.backend.default_batch_descriptors
         self._workers = TransferWorkers(
             self.backend,
-            self.buffers,
             config.num_workers,
             max_batch,
             config.max_inflight_batches,
@@ -79,7 +89,8 @@ class KVSender:
         self.backend.register([*regions_for(self.buffers), self._workers.staging_region])
         self._table = RoomTable(config)
         self._peers: dict[str, DecodePeer] = {}
-        self._dropped_keys: dict[str, str] = {}  # decode id -> engine key, until writes drain
+        # decode id -> its (engine, key) pairs, until our writes into it drain
+        self._dropped_keys: dict[str, list[tuple[TransferBackend, str]]] = {}
         self._loop = ControlLoop("kv-sender")
         self._router = self._loop.context.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
@@ -132,7 +143,8 @@ class KVSender:
         self._loop.call(self._fail_all)
         self._workers.close()
         self._loop.stop()
-        self.backend.close()
+        for engine in self._engines.values():
+            engine.close()
 
     # ---- room transitions (loop thread) ------------------------------------------------------
 
@@ -178,12 +190,17 @@ class KVSender:
         self._table.move(room, TransferState.TRANSFERRING)
         self._reply(peer.decode_id, RoomUpdate(room.room, TransferState.TRANSFERRING))
         room.busy = True
+        ours, theirs = {r.rank: r for r in self.ranks}, {r.rank: r for r in peer.ranks}
+        parts = tuple(
+            WritePart(self._engines[s.src], peer.keys[s.src, s.dst], s, ours[s.src], theirs[s.dst])
+            for s in peer.plan
+        )
         job = TransferJob(
             room.room,
             peer.peer_key,
             room.src_pages or (),
             room.dst_pages,
-            peer.buffers,
+            parts,
             meta,
             peer.meta_address(room.meta_slot),
             room.deadline,
@@ -245,7 +262,9 @@ class KVSender:
     def _drop_peer(self, peer: DecodePeer, reason: str) -> None:
         log.warning("dropping decode peer: %s", reason)
         del self._peers[peer.decode_id]
-        self._dropped_keys[peer.decode_id] = peer.peer_key
+        self._dropped_keys[peer.decode_id] = [
+            (self._engines[src], key) for (src, _), key in peer.keys.items()
+        ]
         for room in self._table.rooms(peer.decode_id):
             self._fail(room, reason)
         self._disconnect_if_drained(peer.decode_id)
@@ -255,7 +274,8 @@ class KVSender:
         if decode_id in self._peers or decode_id not in self._dropped_keys:
             return
         if not self._table.rooms(decode_id):
-            self.backend.disconnect(self._dropped_keys.pop(decode_id))
+            for engine, key in self._dropped_keys.pop(decode_id):
+                engine.disconnect(key)
 
     def _on_readable(self, sock: zmq.Socket) -> None:
         while True:
@@ -294,21 +314,39 @@ class KVSender:
             log.warning("unexpected %s from decode %s", type(msg).__name__, decode_id)
 
     def _on_register(self, decode_id: str, msg: Register) -> None:
-        errors = registration_errors(msg, self.backend.name, self.compat, self.buffers)
+        errors = registration_errors(msg, self.backend.name, self.compat, self.buffers, self.ranks)
         if not errors and decode_id in self._peers:
             self._drop_peer(self._peers[decode_id], f"decode {decode_id} registered again")
+        peer = None
         if not errors:
-            try:
-                device = msg.buffers[0][4] if msg.buffers else "cpu"
-                endpoint = Endpoint(msg.backend, msg.session, msg.blob, device)
-                peer_key = self.backend.connect(endpoint)
-            except Exception as e:
-                errors = [f"prefill cannot reach decode engine {msg.session}: {e}"]
-        if errors:
+            peer = DecodePeer.from_register(msg, "")
+            peer.plan = tuple(slice_plan(self.ranks, peer.ranks))
+            errors = self._connect_ranks(peer)
+        if errors or peer is None:
             self._reply(decode_id, RegisterReply("; ".join(errors)))
             return
-        self._peers[decode_id] = DecodePeer.from_register(msg, peer_key)
+        peer.peer_key = peer.keys.get((0, 0)) or self.backend.connect(peer.ranks[0].endpoint)
+        peer.keys.setdefault((0, 0), peer.peer_key)
+        self._peers[decode_id] = peer
         self._reply(decode_id, RegisterReply(""))
+
+    def _connect_ranks(self, peer: DecodePeer) -> list[str]:
+        """Connect each of our ranks to the decode ranks it writes (rank 0 also to decode's rank
+        0, for the metadata); on a failure, undo and say why."""
+        theirs = {r.rank: r for r in peer.ranks}
+        for src, dst in sorted({(s.src, s.dst) for s in peer.plan} | {(0, 0)}):
+            endpoint = theirs[dst].endpoint
+            try:
+                if endpoint is None:
+                    raise TransferError(f"decode rank {dst} sent no engine endpoint")
+                peer.keys[src, dst] = self._engines[src].connect(endpoint)
+            except Exception as e:
+                for (s, _), key in peer.keys.items():
+                    self._engines[s].disconnect(key)
+                peer.keys.clear()
+                session = endpoint.session if endpoint else "?"
+                return [f"prefill rank {src} cannot reach decode rank {dst} engine {session}: {e}"]
+        return []
 
     def _on_room_request(self, peer: DecodePeer, msg: RoomRequest) -> None:
         room = self._table.get(msg.room)

@@ -23,24 +23,38 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .base import TransferBackend, TransferError, TransferMetrics
-from .buffers import KVBuffer, MemoryRegion
-from .descriptors import DescriptorBatch, build_descriptors, split_batches
+from .buffers import MemoryRegion
+from .descriptors import DescriptorBatch, split_batches
 from .metaslots import SlotPool
+from .ranks import RankKV, Slice, slice_descriptors
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class WritePart:
+    """One source rank's writes into one destination rank, through that source's engine."""
+
+    backend: TransferBackend
+    peer_key: str
+    slice: Slice
+    src: RankKV
+    dst: RankKV
+
+
+@dataclass(frozen=True)
 class TransferJob:
-    """Everything a worker needs to write one room."""
+    """Everything a worker needs to write one room: its parts (one per source/destination rank
+    pair; one in all between single-rank nodes), then the metadata through rank 0's engine."""
 
     room: int
     peer_key: str
     src_pages: tuple[int, ...]
     dst_pages: tuple[int, ...]
-    dst_buffers: tuple[KVBuffer, ...]
+    parts: tuple[WritePart, ...]
     meta_bytes: bytes
     meta_dst: int
     deadline: float
@@ -60,7 +74,6 @@ class TransferWorkers:
     def __init__(
         self,
         backend: TransferBackend,
-        src_buffers: tuple[KVBuffer, ...],
         per_peer: int,
         max_batch: int,
         max_inflight: int,
@@ -69,7 +82,6 @@ class TransferWorkers:
         max_threads: int | None = None,
     ) -> None:
         self._backend = backend
-        self._src_buffers = src_buffers
         self._max_batch = max_batch
         self._max_inflight = max_inflight
         self._on_done = on_done
@@ -164,43 +176,52 @@ class TransferWorkers:
         start = time.perf_counter()
         if job.cancel.is_set():
             return JobResult(job.room, "cancelled before the write started", None)
+        batches: list[tuple[TransferBackend, str, DescriptorBatch]] = []
+        nbytes = descriptors = 0
         try:
-            descs = build_descriptors(
-                self._src_buffers, job.dst_buffers, job.src_pages, job.dst_pages
-            )
+            for part in job.parts:
+                descs = slice_descriptors(
+                    part.slice, part.src, part.dst, job.src_pages, job.dst_pages
+                )
+                nbytes, descriptors = nbytes + descs.nbytes, descriptors + len(descs)
+                if len(descs):
+                    pieces = split_batches(descs, self._max_batch)
+                    batches += [(part.backend, part.peer_key, b) for b in pieces]
         except ValueError as e:
             return JobResult(job.room, str(e), None)
-        batches = split_batches(descs, self._max_batch) if len(descs) else []
-        error = self._write_batches(job, batches)
+        error = self._write_batches(job, _interleaved(batches))
         if not error:
             error = self._write_metadata(job, slot)
         metrics = TransferMetrics(
-            bytes=descs.nbytes + len(job.meta_bytes),
-            descriptors=len(descs) + 1,
+            bytes=nbytes + len(job.meta_bytes),
+            descriptors=descriptors + 1,
             batches=len(batches) + 1,
             duration_s=time.perf_counter() - start,
         )
         return JobResult(job.room, error, metrics)
 
-    def _write_batches(self, job: TransferJob, batches: list[DescriptorBatch]) -> str:
-        inflight: deque[object] = deque()
+    def _write_batches(
+        self, job: TransferJob, batches: list[tuple[TransferBackend, str, DescriptorBatch]]
+    ) -> str:
+        inflight: deque[tuple[TransferBackend, object]] = deque()
         error = ""
-        for batch in batches:
+        for backend, key, batch in batches:
             if job.cancel.is_set():
                 error = "cancelled"
                 break
             if len(inflight) >= self._max_inflight:
-                error = self._backend.wait(inflight.popleft(), job.deadline)
+                waiting, handle = inflight.popleft()
+                error = waiting.wait(handle, job.deadline)
                 if error:
                     break
             try:
-                inflight.append(self._backend.submit(job.peer_key, batch))
+                inflight.append((backend, backend.submit(key, batch)))
             except TransferError as e:
                 error = str(e)
                 break
         # NOTE: drain even after an error, so nothing of this room is in flight when we report.
-        for handle in inflight:
-            waited = self._backend.wait(handle, job.deadline)
+        for waiting, handle in inflight:
+            waited = waiting.wait(handle, job.deadline)
             error = error or waited
         return error
 
@@ -213,3 +234,19 @@ class TransferWorkers:
         except TransferError as e:
             return str(e)
         return self._backend.wait(handle, job.deadline)
+
+
+def _interleaved(
+    batches: list[tuple[Any, str, DescriptorBatch]],
+) -> list[tuple[Any, str, DescriptorBatch]]:
+    """Batches taken from each engine in turn, so every rank's engine is busy at once."""
+    by_engine: dict[int, deque[tuple[Any, str, DescriptorBatch]]] = {}
+    for item in batches:
+        by_engine.setdefault(id(item[0]), deque()).append(item)
+    out: list[tuple[Any, str, DescriptorBatch]] = []
+    while by_engine:
+        for key in list(by_engine):
+            out.append(by_engine[key].popleft())
+            if not by_engine[key]:
+                del by_engine[key]
+    return out

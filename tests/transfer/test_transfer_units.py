@@ -147,7 +147,7 @@ def test_writers_cap_each_peer_and_grow_past_a_hung_one() -> None:
     gate = threading.Event()
     backend = _GatedBackend({"hung": gate})
     done: queue.SimpleQueue[JobResult] = queue.SimpleQueue()
-    workers = TransferWorkers(backend, (), 2, 16, 1, 256, done.put, max_threads=8)  # type: ignore[arg-type]
+    workers = TransferWorkers(backend, 2, 16, 1, 256, done.put, max_threads=8)  # type: ignore[arg-type]
     workers.start()
 
     def job(room: int, peer: str) -> TransferJob:
