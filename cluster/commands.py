@@ -129,8 +129,9 @@ def run_node(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, engine=engine)
     if settings.engine.node_rank > 0:  # another host of a rank group: its ranks, no API
         from engine.parallel.worker import serve_ranks
+        from node.kv_link import rank_setup
 
-        return serve_ranks(settings.model, settings.engine)
+        return serve_ranks(settings.model, settings.engine, rank_setup(settings))
     from node.server import serve_node  # NOTE: here: it pulls in torch and the engine
 
     serve_node(settings, role_loop(settings.role))

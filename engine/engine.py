@@ -17,7 +17,7 @@ from engine.config import ModelConfig
 from engine.kv.radix import RadixCache
 from engine.options import EngineOptions
 from engine.parallel.check import check_parallel
-from engine.parallel.worker import start_group, threads_per_rank
+from engine.parallel.worker import RankSetup, start_group, threads_per_rank
 from engine.request import Req
 from engine.runner import ModelRunner, StepResult
 from engine.sampling import SamplerState, SamplingParams
@@ -67,7 +67,10 @@ class Engine:
         options: EngineOptions | None = None,
         *,
         keep_logits: bool = False,
+        rank_setup: RankSetup | None = None,
     ) -> None:
+        """`rank_setup`: called in each other rank once its model is loaded (see
+        engine/parallel/worker.py); a node starts the ranks' transfer engines with it."""
         self.model_path = str(model_path)
         self.options = options = options or EngineOptions()
         limit_onednn_caches(options.onednn_cache)
@@ -79,7 +82,7 @@ class Engine:
         if options.tp_size > 1:
             check_parallel(self.model_cfg, options)
             torch.set_num_threads(threads_per_rank(options))
-            self.group = start_group(self.model_path, options)  # ranks 1.. load alongside
+            self.group = start_group(self.model_path, options, rank_setup)  # ranks 1.. load too
         elif options.threads is not None:
             torch.set_num_threads(options.threads)
         try:

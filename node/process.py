@@ -21,6 +21,7 @@ from typing import Any
 
 from engine.engine import Engine
 from node.channel import SchedulerChannel
+from node.kv_link import rank_setup
 from node.loop import NodeLoop
 from node.settings import NodeSettings
 
@@ -115,7 +116,7 @@ def build_loop(
     """The engine over the settings' checkpoint, and the role's loop around it."""
     if settings.role != loop_cls.ROLE:
         raise TypeError(f"{loop_cls.__name__} does not run {settings.role} nodes")
-    engine = Engine(settings.model, settings.engine)
+    engine = Engine(settings.model, settings.engine, rank_setup=rank_setup(settings))
     try:
         return loop_cls.create(engine, SchedulerChannel(requests_addr, outputs_addr), settings)
     except BaseException:

@@ -1,11 +1,16 @@
 """Starting a rank group's processes: rank 0's host starts its other ranks (`start_group`), a
 host with node_rank > 0 starts all of its own (`serve_ranks`), and each of those runs
-`rank_main`: load this rank's slice of the model, then run the steps rank 0 broadcasts."""
+`rank_main`: load this rank's slice of the model, then run the steps rank 0 broadcasts.
+
+A `RankSetup` ("module:function", payload) is called in every rank once its model is loaded,
+as `function(runner, group, payload)`: how a node starts a rank's transfer engine without the
+engine knowing of nodes. Its result is kept for the life of the rank."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import logging
 import multiprocessing as mp
 import os
@@ -13,6 +18,7 @@ import signal
 import time
 from datetime import timedelta
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +30,8 @@ from engine.parallel.step import StepPlan
 from engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
+
+RankSetup = tuple[str, Any]  # ("module:function", payload)
 
 
 def local_ranks(options: EngineOptions) -> range:
@@ -38,7 +46,9 @@ def threads_per_rank(options: EngineOptions) -> int:
     return max(1, total // len(local_ranks(options)))
 
 
-def start_group(model_path: str, options: EngineOptions) -> RankGroup:
+def start_group(
+    model_path: str, options: EngineOptions, setup: RankSetup | None = None
+) -> RankGroup:
     """Rank 0: host the rendezvous (dist_init_addr, or a free loopback port), start this host's
     other ranks, and join the group."""
     host, port = (options.dist_init_addr or "127.0.0.1:0").rsplit(":", 1)
@@ -51,7 +61,7 @@ def start_group(model_path: str, options: EngineOptions) -> RankGroup:
         timeout=timedelta(seconds=options.dist_timeout_s),
     )
     init_addr = f"{host}:{store.port}"
-    children = spawn_ranks(model_path, options, init_addr, local_ranks(options)[1:])
+    children = spawn_ranks(model_path, options, init_addr, local_ranks(options)[1:], setup)
     try:
         wait_for_ranks(store, options, children)
         group = RankGroup(options, 0, store)
@@ -81,14 +91,18 @@ def wait_for_ranks(store: dist.Store, options: EngineOptions, children: list[Bas
 
 
 def spawn_ranks(
-    model_path: str, options: EngineOptions, init_addr: str, ranks: range
+    model_path: str,
+    options: EngineOptions,
+    init_addr: str,
+    ranks: range,
+    setup: RankSetup | None = None,
 ) -> list[BaseProcess]:
     ctx = mp.get_context("spawn")
     procs = []
     for rank in ranks:
         proc = ctx.Process(
             target=rank_main,
-            args=(model_path, options, rank, init_addr),
+            args=(model_path, options, rank, init_addr, setup),
             daemon=True,
             name=f"rank{rank}",
         )
@@ -97,11 +111,12 @@ def spawn_ranks(
     return procs
 
 
-def serve_ranks(model_path: str, options: EngineOptions) -> int:
+def serve_ranks(model_path: str, options: EngineOptions, setup: RankSetup | None = None) -> int:
     """A host with node_rank > 0: run its ranks until they end; returns the exit code."""
     if not options.dist_init_addr:
         raise ValueError("nnodes > 1 needs dist_init_addr (rank 0's host:port)")
-    procs = spawn_ranks(model_path, options, options.dist_init_addr, local_ranks(options))
+    addr = options.dist_init_addr
+    procs = spawn_ranks(model_path, options, addr, local_ranks(options), setup)
     codes = []
     for proc in procs:
         proc.join()
@@ -115,7 +130,13 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def rank_main(model_path: str, options: EngineOptions, rank: int, init_addr: str) -> None:
+def rank_main(
+    model_path: str,
+    options: EngineOptions,
+    rank: int,
+    init_addr: str,
+    setup: RankSetup | None = None,
+) -> None:
     """Body of a rank other than 0."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when the group stops
@@ -126,13 +147,19 @@ def rank_main(model_path: str, options: EngineOptions, rank: int, init_addr: str
         format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
     )
     try:
-        follow(model_path, options, rank, init_addr)
+        follow(model_path, options, rank, init_addr, setup)
     except Exception as exc:  # said once; the exit code tells rank 0
         log.error("rank %d stops: %s: %s", rank, type(exc).__name__, exc)
         raise SystemExit(1) from None
 
 
-def follow(model_path: str, options: EngineOptions, rank: int, init_addr: str) -> None:
+def follow(
+    model_path: str,
+    options: EngineOptions,
+    rank: int,
+    init_addr: str,
+    setup: RankSetup | None = None,
+) -> None:
     """Join the group, load this rank's slice, run every step rank 0 broadcasts until it says
     stop (a failed or timed-out broadcast raises)."""
     torch.set_num_threads(threads_per_rank(options))
@@ -144,7 +171,16 @@ def follow(model_path: str, options: EngineOptions, rank: int, init_addr: str) -
     runner = ModelRunner(
         model_path, options, ModelConfig.load(model_path), frozenset(), group=group
     )
+    kept = run_setup(setup, runner, group)  # noqa: F841 - alive as long as the rank
     with torch.inference_mode():
         while (data := group.receive()) is not None:
             runner.execute(StepPlan.decode(data))
     group.close()
+
+
+def run_setup(setup: RankSetup | None, runner: ModelRunner, group: RankGroup) -> Any:
+    if setup is None:
+        return None
+    target, payload = setup
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)(runner, group, payload)
