@@ -9,7 +9,14 @@ contiguous buffer of the same size through the same backend, alternating which g
 load on the machine hits both alike. GB/s are 10^9 bytes per second. The last printed line is
 JSON.
 
+With `--prefill-tp P` / `--decode-tp D` each side is a tensor-parallel node: P (or D) pools, each
+holding its share of the KV heads (head-major pages), each with its own engine; prefill ranks
+1.. run in their own processes (rank agents, as a node's ranks do) and rank 0's sender writes
+every head of a room from the rank that holds it into the decode rank that holds it. The
+contiguous baseline stays one write of the room's bytes by one engine.
+
     python scripts/bench_transfer.py --backend mooncake --layout llama8b --page-tokens 64
+    python scripts/bench_transfer.py --backend nixl --prefill-tp 2 --decode-tp 1
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ from transfer import (
     TransferConfig,
     TransferState,
 )
+from transfer.agent import RankAgent, RemoteBackend
 from transfer.descriptors import DescriptorBatch
+from transfer.ranks import RankKV
 
 
 @dataclass(frozen=True)
@@ -44,8 +53,11 @@ class Layout:
     head_dim: int
     dtype_bytes: int = 2  # bf16
 
-    def page_bytes(self, page_tokens: int) -> int:
-        return page_tokens * self.kv_heads * self.head_dim * self.dtype_bytes
+    def page_bytes(self, page_tokens: int, tp: int = 1) -> int:
+        return page_tokens * (self.kv_heads // tp) * self.head_dim * self.dtype_bytes
+
+    def head_bytes(self, page_tokens: int) -> int:
+        return page_tokens * self.head_dim * self.dtype_bytes
 
 
 LAYOUTS = {"tiny": Layout(2, 2, 64), "llama8b": Layout(32, 8, 128)}
@@ -61,8 +73,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=0, help="descriptors per batch (0: default)")
     p.add_argument("--inflight", type=int, default=0, help="batches in flight (0: default)")
     p.add_argument("--mooncake-lanes", type=int, default=0, help="TCP lanes per peer")
+    p.add_argument("--prefill-tp", type=int, default=1, help="prefill ranks (KV heads split)")
+    p.add_argument("--decode-tp", type=int, default=1, help="decode ranks (KV heads split)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args()
+    args = p.parse_args()
+    heads = LAYOUTS[args.layout].kv_heads
+    if heads % args.prefill_tp or heads % args.decode_tp:
+        p.error(f"--prefill-tp and --decode-tp must divide the layout's {heads} KV heads")
+    return args
 
 
 def make_config(args: argparse.Namespace) -> TransferConfig:
@@ -74,11 +92,13 @@ def make_config(args: argparse.Namespace) -> TransferConfig:
     return TransferConfig(**overrides)
 
 
-def make_pool(args: argparse.Namespace) -> tuple[np.ndarray, list[KVBuffer], KVCompat]:
-    """One layer-major allocation [layers * (K, V), pages, page bytes], touched so it is mapped."""
+def make_pool(args: argparse.Namespace, tp: int = 1) -> tuple[np.ndarray, list[KVBuffer], KVCompat]:
+    """One rank's layer-major allocation [layers * (K, V), pages, page bytes] (its 1/tp of the
+    heads; tp times the pages, so every pool holds two rooms' bytes for the contiguous write),
+    touched so it is mapped."""
     layout = LAYOUTS[args.layout]
-    page_bytes = layout.page_bytes(args.page_tokens)
-    pool_pages = 2 * (args.tokens // args.page_tokens)
+    page_bytes = layout.page_bytes(args.page_tokens, tp)
+    pool_pages = 2 * tp * (args.tokens // args.page_tokens)
     pool = np.empty((2 * layout.layers, pool_pages, page_bytes), np.uint8)
     pool.fill(1)
     buffers = [KVBuffer.from_array(pool[i]) for i in range(pool.shape[0])]
@@ -86,10 +106,35 @@ def make_pool(args: argparse.Namespace) -> tuple[np.ndarray, list[KVBuffer], KVC
     return pool, buffers, compat
 
 
+def rank_kv(
+    args: argparse.Namespace, rank: int, tp: int, buffers: list[KVBuffer], **kw: Any
+) -> RankKV:
+    heads = LAYOUTS[args.layout].kv_heads // tp
+    head_bytes = LAYOUTS[args.layout].head_bytes(args.page_tokens)
+    return RankKV(rank, tuple(buffers), rank * heads, heads, head_bytes, **kw)
+
+
+def prefill_rank_main(conn: Any, args: argparse.Namespace, rank: int) -> None:
+    """Prefill rank > 0: its pool and engine, served to rank 0 until told to stop."""
+    pool, buffers, _ = make_pool(args, args.prefill_tp)
+    agent = RankAgent(make_config(args), buffers)
+    conn.send((agent.address, rank_kv(args, rank, args.prefill_tp, buffers).to_wire()))
+    conn.recv()
+    agent.close()
+    del pool
+
+
 def decode_main(conn: Any, args: argparse.Namespace) -> None:
     """Decode process: open each room it is told about into random pages; report when done."""
-    pool, buffers, compat = make_pool(args)
-    receiver = KVReceiver(make_config(args), buffers, compat)
+    tp = args.decode_tp
+    pools = [make_pool(args, tp) for _ in range(tp)]
+    pool, buffers, compat = pools[0]
+    agents = [RankAgent(make_config(args), p[1]) for p in pools[1:]]
+    ranks = [rank_kv(args, 0, tp, buffers)] + [
+        rank_kv(args, r, tp, pools[r][1], endpoint=agents[r - 1].endpoint) for r in range(1, tp)
+    ]
+    split = args.prefill_tp > 1 or args.decode_tp > 1
+    receiver = KVReceiver(make_config(args), buffers, compat, ranks=ranks if split else ())
     conn.send((receiver.endpoint, pool.ctypes.data))
     rng = random.Random(args.seed + 1)
     while (msg := conn.recv()) is not None:
@@ -134,14 +179,31 @@ def run_contiguous(sender: KVSender, peer: str, src: int, dst: int, nbytes: int)
 def main() -> None:
     args = parse_args()
     rooms = args.rooms or (16 if args.layout == "llama8b" else 32)
-    pool, buffers, compat = make_pool(args)
-    room_bytes = pool.shape[0] * (args.tokens // args.page_tokens) * pool.shape[2]
+    pool, buffers, compat = make_pool(args, args.prefill_tp)
+    layout = LAYOUTS[args.layout]
+    room_bytes = (
+        2 * layout.layers * (args.tokens // args.page_tokens) * layout.page_bytes(args.page_tokens)
+    )
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     decode = ctx.Process(target=decode_main, args=(child, args), daemon=True)
     decode.start()
+    prefill_ranks = []
+    for rank in range(1, args.prefill_tp):
+        rank_conn, rank_child = ctx.Pipe()
+        proc = ctx.Process(target=prefill_rank_main, args=(rank_child, args, rank), daemon=True)
+        proc.start()
+        prefill_ranks.append((rank_conn, proc))
     endpoint, decode_base = conn.recv()
-    sender = KVSender(make_config(args), buffers, compat)
+    ranks, engines = [rank_kv(args, 0, args.prefill_tp, buffers)], []
+    for rank_conn, _ in prefill_ranks:
+        address, wire = rank_conn.recv()
+        ranks.append(RankKV.from_wire(wire))
+        engines.append(RemoteBackend(address, args.backend))
+    split = args.prefill_tp > 1 or args.decode_tp > 1
+    sender = KVSender(
+        make_config(args), buffers, compat, ranks=ranks if split else (), rank_backends=engines
+    )
     peer = sender.backend.connect(endpoint)
     rng = random.Random(args.seed)
     room_pages = args.tokens // args.page_tokens
@@ -168,6 +230,8 @@ def main() -> None:
     conn.send(None)
     decode.join(30)
     sender.close()
+    for rank_conn, _ in prefill_ranks:
+        rank_conn.send(None)
     gbps = rooms * room_bytes / sum(room_times) / 1e9
     contiguous_gbps = rooms * room_bytes / sum(contiguous_times) / 1e9
     ms = sorted(t * 1e3 for t in room_times)
@@ -175,6 +239,8 @@ def main() -> None:
         "backend": args.backend,
         "layout": args.layout,
         "page_tokens": args.page_tokens,
+        "prefill_tp": args.prefill_tp,
+        "decode_tp": args.decode_tp,
         "rooms": rooms,
         "bytes": rooms * room_bytes,
         "gbps": round(gbps, 3),
