@@ -38,9 +38,11 @@ from .nccl_memory import RegionMap, StagingPool
 from .nccl_pair import Batch, PrefillPair
 from .nccl_serve import PairServer
 
-# NOTE: measured on CPU/gloo, where a message costs ~50-90 us and a gathered byte two copies;
-# on NCCL a GPU copy is cheap next to a message, so only large ranges skip the staging.
-DIRECT_BYTES = {"gloo": 256 << 10, "nccl": 4 << 20}
+# NOTE: on CPU/gloo (scripts/bench_transfer.py, llama8b) 128 KiB ranges went 1.5x faster as
+# messages of their own than staged, 32 KiB ranges 1.7x slower: a message costs ~50-90 us, a
+# staged byte two copies. On NCCL a GPU copy is cheap next to a message, so only large ranges
+# skip the staging there (not measured: no GPU here).
+DIRECT_BYTES = {"gloo": 64 << 10, "nccl": 4 << 20}
 STAGING_BYTES = 64 << 20  # a batch over this goes out as several, to bound staging memory
 KEEP_STAGING_BYTES = 256 << 20  # CPU staging kept for reuse, per engine
 
