@@ -65,7 +65,7 @@ LAYOUTS = {"tiny": Layout(2, 2, 64), "llama8b": Layout(32, 8, 128)}
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backend", choices=("mooncake", "nixl"), default="mooncake")
+    p.add_argument("--backend", choices=("mooncake", "nixl", "nccl"), default="mooncake")
     p.add_argument("--layout", choices=sorted(LAYOUTS), default="llama8b")
     p.add_argument("--page-tokens", type=int, choices=(16, 64), default=64)
     p.add_argument("--rooms", type=int, default=0, help="default: 16 (llama8b) or 32 (tiny)")

@@ -3,7 +3,8 @@
 Transfer knows nothing of models: a KV pool is a list of ``KVBuffer`` views (base pointer,
 bytes per page, number of pages, stride), one per layer for K and V (MHA) or one per layer
 (MLA latent), and a room is (source page ids -> destination page ids) plus a small metadata
-block. The bytes go through a real engine (``mooncake`` over tcp/rdma, or ``nixl`` over UCX);
+block. The bytes go through a real engine (``mooncake`` over tcp/rdma, ``nixl`` over UCX, or
+``nccl``: torch.distributed point-to-point, NCCL on GPU and gloo on CPU);
 the control plane is ZMQ + msgpack (``protocol.py``).
 
 Prefill node::
@@ -38,8 +39,8 @@ caller frees pages exactly once. Both sides take any backend by name (``Transfer
 or an injected ``TransferBackend`` (the in-process ``fake`` one is for unit tests only).
 
 Engine notes. Descriptors: runs of pages contiguous on both sides merge; batches stay under
-``max_batch_descriptors`` (Mooncake 256, NIXL 4096 by default) with ``max_inflight_batches`` of
-them submitted at once; at most ``num_workers`` rooms are written to one decode at once, and
+``max_batch_descriptors`` (Mooncake 256, NIXL 4096, NCCL 1024 by default) with
+``max_inflight_batches`` of them submitted at once; at most ``num_workers`` rooms are written to one decode at once, and
 the writer pool grows past a decode that hangs (its waits block a thread until the engine gives
 up), so the other decodes' rooms never queue behind it. Mooncake: ``P2PHANDSHAKE`` (no
 metadata service); its TCP per-peer queue is raised through ``MC_TCP_*`` environment defaults
@@ -47,6 +48,10 @@ metadata service); its TCP per-peer queue is raised through ``MC_TCP_*`` environ
 which defaults to the room's ``transfer_timeout_s``.
 NIXL: UCX backend, no listener thread; on machines without RDMA devices ``UCX_MODULES=^ib`` is
 set by default (loading UCX's IB modules there crashes the process at exit).
+NCCL: two-sided, so decode's engine listens on ``transfer.host`` and serves each prefill pair
+with a thread that receives batches and scatters them into place; a pair's 2-rank group (never
+the default one) is built from a TCPStore that prefill hosts; ranges under 64 KiB (4 MiB with
+NCCL) are gathered into one staging message per batch, longer ones sent as they lie (nccl.py).
 """
 
 from __future__ import annotations

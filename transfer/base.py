@@ -98,9 +98,10 @@ class Endpoint:
 class TransferBackend(ABC):
     """A transfer engine that writes local registered memory into a peer's registered memory.
 
-    Implementations: ``mooncake`` (Mooncake Transfer Engine), ``nixl`` (NIXL/UCX) and ``fake``
-    (in-process memmove, for state-machine unit tests only). One instance per node; ``submit``
-    and ``wait`` may be called from several worker threads at once.
+    Implementations: ``mooncake`` (Mooncake Transfer Engine), ``nixl`` (NIXL/UCX), ``nccl``
+    (torch.distributed point-to-point; decode's engine receives) and ``fake`` (in-process
+    memmove, for state-machine unit tests only). One instance per node; ``submit`` and ``wait``
+    may be called from several worker threads at once.
     """
 
     name: ClassVar[str]

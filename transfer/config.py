@@ -24,7 +24,9 @@ class TransferConfig:
     """
 
     backend: str = setting(
-        "mooncake", "mooncake or nixl; none: a decode node that only prefills itself"
+        "mooncake",
+        "mooncake, nixl or nccl (torch.distributed: NCCL on GPU, gloo on CPU); none: a decode "
+        "node that only prefills itself",
     )
     host: str = setting("127.0.0.1", "this node's address for the engine and the bootstrap server")
     protocol: str = setting("tcp", "Mooncake's transport: tcp or rdma (NIXL's UCX picks its own)")

@@ -11,6 +11,7 @@ from .config import TransferConfig
 BACKENDS: dict[str, tuple[str, str]] = {
     "mooncake": ("mooncake", "MooncakeBackend"),
     "nixl": ("nixl", "NixlBackend"),
+    "nccl": ("nccl", "NcclBackend"),
     "fake": ("fake", "FakeBackend"),
 }
 

@@ -141,7 +141,7 @@ def test_duplicate_and_reserved_names() -> None:
 
 def test_bad_backend_policy_and_protocol() -> None:
     message = error_of(config_with(transfer={"backend": "mooncak"}))
-    assert "transfer.backend: 'mooncak' is not one of mooncake, nixl, none" in message
+    assert "transfer.backend: 'mooncak' is not one of mooncake, nccl, nixl, none" in message
     assert "did you mean 'mooncake'?" in message
     message = error_of(config_with(gateway={"decode_policy": "least_loaded"}))
     assert "gateway.decode_policy: unknown policy 'least_loaded'" in message

@@ -1,7 +1,7 @@
 """A tiny DeepSeek-V3 (MLA + MoE) served 1P1D through `pdserve launch`, with each transfer backend.
 
 The prefill node writes MLA latent pages (one buffer per layer) into the decode node's reserved
-pages over Mooncake or NIXL, the same path as MHA pages. Greedy output must equal transformers'
+pages over Mooncake, NIXL or NCCL (gloo on CPU), the same path as MHA pages. Greedy output must equal transformers'
 (token ids through the native /generate, text through the `openai` client), and every page must
 be free once a load is over.
 """
@@ -27,7 +27,7 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["mooncake", "nixl"])
+@pytest.fixture(scope="module", params=["mooncake", "nixl", "nccl"])
 def cluster(request, make_tiny, tmp_path_factory) -> Cluster:
     model: Path = make_tiny("deepseek_v3", "deepseek", layers=3)
     config = cluster_yaml(model, request.param, prefill=1, decode=1)

@@ -1,7 +1,7 @@
 """1P1D through `pdserve launch`, with each transfer backend, driven by the `openai` client.
 
 The gateway pairs each request with the prefill and the decode node; the KV pages cross
-processes through Mooncake or NIXL. Outputs must equal transformers' greedy output: the token
+processes through Mooncake, NIXL or NCCL (gloo on CPU). Outputs must equal transformers' greedy output: the token
 ids (random weights often decode to U+FFFD, so different ids can make equal text), which the
 native /generate returns, and the text every API returns.
 """
@@ -38,7 +38,7 @@ CONTEXT = 65536
 UNFINISHABLE = CONTEXT - 1024
 
 
-@pytest.fixture(scope="module", params=["mooncake", "nixl"])
+@pytest.fixture(scope="module", params=["mooncake", "nixl", "nccl"])
 def cluster(request, make_tiny, tmp_path_factory) -> Cluster:
     model = make_tiny("qwen3")
     config = cluster_yaml(model, request.param, prefill=1, decode=1)

@@ -10,7 +10,7 @@ import pytest
 
 from .harness import DecodeNode, PrefillSide, fast_config
 
-BACKENDS = ("mooncake", "nixl")
+BACKENDS = ("mooncake", "nixl", "nccl")
 NUM_PAGES = 8192
 
 

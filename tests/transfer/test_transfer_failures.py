@@ -106,7 +106,7 @@ def test_incompatible_decode_is_refused_with_both_values(cluster: Cluster) -> No
     assert "page_size differs: prefill 4, decode 64 (set cache.page_size alike)" in status.reason
 
 
-@pytest.mark.parametrize("backend", ["mooncake", "nixl"])
+@pytest.mark.parametrize("backend", ["mooncake", "nixl", "nccl"])
 def test_decode_killed_mid_transfer(backend: str) -> None:
     # Small batches, one in flight: a 2048-page room takes long enough to be cut in half.
     config = fast_config(backend, max_batch_descriptors=16, max_inflight_batches=1)
@@ -155,7 +155,7 @@ MOONCAKE_HOLDS_LIVE_WRITES = pytest.mark.xfail(
 
 
 @pytest.mark.parametrize(
-    "backend", [pytest.param("mooncake", marks=MOONCAKE_HOLDS_LIVE_WRITES), "nixl"]
+    "backend", [pytest.param("mooncake", marks=MOONCAKE_HOLDS_LIVE_WRITES), "nixl", "nccl"]
 )
 def test_hung_decode_holds_no_writer_a_live_one_needs(backend: str) -> None:
     """A decode that hangs mid-transfer (SIGSTOP: alive, silent) fails only its own rooms: its

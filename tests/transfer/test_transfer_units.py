@@ -110,7 +110,7 @@ def test_config_errors_name_the_setting() -> None:
     with pytest.raises(ValueError, match=re.escape("fault_fraction must be between 0 and 1")):
         TransferConfig(fault_fraction=1.5)
     with pytest.raises(
-        ValueError, match=re.escape("set transfer.backend to one of mooncake, nixl, none")
+        ValueError, match=re.escape("set transfer.backend to one of mooncake, nccl, nixl, none")
     ):
         create_backend(TransferConfig(backend="gloo"))
     with pytest.raises(ValueError, match="no transfer engine"):

@@ -1,0 +1,201 @@
+"""The nccl engine on its own: both ends in this process over gloo on loopback (a restart test
+uses real decode processes). Ranges of every size land exactly, memory outside what an end
+registered is refused, and pairs come and go (deadlines, disconnects, closes, a decode that
+restarts) without a leaked thread or a wedged writer."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from transfer import MemoryRegion, RoomMetadata, TransferError, TransferState
+from transfer.descriptors import DescriptorBatch
+from transfer.nccl import NcclBackend
+
+from .harness import DecodeNode, PrefillSide, fast_config
+
+MiB = 1 << 20
+
+
+@dataclass
+class Ends:
+    prefill: NcclBackend
+    decode: NcclBackend
+    key: str
+    src: list[np.ndarray]
+    dst: list[np.ndarray]
+
+    def batch(self, src: list[tuple[int, int]], dst: list[tuple[int, int]], lengths: list[int]):
+        """Ranges given as (array index, offset) on each side."""
+        return DescriptorBatch(
+            np.array([self.src[a].ctypes.data + o for a, o in src], np.uint64),
+            np.array([self.dst[a].ctypes.data + o for a, o in dst], np.uint64),
+            np.array(lengths, np.uint64),
+        )
+
+    def write(self, batch: DescriptorBatch, timeout_s: float = 10.0) -> str:
+        handle = self.prefill.submit(self.key, batch)
+        return self.prefill.wait(handle, time.monotonic() + timeout_s)
+
+
+def eventually(check, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def ends() -> Iterator[Ends]:
+    rng = np.random.default_rng(0)
+    src = [rng.integers(0, 256, 24 * MiB, dtype=np.uint8) for _ in range(2)]
+    dst = [np.zeros(24 * MiB, np.uint8) for _ in range(2)]
+    prefill = NcclBackend(timeout_s=5.0, connect_timeout_s=2.0)
+    decode = NcclBackend(timeout_s=5.0, connect_timeout_s=2.0)
+    prefill.register([MemoryRegion(a.ctypes.data, a.nbytes) for a in src])
+    decode.register([MemoryRegion(a.ctypes.data, a.nbytes) for a in dst])
+    key = prefill.connect(decode.endpoint())
+    yield Ends(prefill, decode, key, src, dst)
+    prefill.close()
+    decode.close()
+
+
+def test_ranges_of_every_size_land_exactly(ends: Ends) -> None:
+    # staged (short) and direct (>= 64 KiB) ranges, both regions on each side, shuffled
+    rng = random.Random(1)
+    lengths = [1, 7, 256, 4096, 40_000, 70_000, 300_000, 3 * MiB] * 8
+    rng.shuffle(lengths)
+    spans = {0: 0, 1: 0}
+    src, dst = [], []
+    for length in lengths:
+        a = rng.randrange(2)
+        src.append((a, spans[a]))
+        spans[a] += length + 13
+    rng.shuffle(src)
+    spans = {0: 0, 1: 0}
+    for length in lengths:
+        a = rng.randrange(2)
+        dst.append((a, spans[a]))
+        spans[a] += length + 5
+    assert max(spans.values()) < 24 * MiB
+    assert ends.write(ends.batch(src, dst, lengths)) == ""
+    for (sa, so), (da, do), n in zip(src, dst, lengths, strict=True):
+        assert np.array_equal(ends.src[sa][so : so + n], ends.dst[da][do : do + n])
+
+
+def test_a_destination_outside_registered_memory_is_refused(ends: Ends) -> None:
+    outside = np.zeros(4096, np.uint8)
+    batch = DescriptorBatch(
+        np.array([ends.src[0].ctypes.data, ends.src[0].ctypes.data], np.uint64),
+        np.array([ends.dst[0].ctypes.data, outside.ctypes.data], np.uint64),
+        np.array([64, 64], np.uint64),
+    )
+    error = ends.write(batch)
+    assert "decode refused batch" in error and "outside the 2 registered memory regions" in error
+    assert not outside.any() and not ends.dst[0][:64].any(), "a refused batch wrote nothing"
+    # a range that runs past the end of a region is refused too; the pair goes on serving
+    assert "outside" in ends.write(ends.batch([(0, 0)], [(1, 24 * MiB - 10)], [11]))
+    assert ends.write(ends.batch([(0, 0)], [(1, 0)], [4096])) == ""
+    assert np.array_equal(ends.dst[1][:4096], ends.src[0][:4096])
+    assert ends.decode.served_pairs == 1
+
+
+def test_a_source_outside_registered_memory_is_refused_at_submit(ends: Ends) -> None:
+    outside = np.ones(64, np.uint8)
+    batch = DescriptorBatch.single(outside.ctypes.data, ends.dst[0].ctypes.data, 64)
+    with pytest.raises(TransferError, match="outside the 2 registered memory regions"):
+        ends.prefill.submit(ends.key, batch)
+
+
+def test_a_missed_deadline_breaks_the_pair_and_the_next_write_opens_a_fresh_one(
+    ends: Ends,
+) -> None:
+    big = ends.batch([(0, 0)], [(0, 0)], [20 * MiB])
+    assert ends.write(big, timeout_s=-1.0) == "nccl batch timed out"
+    # decode's thread sees the pair go at once, or, when the write was cut mid-message (gloo
+    # wakes no waiter then), at its own deadline (timeout_s, 5 s here)
+    eventually(lambda: ends.decode.served_pairs == 0, timeout=10.0)
+    assert ends.write(big) == ""
+    assert np.array_equal(ends.dst[0][: 20 * MiB], ends.src[0][: 20 * MiB])
+    assert ends.decode.served_pairs == 1
+
+
+def test_disconnect_ends_the_decode_side_of_the_pair(ends: Ends) -> None:
+    assert ends.write(ends.batch([(0, 0)], [(0, 0)], [100])) == ""
+    assert ends.decode.served_pairs == 1
+    ends.prefill.disconnect(ends.key)
+    eventually(lambda: ends.decode.served_pairs == 0)
+    with pytest.raises(TransferError, match="unknown peer"):
+        ends.prefill.submit(ends.key, ends.batch([(0, 0)], [(0, 0)], [100]))
+
+
+def test_closing_decode_mid_transfer_hangs_neither_end(ends: Ends) -> None:
+    handle = ends.prefill.submit(ends.key, ends.batch([(0, 0)], [(0, 0)], [20 * MiB]))
+    start = time.monotonic()
+    ends.decode.close()
+    error = ends.prefill.wait(handle, time.monotonic() + 10)
+    assert time.monotonic() - start < 3.0
+    assert error == "" or "decode" in error  # it may have finished first
+    with pytest.raises(TransferError, match="cannot reach decode"):
+        ends.prefill.submit(ends.key, ends.batch([(0, 0)], [(0, 0)], [100]))
+
+
+def test_a_restarted_decode_is_written_through_its_new_pair() -> None:
+    config = fast_config("nccl")
+    prefill = PrefillSide(config, 1024, layouts=("mha",))
+    address = prefill.address("mha")
+    first = DecodeNode(config, 1024, ("mha",))
+    try:
+        room = random.getrandbits(62)
+        prefill.open("mha", room, 8)
+        first.open("mha", room, address, 8)
+        prefill.send(room, RoomMetadata(first_token_id=1))
+        assert prefill.wait([room])[room].state is TransferState.SUCCESS
+        first.kill()
+        second = DecodeNode(config, 1024, ("mha",))
+        try:
+            room = random.getrandbits(62)
+            expected = prefill.open("mha", room, 8)
+            second.open("mha", room, address, 8)
+            prefill.send(room, RoomMetadata(first_token_id=2))
+            assert prefill.wait([room])[room].state is TransferState.SUCCESS
+            assert second.wait([room])[room][1] == expected
+            assert prefill.problems() == [] and second.call("problems") == []
+        finally:
+            second.close()
+    finally:
+        prefill.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_memory_through_a_gloo_pair() -> None:
+    """KV on CUDA at one end only: the pair is gloo, the bytes staged through CPU."""
+    src = torch.randint(0, 256, (8 * MiB,), dtype=torch.uint8, device="cuda")
+    dst = np.zeros(8 * MiB, np.uint8)
+    prefill, decode = NcclBackend(), NcclBackend()
+    prefill.register([MemoryRegion(src.data_ptr(), src.numel(), str(src.device))])
+    decode.register([MemoryRegion(dst.ctypes.data, dst.nbytes)])
+    try:
+        key = prefill.connect(decode.endpoint())
+        lengths = np.array([4096, 1 * MiB, 100], np.uint64)
+        offsets = np.array([0, 8192, 4 * MiB], np.uint64)
+        batch = DescriptorBatch(src.data_ptr() + offsets, dst.ctypes.data + offsets, lengths)
+        assert prefill.wait(prefill.submit(key, batch), time.monotonic() + 10) == ""
+        assert np.array_equal(dst, np.where(_covered(offsets, lengths), src.cpu().numpy(), 0))
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def _covered(offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    mask = np.zeros(8 * MiB, bool)
+    for o, n in zip(offsets.tolist(), lengths.tolist(), strict=True):
+        mask[o : o + n] = True
+    return mask
