@@ -25,6 +25,8 @@ LAYOUTS = [
     pytest.param(("llama", "nixl", 2, 1), id="gqa-nixl-p2-d1"),
     pytest.param(("deepseek_v3", "nixl", 2, 1), id="mla-nixl-p2-d1"),
     pytest.param(("deepseek_v3", "mooncake", 1, 2), id="mla-mooncake-p1-d2"),
+    pytest.param(("llama", "nccl", 1, 2), id="gqa-nccl-p1-d2"),
+    pytest.param(("deepseek_v3", "nccl", 2, 2), id="mla-nccl-p2-d2"),
 ]
 
 
