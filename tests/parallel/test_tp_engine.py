@@ -67,9 +67,9 @@ def test_batch_matches_transformers(case) -> None:
 def test_chunked_prefill_and_prefix_hits_match_transformers(case) -> None:
     path, llm, vocab = case
     prefix = random_prompts([70], vocab, seed=12)[0]
-    first = [prefix + [5, 6, 7]]
+    first = [[*prefix, 5, 6, 7]]
     assert_matches_hf(path, first, llm.generate(first, GREEDY))
-    second = [prefix + [8, 9], prefix[:40] + [10]]
+    second = [[*prefix, 8, 9], [*prefix[:40], 10]]
     outs = llm.generate(second, GREEDY)
     assert all(out.cached_tokens > 0 for out in outs)
     assert_matches_hf(path, second, outs)
