@@ -7,7 +7,10 @@ with `cpu_kernels=False` against transformers.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +21,9 @@ from engine.layers import linear as linear_module
 from engine.layers.attention.base import AttentionBatch
 from engine.layers.attention.torch_backend import TorchAttention
 from engine.layers.linear import SMALL_ROWS, linear
+from engine.layers.vocab import VocabEmbedding
 from engine.models.base import DecoderOnlyLM
+from engine.parallel.group import Parallel
 from engine.sampling import argmax_rows
 
 
@@ -73,6 +78,29 @@ def test_linear_equals_f_linear(
     assert calls == ([rows, rows] if takes_onednn else [])
 
 
+def test_a_changed_kernel_source_builds_a_new_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled-library cache is keyed by the sources' text, so a library built from an
+    older source (e.g. for another KV page layout) is never loaded for a newer one."""
+    from engine.kernels import build
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    csrc, out = tmp_path / "csrc", tmp_path / "out"
+    csrc.mkdir()
+    (csrc / "lm_head.h").write_text("")
+    source = csrc / "probe.c"
+    source.write_text("int probe(void) { return 1; }\n")
+    monkeypatch.setattr(build, "CSRC", csrc)
+    flags = ("-O0", "-shared", "-fPIC")
+    first = build.compile_library("probe", flags, out)
+    assert build.compile_library("probe", flags, out) == first  # cached
+    source.write_text("int probe(void) { return 2; }\n")
+    second = build.compile_library("probe", flags, out)
+    assert second != first and ctypes.CDLL(str(second)).probe() == 2
+
+
 # (heads, kv_heads, head_dim): every shape the native kernel serves also runs on torch's path
 ATTENTION_SHAPES = [(4, 2, 8), (4, 2, 16), (8, 1, 64), (3, 3, 128)]
 ATTENTION_CASES = [
@@ -108,13 +136,11 @@ def test_decode_attention_equals_dense_reference(
     lens = [1 + 5, 13, 2, 9, 40]  # context lengths after this step's token
     tables = [pool.alloc(-(-n // page))[::-1] for n in lens]  # reversed: non-contiguous
     ctx = [torch.randn(2, n, kv_heads, dim, generator=gen).to(dtype) for n in lens]
-    k_buf, v_buf = (
-        pool.k_buffer(0).view(-1, kv_heads, dim),
-        pool.v_buffer(0).view(-1, kv_heads, dim),
-    )
+    k_buf, v_buf = pool.k_buffer(0), pool.v_buffer(0)  # [pages, kv_heads, page, dim]
     for table, (k, v), n in zip(tables, ctx, lens):
-        slots = torch.tensor([table[p // page] * page + p % page for p in range(n - 1)])
-        k_buf[slots], v_buf[slots] = k[: n - 1], v[: n - 1]
+        pages = torch.tensor([table[p // page] for p in range(n - 1)])
+        offsets = torch.arange(n - 1) % page
+        k_buf[pages, :, offsets], v_buf[pages, :, offsets] = k[: n - 1], v[: n - 1]
     q = torch.randn(len(lens), heads, dim, generator=gen).to(dtype)
     meta = backend.prepare(AttentionBatch([1] * len(lens), lens, tables, page))
     step_k = torch.stack([k[n - 1] for (k, _), n in zip(ctx, lens)])
@@ -143,16 +169,14 @@ def test_extend_attention_equals_dense_reference(dtype: torch.dtype, waste: floa
     # (tokens this step, cached before): decode rows have q_len 1
     shapes = [(7, 0), (1, 9), (5, 11), (12, 0), (12, 0), (1, 4), (3, 30)]
     tables = [pool.alloc(-(-(q + c) // page))[::-1] for q, c in shapes]
-    k_buf = pool.k_buffer(0).view(-1, kv_heads, dim)
-    v_buf = pool.v_buffer(0).view(-1, kv_heads, dim)
+    k_buf, v_buf = pool.k_buffer(0), pool.v_buffer(0)  # [pages, kv_heads, page, dim]
     ctx = []
     for table, (q_len, cached) in zip(tables, shapes):
         n = q_len + cached
         k, v = (torch.randn(n, kv_heads, dim, generator=gen).to(dtype) for _ in range(2))
-        slots = torch.tensor(
-            [table[p // page] * page + p % page for p in range(cached)], dtype=torch.long
-        )
-        k_buf[slots], v_buf[slots] = k[:cached], v[:cached]
+        pages = torch.tensor([table[p // page] for p in range(cached)], dtype=torch.long)
+        offsets = torch.arange(cached) % page
+        k_buf[pages, :, offsets], v_buf[pages, :, offsets] = k[:cached], v[:cached]
         ctx.append((k, v))
     q_lens = [q for q, _ in shapes]
     kv_lens = [q + c for q, c in shapes]
@@ -160,7 +184,7 @@ def test_extend_attention_equals_dense_reference(dtype: torch.dtype, waste: floa
     step_k = torch.cat([k[c:] for (k, _), (_, c) in zip(ctx, shapes)])
     step_v = torch.cat([v[c:] for (_, v), (_, c) in zip(ctx, shapes)])
     meta = backend.prepare(AttentionBatch(q_lens, kv_lens, tables, page))
-    meta.extend_groups = torch_backend.group_extends(meta.extends, page, waste)
+    meta.extend_groups = torch_backend.group_extends(meta.extends, page, kv_heads, waste)
     if waste == 1.0:
         assert len(meta.extend_groups) > 1  # only equal shapes share a group
     if waste == 100.0:
@@ -186,7 +210,9 @@ class TorchLMHead:
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.model = DecoderOnlyLM()
-        self.model.embed_tokens = torch.nn.Embedding.from_pretrained(weight)
+        embed = VocabEmbedding(*weight.shape, Parallel.single())
+        embed.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.model.embed_tokens = embed
         self.model.lm_head = None  # tied: the LM head is the embedding
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

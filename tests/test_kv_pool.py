@@ -10,6 +10,7 @@ from engine.kv import (
     KVLayout,
     PagePool,
     available_memory_bytes,
+    head_rows,
     pages_for_budget,
     slot_indices,
 )
@@ -27,6 +28,10 @@ def test_layout_bytes() -> None:
     assert MLA.latent_dim == 12
     assert MLA.bytes_per_token == 3 * 12 * 2
     assert MLA.bytes_per_page(4) == 4 * 3 * 12 * 2
+    assert MHA.page_shape(16) == (2, 16, 4) and MLA.page_shape(4) == (4, 12)
+    assert MHA.head_page_bytes(16) == 16 * 4 * 4
+    with pytest.raises(ValueError, match="MHA only"):
+        MLA.head_page_bytes(4)
 
 
 def test_layout_rejects_bad_shapes() -> None:
@@ -73,7 +78,7 @@ def test_available_memory() -> None:
 def test_buffers_mha() -> None:
     pool = PagePool(MHA, num_pages=5, page_size=4)
     assert pool.total_pages == 5 and pool.num_free == 5
-    assert pool.k_buffer(1).shape == (6, 4, 2, 4)
+    assert pool.k_buffer(1).shape == (6, 2, 4, 4)  # [pages, kv_heads, page_size, head_dim]
     assert pool.v_buffer(0).dtype == torch.float32
     bufs = pool.buffers()
     assert bufs[0] is pool.k_buffer(0) and bufs[1] is pool.v_buffer(0)
@@ -157,12 +162,46 @@ def test_slot_indices() -> None:
         slot_indices([7, 3], 0, 9, page_size=4)
 
 
-def test_slot_indices_address_the_flat_buffer() -> None:
+def test_slot_indices_address_the_latent_rows() -> None:
+    pool = PagePool(MLA, num_pages=8, page_size=4)
+    table, n = [6, 2], 7
+    latent = torch.randn(n, 12).to(MLA.dtype)
+    pool.latent_buffer(0).view(-1, 12)[pool.slot_indices(table, 0, n)] = latent
+    assert torch.equal(pool.latent_buffer(0)[6], latent[:4])
+    assert torch.equal(pool.latent_buffer(0)[2, :3], latent[4:])
+    assert not pool.latent_buffer(0)[0].any()  # padding page untouched
+
+
+def test_head_rows_address_head_major_pages() -> None:
+    """MHA: head h of slot s sits at buffer[s // page_size, h, s % page_size]."""
     pool = PagePool(MHA, num_pages=8, page_size=4)
     table, n = [6, 2], 7
     k = torch.arange(n * 2 * 4, dtype=torch.float32).view(n, 2, 4)
-    flat = pool.k_buffer(0).view(-1, 2, 4)
-    flat[pool.slot_indices(table, 0, n)] = k
-    assert torch.equal(pool.k_buffer(0)[6], k[:4])
-    assert torch.equal(pool.k_buffer(0)[2, :3], k[4:])
-    assert not pool.k_buffer(0)[0].any()  # padding page untouched
+    slots = pool.slot_indices(table, 0, n)
+    rows = head_rows(slots, 2, 4)
+    assert rows.shape == (2, n)
+    pool.k_buffer(0).view(-1, 4)[rows.t().flatten()] = k.view(-1, 4)
+    buf = pool.k_buffer(0)
+    assert torch.equal(buf[6], k[:4].transpose(0, 1))  # [heads, page_size, dim]
+    assert torch.equal(buf[2, :, :3], k[4:].transpose(0, 1))
+    assert not buf[0].any() and not buf[2, :, 3].any()  # padding page, unused slot
+    batched = head_rows(slots.view(1, n).expand(3, n), 2, 4)
+    assert batched.shape == (3, 2, n) and torch.equal(batched[1], rows)
+
+
+@pytest.mark.parametrize("heads", [(0, 1), (1, 2), (0, 2)])
+def test_a_head_range_of_a_page_is_one_byte_range(heads: tuple[int, int]) -> None:
+    """Heads [a, b) of page p of an MHA buffer: base + p * page_bytes + a * head_page_bytes,
+    (b - a) * head_page_bytes long, the bytes a peer at another TP size moves in one piece."""
+    a, b = heads
+    pool = PagePool(MHA, num_pages=4, page_size=4)
+    for i, buf in enumerate(pool.buffers()):
+        buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(i)))
+    head_bytes = MHA.head_page_bytes(4)
+    for buf, (ptr, nbytes, page_bytes) in zip(pool.buffers(), pool.buffer_descs(), strict=True):
+        raw = buf.view(-1).view(torch.uint8)
+        assert ptr == buf.data_ptr() and nbytes == raw.numel()
+        for page in range(pool.total_pages + 1):
+            start = page * page_bytes + a * head_bytes
+            got = raw[start : start + (b - a) * head_bytes]
+            assert torch.equal(got, buf[page, a:b].contiguous().view(-1).view(torch.uint8))

@@ -50,10 +50,11 @@ class DecodeAttention:
         lens: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
-        """q [B, Hq, D]; k/v_buffer one layer's [pages, page_size, Hkv, D] (contiguous);
-        pages int64 [B, max_pages]; lens int64 [B] (context length, this token included)."""
+        """q [B, Hq, D]; k/v_buffer one layer's [pages, Hkv, page_size, D] (contiguous,
+        head-major pages); pages int64 [B, max_pages]; lens int64 [B] (context length, this
+        token included)."""
         batch, heads, dim = q.shape
-        _, page_size, kv_heads, _ = k_buffer.shape
+        _, kv_heads, page_size, _ = k_buffer.shape
         q = q.float().contiguous()
         out = torch.empty_like(q)
         args = (q.data_ptr(), k_buffer.data_ptr(), v_buffer.data_ptr(), pages.data_ptr())

@@ -7,6 +7,7 @@ from engine.kv.pool import (
     KVLayout,
     PagePool,
     available_memory_bytes,
+    head_rows,
     pages_for_budget,
     slot_indices,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "RadixCache",
     "RadixNode",
     "available_memory_bytes",
+    "head_rows",
     "pages_for_budget",
     "slot_indices",
 ]

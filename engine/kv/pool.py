@@ -8,13 +8,24 @@ Every buffer (one per layer for MLA; one K and one V per layer for MHA/GQA) has 
         | padding  |  page 1  |  page 2  |         |  page N  |
         +----------+----------+----------+   ...   +----------+
           reserved   each row holds page_size token slots:
-                     MHA  [page_size, kv_heads, head_dim]
+                     MHA  [kv_heads, page_size, head_dim]   head-major ("HND")
                      MLA  [page_size, kv_lora_rank + rope_dim]
 
- flat slot of token position p in a request whose page table is T:
+ slot of token position p in a request whose page table is T:
         slot(p) = T[p // page_size] * page_size + p % page_size
- i.e. the row-major index into buffer.view(-1, *token_shape).
+ MLA: the row-major index into buffer.view(-1, latent_dim).
+ MHA: head h of slot s is buffer[s // page_size, h, s % page_size], which is row
+        (s // page_size * kv_heads + h) * page_size + s % page_size   of buffer.view(-1, head_dim)
+      (`head_rows`).
+
+ MHA page p of a buffer, heads [a, b): one contiguous byte range
+        start  = base + p * page_bytes + a * head_page_bytes
+        length = (b - a) * head_page_bytes,   head_page_bytes = page_size * head_dim * itemsize
 ```
+
+NOTE: MHA pages are head-major so that a rank holding heads [a, b) of a model can write its share
+of a page into a peer whose pages hold more or fewer heads (prefill and decode at different TP)
+with one transfer descriptor per page and buffer, not one per token.
 
 NOTE: row 0 is a padding page. It is never handed out, so a batch can point padded token slots
 (CUDA-graph padding, dummy requests) at page 0 and write there without touching live KV. A pool of
@@ -59,7 +70,7 @@ class KVLayout:
     def mha(
         num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.float32
     ) -> KVLayout:
-        """MHA/GQA: a K and a V buffer per layer, each [pages, page_size, kv_heads, head_dim]."""
+        """MHA/GQA: a K and a V buffer per layer, each [pages, kv_heads, page_size, head_dim]."""
         return KVLayout("mha", num_layers, dtype, num_kv_heads=num_kv_heads, head_dim=head_dim)
 
     @staticmethod
@@ -92,12 +103,24 @@ class KVLayout:
         """MLA: width of one cached token (compressed KV + decoupled rope key)."""
         return self.kv_lora_rank + self.rope_dim
 
-    @property
-    def token_shape(self) -> tuple[int, ...]:
-        """Shape of one token slot in one buffer."""
+    def page_shape(self, page_size: int) -> tuple[int, ...]:
+        """Shape of one page of one buffer: MHA [kv_heads, page_size, head_dim] (head-major),
+        MLA [page_size, latent_dim]."""
         if self.kind == "mha":
-            return (self.num_kv_heads, self.head_dim)
-        return (self.latent_dim,)
+            return (self.num_kv_heads, page_size, self.head_dim)
+        return (page_size, self.latent_dim)
+
+    @property
+    def token_elems(self) -> int:
+        """Elements one token occupies in one buffer."""
+        return self.num_kv_heads * self.head_dim if self.kind == "mha" else self.latent_dim
+
+    def head_page_bytes(self, page_size: int) -> int:
+        """MHA: bytes of one KV head's slice of a page of one buffer; heads [a, b) of page p
+        are the bytes [p * page_bytes + a * this, p * page_bytes + b * this) of the buffer."""
+        if self.kind != "mha":
+            raise ValueError(f"a {self.kind} KV layout has no KV heads (head slices are MHA only)")
+        return page_size * self.head_dim * self.dtype.itemsize
 
     @property
     def buffers_per_layer(self) -> int:
@@ -106,10 +129,7 @@ class KVLayout:
     @property
     def bytes_per_token(self) -> int:
         """Bytes one token occupies across all layers (K and V, or the latent)."""
-        elems = 1
-        for dim in self.token_shape:
-            elems *= dim
-        return self.num_layers * self.buffers_per_layer * elems * self.dtype.itemsize
+        return self.num_layers * self.buffers_per_layer * self.token_elems * self.dtype.itemsize
 
     def bytes_per_page(self, page_size: int) -> int:
         """Bytes one page occupies across all layers and buffers."""
@@ -194,6 +214,18 @@ def slot_indices(
     return table[positions // page_size] * page_size + positions % page_size
 
 
+def head_rows(slots: torch.Tensor, kv_heads: int, page_size: int) -> torch.Tensor:
+    """MHA: the rows of `buffer.view(-1, head_dim)` holding every head of token `slots`.
+
+    Returns [..., kv_heads, n] for slots [..., n] (head-major, as the pages are): row
+    (page * kv_heads + h) * page_size + offset of slot page * page_size + offset.
+    """
+    page, offset = slots // page_size, slots % page_size
+    base = (page * (kv_heads * page_size) + offset).unsqueeze(-2)
+    heads = torch.arange(kv_heads, dtype=slots.dtype, device=slots.device)
+    return base + (heads * page_size).unsqueeze(-1)
+
+
 def _as_page_list(pages: Iterable[int] | torch.Tensor) -> list[int]:
     if isinstance(pages, torch.Tensor):
         return [int(p) for p in pages.flatten().tolist()]
@@ -231,7 +263,7 @@ class PagePool:
         self._is_free = bytearray([0]) + bytearray([1]) * num_pages
 
     def _new_buffer(self) -> torch.Tensor:
-        shape = (self._num_pages + 1, self.page_size, *self.layout.token_shape)
+        shape = (self._num_pages + 1, *self.layout.page_shape(self.page_size))
         return torch.zeros(shape, dtype=self.layout.dtype, device=self.device)
 
     # ---- allocator -------------------------------------------------------------------------
@@ -288,12 +320,12 @@ class PagePool:
     # ---- buffers ---------------------------------------------------------------------------
 
     def k_buffer(self, layer: int) -> torch.Tensor:
-        """MHA: K of `layer`, [total_pages + 1, page_size, kv_heads, head_dim]."""
+        """MHA: K of `layer`, [total_pages + 1, kv_heads, page_size, head_dim]."""
         self._require("mha", "k_buffer")
         return self._buffers[2 * self._layer(layer)]
 
     def v_buffer(self, layer: int) -> torch.Tensor:
-        """MHA: V of `layer`, [total_pages + 1, page_size, kv_heads, head_dim]."""
+        """MHA: V of `layer`, [total_pages + 1, kv_heads, page_size, head_dim]."""
         self._require("mha", "v_buffer")
         return self._buffers[2 * self._layer(layer) + 1]
 
@@ -309,7 +341,8 @@ class PagePool:
     def buffer_descs(self) -> list[tuple[int, int, int]]:
         """(base data_ptr, nbytes, bytes of one page) per buffer, in `buffers()` order.
 
-        Page `p` of a buffer starts at `ptr + p * page_nbytes`.
+        Page `p` of a buffer starts at `ptr + p * page_nbytes`; MHA heads [a, b) of it are
+        `(b - a) * layout.head_page_bytes(page_size)` bytes from `a * head_page_bytes` on.
         """
         return [(buf.data_ptr(), buf.nbytes, buf[0].nbytes) for buf in self._buffers]
 

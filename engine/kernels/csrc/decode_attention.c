@@ -3,9 +3,10 @@
 //
 //   out[b, h, :] = sum_t softmax_t(scale * q[b, h] . k_t) v_t,   t < lens[b]
 //
-// k and v are one layer's buffers, [slots, Hkv, D] of float32 or bfloat16 (slot = page *
-// page_size + offset), pages[b, :] the request's page table (padded), q and out float32
-// [B, Hq, D]; query head h reads kv head h / (Hq / Hkv) (GQA). D is a multiple of 16. Work is
+// k and v are one layer's buffers, [pages, Hkv, page_size, D] of float32 or bfloat16 (head-major
+// pages: token t of kv head h is at ((table[t / page_size] * Hkv + h) * page_size + t % page_size)
+// * D), pages[b, :] the request's page table (padded), q and out float32 [B, Hq, D]; query head
+// h reads kv head h / (Hq / Hkv) (GQA). D is a multiple of 16. Work is
 // split over (request, kv head) pairs on OpenMP threads (torch's pool where torch loaded
 // libgomp). Per pair: scores for every token and query head of the group, a max, a vectorized
 // exp (a degree-6 polynomial, ~1 ulp), then the weighted sum of v; float32 throughout.
@@ -58,8 +59,7 @@ static inline __m512 exp_nonpositive(__m512 x) {
         qv[g][c] = _mm512_mul_ps(load16(q + g * D + 16 * c), _mm512_set1_ps(scale));        \
     }                                                                                       \
     for (int64_t t = 0; t < len; t++) {                                                     \
-      int64_t slot = table[t / page_size] * page_size + t % page_size;                      \
-      const T *kp = k + (slot * Hkv + h) * D;                                               \
+      const T *kp = k + ((table[t / page_size] * Hkv + h) * page_size + t % page_size) * D; \
       __m512 kc[MAX_CHUNKS];                                                                \
       for (int64_t c = 0; c < C; c++) kc[c] = LOAD(kp + 16 * c);                            \
       for (int64_t g = 0; g < G; g++) {                                                     \
@@ -86,8 +86,7 @@ static inline __m512 exp_nonpositive(__m512 x) {
     for (int64_t g = 0; g < G; g++)                                                         \
       for (int64_t c = 0; c < C; c++) acc[g][c] = _mm512_setzero_ps();                      \
     for (int64_t t = 0; t < len; t++) {                                                     \
-      int64_t slot = table[t / page_size] * page_size + t % page_size;                      \
-      const T *vp = v + (slot * Hkv + h) * D;                                               \
+      const T *vp = v + ((table[t / page_size] * Hkv + h) * page_size + t % page_size) * D; \
       for (int64_t c = 0; c < C; c++) {                                                     \
         __m512 vc = LOAD(vp + 16 * c);                                                      \
         for (int64_t g = 0; g < G; g++)                                                     \

@@ -36,7 +36,7 @@ struct llama_layer {
   const float *q_norm, *k_norm;      // [head_dim], or NULL
   const float *qkv_w, *qkv_b;        // packed [(q + 2 kv) heads * head_dim outputs], bias or NULL
   const float *o_w, *gate_up_w, *down_w;  // packed; gate_up: [gate | up] outputs
-  void *k_cache, *v_cache;  // this layer's pool buffers, [slots, kv_heads, head_dim]
+  void *k_cache, *v_cache;  // this layer's pool buffers, [pages, kv_heads, page_size, head_dim]
 };
 
 struct llama_shape {
@@ -116,8 +116,13 @@ static void prepare_row(const struct llama_layer *L, const struct llama_shape *s
     if (norm != NULL) rmsnorm(head, norm, D, s->eps, head);
     rotate(head, b->cos + m * (D / 2), b->sin + m * (D / 2), D / 2);
   }
-  store(L->k_cache, b->slots[m] * s->kv_heads * D, k, s->kv_heads * D, s->bf16_cache);
-  store(L->v_cache, b->slots[m] * s->kv_heads * D, v, s->kv_heads * D, s->bf16_cache);
+  // head-major pages: each kv head of the token lands in its own run of the page
+  const int64_t page = b->slots[m] / s->page_size, offset = b->slots[m] % s->page_size;
+  for (int64_t h = 0; h < s->kv_heads; h++) {
+    int64_t at = ((page * s->kv_heads + h) * s->page_size + offset) * D;
+    store(L->k_cache, at, k + h * D, D, s->bf16_cache);
+    store(L->v_cache, at, v + h * D, D, s->bf16_cache);
+  }
 }
 
 static void layer(const struct llama_layer *L, const struct llama_shape *s,

@@ -1,15 +1,18 @@
 """Paged attention in plain torch: runs on CPU and CUDA; the reference for faster backends.
 
-Decoding requests (one new token each) are attended together: their pages are gathered whole
-(one `index_select` per buffer, padded with the reserved page) into a [B, pages * page_size]
-block, and an additive mask hides each row's tail. Attention runs in float32 whatever the
-cache dtype: on CPU, bfloat16 SDPA and bmm are several times slower than converting the
-gathered block, and float32 is the more exact of the two. Requests extending by several
-tokens (prefill chunks) are attended together too: grouped so that padding wastes little, each
-group's queries are padded to its longest and its keys gathered from the cache (this step's
-included) in one `index_select`, under a causal mask offset by each request's cached length.
-CPU SDPA's per-call overhead is large at small head sizes: one call for 16 prompts of 256
-tokens is ~4x faster than 16 calls.
+MHA pages are head-major ([kv_heads, page_size, head_dim], see engine/kv/pool.py), so K/V move
+as rows of `buffer.view(-1, head_dim)`: this step's tokens are stored with one `index_copy_` of
+[tokens * kv_heads] rows, and context is gathered with one `index_select` straight into the
+[n, kv_heads, len, head_dim] order SDPA takes (row indices built once per step, shared by every
+layer). Decoding requests (one new token each) are attended together: their pages are gathered
+whole (padded with the reserved page) into a [B, kv_heads, pages * page_size] block, and an
+additive mask hides each row's tail. Attention runs in float32 whatever the cache dtype: on CPU,
+bfloat16 SDPA and bmm are several times slower than converting the gathered block, and float32
+is the more exact of the two. Requests extending by several tokens (prefill chunks) are attended
+together too: grouped so that padding wastes little, each group's queries are padded to its
+longest and its keys gathered from the cache (this step's included) in one `index_select`, under
+a causal mask offset by each request's cached length. CPU SDPA's per-call overhead is large at
+small head sizes: one call for 16 prompts of 256 tokens is ~4x faster than 16 calls.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from engine.kernels.decode_attention import DecodeAttention
-from engine.kv.pool import RESERVED_PAGE
+from engine.kv.pool import RESERVED_PAGE, head_rows
 from engine.layers.attention.base import AttentionBackend, AttentionBatch
 from engine.layers.attention.torch_mla import mla_attention
 
@@ -43,7 +46,7 @@ class ExtendGroup:
     """Extends attended in one SDPA call, padded to [n, q_len] queries and [n, kv_len] keys."""
 
     q_src: torch.Tensor  # [n * q_len] rows of q (padding repeats a request's last row)
-    kv_slots: torch.Tensor  # [n * kv_len] cache slots (padding: the reserved page)
+    kv_rows: torch.Tensor  # [n * kv_heads * kv_len] rows of the cache (padding: reserved page)
     mask: torch.Tensor | None  # [n, 1, q_len, kv_len] bool; None: all fresh, same length
     out_src: torch.Tensor  # positions of real queries in the padded [n * q_len]
     out_rows: torch.Tensor  # ... and their rows in q
@@ -52,7 +55,9 @@ class ExtendGroup:
     kv_len: int
 
 
-def group_extends(items: list[ExtendItem], page_size: int, waste: float = 2.0):
+def group_extends(
+    items: list[ExtendItem], page_size: int, kv_heads: int, waste: float = 2.0
+) -> list[ExtendGroup]:
     """Groups of extends (in kv_len order) whose padded attention costs at most `waste` times
     their own."""
     groups, current = [], []
@@ -60,15 +65,15 @@ def group_extends(items: list[ExtendItem], page_size: int, waste: float = 2.0):
         trial = [*current, item]
         padded = len(trial) * max(i.q_len for i in trial) * item.kv_len
         if current and padded > waste * sum(i.q_len * i.kv_len for i in trial):
-            groups.append(_group(current, page_size))
+            groups.append(_group(current, page_size, kv_heads))
             trial = [item]
         current = trial
     if current:
-        groups.append(_group(current, page_size))
+        groups.append(_group(current, page_size, kv_heads))
     return groups
 
 
-def _group(items: list[ExtendItem], page_size: int) -> ExtendGroup:
+def _group(items: list[ExtendItem], page_size: int, kv_heads: int) -> ExtendGroup:
     n, device = len(items), items[0].slots.device
     q_len, kv_len = max(i.q_len for i in items), max(i.kv_len for i in items)
     q_lens = torch.tensor([i.q_len for i in items], device=device)
@@ -78,7 +83,8 @@ def _group(items: list[ExtendItem], page_size: int) -> ExtendGroup:
     q_src = starts[:, None] + torch.minimum(cols[None, :], q_lens[:, None] - 1)
     real = cols[None, :] < q_lens[:, None]
     pad = RESERVED_PAGE * page_size
-    kv_slots = torch.cat([F.pad(i.slots, (0, kv_len - i.kv_len), value=pad) for i in items])
+    kv_slots = torch.stack([F.pad(i.slots, (0, kv_len - i.kv_len), value=pad) for i in items])
+    kv_rows = head_rows(kv_slots, kv_heads, page_size).flatten()
     mask = None
     if any(i.q_len != q_len or i.kv_len != q_len for i in items):
         keys = torch.arange(kv_len, device=device)
@@ -87,7 +93,7 @@ def _group(items: list[ExtendItem], page_size: int) -> ExtendGroup:
         mask = (mask & (keys[None, None, :] < kv_lens[:, None, None]))[:, None]
     out_src = real.flatten().nonzero()[:, 0]
     return ExtendGroup(
-        q_src.flatten(), kv_slots, mask, out_src, q_src.flatten()[out_src], n, q_len, kv_len
+        q_src.flatten(), kv_rows, mask, out_src, q_src.flatten()[out_src], n, q_len, kv_len
     )
 
 
@@ -101,6 +107,16 @@ class TorchAttentionMeta:
     page_size: int = 0
     extend_groups: list[ExtendGroup] | None = None  # built on first use (MHA only)
     _decode_bias: torch.Tensor | None = None
+    _write_rows: torch.Tensor | None = None
+    _decode_head_rows: torch.Tensor | None = None
+
+    def write_rows(self, kv_heads: int) -> torch.Tensor:
+        """MHA: [T * kv_heads] rows of `buffer.view(-1, head_dim)` for this step's k/v heads,
+        in the order of `k.reshape(-1, head_dim)` (token, then head)."""
+        if self._write_rows is None:
+            rows = head_rows(self.write_slots, kv_heads, self.page_size)
+            self._write_rows = rows.t().flatten()
+        return self._write_rows
 
     @property
     def decode_bias(self) -> torch.Tensor:
@@ -115,11 +131,24 @@ class TorchAttentionMeta:
         return self._decode_bias
 
     def gather_decode(self, buffer: torch.Tensor) -> torch.Tensor:
-        """The decoding requests' whole pages of `buffer` ([pages, page_size, *token_shape])
-        as float32 [B, max_pages * page_size, *token_shape]."""
+        """MLA: the decoding requests' whole pages of `buffer` ([pages, page_size, width]) as
+        float32 [B, max_pages * page_size, width]."""
         assert self.decode_pages is not None
         block = torch.index_select(buffer, 0, self.decode_pages.flatten())
         return block.view(self.decode_pages.shape[0], -1, *buffer.shape[2:]).float()
+
+    def gather_decode_heads(self, buffer: torch.Tensor) -> torch.Tensor:
+        """MHA: the decoding requests' whole pages of `buffer` ([pages, kv_heads, page_size,
+        head_dim]) as float32 [B, kv_heads, max_pages * page_size, head_dim]."""
+        assert self.decode_pages is not None
+        batch, max_pages = self.decode_pages.shape
+        kv_heads, dim = buffer.shape[1], buffer.shape[3]
+        if self._decode_head_rows is None:
+            offsets = torch.arange(self.page_size, device=self.decode_pages.device)
+            slots = (self.decode_pages[:, :, None] * self.page_size + offsets).view(batch, -1)
+            self._decode_head_rows = head_rows(slots, kv_heads, self.page_size).flatten()
+        block = torch.index_select(buffer.view(-1, dim), 0, self._decode_head_rows)
+        return block.view(batch, kv_heads, max_pages * self.page_size, dim).float()
 
 
 def _slots(page_table: torch.Tensor, start: int, end: int, page_size: int) -> torch.Tensor:
@@ -181,13 +210,15 @@ class TorchAttention(AttentionBackend):
         meta.decode_rows = torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def forward(self, q, k, v, layer, meta: TorchAttentionMeta) -> torch.Tensor:
-        k_cache = self.pool.k_buffer(layer).view(-1, k.shape[1], k.shape[2])
-        v_cache = self.pool.v_buffer(layer).view(-1, v.shape[1], v.shape[2])
-        k_cache.index_copy_(0, meta.write_slots, k)
-        v_cache.index_copy_(0, meta.write_slots, v)
+        kv_heads, dim = k.shape[1:]
+        k_cache = self.pool.k_buffer(layer).view(-1, dim)  # rows: (page, head, offset)
+        v_cache = self.pool.v_buffer(layer).view(-1, dim)
+        rows = meta.write_rows(kv_heads)
+        k_cache.index_copy_(0, rows, k.reshape(-1, dim))
+        v_cache.index_copy_(0, rows, v.reshape(-1, dim))
         out = torch.empty_like(q)
         if meta.extends and meta.extend_groups is None:
-            meta.extend_groups = group_extends(meta.extends, self.page_size)
+            meta.extend_groups = group_extends(meta.extends, self.page_size, kv_heads)
         for group in meta.extend_groups or ():
             self._extend(q, k_cache, v_cache, out, group)
         if meta.decode_rows is not None:
@@ -201,10 +232,9 @@ class TorchAttention(AttentionBackend):
     def _extend(self, q, k_cache, v_cache, out, g: ExtendGroup) -> None:
         # float32 here too: CPU SDPA in bfloat16 is ~1.5x slower than converting first
         heads, dim = q.shape[1:]
-        qg = q.index_select(0, g.q_src).view(g.n, g.q_len, heads, dim)
-        kg = k_cache.index_select(0, g.kv_slots).view(g.n, g.kv_len, *k_cache.shape[1:])
-        vg = v_cache.index_select(0, g.kv_slots).view(g.n, g.kv_len, *v_cache.shape[1:])
-        qh, kh, vh = (t.transpose(1, 2).float() for t in (qg, kg, vg))
+        qh = q.index_select(0, g.q_src).view(g.n, g.q_len, heads, dim).transpose(1, 2).float()
+        kh = k_cache.index_select(0, g.kv_rows).view(g.n, -1, g.kv_len, dim).float()
+        vh = v_cache.index_select(0, g.kv_rows).view(g.n, -1, g.kv_len, dim).float()
         o = F.scaled_dot_product_attention(
             qh,
             kh,
@@ -221,13 +251,14 @@ class TorchAttention(AttentionBackend):
         rows = meta.decode_rows
         k_buffer, v_buffer = self.pool.k_buffer(layer), self.pool.v_buffer(layer)
         kernel = self.decode_kernel
-        if kernel is not None and kernel.supports(k_buffer.dtype, q.shape[1], *k_buffer.shape[2:]):
+        kv_heads, dim = k_buffer.shape[1], k_buffer.shape[3]
+        if kernel is not None and kernel.supports(k_buffer.dtype, q.shape[1], kv_heads, dim):
             o = kernel(q[rows], k_buffer, v_buffer, meta.decode_pages, meta.decode_lens, self.scale)
             out[rows] = o.to(out.dtype)
             return
         qd = q[rows].float()[:, :, None, :]  # [B, H, 1, D]
-        kd = meta.gather_decode(k_buffer).transpose(1, 2)  # [B, Hkv, L, D]
-        vd = meta.gather_decode(v_buffer).transpose(1, 2)
+        kd = meta.gather_decode_heads(k_buffer)  # [B, Hkv, L, D]
+        vd = meta.gather_decode_heads(v_buffer)
         o = F.scaled_dot_product_attention(
             qd, kd, vd, attn_mask=meta.decode_bias, scale=self.scale, enable_gqa=True
         )
