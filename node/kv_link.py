@@ -52,7 +52,7 @@ def rank_view(pool: PagePool, cfg: ModelConfig, tp: Parallel, rank: int) -> Rank
     if layout.kind != "mha":
         return RankKV(rank, buffers)
     first, count = tp.kv_heads(cfg.num_kv_heads)
-    head_bytes = pool.page_size * layout.head_dim * layout.dtype.itemsize
+    head_bytes = layout.head_page_bytes(pool.page_size)
     return RankKV(rank, buffers, first, count, head_bytes)
 
 
