@@ -7,12 +7,21 @@ and a page-size mismatch is refused at the handshake naming the fix."""
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
+
 import httpx
 import pytest
+import yaml
 
 from engine.tokenizer import load_tokenizer
-from tests.e2e.cluster_util import cluster_yaml, launched
+from tests.e2e.cluster_util import REPO, cluster_yaml, launched
 from tests.e2e.test_pd_cluster import expected_ids, generate
+from transfer import Endpoint, KVBuffer, KVCompat
+from transfer.peers import registration_errors
+from transfer.protocol import PROTOCOL_VERSION, Register, buffers_to_wire, compat_to_wire
+from transfer.ranks import RankKV
 
 pytestmark = pytest.mark.slow
 
@@ -51,11 +60,24 @@ def test_greedy_output_equals_transformers_across_layouts(make_tiny, tmp_path, l
             assert httpx.get(f"{url}/check_integrity", timeout=10).status_code == 200
 
 
-def test_page_size_mismatch_is_refused_at_the_handshake(make_tiny, tmp_path) -> None:
+def test_page_size_mismatch_is_refused_at_load_and_at_the_handshake(make_tiny, tmp_path) -> None:
+    """The launcher refuses the config; nodes started apart meet the handshake's refusal."""
     config = tp_config(make_tiny("llama", layers=3), "mooncake", 2, 1)
     config["decode"][0]["engine"]["page_size"] = 32
-    with launched(config, tmp_path) as cluster:
-        body = {"text": "Hello", "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
-        r = httpx.post(f"{cluster.url}/generate", json=body, timeout=60)
-        assert r.status_code >= 500
-        assert "page_size differs: prefill 16, decode 32 (set cache.page_size alike)" in r.text
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "launch", str(path), "--dry-run"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "engine.page_size differs between nodes ('prefill-0' 16, 'decode-0' 32)" in done.stderr
+    ranks = [RankKV(r, (KVBuffer(4096, 1024, 8),), r, 1, 1024) for r in range(2)]
+    wide = RankKV(0, (KVBuffer(4096, 4096, 8),), 0, 2, 2048, Endpoint("mooncake", "x"))
+    compat = KVCompat("m", "float32", 16, 1, "mha")
+    register = Register(
+        PROTOCOL_VERSION, "d", "mooncake", "x", b"", buffers_to_wire(wide.buffers),
+        compat_to_wire(dataclasses.replace(compat, page_size=32)), 0, 256, 4, (wide.to_wire(),),
+    )  # fmt: skip
+    errors = registration_errors(register, "mooncake", compat, ranks[0].buffers, ranks)
+    assert errors[0] == "page_size differs: prefill 16, decode 32 (set cache.page_size alike)"
