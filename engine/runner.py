@@ -209,7 +209,8 @@ class ModelRunner:
             # greedy with nothing else asked: no logits written out (or gathered over ranks)
             if kernel is not None:
                 return kernel.argmax(rows), None
-            return self.model.greedy(rows, self.shard_head_kernel), None
+            shard = self.shard_head_kernel
+            return self.model.greedy(rows, shard, shard.argmax if shard else None), None
         if kernel is not None:
             return None, kernel(rows)
         return None, self.model.compute_logits(rows, self.shard_head_kernel)

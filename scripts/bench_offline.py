@@ -33,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (processes)")
     p.add_argument("--ep-size", type=int, default=1, help="expert parallelism: 1 or --tp-size")
+    p.add_argument("--no-cpu-kernels", action="store_true", help="torch's ops only")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
@@ -82,6 +83,7 @@ def bench_engine(
         enable_prefix_cache=False,
         tp_size=args.tp_size,
         ep_size=args.ep_size,
+        cpu_kernels=not args.no_cpu_kernels,
     )
     with llm:
         params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)

@@ -55,6 +55,12 @@ class TransferConfig:
     meta_slots: int = setting(1024, "decode: rooms that can be open at once")
     meta_slot_bytes: int = setting(2048, "a room's metadata block (first token, top logprobs)")
     mooncake_tcp_lanes: int = setting(0, "MC_TCP_LANES_PER_PEER (0: Mooncake's default, 4)")
+    nixl_threads: int = setting(
+        2,
+        "NIXL: UCX worker threads per engine; a batch's descriptors are split among them "
+        "(0: NIXL's default of one). Scattered 64-token pages went from 0.76 to 1.25x the "
+        "rate of one contiguous write with 2 (docs/BENCHMARKS.md)",
+    )
     fault_fraction: float = setting(
         0.0,
         "testing only: prefill fails this fraction (0 to 1) of its rooms on purpose instead of "
@@ -75,6 +81,8 @@ class TransferConfig:
                 f"heartbeat_timeout_s must exceed heartbeat_interval_s "
                 f"({self.heartbeat_timeout_s} <= {self.heartbeat_interval_s})"
             )
+        if self.nixl_threads < 0:
+            raise ValueError(f"nixl_threads must be >= 0, got {self.nixl_threads}")
         for name in ("max_inflight_batches", "num_workers", "meta_slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

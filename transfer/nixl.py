@@ -59,11 +59,13 @@ class NixlBackend(TransferBackend):
     name = "nixl"
     default_batch_descriptors = 4096
 
-    def __init__(self) -> None:
+    def __init__(self, num_threads: int = 0) -> None:
         api = _import_nixl()
         _skip_ib_without_devices()
         config = api.nixl_agent_config(
-            backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+            backends=["UCX"],
+            sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
+            num_threads=num_threads,
         )
         self._agent = api.nixl_agent(f"pdserve-{uuid.uuid4().hex}", config)
         self._registered: list[Any] = []
@@ -72,7 +74,7 @@ class NixlBackend(TransferBackend):
 
     @classmethod
     def from_config(cls, config: TransferConfig) -> NixlBackend:
-        return cls()
+        return cls(config.nixl_threads)
 
     def register(self, regions: Sequence[MemoryRegion]) -> None:
         for region in regions:

@@ -71,13 +71,20 @@ def full_logits(
 
 
 def greedy_ids(
-    hidden: torch.Tensor, head: VocabEmbedding, matmul: Matmul | None = None
+    hidden: torch.Tensor,
+    head: VocabEmbedding,
+    matmul: Matmul | None = None,
+    argmax: Matmul | None = None,
 ) -> torch.Tensor:
     """The argmax token of each row [T], without gathering the logits: each rank's best value and
     id are gathered, and the first rank with the highest value wins (ties go to the lower id,
-    as a full argmax would)."""
-    logits = local_logits(hidden, head, matmul)
-    best, idx = logits.max(dim=-1)
+    as a full argmax would). `argmax` (a native kernel's argmax over this rank's rows) finds the
+    local ids without writing logits; their values are then one dot product each."""
+    idx = argmax(hidden) if argmax is not None else None
+    if idx is not None and int(idx.max()) < head.real_rows:
+        best = (hidden.float() * head.weight[idx].float()).sum(dim=-1)
+    else:  # no kernel, or a pad row won (every real logit negative): the float path
+        best, idx = local_logits(hidden, head, matmul).max(dim=-1)
     if head.tp.size == 1:
         return idx
     pairs = torch.stack([best.double(), (idx + head.start).double()], dim=-1)  # [T, 2]

@@ -43,6 +43,8 @@ class DecoderOnlyLM(nn.Module):
         `matmul` computes this rank's slice instead of torch (a native kernel)."""
         return full_logits(hidden, self.head, matmul)
 
-    def greedy(self, hidden: torch.Tensor, matmul: Matmul | None = None) -> torch.Tensor:
+    def greedy(
+        self, hidden: torch.Tensor, matmul: Matmul | None = None, argmax: Matmul | None = None
+    ) -> torch.Tensor:
         """The argmax token id of each row, without gathering the whole logits."""
-        return greedy_ids(hidden, self.head, matmul)
+        return greedy_ids(hidden, self.head, matmul, argmax)

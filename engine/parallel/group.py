@@ -25,6 +25,10 @@ class Parallel:
     size: int = 1
     group: Any = None  # the torch.distributed process group (None for one rank)
     ep: bool = False  # routed experts partitioned over the ranks (else sliced like dense MLPs)
+    # gloo: sums and gathers as one broadcast per rank, in turn. Measured between two processes
+    # here: gloo's allreduce of a [16, 64] float32 tensor took 0.4-1.6 ms and two broadcasts
+    # 0.08 ms; at [512, 1024], 2.1-2.7 ms against 0.95 ms.
+    by_broadcast: bool = False
 
     @staticmethod
     def single() -> Parallel:
@@ -41,15 +45,32 @@ class Parallel:
         return total // self.size
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum `x` over the ranks, in place."""
-        if self.size > 1:
+        """Sum `x` over the ranks, in place (the same sum, in rank order, on every rank)."""
+        if self.size == 1:
+            return x
+        if not self.by_broadcast:
             self.group.allreduce([x]).wait()
-        return x
+            return x
+        parts = self._broadcast_all(x)
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        return x.copy_(total)
+
+    def _broadcast_all(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `x` (same shape on all), rank order; one broadcast per rank in turn."""
+        x = x.contiguous()
+        parts = [x if r == self.rank else torch.empty_like(x) for r in range(self.size)]
+        for root, part in enumerate(parts):
+            self.group.broadcast(part, root).wait()
+        return parts
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenate every rank's `x` (same shape on all) along `dim`."""
         if self.size == 1:
             return x
+        if self.by_broadcast:
+            return torch.cat(self._broadcast_all(x), dim=dim)
         x = x.contiguous()
         out = x.new_empty((self.size, *x.shape))
         self.group.allgather([list(out.unbind(0))], [x]).wait()

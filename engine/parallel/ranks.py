@@ -52,7 +52,8 @@ class RankGroup:
         self._stopped = threading.Event()
         self.compute = new_group(store, "compute", rank, self.size, self.timeout, options.device)
         self.control = new_group(store, "control", rank, self.size, self.timeout, "cpu")
-        self.parallel = Parallel(rank, self.size, self.compute, ep=options.ep_size > 1)
+        cpu = not options.device.startswith("cuda")
+        self.parallel = Parallel(rank, self.size, self.compute, options.ep_size > 1, cpu)
 
     def agree_min(self, key: str, value: int, timeout_s: float) -> int:
         """The smallest `value` over the ranks, through the store (so ranks that take long to
