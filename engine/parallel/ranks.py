@@ -60,7 +60,13 @@ class RankGroup:
         load their weights wait `timeout_s`, not the collective timeout)."""
         self.store.set(f"{key}/{self.rank}", str(value))
         keys = [f"{key}/{r}" for r in range(self.size)]
-        self.store.wait(keys, timedelta(seconds=timeout_s))
+        deadline = time.monotonic() + timeout_s
+        while not self.store.check(keys):  # a local rank that dies loading is said at once
+            gone = [f"rank {r['rank']} exited with code {r['exitcode']}"
+                    for r in self.describe() if r["exitcode"] is not None]  # fmt: skip
+            if gone or time.monotonic() > deadline:
+                raise RankFailure(f"ranks did not all load ({', '.join(gone) or 'timed out'})")
+            time.sleep(0.05)
         return min(int(self.store.get(k)) for k in keys)
 
     # ---- the step channel --------------------------------------------------------------------

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +101,34 @@ def test_splits_that_do_not_divide_are_refused(make_tiny, arch, options, message
 def test_bad_parallel_options_are_refused(options, message) -> None:
     with pytest.raises(ValueError, match=message):
         EngineOptions(**options)
+
+
+def kill_first_rank_child(stop: threading.Event) -> None:
+    """kill -9 this process's first spawned child (a rank) as soon as it exists."""
+    me = str(os.getpid())
+    while not stop.is_set():
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = stat.read_text().rsplit(")", 1)[1].split()[1]
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except (OSError, IndexError):
+                continue
+            if ppid == me and b"spawn_main" in cmdline:
+                time.sleep(0.5)  # let it get going
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+                return
+        time.sleep(0.02)
+
+
+def test_a_rank_that_dies_while_starting_fails_the_start_at_once(make_tiny) -> None:
+    """Rank 0 says so at once instead of waiting out the join or load timeouts."""
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_first_rank_child, args=(stop,), daemon=True)
+    killer.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises((RankFailure, RuntimeError), match="exited with code -9"):
+            LLM(str(make_tiny("llama")), tp_size=2, dist_timeout_s=30, max_total_tokens=1024)
+    finally:
+        stop.set()
+    assert time.monotonic() - start < 20
