@@ -13,6 +13,7 @@ ranks from those.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -67,8 +68,7 @@ def start_rank_agent(runner: Any, group: Any, config: TransferConfig) -> RankAge
     """In rank r (r > 0): an engine over this rank's pool, announced in the group's store."""
     agent = RankAgent(config, [KVBuffer.from_array(b) for b in runner.pool.buffers()])
     view = rank_view(runner.pool, runner.model_cfg, group.parallel, group.rank)
-    view = RankKV(view.rank, view.buffers, view.head_first, view.head_count, view.head_bytes,
-                  agent.endpoint)  # fmt: skip
+    view = dataclasses.replace(view, endpoint=agent.endpoint)
     group.store.set(f"kv-agent/{group.rank}", msgpack.packb([agent.address, view.to_wire()]))
     return agent
 

@@ -325,8 +325,7 @@ class KVSender:
         if errors or peer is None:
             self._reply(decode_id, RegisterReply("; ".join(errors)))
             return
-        peer.peer_key = peer.keys.get((0, 0)) or self.backend.connect(peer.ranks[0].endpoint)
-        peer.keys.setdefault((0, 0), peer.peer_key)
+        peer.peer_key = peer.keys[0, 0]  # rank 0 to rank 0: the metadata's path, always connected
         self._peers[decode_id] = peer
         self._reply(decode_id, RegisterReply(""))
 
