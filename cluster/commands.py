@@ -77,7 +77,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     add_set(group)  # type: ignore[arg-type]
 
 
-PARALLEL_FLAGS = ("tp_size", "ep_size", "nnodes", "node_rank", "dist_init_addr")
+PARALLEL_FLAGS = ("tp_size", "ep_size", "dp_attention", "nnodes", "node_rank", "dist_init_addr")
 
 
 def add_parallel_flags(p: argparse.ArgumentParser) -> None:
@@ -85,6 +85,10 @@ def add_parallel_flags(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("parallelism (engine options)")
     group.add_argument("--tp-size", type=int, help="tensor-parallel ranks of the model")
     group.add_argument("--ep-size", type=int, help="expert parallelism: 1 or the tp size")
+    group.add_argument(
+        "--dp-attention", action="store_true", default=None,
+        help="DP attention: each rank serves its own requests (MLA models; ep size = tp size)",
+    )  # fmt: skip
     group.add_argument("--nnodes", type=int, help="hosts the rank group spans")
     group.add_argument(
         "--node-rank", type=int,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import ModelConfig
+from engine.dp_scheduler import DPScheduler, rank_pools
 from engine.kv.radix import RadixCache
 from engine.options import EngineOptions
 from engine.parallel.check import check_parallel
@@ -99,9 +100,14 @@ class Engine:
             raise
         if self.group is not None:
             self.group.watch()
-        self.pool = self.runner.pool
-        cache = RadixCache(self.pool) if options.enable_prefix_cache else None
-        self.scheduler = Scheduler(options.scheduler, self.pool, cache)
+        self.pool = self.runner.pool  # rank 0's (under DP attention each rank has its own)
+        self.scheduler: Scheduler | DPScheduler
+        if options.dp_attention:
+            pools = rank_pools(self.pool, options.tp_size)
+            self.scheduler = DPScheduler(options.scheduler, pools, options.enable_prefix_cache)
+        else:
+            cache = RadixCache(self.pool) if options.enable_prefix_cache else None
+            self.scheduler = Scheduler(options.scheduler, self.pool, cache)
         self.max_model_len = options.max_model_len or self.model_cfg.max_position_embeddings
         self.keep_logits = keep_logits
 
@@ -137,10 +143,7 @@ class Engine:
 
     def cached_prefix_len(self, prompt_ids: Sequence[int]) -> int:
         """How many leading prompt tokens the prefix cache holds now."""
-        cache = self.scheduler.cache
-        if cache is None:
-            return 0
-        return cache.match_prefix(list(prompt_ids)[:-1]).num_tokens
+        return self.scheduler.cached_prefix_len(list(prompt_ids)[:-1])
 
     def _new_req(
         self, rid: str, prompt_ids: Sequence[int], params: SamplingParams, resumed: int = 0
@@ -331,9 +334,9 @@ class Engine:
 
     def flush_cache(self) -> bool:
         """Drop the prefix cache; refused (False) while requests run."""
-        if self.scheduler.has_work() or self.scheduler.cache is None:
-            return self.scheduler.cache is None and not self.scheduler.has_work()
-        self.scheduler.cache.reset()
+        if self.scheduler.has_work():
+            return False
+        self.scheduler.reset_cache()
         return True
 
     def check_integrity(self) -> None:
@@ -352,6 +355,14 @@ class Engine:
 
     @property
     def num_free_pages(self) -> int:
-        """Pages not held by any request (free or only in the prefix cache)."""
-        cache = self.scheduler.cache
-        return self.pool.num_free + (cache.evictable_pages if cache is not None else 0)
+        """Pages not held by any request (free or only in the prefix cache), on every rank."""
+        return self.scheduler.free_pages
+
+    @property
+    def total_pages(self) -> int:
+        """Usable KV pages, on every rank (DP attention: each rank's pool counts)."""
+        return self.scheduler.total_pages
+
+    def kv_rank(self, rid: str) -> int:
+        """The rank whose pool holds a held request's KV (0 but under DP attention)."""
+        return self._held(rid).dp_rank

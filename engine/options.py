@@ -104,6 +104,12 @@ class EngineOptions:
         "expert parallelism for MoE: 1 (experts sliced like MLPs) or tp_size (whole experts "
         "spread over the ranks, tokens exchanged with all-to-all)",
     )
+    dp_attention: bool = setting(
+        False,
+        "DP attention (MLA models, as SGLang's --enable-dp-attention): each of the tp_size ranks "
+        "runs attention for its own requests over its own latent cache, dense layers whole; "
+        "routed experts stay expert-parallel (needs ep_size = tp_size)",
+    )
     nnodes: int = setting(1, "hosts the rank group spans (tp_size / nnodes ranks on each)")
     node_rank: int = setting(0, "this host's place among nnodes (0 runs rank 0 and serves)")
     dist_init_addr: str | None = setting(
@@ -147,6 +153,11 @@ class EngineOptions:
             raise ValueError(
                 f"ep_size must be 1 or equal tp_size ({self.tp_size}), got {self.ep_size} "
                 "(experts are spread over the tensor-parallel ranks)"
+            )
+        if self.dp_attention and (self.tp_size == 1 or self.ep_size != self.tp_size):
+            raise ValueError(
+                f"dp_attention needs tp_size > 1 and ep_size = tp_size (got tp_size "
+                f"{self.tp_size}, ep_size {self.ep_size}): the attention ranks share the experts"
             )
         if self.tp_size % self.nnodes:
             raise ValueError(

@@ -48,6 +48,7 @@ class Req:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     prefill_only: bool = False  # a prefill node: finish after the first token
+    dp_rank: int = 0  # DP attention: the rank whose pool holds this request's KV
     # the last this many prompt_ids are output produced elsewhere before (a moved stream)
     num_resumed: int = 0
     # output text: the detokenizer and stop checker the engine attaches, the text kept so far,

@@ -12,7 +12,7 @@ samples.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,9 +27,10 @@ from engine.layers.attention import create_backend
 from engine.layers.attention.base import AttentionBackend, AttentionBatch
 from engine.models import model_class
 from engine.options import EngineOptions
+from engine.parallel.dp import gather_rows, split_plan
 from engine.parallel.group import Parallel
 from engine.parallel.ranks import RankFailure, RankGroup
-from engine.parallel.step import StepPlan
+from engine.parallel.step import StepPlan, decode_plans, encode_plans
 from engine.sampling import SampleOutput, Sampler, plain_greedy
 from engine.scheduler import ScheduledBatch
 from engine.weights import iter_weights
@@ -124,10 +125,14 @@ class ModelRunner:
     def _use_cpu_kernels(self, tp: Parallel) -> None:
         """The native CPU paths (engine/kernels/), each off by itself where it cannot run.
         With several ranks the LM head kernel computes this rank's vocabulary slice (the
-        layers' collectives run around it), and whole-layer fused decode is off."""
+        layers' collectives run around it; under DP attention the whole vocabulary), and
+        whole-layer fused decode is off."""
         keep_freed_memory_mapped()
         threads = torch.get_num_threads()
         kernel = build_lm_head(self.model.lm_head_weight, threads)
+        if tp.dp:  # DP attention: the LM head is whole here; the MoE layers meet the ranks
+            self.lm_head_kernel = kernel
+            return
         if tp.size > 1:
             self.shard_head_kernel = kernel
             return
@@ -151,7 +156,8 @@ class ModelRunner:
         if self.group is None:
             tokens, logits = self.execute(plan)
         else:
-            tokens, logits = self._execute_in_group(self.group, plan)
+            owners = [r.dp_rank for r in batch.reqs]
+            tokens, logits = self._execute_in_group(self.group, plan, owners)
         if not sampled:
             return StepResult([], None, None)
         if tokens is not None:
@@ -159,12 +165,16 @@ class ModelRunner:
         params, states = [r.params for r in sampled], [r.sampler_state for r in sampled]
         return StepResult(sampled, self.sampler(logits, params, states), logits)
 
-    def _execute_in_group(self, group: RankGroup, plan: StepPlan) -> tuple[Any, Any]:
+    def _execute_in_group(self, group: RankGroup, plan: StepPlan, owners: list[int]) -> Any:
         """Broadcast and run the plan; any failure on the way ends the group for good."""
         group.check()
         try:
-            group.send(plan.encode())
-            return self.execute(plan)
+            if not group.parallel.dp:
+                group.send(plan.encode())
+                return self.execute(plan)
+            plans = split_plan(plan, owners, group.size)
+            group.send(encode_plans(plans))
+            return self.execute_dp(plans)
         except Exception as exc:
             group.fail(f"a step failed: {type(exc).__name__}: {exc}")
             raise RankFailure(group.failure) from exc
@@ -188,6 +198,29 @@ class ModelRunner:
             mode = "argmax" if greedy else "logits"
         plan = StepPlan(ids, list(batch.num_tokens), kv_lens, page_tables, logit_rows, mode)
         return plan, sampled
+
+    def follow(self, data: bytes) -> None:
+        """Ranks 1..: run the step rank 0 broadcast."""
+        if self.group is not None and self.group.parallel.dp:
+            self.execute_dp(decode_plans(data))
+        else:
+            self.execute(StepPlan.decode(data))
+
+    def execute_dp(self, plans: list[StepPlan]) -> tuple[Any, Any]:
+        """DP attention: run this rank's plan, then gather every rank's sampled rows (greedy
+        ids or logits, in rank order) onto every rank."""
+        assert self.group is not None
+        tp = self.group.parallel
+        mine, counts = plans[tp.rank], [len(p.logit_rows) for p in plans]
+        tokens, logits = self.execute(mine if mine.logit_rows else replace(mine, mode="none"))
+        if mine.mode == "argmax":
+            ids = torch.zeros(0, dtype=torch.long) if tokens is None else tokens.long()
+            return gather_rows(tp, ids.to(self.device), counts), None
+        if mine.mode == "logits":
+            if logits is None:
+                logits = torch.zeros(0, self.model_cfg.vocab_size, device=self.device)
+            return None, gather_rows(tp, logits, counts)
+        return None, None
 
     def execute(self, plan: StepPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Run the plan's forward on this rank: (greedy token ids, None), (None, float32 logits)

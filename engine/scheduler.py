@@ -239,6 +239,30 @@ class Scheduler:
             self.cache.unlock(req.node)
         req.node = None
 
+    # ---- what the engine reads -------------------------------------------------------------
+
+    @property
+    def held_count(self) -> int:
+        return len(self.held)
+
+    @property
+    def total_pages(self) -> int:
+        return self.pool.total_pages
+
+    @property
+    def free_pages(self) -> int:
+        """Pages not held by any request (free or only in the prefix cache)."""
+        return self._available_pages()
+
+    def cached_prefix_len(self, tokens: list[int]) -> int:
+        """How many leading `tokens` the prefix cache holds now."""
+        return self.cache.match_prefix(tokens).num_tokens if self.cache is not None else 0
+
+    def reset_cache(self) -> None:
+        """Drop the prefix cache (no request may hold a part of it)."""
+        if self.cache is not None:
+            self.cache.reset()
+
     # ---- invariants --------------------------------------------------------------------------
 
     def held_pages(self) -> Iterable[list[int]]:

@@ -125,14 +125,15 @@ class NodeLoop:
         return {
             "role": self.ROLE,
             "free_pages": engine.num_free_pages,
-            "total_pages": engine.pool.total_pages,
+            "total_pages": engine.total_pages,
             "page_size": engine.pool.page_size,
             "running": len(sched.running),
             "waiting": len(sched.waiting),
-            "held": len(sched.held),
+            "held": sched.held_count,
             "max_model_len": engine.max_model_len,
             "uptime_s": round(time.time() - self.started, 1),
             "tp_size": engine.options.tp_size,
+            "dp_attention": engine.options.dp_attention,
             "ranks": engine.group.describe() if engine.group is not None else [],
             **self.extra_info(),
         }

@@ -62,7 +62,7 @@ def assert_pages_released(llm: LLM) -> None:
     engine = llm.engine
     engine.check_integrity()
     assert not engine.has_work()
-    assert engine.num_free_pages == engine.pool.total_pages
+    assert engine.num_free_pages == engine.total_pages
     assert engine.flush_cache()
     assert engine.pool.num_free == engine.pool.total_pages
 

@@ -10,7 +10,7 @@ from .base import Endpoint
 from .buffers import KVBuffer
 from .compat import KVCompat, compat_errors
 from .protocol import PROTOCOL_VERSION, Register, buffers_from_wire
-from .ranks import RankKV, Slice, layout_errors
+from .ranks import RankKV, Slice, layout_errors, owner_error
 
 
 @dataclass
@@ -45,12 +45,18 @@ class DecodePeer:
     def meta_address(self, slot: int) -> int:
         return self.meta_base + slot * self.meta_slot_bytes
 
-    def request_error(self, dst_pages: tuple[int, ...], meta_slot: int) -> str:
-        """Why a room request cannot be served into this decode's pool ("" if it can)."""
-        pool_pages = min((b.num_pages for b in self.buffers), default=0)
+    def request_error(self, dst_pages: tuple[int, ...], meta_slot: int, dst_rank: int = -1) -> str:
+        """Why a room request cannot be served into this decode's pool, or into rank
+        `dst_rank`'s when a rank owns the room ("" if it can)."""
+        owner = owner_error(self.ranks, dst_rank, "decode")
+        if owner:
+            return owner
+        buffers = self.buffers if dst_rank < 0 else self.ranks[dst_rank].buffers
+        pool_pages = min((b.num_pages for b in buffers), default=0)
         bad = [p for p in dst_pages if not 0 <= p < pool_pages]
         if bad:
-            return f"destination page {bad[0]} out of range (decode has {pool_pages} pages)"
+            where = "decode" if dst_rank < 0 else f"decode rank {dst_rank}"
+            return f"destination page {bad[0]} out of range ({where} has {pool_pages} pages)"
         if not 0 <= meta_slot < self.meta_slots:
             return f"metadata slot {meta_slot} out of range (decode has {self.meta_slots})"
         return ""

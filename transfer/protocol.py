@@ -5,13 +5,16 @@ Decode opens a ZMQ DEALER to the prefill node's bootstrap ROUTER and says, in or
     decode                                   prefill
       Register(endpoint, buffers, compat, ranks) ->
                                           <- RegisterReply(error="")      (or the mismatch)
-      RoomRequest(room, dst_pages, slot)  ->
+      RoomRequest(room, dst_pages, slot, dst_rank) ->
                                           <- RoomUpdate(WAITING_FOR_INPUT)
                                           <- RoomUpdate(TRANSFERRING)
                                           <- RoomUpdate(SUCCESS | FAILED, reason, metrics)
       RoomAbort(room, reason)             ->  (prefill answers with a final RoomUpdate once it
                                                has stopped writing into the room)
       Heartbeat                           <-> HeartbeatReply
+
+A RoomRequest's ``dst_rank`` (DP attention: one decode rank owns the room's KV) names the only
+decode rank prefill writes, its ``dst_pages`` being that rank's pages; -1 fills every decode rank.
 
 Every value is a msgpack native (int, float, str, bytes, tuples); nothing is ever pickled.
 """
@@ -25,7 +28,9 @@ from .buffers import KVBuffer
 from .codec import MessageCodec
 from .compat import KVCompat
 
-PROTOCOL_VERSION = 3  # 3: Register says every decode rank (tensor-parallel layouts)
+# 3: Register says every decode rank (tensor-parallel layouts)
+# 4: RoomRequest.dst_rank, the decode rank that owns a room's KV (DP attention)
+PROTOCOL_VERSION = 4
 
 WireBuffer = tuple[int, int, int, int, str]
 
@@ -61,11 +66,13 @@ class RegisterReply:
 
 @dataclass(frozen=True)
 class RoomRequest:
-    """Decode reserved ``dst_pages`` and metadata slot ``meta_slot`` for ``room``."""
+    """Decode reserved ``dst_pages`` and metadata slot ``meta_slot`` for ``room``; the pages are
+    decode rank ``dst_rank``'s, the room's owner, or (-1) those of every decode rank."""
 
     room: int
     dst_pages: tuple[int, ...]
     meta_slot: int
+    dst_rank: int = -1
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,8 @@ class RoomAbort:
 
 @dataclass(frozen=True)
 class RoomDecline:
-    """Decode will not ask for this room (it prefills the request itself): prefill drops it."""
+    """Decode will not ask for this room (it prefills the request itself, or the room is not
+    one it can ask for): prefill drops it."""
 
     room: int
     reason: str

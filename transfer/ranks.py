@@ -10,6 +10,10 @@ rank. Transfer still knows no models: heads are just equal slices of a page.
 The plan: every destination rank gets every head it holds from some source rank that holds it
 (spread over the holders when heads are replicated), or, replicated, its whole pages from source
 rank d % (source ranks). Same layout on both sides: rank r writes rank r's whole pages.
+
+Owners (DP attention): with replicated pools each rank may serve its own requests from its own
+pages, so a room may name the one rank that owns its KV on either side (-1: none). Its writes are
+the plan's, kept to the owning destination rank and taken from the owning source rank.
 """
 
 from __future__ import annotations
@@ -112,6 +116,34 @@ def slice_plan(src: Sequence[RankKV], dst: Sequence[RankKV]) -> list[Slice]:
                 plan.append(Slice(chosen, d.rank, head, 1))
     by_rank = {r.rank: r for r in src}, {r.rank: r for r in dst}
     return [_whole_if_same(s, by_rank[0][s.src], by_rank[1][s.dst]) for s in plan]
+
+
+def owner_error(ranks: Sequence[RankKV], rank: int, side: str) -> str:
+    """Why `rank` of the `side` ("prefill" or "decode") node cannot own a room's KV ("" when
+    it can, or when it is -1: no owner)."""
+    if rank == -1:
+        return ""
+    if not 0 <= rank < len(ranks):
+        return (
+            f"{side} rank {rank} cannot own the room: the {side} node has ranks "
+            f"0..{len(ranks) - 1} (or -1: no owner)"
+        )
+    if any(r.sliced for r in ranks):
+        return (
+            f"{side} rank {rank} cannot own the room: KV is sliced by heads here, and owner "
+            "ranks are for DP attention over a replicated latent cache (name no owner: -1)"
+        )
+    return ""
+
+
+def owner_plan(plan: Sequence[Slice], src_rank: int, dst_rank: int) -> list[Slice]:
+    """A replicated `plan` for one room whose owners are `src_rank` and `dst_rank` (-1: none):
+    only the owning destination rank, each from the owning source rank (see owner_error)."""
+    return [
+        Slice(s.src if src_rank < 0 else src_rank, s.dst, s.first, s.count)
+        for s in plan
+        if dst_rank < 0 or s.dst == dst_rank
+    ]
 
 
 def _whole_if_same(s: Slice, src: RankKV, dst: RankKV) -> Slice:

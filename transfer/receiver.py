@@ -4,6 +4,7 @@ Use from the decode node::
 
     receiver = KVReceiver(config, buffers, compat)
     receiver.open_room(room, "prefill-host:port", dst_pages)   # pages reserved by decode
+    # DP attention: dst_rank=r, the pages are decode rank r's and only rank r receives them
     for status in receiver.pop_finished():                      # once per room
         if status.state is TransferState.SUCCESS:
             start_decoding(status.room, status.metadata)        # first token, logprobs, cached
@@ -52,7 +53,7 @@ from .protocol import (
     encode,
     metrics_from_wire,
 )
-from .ranks import RankKV
+from .ranks import RankKV, owner_error
 from .registry import create_backend
 from .rooms import Room, RoomTable
 
@@ -109,10 +110,14 @@ class KVReceiver:
 
     # ---- API (any thread) -------------------------------------------------------------------
 
-    def open_room(self, room: int, bootstrap_address: str, dst_pages: Sequence[int]) -> None:
-        """Ask the prefill node at ``bootstrap_address`` to write ``room`` into ``dst_pages``."""
+    def open_room(
+        self, room: int, bootstrap_address: str, dst_pages: Sequence[int], dst_rank: int = -1
+    ) -> None:
+        """Ask the prefill node at ``bootstrap_address`` to write ``room`` into ``dst_pages``.
+        ``dst_rank`` >= 0: the room's owner (DP attention); the pages are that rank's, and only
+        it receives them. -1: every rank, as the layouts' plan says."""
         pages = tuple(int(p) for p in dst_pages)
-        self._loop.call(lambda: self._open(room, bootstrap_address, pages))
+        self._loop.call(lambda: self._open(room, bootstrap_address, pages, dst_rank))
 
     def decline(self, room: int, bootstrap_address: str, reason: str) -> None:
         """Tell the prefill node at ``bootstrap_address`` that ``room`` will never be asked for
@@ -147,11 +152,16 @@ class KVReceiver:
 
     # ---- rooms (loop thread) ----------------------------------------------------------------
 
-    def _open(self, room_id: int, address: str, pages: tuple[int, ...]) -> None:
+    def _open(self, room_id: int, address: str, pages: tuple[int, ...], dst_rank: int) -> None:
         if self._table.get(room_id) is not None or self._table.tombstone(room_id) is not None:
             raise ValueError(f"room {room_id} was already opened on this decode node")
         slot = self._slots.acquire()
-        room = self._table.add(Room(room_id, peer=address, dst_pages=pages, meta_slot=slot))
+        room = Room(room_id, peer=address, dst_pages=pages, meta_slot=slot, dst_rank=dst_rank)
+        self._table.add(room)
+        error = owner_error(self.ranks or (RankKV(0, self.buffers),), dst_rank, "decode")
+        if error:  # fail here, and tell prefill not to wait for the request
+            self._fail(room, error)
+            return self._decline(room_id, address, error)
         peer = self._peers.get(address) or self._connect(address)
         if peer.registered:
             self._request(peer, room)
@@ -167,7 +177,7 @@ class KVReceiver:
 
     def _request(self, peer: PrefillPeer, room: Room) -> None:
         room.busy = True  # from here prefill may write into the pages until it says otherwise
-        self._send(peer, RoomRequest(room.room, room.dst_pages, room.meta_slot))
+        self._send(peer, RoomRequest(room.room, room.dst_pages, room.meta_slot, room.dst_rank))
 
     def _abort(self, room_id: int, reason: str) -> None:
         room = self._table.get(room_id)

@@ -31,6 +31,8 @@ class Room:
     dst_pages: tuple[int, ...] = ()
     src_pages: tuple[int, ...] | None = None
     meta_slot: int = -1
+    src_rank: int = -1  # the prefill rank that owns the room's KV (DP attention; -1: none)
+    dst_rank: int = -1  # the decode rank that owns it (its pages are dst_pages; -1: none)
     metadata: RoomMetadata | None = None
     metrics: TransferMetrics | None = None
     user_owned: bool = True

@@ -6,6 +6,7 @@ Use from the prefill node::
     sender.open_room(room)                         # BOOTSTRAPPING until decode's request lands
     ...                                            # WAITING_FOR_INPUT: run the prefill
     sender.send(room, src_pages, RoomMetadata(first_token_id=...))   # TRANSFERRING
+    # DP attention: src_rank=r, the pages are prefill rank r's and only rank r writes them
     for status in sender.pop_finished():           # SUCCESS or FAILED, once per room:
         free_or_cache(status.room)                 # the source pages are ours again
 
@@ -45,7 +46,7 @@ from .protocol import (
     encode,
     metrics_to_wire,
 )
-from .ranks import RankKV, slice_plan
+from .ranks import RankKV, owner_error, owner_plan, slice_plan
 from .registry import create_backend
 from .rooms import Room, RoomTable
 from .worker import JobResult, TransferJob, TransferWorkers, WritePart
@@ -115,14 +116,18 @@ class KVSender:
         already declined or aborted ends at once: ``pop_finished`` reports it, as any other."""
         self._loop.call(lambda: self._open(room))
 
-    def send(self, room: int, src_pages: Sequence[int], metadata: RoomMetadata) -> None:
-        """The room's KV is ready in ``src_pages``: write it, then ``metadata``, to decode."""
+    def send(
+        self, room: int, src_pages: Sequence[int], metadata: RoomMetadata, src_rank: int = -1
+    ) -> None:
+        """The room's KV is ready in ``src_pages``: write it, then ``metadata``, to decode.
+        ``src_rank`` >= 0: the room's owner (DP attention); the pages are that rank's, and only
+        it writes them. -1: the ranks write as the layouts' plan says."""
         if self._faults is not None and self._faults.random() < self.config.fault_fraction:
             # NOTE: testing only; the real failure path: decode hears FAILED, pages freed once
             self.abort(room, "injected transfer fault")
             return
         pages = tuple(int(p) for p in src_pages)
-        self._loop.call(lambda: self._send(room, pages, metadata))
+        self._loop.call(lambda: self._send(room, pages, metadata, src_rank))
 
     def abort(self, room: int, reason: str) -> None:
         """Give up on ``room`` (also for rooms not opened yet, so a late request fails fast)."""
@@ -163,7 +168,9 @@ class KVSender:
             raise ValueError(f"room {room} was already opened on this prefill node")
         self._table.add(Room(room))
 
-    def _send(self, room_id: int, pages: tuple[int, ...], metadata: RoomMetadata) -> None:
+    def _send(
+        self, room_id: int, pages: tuple[int, ...], metadata: RoomMetadata, src_rank: int
+    ) -> None:
         room = self._table.get(room_id)
         if room is None:
             if self._table.tombstone(room_id) is not None:
@@ -171,7 +178,10 @@ class KVSender:
             raise ValueError(f"room {room_id} is not open (call open_room first)")
         if room.src_pages is not None:
             raise ValueError(f"room {room_id}: send called twice")
-        room.src_pages, room.metadata = pages, metadata
+        room.src_pages, room.metadata, room.src_rank = pages, metadata, src_rank
+        error = owner_error(self.ranks, src_rank, "prefill")
+        if error:
+            return self._fail(room, error)
         if room.peer and not room.state.is_final:
             self._start(room)
 
@@ -193,7 +203,7 @@ class KVSender:
         ours, theirs = {r.rank: r for r in self.ranks}, {r.rank: r for r in peer.ranks}
         parts = tuple(
             WritePart(self._engines[s.src], peer.keys[s.src, s.dst], s, ours[s.src], theirs[s.dst])
-            for s in peer.plan
+            for s in owner_plan(peer.plan, room.src_rank, room.dst_rank)
         )
         job = TransferJob(
             room.room,
@@ -331,9 +341,13 @@ class KVSender:
 
     def _connect_ranks(self, peer: DecodePeer) -> list[str]:
         """Connect each of our ranks to the decode ranks it writes (rank 0 also to decode's rank
-        0, for the metadata); on a failure, undo and say why."""
+        0, for the metadata); on a failure, undo and say why. Replicated pools: every pair, as a
+        room may name any rank on either side as its owner (DP attention)."""
         theirs = {r.rank: r for r in peer.ranks}
-        for src, dst in sorted({(s.src, s.dst) for s in peer.plan} | {(0, 0)}):
+        pairs = {(s.src, s.dst) for s in peer.plan} | {(0, 0)}
+        if not any(r.sliced for r in (*self.ranks, *peer.ranks)):
+            pairs |= {(s.rank, d.rank) for s in self.ranks for d in peer.ranks}
+        for src, dst in sorted(pairs):
             endpoint = theirs[dst].endpoint
             try:
                 if endpoint is None:
@@ -359,7 +373,8 @@ class KVSender:
         if room is None:
             room = self._table.add(Room(msg.room, user_owned=False))
         room.peer, room.dst_pages, room.meta_slot = peer.decode_id, msg.dst_pages, msg.meta_slot
-        error = peer.request_error(msg.dst_pages, msg.meta_slot)
+        room.dst_rank = msg.dst_rank
+        error = peer.request_error(msg.dst_pages, msg.meta_slot, msg.dst_rank)
         if error:
             return self._fail(room, error)
         self._table.move(room, TransferState.WAITING_FOR_INPUT)

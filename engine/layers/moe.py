@@ -10,7 +10,9 @@ holds every expert with a slice of its intermediate size (like a dense MLP). Wit
 (`tp.ep`), rank r holds experts [r * E/ep, (r + 1) * E/ep) whole: each rank routes its share
 of the tokens, sends each (token, expert) pair to the expert's rank with an all-to-all, and
 gets the results back the same way (engine/layers/ep.py). Shared experts are sliced like dense
-MLPs either way; the routed and shared partial sums meet in one all-reduce.
+MLPs either way; the routed and shared partial sums meet in one all-reduce. Under DP attention
+(`tp.dp`) each rank's tokens are its own: it routes all of them, holds the shared experts
+whole, and needs no all-reduce.
 """
 
 from __future__ import annotations
@@ -197,9 +199,15 @@ class MoE(nn.Module):
         self.gate = Router(hidden_size, cfg)
         self.experts = RoutedExperts(hidden_size, cfg, tp)
         shared = cfg.intermediate_size * cfg.num_shared_experts
-        self.shared_experts = GatedMLP(hidden_size, shared, tp, reduce=False) if shared else None
+        dense = tp.dense
+        self.shared_experts = GatedMLP(hidden_size, shared, dense, reduce=False) if shared else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.dp:  # DP attention: x is this rank's own tokens, the result is whole here
+            out = dispatch_combine(self.experts, x, *self.gate(x), self.tp)
+            if self.shared_experts is not None:
+                out += self.shared_experts(x)
+            return out
         if self.tp.ep:
             lo, hi = token_share(len(x), self.tp)  # this rank routes its share of the tokens
             out = torch.zeros_like(x)

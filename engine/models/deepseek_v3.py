@@ -96,12 +96,12 @@ class MLAttention(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, tp: Parallel) -> None:
         super().__init__()
-        self.self_attn = MLAttention(cfg, layer, tp)
+        self.self_attn = MLAttention(cfg, layer, tp.dense)
         moe = cfg.moe
         if moe is not None and moe.is_moe_layer(layer):
             self.mlp: nn.Module = MoE(cfg.hidden_size, moe, tp)
         else:
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp)
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp.dense)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -124,14 +124,14 @@ class DeepseekV3ForCausalLM(DecoderOnlyLM):
             )
         tp = tp or Parallel.single()
         self.cfg, self.tp = cfg, tp
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, tp.dense)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, tp) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(
             cfg.mla.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
         )
         self.lm_head = (
-            None if cfg.tie_word_embeddings else LMHead(cfg.vocab_size, cfg.hidden_size, tp)
+            None if cfg.tie_word_embeddings else LMHead(cfg.vocab_size, cfg.hidden_size, tp.dense)
         )
 
     # ---- loading ---------------------------------------------------------------------------

@@ -18,6 +18,11 @@ def divisors(n: int) -> str:
 def check_parallel(cfg: ModelConfig, options: EngineOptions) -> None:
     """Raise ValueError unless `cfg` splits over options.tp_size ranks (and ep_size)."""
     tp = options.tp_size
+    if options.dp_attention and (cfg.mla is None or cfg.moe is None):
+        raise ValueError(
+            f"dp_attention is for MLA MoE models such as DeepSeek-V3 ({cfg.family} has "
+            f"{'no MLA' if cfg.mla is None else 'no experts'}): use plain tp_size"
+        )
     sizes = [("attention heads", cfg.num_heads), ("MLP intermediate size", cfg.intermediate_size)]
     if cfg.mla is None and cfg.num_kv_heads >= tp:
         sizes.append(("KV heads", cfg.num_kv_heads))
@@ -28,6 +33,8 @@ def check_parallel(cfg: ModelConfig, options: EngineOptions) -> None:
         shared = cfg.moe.intermediate_size * cfg.moe.num_shared_experts
         if shared:
             sizes.append(("shared experts' intermediate size", shared))
+    if options.dp_attention:  # attention, dense layers and shared experts stay whole
+        sizes = [s for s in sizes if s[0] == "routed experts"]
     for what, n in sizes:
         if n % tp == 0:
             continue

@@ -29,10 +29,18 @@ class Parallel:
     # here: gloo's allreduce of a [16, 64] float32 tensor took 0.4-1.6 ms and two broadcasts
     # 0.08 ms; at [512, 1024], 2.1-2.7 ms against 0.95 ms.
     by_broadcast: bool = False
+    # DP attention: each rank computes its own tokens; only the routed experts are spread (ep)
+    dp: bool = False
 
     @staticmethod
     def single() -> Parallel:
         return Parallel()
+
+    @property
+    def dense(self) -> Parallel:
+        """The split of attention, dense MLPs, shared experts and vocabulary: this group, or
+        none under DP attention (each rank holds them whole and runs them on its own tokens)."""
+        return Parallel.single() if self.dp else self
 
     @property
     def ep_size(self) -> int:

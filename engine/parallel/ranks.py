@@ -53,7 +53,9 @@ class RankGroup:
         self.compute = new_group(store, "compute", rank, self.size, self.timeout, options.device)
         self.control = new_group(store, "control", rank, self.size, self.timeout, "cpu")
         cpu = not options.device.startswith("cuda")
-        self.parallel = Parallel(rank, self.size, self.compute, options.ep_size > 1, cpu)
+        self.parallel = Parallel(
+            rank, self.size, self.compute, options.ep_size > 1, cpu, options.dp_attention
+        )
 
     def agree_min(self, key: str, value: int, timeout_s: float) -> int:
         """The smallest `value` over the ranks, through the store (so ranks that take long to

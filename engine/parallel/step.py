@@ -30,12 +30,22 @@ class StepPlan:
             out.extend(range(kv - q, kv))
         return out
 
-    def encode(self) -> bytes:
+    def astuple(self) -> tuple:
         # NOTE: not dataclasses.astuple: it deep-copies every list (a third of a tiny step)
-        return msgpack.packb(
-            (self.ids, self.q_lens, self.kv_lens, self.page_tables, self.logit_rows, self.mode)
-        )
+        return self.ids, self.q_lens, self.kv_lens, self.page_tables, self.logit_rows, self.mode
+
+    def encode(self) -> bytes:
+        return msgpack.packb(self.astuple())
 
     @staticmethod
     def decode(data: bytes) -> StepPlan:
         return StepPlan(*msgpack.unpackb(data))
+
+
+def encode_plans(plans: list[StepPlan]) -> bytes:
+    """DP attention: every rank's own plan, in rank order."""
+    return msgpack.packb([p.astuple() for p in plans])
+
+
+def decode_plans(data: bytes) -> list[StepPlan]:
+    return [StepPlan(*p) for p in msgpack.unpackb(data)]

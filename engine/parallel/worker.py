@@ -26,7 +26,6 @@ import torch.distributed as dist
 from engine.config import ModelConfig
 from engine.options import EngineOptions
 from engine.parallel.ranks import RankGroup
-from engine.parallel.step import StepPlan
 from engine.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -174,7 +173,7 @@ def follow(
     kept = run_setup(setup, runner, group)  # noqa: F841 - alive as long as the rank
     with torch.inference_mode():
         while (data := group.receive()) is not None:
-            runner.execute(StepPlan.decode(data))
+            runner.follow(data)
     group.close()
 
 

@@ -152,17 +152,23 @@ def kill(logs: Path, name: str) -> dict[str, Any]:
     return before
 
 
+def load_on(cluster: Cluster, url: str) -> None:
+    """Wait until the gateway counts requests in flight on `url`, so that the fault surely
+    lands on streams (every stream having begun does not yet say one is on `url`)."""
+    wait_until(
+        lambda: gateway_metric(cluster.url, "instance_outstanding_requests", url) > 0,
+        f"streams on {url}",
+        timeout_s=30,
+    )
+
+
 def kill_decode_under_streams(cluster: Cluster, logs: Path, expected: list) -> dict[str, Any]:
     """kill -9 of decode-1 once 16 streams run: all complete as if nothing happened."""
     killed: dict[str, Any] = {}
 
     def fault() -> None:
-        assert (
-            gateway_metric(
-                cluster.url, "instance_outstanding_requests", node_url(cluster, "decode-1")
-            )
-            > 0
-        )
+        url = node_url(cluster, "decode-1")
+        load_on(cluster, url)
         killed.update(kill(logs, "decode-1"))
 
     moved = gateway_metric(cluster.url, "migrations_total")
@@ -202,7 +208,7 @@ def drain_decode_under_streams(cluster: Cluster, logs: Path, expected: list) -> 
     url, stopped, during = node_url(cluster, "decode-1"), {}, []
 
     def fault() -> None:
-        assert gateway_metric(cluster.url, "instance_outstanding_requests", url) > 0
+        load_on(cluster, url)
         before = launch_state(logs)["decode-1"]
         os.killpg(before["pid"], signal.SIGTERM)
         stopped.update(before)

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from transfer.buffers import KVBuffer
-from transfer.ranks import RankKV, Slice, layout_errors, slice_descriptors, slice_plan
+from transfer.ranks import (
+    RankKV,
+    Slice,
+    layout_errors,
+    owner_error,
+    owner_plan,
+    slice_descriptors,
+    slice_plan,
+)
 
 HEADS, PAGE, DIM = 4, 8, 2  # KV heads, tokens per page, bytes per token of one head
 HEAD_BYTES = PAGE * DIM
@@ -76,12 +84,17 @@ def test_shared_kv_heads_are_spread_over_their_holders() -> None:
     assert [s.src for s in slice_plan(src, dst)] == [0, 3, 4, 7]
 
 
-def test_replicated_pools_go_whole_from_one_rank_each() -> None:
-    arrays = [np.zeros((LAYERS, 6, 32), np.uint8) for _ in range(2)]
-    ranks = [
+def replicated(tp: int) -> list[RankKV]:
+    """tp ranks holding the same latent cache (head_count 0)."""
+    arrays = [np.zeros((LAYERS, 6, 32), np.uint8) for _ in range(tp)]
+    return [
         RankKV(r, tuple(KVBuffer.from_array(a[b]) for b in range(LAYERS)))
         for r, a in enumerate(arrays)
     ]
+
+
+def test_replicated_pools_go_whole_from_one_rank_each() -> None:
+    ranks = replicated(2)
     assert slice_plan(ranks, ranks) == [Slice(0, 0), Slice(1, 1)]
     assert slice_plan(ranks[:1], ranks) == [Slice(0, 0), Slice(0, 1)]
     assert slice_plan(ranks, ranks[:1]) == [Slice(0, 0)]
@@ -95,3 +108,17 @@ def test_layouts_that_cannot_meet_are_named() -> None:
     assert "no prefill rank holds" in layout_errors(partial, views(pools(1), 1))[0]
     flat = [RankKV(0, src[0].buffers)]
     assert "slices KV by heads and the other does not" in layout_errors(src, flat)[0]
+
+
+def test_owners_keep_a_replicated_plan_to_their_ranks() -> None:
+    """DP attention: the owning decode rank only, written by the owning prefill rank."""
+    ranks = replicated(2)
+    plan = slice_plan(ranks, ranks)
+    assert owner_plan(plan, 1, 1) == [Slice(1, 1)]
+    assert owner_plan(plan, 0, 1) == [Slice(0, 1)]
+    assert owner_plan(plan, 1, -1) == [Slice(1, 0), Slice(1, 1)]
+    assert owner_plan(plan, -1, 0) == [Slice(0, 0)]
+    assert owner_plan(plan, -1, -1) == plan
+    assert owner_error(ranks, 1, "decode") == owner_error(ranks, -1, "decode") == ""
+    assert "the decode node has ranks 0..1" in owner_error(ranks, 2, "decode")
+    assert "replicated latent cache" in owner_error(views(pools(2), 2), 0, "prefill")
