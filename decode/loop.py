@@ -117,7 +117,10 @@ class DecodeLoop(NodeLoop):
             del self.prealloc[rid]
             self.rooms[req.bootstrap_room] = rid
             self.room_of[rid] = req.bootstrap_room
-            self.receiver.open_room(req.bootstrap_room, req.bootstrap_address, pages)
+            owner = self.engine.kv_owner(rid)
+            self.receiver.open_room(
+                req.bootstrap_room, req.bootstrap_address, pages, dst_rank=owner
+            )
 
     def _expire_prealloc(self) -> None:
         limit = self.settings.prealloc_timeout_s

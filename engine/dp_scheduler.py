@@ -37,6 +37,7 @@ class DPScheduler:
             Scheduler(cfg, pool, RadixCache(pool) if prefix_cache else None) for pool in pools
         ]
         self.page_size = pools[0].page_size
+        self.placed = [0] * len(self.ranks)  # requests given to each rank so far
 
     # ---- placement -------------------------------------------------------------------------
 
@@ -55,12 +56,14 @@ class DPScheduler:
     def add(self, req: Req) -> None:
         req.dp_rank = self._by_load(req)[0]
         self.ranks[req.dp_rank].add(req)
+        self.placed[req.dp_rank] += 1
 
     def reserve(self, req: Req, num_tokens: int) -> bool:
         """Hold the pages on the best rank that has room for them."""
         for r in self._by_load(req):
             if self.ranks[r].reserve(req, num_tokens):
                 req.dp_rank = r
+                self.placed[r] += 1
                 return True
         return False
 
@@ -124,6 +127,14 @@ class DPScheduler:
 
     def has_work(self) -> bool:
         return any(s.has_work() for s in self.ranks)
+
+    def describe(self) -> list[dict[str, int]]:
+        """Each attention rank's load, for /get_server_info."""
+        return [
+            {"placed": n, "running": len(s.running), "waiting": len(s.waiting),
+             "held": len(s.held), "free_pages": s.free_pages}
+            for n, s in zip(self.placed, self.ranks)
+        ]  # fmt: skip
 
     def cached_prefix_len(self, tokens: list[int]) -> int:
         return max(s.cached_prefix_len(tokens) for s in self.ranks)

@@ -363,6 +363,7 @@ class Engine:
         """Usable KV pages, on every rank (DP attention: each rank's pool counts)."""
         return self.scheduler.total_pages
 
-    def kv_rank(self, rid: str) -> int:
-        """The rank whose pool holds a held request's KV (0 but under DP attention)."""
-        return self._held(rid).dp_rank
+    def kv_owner(self, rid: str) -> int:
+        """DP attention: the rank whose pool alone holds a held request's KV; otherwise -1
+        (every rank holds its part)."""
+        return self._held(rid).dp_rank if self.options.dp_attention else -1

@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any, ClassVar
 
+from engine.dp_scheduler import DPScheduler
 from engine.engine import Engine, RequestOutput
 from engine.sampling import SamplingParams
 from node.channel import SchedulerChannel
@@ -133,7 +134,7 @@ class NodeLoop:
             "max_model_len": engine.max_model_len,
             "uptime_s": round(time.time() - self.started, 1),
             "tp_size": engine.options.tp_size,
-            "dp_attention": engine.options.dp_attention,
+            "dp_ranks": sched.describe() if isinstance(sched, DPScheduler) else [],
             "ranks": engine.group.describe() if engine.group is not None else [],
             **self.extra_info(),
         }

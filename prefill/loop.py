@@ -82,7 +82,8 @@ class PrefillLoop(NodeLoop):
             top_logprobs=tuple(tuple(t) for t in out.top_logprobs[0]) if out.top_logprobs else (),
             cached_tokens=out.cached_tokens,
         )
-        self.sender.send(room.room, self.engine.kv_pages(out.rid), meta)
+        owner = self.engine.kv_owner(out.rid)
+        self.sender.send(room.room, self.engine.kv_pages(out.rid), meta, src_rank=owner)
 
     def on_abort(self, rid: str) -> None:
         room = self.by_rid.get(rid)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -58,6 +59,47 @@ def test_greedy_output_equals_transformers_across_layouts(make_tiny, tmp_path, l
         cluster.wait_pages_free()
         for url in cluster.node_urls():
             assert httpx.get(f"{url}/check_integrity", timeout=10).status_code == 200
+
+
+DP_LAYOUTS = [  # (engine, prefill tp, prefill DP attention, decode tp, decode DP attention)
+    pytest.param(("mooncake", 2, True, 2, True), id="mooncake-p2dp-d2dp"),
+    pytest.param(("nixl", 1, False, 2, True), id="nixl-p1-d2dp"),
+    pytest.param(("nixl", 2, True, 1, False), id="nixl-p2dp-d1"),
+    pytest.param(("mooncake", 2, False, 2, True), id="mooncake-p2-d2dp"),
+]
+
+
+def dp_engine(tp: int, dp: bool) -> dict:
+    return {"tp_size": tp, "ep_size": tp, "dp_attention": True} if dp else {"tp_size": tp}
+
+
+@pytest.mark.parametrize("layout", DP_LAYOUTS)
+def test_dp_attention_ranks_send_and_receive_their_own_requests(
+    make_tiny, tmp_path, layout
+) -> None:
+    """DeepSeek-V3 with DP attention on either side: each request's latent lives on one rank,
+    the owning prefill rank writes it into the owning decode rank's pages. Concurrent requests
+    spread over the ranks, and greedy output equals transformers'."""
+    backend, prefill_tp, prefill_dp, decode_tp, decode_dp = layout
+    model = make_tiny("deepseek_v3", "deepseek", layers=3)
+    tok = load_tokenizer(model)
+    config = cluster_yaml(model, backend, prefill=1, decode=1)
+    config["prefill"][0]["engine"] = dp_engine(prefill_tp, prefill_dp)
+    config["decode"][0]["engine"] = dp_engine(decode_tp, decode_dp)
+    prompts = [f"Request {i} goes to whichever attention rank is free. " * (i % 3 + 1)
+               for i in range(6)]  # fmt: skip
+    with launched(config, tmp_path) as cluster:
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            outs = list(pool.map(lambda p: generate(cluster.url, p), prompts))
+        for prompt, out in zip(prompts, outs, strict=True):
+            assert out["output_ids"] == expected_ids(model, tok(prompt)["input_ids"])
+        cluster.wait_pages_free()
+        for url in cluster.node_urls():
+            assert httpx.get(f"{url}/check_integrity", timeout=10).status_code == 200
+            info = httpx.get(f"{url}/get_server_info", timeout=10).json()
+            if info["dp_ranks"]:
+                placed = [r["placed"] for r in info["dp_ranks"]]
+                assert sum(placed) == len(prompts) and min(placed) > 0, placed
 
 
 def test_page_size_mismatch_is_refused_at_load_and_at_the_handshake(make_tiny, tmp_path) -> None:

@@ -34,7 +34,7 @@ class Receiver:
         self.opened: dict[int, list[int]] = {}
         self.finished: list[RoomStatus] = []
 
-    def open_room(self, room: int, address: str, pages: list[int]) -> None:
+    def open_room(self, room: int, address: str, pages: list[int], dst_rank: int = -1) -> None:
         self.opened[room] = list(pages)
 
     def pop_finished(self) -> list[RoomStatus]:

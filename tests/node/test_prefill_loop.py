@@ -49,7 +49,7 @@ class Sender:
         if room in self.ended:
             self.finished.append(self.ended.pop(room))
 
-    def send(self, room: int, pages: list[int], meta: RoomMetadata) -> None:
+    def send(self, room: int, pages: list[int], meta: RoomMetadata, src_rank: int = -1) -> None:
         self.sent[room] = (list(pages), meta)
 
     def abort(self, room: int, reason: str) -> None:

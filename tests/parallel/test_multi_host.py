@@ -1,6 +1,7 @@
 """A rank group across two "hosts": two groups of processes on loopback that meet at
 dist_init_addr (SGLang's nnodes / node_rank / dist_init_addr), through the `pdserve` CLI: the
-offline `generate` and a node serving HTTP whose second half runs no API."""
+offline `generate` (also under DP attention) and a node serving HTTP whose second half runs
+no API."""
 
 from __future__ import annotations
 
@@ -82,3 +83,16 @@ def test_node_across_two_hosts_serves_and_its_ranks_leave_with_it(make_tiny) -> 
         first.terminate()
         first.wait(timeout=60)
     assert second.wait(timeout=60) == 0, second.stderr.read()[-3000:] if second.stderr else ""
+
+
+def test_dp_attention_across_two_hosts_equals_one_rank(make_tiny) -> None:
+    """`--dp-attention`: each host's rank runs its own prompt's attention, the experts meet."""
+    model = str(make_tiny("deepseek_v3", "deepseek", layers=3))
+    expected = outputs(generate(model))
+    (port,) = free_ports(1)
+    dp = ["--ep-size", "2", "--dp-attention"]
+    second = generate(model, *group_flags(port, 1), *dp)
+    first = generate(model, *group_flags(port, 0), *dp)
+    assert outputs(first) == expected
+    second.communicate(timeout=60)
+    assert second.returncode == 0
