@@ -61,6 +61,24 @@ def limit_onednn_caches(entries: int) -> None:
             os.environ.setdefault(name, str(entries))
 
 
+def check_device(device: str) -> None:
+    """A CUDA device that torch cannot use is refused before anything loads."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        why = "it was built without CUDA" if torch.version.cuda is None else "it finds no GPU"
+        raise ValueError(
+            f"engine.device is {device!r} but torch {torch.__version__} cannot use CUDA ({why}): "
+            "set engine.device: cpu, or install a CUDA build of torch on a GPU machine"
+        )
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise ValueError(
+            f"engine.device is {device!r} but this machine has {torch.cuda.device_count()} "
+            "GPU(s) (use cuda:0 .. cuda:N-1)"
+        )
+
+
 class Engine:
     def __init__(
         self,
@@ -78,6 +96,7 @@ class Engine:
         self.model_cfg = ModelConfig.load(model_path)
         self.tokenizer = load_tokenizer(model_path)
         self.eos_token_ids = frozenset(eos_token_ids(model_path, self.tokenizer))
+        check_device(options.device)
         torch.manual_seed(options.seed)
         self.group = None
         if options.tp_size > 1:
