@@ -1,0 +1,94 @@
+"""Offline throughput on CUDA at several batch sizes, and the decode step beside its memory
+roofline: a decode step must read every weight and each request's KV once, so it cannot beat
+(weight bytes + KV bytes) / bandwidth, with the bandwidth measured here as a device-to-device
+copy. Used by scripts/gpu_check.py; on its own:
+
+    python scripts/gpu_roofline.py MODEL_DIR [--backend flashinfer]      # last line JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.llm import LLM
+from engine.sampling import SamplingParams
+
+
+def copy_bandwidth(device: str = "cuda", gib: int = 1) -> float:
+    """Bytes per second moved (read + write) by the best of five 1 GiB device copies."""
+    src = torch.empty(gib << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() / best
+
+
+def decode_steps(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> list[float]:
+    """Seconds of each step once every request decodes (all have their first token)."""
+    engine, started, times = llm.engine, set(), []
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"roofline-{i}", prompt, params)
+    while engine.has_work():
+        all_decoding = len(started) == len(prompts)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = engine.step()
+        torch.cuda.synchronize()
+        if all_decoding:
+            times.append(time.perf_counter() - t0)
+        started.update(o.rid for o in outs)
+    return times
+
+
+def offline_and_roofline(
+    model: Path, backend: str, batches: Sequence[int], input_len: int, output_len: int
+) -> dict[str, Any]:
+    top = max(batches)
+    llm = LLM(
+        str(model), device="cuda", dtype="bfloat16", attention_backend=backend,
+        max_running=top, max_batch_tokens=8192, page_size=16, enable_prefix_cache=False,
+        max_total_tokens=top * (input_len + output_len) * 2,
+    )  # fmt: skip
+    vocab = llm.engine.model_cfg.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(100, min(vocab, 100_000), (top, input_len), generator=gen).tolist()
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    tok_s = {}
+    for b in batches:
+        start = time.perf_counter()
+        outs = llm.generate(prompts[:b], params)
+        tok_s[str(b)] = round(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start))
+    steps = decode_steps(llm, prompts, params)
+    model_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    context = input_len + output_len / 2  # the mean context over the decode steps
+    kv_bytes = top * context * llm.engine.pool.layout.bytes_per_token
+    bandwidth = copy_bandwidth()
+    step_s, bound_s = statistics.median(steps), (model_bytes + kv_bytes) / bandwidth
+    return {
+        "backend": backend, "output_tok_s": tok_s, "decode_batch": top,
+        "decode_step_ms": round(step_s * 1e3, 3), "roofline_ms": round(bound_s * 1e3, 3),
+        "x_roofline": round(step_s / bound_s, 2), "weight_gb": round(model_bytes / 1e9, 2),
+        "kv_gb_per_step": round(kv_bytes / 1e9, 3), "copy_gb_s": round(bandwidth / 1e9),
+    }  # fmt: skip
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--backend", default="triton")
+    a = p.parse_args()
+    print(json.dumps(offline_and_roofline(Path(a.model), a.backend, (1, 16, 64), 256, 64)))
