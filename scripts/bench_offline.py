@@ -33,7 +33,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks (processes)")
     p.add_argument("--ep-size", type=int, default=1, help="expert parallelism: 1 or --tp-size")
+    p.add_argument(
+        "--dp-attention", action="store_true", help="DP attention (MLA MoE; --ep-size = --tp-size)"
+    )
     p.add_argument("--no-cpu-kernels", action="store_true", help="torch's ops only")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--attention-backend", default="torch")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64)
@@ -83,7 +88,10 @@ def bench_engine(
         enable_prefix_cache=False,
         tp_size=args.tp_size,
         ep_size=args.ep_size,
+        dp_attention=args.dp_attention,
         cpu_kernels=not args.no_cpu_kernels,
+        device=args.device,
+        attention_backend=args.attention_backend,
     )
     with llm:
         params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
@@ -133,6 +141,9 @@ def main() -> None:
         "dtype": args.dtype,
         "tp_size": args.tp_size,
         "ep_size": args.ep_size,
+        "dp_attention": args.dp_attention,
+        "device": args.device,
+        "attention_backend": args.attention_backend,
         "threads": torch.get_num_threads(),
         "engine_output_tok_s": round(engine_tps, 1),
         "kv_bytes_per_token": kv_bytes,
