@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors through Triton's interpreter (set before triton loads);
+    # on a GPU machine they run natively and the interpreter's tests skip
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.tokenizer import load_tokenizer
 from modelgen.make import make_model
@@ -56,8 +63,6 @@ def tiny_tokenizer(make_tiny: Callable[..., Path]) -> Callable[[str], Any]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """GPU-marked tests skip, saying why, where torch sees no CUDA GPU (CI, this machine)."""
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs these)")

@@ -99,8 +99,13 @@ class RoutedExperts(nn.Module):
     """This rank's experts as gated MLPs with stacked weights: every expert with a slice of its
     intermediate rows, or (expert parallel) a range of whole experts."""
 
-    def __init__(self, hidden_size: int, cfg: MoEConfig, tp: Parallel) -> None:
+    def __init__(
+        self, hidden_size: int, cfg: MoEConfig, tp: Parallel, use_fused: bool = False
+    ) -> None:
         super().__init__()
+        # NOTE: the Triton grouped GEMMs (engine/kernels/triton_moe.py) replace the loop over
+        # experts where this is set (the GPU path); torch stays the CPU path and the reference.
+        self.use_fused = use_fused
         self.num_experts, self.full_intermediate = cfg.num_experts, cfg.intermediate_size
         if tp.ep:
             e = tp.split(cfg.num_experts, "n_routed_experts")
@@ -114,6 +119,10 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Σ_k weights[t, k] * expert_{ids[t, k]}(x[t]) (ids global; every expert is here)."""
+        if self.use_fused:
+            from engine.kernels.triton_moe import fused_moe  # imports triton
+
+            return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids)
         out = torch.zeros_like(x)
         for expert, picks in self._groups(ids.flatten()):
             tokens = picks // ids.shape[1]
@@ -123,6 +132,10 @@ class RoutedExperts(nn.Module):
 
     def compute(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """Row i through this rank's expert local_ids[i], unweighted (expert parallel)."""
+        if self.use_fused:
+            from engine.kernels.triton_moe import fused_expert_rows
+
+            return fused_expert_rows(x, self.gate_up_proj, self.down_proj, local_ids)
         out = torch.empty_like(x)
         for expert, picks in self._groups(local_ids):
             out[picks] = self._expert(expert, x[picks]).to(out.dtype)
