@@ -433,13 +433,14 @@ def test_unknown_attention_backend_fails_at_load(
         raise AssertionError("the launcher started components from an invalid config")
 
     monkeypatch.setattr("cluster.launch.Supervisor", start)
-    path = str(write(tmp_path, config_with(engine={"attention_backend": "flashinfer"})))
+    path = str(write(tmp_path, config_with(engine={"attention_backend": "flash-attn"})))
     assert pdserve(["launch", path, *(["--dry-run"] if dry_run else [])]) == 2
     err = capsys.readouterr().err
-    assert "engine.attention_backend: 'flashinfer' is not registered (use one of: torch)" in err
-    per_node = ["--set", "decode.0.engine.attention_backend=triton"]
+    want = "'flash-attn' is not registered (use one of: flashinfer, torch, triton)"
+    assert f"engine.attention_backend: {want}" in err
+    per_node = ["--set", "decode.0.engine.attention_backend=cudnn"]
     assert pdserve(["launch", path, "--set", "engine.attention_backend=torch", *per_node]) == 2
-    assert "decode.0.engine.attention_backend: 'triton' is not registered" in (
+    assert "decode.0.engine.attention_backend: 'cudnn' is not registered" in (
         capsys.readouterr().err
     )
 

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 # name -> "module:class"
 ATTENTION_BACKENDS = {
     "torch": "engine.layers.attention.torch_backend:TorchAttention",
+    "triton": "engine.layers.attention.triton_backend:TritonAttention",
     "flashinfer": "engine.layers.attention.flashinfer_backend:FlashInferAttention",
 }
 
