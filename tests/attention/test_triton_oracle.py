@@ -8,15 +8,23 @@ Interpreter-only (CPU): a GPU run of this directory leaves the engine's CUDA pat
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from engine.tokenizer import eos_token_ids, load_tokenizer
 from tests.attention.harness import TritonAttention
+from tests.e2e.cluster_util import REPO
 from tests.test_engine_oracle import (
     GREEDY,
+    MAX_NEW,
     assert_matches_hf,
     assert_pages_released,
+    hf_reference,
     new_llm,
     random_prompts,
 )
@@ -46,3 +54,25 @@ def test_triton_backend_matches_transformers(tiny: Path) -> None:
     assert_matches_hf(tiny, [shared], again)
     assert again[0].cached_tokens >= 12
     assert_pages_released(llm)
+
+
+def test_generate_command_with_triton_equals_transformers(tiny: Path) -> None:
+    """`pdserve generate --attention-backend triton` (the interpreter inherited through the
+    environment) prints transformers' greedy tokens, up to EOS if the model says it."""
+    prompts = ["Pages of four tokens", "Triton kernels in the interpreter"]
+    args = [a for p in prompts for a in ("--prompt", p)]
+    done = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "generate", "--model", str(tiny), *args,
+         "--attention-backend", "triton", "--page-size", "4", "--max-tokens", str(MAX_NEW),
+         "--temperature", "0", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    tok = load_tokenizer(tiny)
+    eos = set(eos_token_ids(tiny, tok))
+    for prompt, line in zip(prompts, done.stdout.splitlines(), strict=True):
+        got = json.loads(line)["token_ids"]
+        want = hf_reference(str(tiny), tuple(tok(prompt)["input_ids"]))[0]
+        assert got and got == want[: len(got)]
+        assert len(got) == MAX_NEW or got[-1] in eos
