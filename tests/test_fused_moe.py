@@ -259,3 +259,37 @@ def test_kernels_compile_for_hopper(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(run, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_fp8_checkpoint_experts_stay_fp8_and_equal_the_dequantized_experts(make_tiny) -> None:
+    """`keep_fp8_experts` (what a GPU build does by itself): the routed experts load as FP8 with
+    their block scales (no dequantized copy) and each MoE layer computes what the dequantizing
+    load computes."""
+    from engine.config import ModelConfig
+    from engine.layers.moe import MoE
+    from engine.models.deepseek_v3 import DeepseekV3ForCausalLM
+    from engine.weights import iter_weights
+
+    path = make_tiny("deepseek_v3", "deepseek", layers=3, fp8=True, fp8_block=(16, 16))
+    cfg = ModelConfig.load(path)
+    ref = DeepseekV3ForCausalLM(cfg)
+    ref.load_weights(iter_weights(path, cfg.fp8))
+    kept = DeepseekV3ForCausalLM(cfg)
+    kept.keep_fp8_experts()
+    kept.load_weights(iter_weights(path, cfg.fp8))
+    x = torch.randn(9, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    moe_layers = [(a.mlp, b.mlp) for a, b in zip(ref.layers, kept.layers) if isinstance(a.mlp, MoE)]
+    assert moe_layers
+    for want, got in moe_layers:
+        experts = got.experts
+        assert experts.fp8 is not None and experts.gate_up_proj.numel() == 0
+        assert experts.fp8[0].weight.dtype == torch.float8_e4m3fn
+        with torch.inference_mode():
+            a, b = want(x), got(x)
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max()
+
+
+def test_fp8_experts_refuse_a_sliced_intermediate() -> None:
+    experts = RoutedExperts(HIDDEN, routing(2), Parallel(rank=0, size=2))
+    with pytest.raises(ValueError, match="ep_size = tp_size"):
+        experts.keep_fp8()

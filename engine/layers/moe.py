@@ -17,6 +17,9 @@ whole, and needs no all-reduce.
 
 from __future__ import annotations
 
+from importlib.util import find_spec
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -26,7 +29,10 @@ from engine.layers.ep import dispatch_combine, token_share
 from engine.layers.linear import copy_checked, copy_slice, linear
 from engine.layers.mlp import GatedMLP
 from engine.parallel.group import Parallel
-from engine.weights import WeightRef, read
+from engine.weights import Fp8Tensor, WeightRef, read
+
+if TYPE_CHECKING:
+    from engine.kernels.triton_moe import BlockFp8
 
 # per-expert checkpoint projection -> (stacked parameter, half of gate_up_proj or None)
 EXPERT_PROJECTIONS = {"gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
@@ -95,17 +101,32 @@ class Router(nn.Module):
         return self
 
 
+def fp8_experts_on_device(tp: Parallel) -> bool:
+    """Whether experts built now (on the default device) keep FP8 weights: on a GPU whose
+    Triton reads float8 (sm_89+: Ada, Hopper and later), with whole experts on each rank."""
+    if torch.get_default_device().type != "cuda" or find_spec("triton") is None:
+        return False
+    return torch.cuda.get_device_capability() >= (8, 9) and (tp.ep or tp.size == 1)
+
+
 class RoutedExperts(nn.Module):
     """This rank's experts as gated MLPs with stacked weights: every expert with a slice of its
     intermediate rows, or (expert parallel) a range of whole experts."""
 
     def __init__(
-        self, hidden_size: int, cfg: MoEConfig, tp: Parallel, use_fused: bool = False
+        self, hidden_size: int, cfg: MoEConfig, tp: Parallel, use_fused: bool | None = None
     ) -> None:
         super().__init__()
         # NOTE: the Triton grouped GEMMs (engine/kernels/triton_moe.py) replace the loop over
-        # experts where this is set (the GPU path); torch stays the CPU path and the reference.
-        self.use_fused = use_fused
+        # experts where this is set; by default where the model is built on a GPU (the GPU
+        # path), and torch stays the CPU path and the reference.
+        on_gpu = torch.get_default_device().type == "cuda"
+        self.use_fused = (
+            on_gpu and find_spec("triton") is not None if use_fused is None else use_fused
+        )
+        self.fp8: tuple[BlockFp8, BlockFp8] | None = None  # keep_fp8: (gate_up, down) in FP8
+        self._fp8_refs: dict[int, dict[str, Fp8Tensor]] | None = None
+        self.tp_sliced = not tp.ep and tp.size > 1
         self.num_experts, self.full_intermediate = cfg.num_experts, cfg.intermediate_size
         if tp.ep:
             e = tp.split(cfg.num_experts, "n_routed_experts")
@@ -113,16 +134,44 @@ class RoutedExperts(nn.Module):
         else:
             e, i = cfg.num_experts, tp.split(cfg.intermediate_size, "moe_intermediate_size")
             self.first_expert, self.slice_start = 0, tp.rank * i
-        self.intermediate_size = i
+        self.intermediate_size, self.local_experts = i, e
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(e, hidden_size, i))
+
+    def keep_fp8(self) -> None:
+        """Before loading an FP8 block-quantized checkpoint: keep the experts' weights in FP8
+        with their block scales (the fused kernels dequantize tile by tile) instead of
+        dequantizing them on load; the stacked parameters then stay empty."""
+        if self.tp_sliced:
+            raise ValueError(
+                "FP8 experts stay FP8 only whole (ep_size = tp_size, or tp_size 1): a slice of "
+                "the intermediate size would cut the scale blocks"
+            )
+        self.use_fused, self._fp8_refs = True, {}
+        self.gate_up_proj = nn.Parameter(self.gate_up_proj.new_empty(0), requires_grad=False)
+        self.down_proj = nn.Parameter(self.down_proj.new_empty(0), requires_grad=False)
+
+    def finish_loading(self) -> None:
+        """keep_fp8: stack this rank's experts' FP8 tensors (and scales) onto the device."""
+        if self._fp8_refs is None:
+            return
+        from engine.kernels.triton_moe import stack_block_fp8
+
+        local = range(self.first_expert, self.first_expert + self.local_experts)
+        refs, device = self._fp8_refs, self.gate_up_proj.device
+        gate_up = stack_block_fp8([[refs[e]["gate_proj"], refs[e]["up_proj"]] for e in local])
+        down = stack_block_fp8([[refs[e]["down_proj"]] for e in local])
+        self.fp8, self._fp8_refs = (gate_up.to(device), down.to(device)), None
+
+    def _weights(self) -> tuple[object, object]:
+        return self.fp8 or (self.gate_up_proj, self.down_proj)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Σ_k weights[t, k] * expert_{ids[t, k]}(x[t]) (ids global; every expert is here)."""
         if self.use_fused:
             from engine.kernels.triton_moe import fused_moe  # imports triton
 
-            return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids)
+            return fused_moe(x, *self._weights(), weights, ids)
         out = torch.zeros_like(x)
         for expert, picks in self._groups(ids.flatten()):
             tokens = picks // ids.shape[1]
@@ -135,7 +184,7 @@ class RoutedExperts(nn.Module):
         if self.use_fused:
             from engine.kernels.triton_moe import fused_expert_rows
 
-            return fused_expert_rows(x, self.gate_up_proj, self.down_proj, local_ids)
+            return fused_expert_rows(x, *self._weights(), local_ids)
         out = torch.empty_like(x)
         for expert, picks in self._groups(local_ids):
             out[picks] = self._expert(expert, x[picks]).to(out.dtype)
@@ -165,7 +214,15 @@ class RoutedExperts(nn.Module):
                 "routed experts (n_routed_experts does not match the weights)"
             )
         local = expert - self.first_expert
-        if 0 <= local < self.gate_up_proj.shape[0]:
+        if self._fp8_refs is not None:
+            if not isinstance(tensor, Fp8Tensor) or tensor.block is None:
+                raise ValueError(
+                    f"{name!r} is not FP8 with block scales, but the experts were set to stay FP8"
+                )
+            if 0 <= local < self.local_experts:
+                self._fp8_refs.setdefault(expert, {})[proj] = tensor
+            return f"{expert}.{proj}"
+        if 0 <= local < self.local_experts:
             full, start = self.full_intermediate, self.slice_start
             if proj == "down_proj":
                 copy_slice(self.down_proj[local], tensor, name, 1, start, full)
@@ -177,6 +234,11 @@ class RoutedExperts(nn.Module):
 
     def load_stacked(self, param: str, tensor: WeightRef, name: str) -> list[str]:
         """Load a stacked `gate_up_proj`/`down_proj` [E, ...] tensor; returns the pieces seen."""
+        if self._fp8_refs is not None:
+            raise ValueError(
+                f"{name!r}: experts kept in FP8 load from per-expert tensors (DeepSeek-V3's "
+                "layout), not stacked ones"
+            )
         target = getattr(self, param)
         e, i, full = target.shape[0], self.intermediate_size, self.full_intermediate
         experts = slice(self.first_expert, self.first_expert + e)

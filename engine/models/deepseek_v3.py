@@ -22,7 +22,7 @@ from torch import nn
 from engine.config import ModelConfig
 from engine.layers.linear import ColumnLinear, Linear, RowLinear
 from engine.layers.mlp import GatedMLP
-from engine.layers.moe import MoE, RoutedExperts
+from engine.layers.moe import MoE, RoutedExperts, fp8_experts_on_device
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary, deinterleave
 from engine.layers.vocab import LMHead, VocabEmbedding
@@ -133,6 +133,15 @@ class DeepseekV3ForCausalLM(DecoderOnlyLM):
         self.lm_head = (
             None if cfg.tie_word_embeddings else LMHead(cfg.vocab_size, cfg.hidden_size, tp.dense)
         )
+        blocks = cfg.fp8 is not None and cfg.fp8.weight_block is not None
+        if blocks and fp8_experts_on_device(tp):  # the GPU path: no dequantize-on-load
+            self.keep_fp8_experts()
+
+    def keep_fp8_experts(self) -> None:
+        """Load the routed experts of an FP8 block checkpoint as FP8 (fused MoE kernels)."""
+        for module in self.modules():
+            if isinstance(module, RoutedExperts):
+                module.keep_fp8()
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -143,6 +152,9 @@ class DeepseekV3ForCausalLM(DecoderOnlyLM):
         loaded: set[str] = set()
         for name, tensor in weights:
             loaded.update(self._load_one(name, tensor))
+        for module in self.modules():
+            if isinstance(module, RoutedExperts):
+                module.finish_loading()
         pieces = {
             name: module.pieces()
             for name, module in self.named_modules()
