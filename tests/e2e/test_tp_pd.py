@@ -1,9 +1,11 @@
-"""PD across parallel layouts, through `pdserve launch` and the gateway: a prefill node and a
-decode node with different tensor-parallel sizes (2 -> 1, 1 -> 2, 2 -> 2), for a GQA model
-(KV heads sliced: each prefill rank writes its heads into the decode rank that holds them) and
-for DeepSeek-V3 (MLA: the latent is the same on every rank; one prefill rank writes each decode
-rank), over each transfer engine. Greedy output equals transformers', every page comes back,
-and a page-size mismatch is refused at the handshake naming the fix."""
+"""PD across parallel layouts, through `pdserve launch` and the gateway: prefill and decode
+nodes at different tensor-parallel sizes, every pairing (1 -> 1, 2 -> 2, 2 -> 1, 1 -> 2) in one
+cluster, for a GQA model (KV heads sliced: each prefill rank writes its heads into the decode
+rank that holds them) and for DeepSeek-V3 (MLA: the latent is the same on every rank; one
+prefill rank writes each decode rank), over each of the three transfer engines; and DeepSeek-V3
+with DP attention on either side (the owning prefill rank writes into the owning decode rank).
+Greedy output equals transformers', every page comes back, and a page-size mismatch is refused
+at load and at the handshake naming the fix."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import yaml
 
 from engine.tokenizer import load_tokenizer
 from tests.e2e.cluster_util import REPO, cluster_yaml, launched
+from tests.e2e.test_faults import served
 from tests.e2e.test_pd_cluster import expected_ids, generate
 from transfer import Endpoint, KVBuffer, KVCompat
 from transfer.peers import registration_errors
@@ -26,38 +29,45 @@ from transfer.ranks import RankKV
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["Hello", "Tensor parallel ranks each hold a slice of the heads. " * 3]
+PROMPTS = [f"Request {i}: tensor parallel ranks each hold a slice of the heads. " * (i % 3 + 1)
+           for i in range(6)]  # fmt: skip
+PREFILL_TP, DECODE_TP = [1, 2], [1, 2, 1]
 
-LAYOUTS = [
-    pytest.param(("llama", "mooncake", 2, 1), id="gqa-mooncake-p2-d1"),
-    pytest.param(("llama", "mooncake", 1, 2), id="gqa-mooncake-p1-d2"),
-    pytest.param(("llama", "nixl", 2, 2), id="gqa-nixl-p2-d2"),
-    pytest.param(("llama", "nixl", 2, 1), id="gqa-nixl-p2-d1"),
-    pytest.param(("deepseek_v3", "nixl", 2, 1), id="mla-nixl-p2-d1"),
-    pytest.param(("deepseek_v3", "mooncake", 1, 2), id="mla-mooncake-p1-d2"),
-    pytest.param(("llama", "nccl", 1, 2), id="gqa-nccl-p1-d2"),
-    pytest.param(("deepseek_v3", "nccl", 2, 2), id="mla-nccl-p2-d2"),
+MATRIX = [
+    pytest.param((arch, backend), id=f"{'gqa' if arch == 'llama' else 'mla'}-{backend}")
+    for arch in ("llama", "deepseek_v3")
+    for backend in ("mooncake", "nixl", "nccl")
 ]
 
 
-def tp_config(model, backend: str, prefill_tp: int, decode_tp: int) -> dict:
-    config = cluster_yaml(model, backend, prefill=1, decode=1)
-    config["prefill"][0]["engine"] = {"tp_size": prefill_tp}
-    config["decode"][0]["engine"] = {"tp_size": decode_tp}
+def layouts_config(model, backend: str) -> dict:
+    """Prefill nodes at TP 1 and 2, decode nodes at TP 1, 2 and 1, both picked round robin: six
+    requests in turn meet every prefill -> decode layout (request i: prefill i % 2, decode
+    i % 3), 1 -> 1, 2 -> 2, 1 -> 1, 2 -> 1, 1 -> 2, 2 -> 1."""
+    config = cluster_yaml(
+        model, backend, prefill=len(PREFILL_TP), decode=len(DECODE_TP),
+        prefill_policy="round_robin", decode_policy="round_robin",
+    )  # fmt: skip
+    for node, tp in zip(config["prefill"], PREFILL_TP, strict=True):
+        node["engine"] = {"tp_size": tp}
+    for node, tp in zip(config["decode"], DECODE_TP, strict=True):
+        node["engine"] = {"tp_size": tp}
     return config
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_greedy_output_equals_transformers_across_layouts(make_tiny, tmp_path, layout) -> None:
-    arch, backend, prefill_tp, decode_tp = layout
+@pytest.mark.parametrize("case", MATRIX)
+def test_greedy_output_equals_transformers_across_layouts(make_tiny, tmp_path, case) -> None:
+    arch, backend = case
     model = make_tiny(arch, "deepseek" if arch.startswith("deepseek") else "qwen", layers=3)
     tok = load_tokenizer(model)
-    with launched(tp_config(model, backend, prefill_tp, decode_tp), tmp_path) as cluster:
-        for prompt in PROMPTS:
+    with launched(layouts_config(model, backend), tmp_path) as cluster:
+        for prompt in PROMPTS:  # one at a time: the round robin pairs them as planned
             native = generate(cluster.url, prompt)
             assert native["output_ids"] == expected_ids(model, tok(prompt)["input_ids"])
         cluster.wait_pages_free()
-        for url in cluster.node_urls():
+        urls = cluster.node_urls()
+        assert [served(u) for u in urls] == [3, 3, 2, 2, 2]  # each node had its turns
+        for url in urls:
             assert httpx.get(f"{url}/check_integrity", timeout=10).status_code == 200
 
 
@@ -104,7 +114,9 @@ def test_dp_attention_ranks_send_and_receive_their_own_requests(
 
 def test_page_size_mismatch_is_refused_at_load_and_at_the_handshake(make_tiny, tmp_path) -> None:
     """The launcher refuses the config; nodes started apart meet the handshake's refusal."""
-    config = tp_config(make_tiny("llama", layers=3), "mooncake", 2, 1)
+    config = cluster_yaml(make_tiny("llama", layers=3), "mooncake", prefill=1, decode=1)
+    config["prefill"][0]["engine"] = {"tp_size": 2}
+    config["decode"][0]["engine"] = {"tp_size": 1}
     config["decode"][0]["engine"]["page_size"] = 32
     path = tmp_path / "cluster.yaml"
     path.write_text(yaml.safe_dump(config))
