@@ -7,6 +7,9 @@ With a rank group (tensor parallelism) every rank has a runner over its slice of
 its own KV heads. Rank 0's `run` turns the scheduled batch into a `StepPlan`, broadcasts it,
 and every rank `execute`s the same plan (the layers' collectives meet there); only rank 0
 samples.
+
+On CUDA with the triton backend and one rank, a decode-only step replays a CUDA graph captured
+at start for its batch-size bucket (engine/cuda_graph.py; engine option `cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 
 from engine.config import ModelConfig, parse_dtype
+from engine.cuda_graph import MAX_GRAPH_BATCH, DecodeGraphs, HostSyncError, graph_buckets
 from engine.kernels.build import keep_freed_memory_mapped
 from engine.kernels.decode_attention import build_decode_attention
 from engine.kernels.decode_layer import build_fused_decode
@@ -121,6 +125,59 @@ class ModelRunner:
             self.pool.total_pages,
             options.page_size,
         )
+        self.decode_graphs: DecodeGraphs | None = None
+        if self._graphs_apply():
+            self.use_decode_graphs(capture=True)
+
+    def _graphs_apply(self) -> bool:
+        """CUDA graphs for decode steps: on CUDA, asked for, over a backend with static decode
+        tables (triton), on one rank.
+
+        NOTE: not with tp_size > 1: the step broadcast, the layers' collectives (gloo on CPU)
+        and EP's all-to-all (its split sizes read on the host) all wait on the host, and a
+        graph cannot hold a host sync."""
+        return (
+            self.device.type == "cuda"
+            and self.options.cuda_graphs
+            and self.group is None
+            and hasattr(self.attention, "static_decode")
+        )
+
+    @torch.inference_mode()
+    def use_decode_graphs(self, capture: bool = True) -> None:
+        """Run decode-only steps of up to min(max_running, MAX_GRAPH_BATCH) requests through
+        static tensors at batch-size buckets (engine/cuda_graph.py): captured CUDA graphs,
+        replayed; or with capture=False the same body eagerly over the same tensors (what CPU
+        tests check against the eager path). A body a graph cannot hold leaves steps eager."""
+        max_len = self.options.max_model_len or self.model_cfg.max_position_embeddings
+        max_pages = min(-(-max_len // self.pool.page_size), self.pool.total_pages)
+        buckets = graph_buckets(min(self.options.max_running, MAX_GRAPH_BATCH))
+        static_decode = getattr(self.attention, "static_decode", None)
+        if static_decode is None:
+            raise ValueError(
+                f"attention backend {type(self.attention).__name__} keeps no static decode "
+                "tables (decode graphs need attention_backend='triton')"
+            )
+        tables = static_decode(buckets[-1], max_pages)
+        try:
+            self.decode_graphs = DecodeGraphs(
+                self._decode_body, tables, self.device, buckets, capture=capture
+            )
+        except HostSyncError as exc:
+            log.warning(
+                "decode steps run eager: the model syncs with the host inside a step, which a "
+                "CUDA graph cannot hold (%s); set cuda_graphs: false to skip the attempt",
+                exc,
+            )
+
+    def _decode_body(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step whose every row samples: (greedy ids [B], float32 logits [B, V]).
+        One LM head for both: a graph's step cannot choose between them by the plan."""
+        hidden = self.model(input_ids, positions, ForwardContext(self.attention, meta))
+        logits = self.model.compute_logits(hidden)
+        return logits.argmax(dim=-1), logits
 
     def _use_cpu_kernels(self, tp: Parallel) -> None:
         """The native CPU paths (engine/kernels/), each off by itself where it cannot run.
@@ -225,9 +282,10 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Run the plan's forward on this rank: (greedy token ids, None), (None, float32 logits)
         or (None, None), as `plan.mode` asks."""
-        meta = self.attention.prepare(
-            AttentionBatch(plan.q_lens, plan.kv_lens, plan.page_tables, self.pool.page_size)
-        )
+        batch = AttentionBatch(plan.q_lens, plan.kv_lens, plan.page_tables, self.pool.page_size)
+        if self._replays(plan, batch):
+            return self._execute_static(plan, batch)
+        meta = self.attention.prepare(batch)
         input_ids = torch.tensor(plan.ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(plan.positions(), dtype=torch.long, device=self.device)
         if self.fused_decode is not None and not meta.extends and meta.decode_rows is not None:
@@ -247,3 +305,23 @@ class ModelRunner:
         if kernel is not None:
             return None, kernel(rows)
         return None, self.model.compute_logits(rows, self.shard_head_kernel)
+
+    def _replays(self, plan: StepPlan, batch: AttentionBatch) -> bool:
+        """Whether this step runs through the decode graphs: decode-only, every row sampling,
+        within the largest bucket and the static page tables."""
+        graphs = self.decode_graphs
+        return (
+            graphs is not None
+            and plan.mode != "none"
+            and len(plan.logit_rows) == len(plan.q_lens)
+            and graphs.fits(batch)
+        )
+
+    def _execute_static(
+        self, plan: StepPlan, batch: AttentionBatch
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        assert self.decode_graphs is not None
+        ids, logits = self.decode_graphs.run(plan.ids, plan.positions(), batch)
+        if plan.mode == "argmax":
+            return ids, None
+        return None, logits.clone()  # the static logits: the next step overwrites them

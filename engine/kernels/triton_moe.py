@@ -171,7 +171,10 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedPai
     ids in [0, num_experts)) by expert, stable, and pad every expert's run to block_m."""
     flat = ids.flatten()
     num_pairs = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)
+    # NOTE: not torch.bincount: on CUDA it reads its input's max on the host (a sync a CUDA
+    # graph cannot hold)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_ends = padded.cumsum(0)
     order = flat.argsort(stable=True)

@@ -4,7 +4,7 @@ Every layer's forward is three launches at most: the store of this step's K/V in
 one extend launch for all requests adding several tokens (prefill chunks, prefix hits), and one
 decode launch (plus a merge of its KV splits) for all requests adding one. Both attention
 kernels read the whole context from the pages, so the store runs first. `prepare` builds the
-step's tables once for every layer, with one host-to-device copy:
+step's tables once for every layer, with one host-to-device copy (from pinned memory on CUDA):
 
 ```
  ints (int32):  q_starts[R] | q_lens[R] | kv_lens[R] | decode_reqs[B] | block_reqs[NB] |
@@ -12,6 +12,9 @@ step's tables once for every layer, with one host-to-device copy:
  write_slots (int64, built on the device from the above): the pool slot of each of the T new
                 tokens, in q-row order
 ```
+
+A CUDA graph of decode steps cannot take fresh tables each step: `StaticDecode` keeps them in
+preallocated tensors, refreshed in place, with padding rows and a fixed number of KV splits.
 
 Scores are float32 whatever the cache dtype, scaled by the model's softmax scale; the output has
 the queries' dtype, as the torch backend's. Under `TRITON_INTERPRET=1` (set before triton is
@@ -71,11 +74,111 @@ class TritonAttentionMeta:
     """A step's tables, built once by `prepare` and read by every layer."""
 
     tables: StepTables
-    write_slots: torch.Tensor  # [T] int64
+    write_slots: torch.Tensor  # [T] int64 (int32 in a StaticDecode)
     decode_reqs: torch.Tensor | None  # [B] requests adding one token
     num_splits: int  # decode KV splits
     block_reqs: torch.Tensor | None  # [NB] extend blocks: request, first new token
     block_starts: torch.Tensor | None
+
+
+def host_ints(values: list[int], pin: bool) -> torch.Tensor:
+    """`values` as an int32 host tensor, in pinned memory when `pin` (bound for a GPU): a
+    non_blocking copy from it is then truly asynchronous, and torch's pinned-memory cache keeps
+    the block from reuse until that copy has run."""
+    return torch.tensor(values, dtype=torch.int32, pin_memory=pin)
+
+
+class StaticDecode:
+    """Decode-only step tables in preallocated device tensors, refreshed in place every step:
+    what a captured CUDA graph reads (its kernels keep the addresses and grids of capture).
+
+    Tensors are sized for `max_batch` requests of up to `max_pages` pages; a bucket of B rows
+    uses the first B rows of each (views of the same memory, so every bucket sees one set).
+    Request r of the step is row r (its q row, its one new token); rows past the real batch are
+    padding: kv_len 1 on the reserved page 0, slot 0, which no request ever holds, so their KV
+    store and attention touch nothing real. The decode launch is fixed too: `num_splits` splits
+    for every context, the kernels leaving a split past a short context's end empty.
+
+    ```
+     rows:  | request 0 .. b-1 | padding (page 0, kv_len 1) .. B-1 | unused .. max_batch-1 |
+    ```
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        max_batch: int,
+        max_pages: int,
+        page_size: int,
+        num_splits: int,
+    ) -> None:
+        self.page_size, self.num_splits = page_size, num_splits
+        self.pin = device.type == "cuda"
+        ints = {"dtype": torch.int32, "device": device}
+        self.rows = torch.arange(max_batch, **ints)  # q_starts and decode_reqs alike
+        self.q_lens = torch.ones(max_batch, **ints)
+        self.kv_lens = torch.ones(max_batch, **ints)
+        self.slots = torch.full((max_batch,), RESERVED_PAGE * page_size, **ints)
+        self.page_tables = torch.full((max_batch, max_pages), RESERVED_PAGE, **ints)
+        self._metas: dict[int, TritonAttentionMeta] = {}
+
+    @property
+    def max_batch(self) -> int:
+        return self.page_tables.shape[0]
+
+    @property
+    def max_pages(self) -> int:
+        return self.page_tables.shape[1]
+
+    def meta(self, bucket: int) -> TritonAttentionMeta:
+        """The metadata of a `bucket`-row step: the same tensors every time it is asked for."""
+        if bucket not in self._metas:
+            rows = self.rows[:bucket]
+            tables = StepTables(
+                self.page_tables[:bucket], rows, self.q_lens[:bucket], self.kv_lens[:bucket]
+            )
+            self._metas[bucket] = TritonAttentionMeta(
+                tables, self.slots[:bucket], rows, self.num_splits, None, None
+            )
+        return self._metas[bucket]
+
+    def fits(self, batch: AttentionBatch) -> bool:
+        """Whether `batch` is decode-only and within these tables' rows and pages."""
+        return (
+            0 < len(batch.q_lens) <= self.max_batch
+            and all(q == 1 for q in batch.q_lens)
+            and max(len(t) for t in batch.page_tables) <= self.max_pages
+        )
+
+    def fill(self, batch: AttentionBatch, bucket: int) -> TritonAttentionMeta:
+        """Write decode-only `batch` (at most `bucket` requests) into the first `bucket` rows,
+        the rest as padding, with one pinned host buffer and non_blocking copies (outside any
+        capture: a graph replays after them on the same stream). Returns `meta(bucket)`."""
+        if batch.num_tokens and not self.fits(batch):
+            raise ValueError(
+                f"a static decode step takes up to {self.max_batch} decode rows of up to "
+                f"{self.max_pages} pages each (run this step eager)"
+            )
+        n, ps = len(batch.kv_lens), self.page_size
+        if n > bucket:
+            raise ValueError(f"{n} requests do not fit a bucket of {bucket} rows")
+        pad = bucket - n
+        width = max((len(t) for t in batch.page_tables), default=1)
+        last = [kv - 1 for kv in batch.kv_lens]  # the new token's position
+        ints = [*batch.kv_lens, *[1] * pad]
+        ints += [t[p // ps] * ps + p % ps for t, p in zip(batch.page_tables, last)]
+        ints += [RESERVED_PAGE * ps] * pad
+        for table in batch.page_tables:
+            ints += [*table, *[RESERVED_PAGE] * (width - len(table))]
+        ints += [RESERVED_PAGE] * (width * pad)
+        host = host_ints(ints, self.pin)
+        self.kv_lens[:bucket].copy_(host[:bucket], non_blocking=True)
+        self.slots[:bucket].copy_(host[bucket : 2 * bucket], non_blocking=True)
+        # NOTE: columns past `width` keep older steps' pages; no kernel reads a page past its
+        # row's kv_len, and padding rows read column 0 only.
+        tables = self.page_tables[:bucket, :width]
+        tables.copy_(host[2 * bucket :].view(bucket, width), non_blocking=True)
+        return self.meta(bucket)
 
 
 class TritonAttention(AttentionBackend):
@@ -96,6 +199,14 @@ class TritonAttention(AttentionBackend):
         layout = pool.layout
         width = layout.head_dim if layout.kind == "mha" else layout.latent_dim
         self.blocks = blocks or TritonBlocks.for_width(width)
+        self.pin = self.device.type == "cuda"  # step tables cross from pinned host memory
+
+    def static_decode(self, max_batch: int, max_pages: int) -> StaticDecode:
+        """Decode tables in preallocated tensors for up to `max_batch` requests of up to
+        `max_pages` pages each: what a CUDA graph of decode steps reads (engine/cuda_graph.py).
+        Contexts split as many ways as the longest that fits would be, whatever their length."""
+        splits = self.blocks.num_splits(max_pages * self.page_size)
+        return StaticDecode(self.device, max_batch, max_pages, self.page_size, splits)
 
     def prepare(self, batch: AttentionBatch) -> TritonAttentionMeta:
         q_lens, kv_lens = list(batch.q_lens), list(batch.kv_lens)
@@ -107,7 +218,7 @@ class TritonAttention(AttentionBackend):
         ints += [r for r, _ in blocks] + [m0 for _, m0 in blocks]
         for table in batch.page_tables:
             ints += [*table, *[RESERVED_PAGE] * (max_pages - len(table))]
-        data = torch.tensor(ints, dtype=torch.int32).to(self.device)
+        data = host_ints(ints, self.pin).to(self.device, non_blocking=True)
         q_starts, q_lens_t, kv_lens_t, decode_t, block_reqs, block_starts, pages = data.split(
             [n, n, n, len(decode), len(blocks), len(blocks), n * max_pages]
         )
