@@ -55,6 +55,8 @@ class RequestOutput:
     ttft: float = 0.0
     itl: tuple[float, ...] = ()
     error: str = ""
+    planned_output_len: int = 0  # what the dataset asked for
+    server_prompt_len: int | None = None  # the server's prompt_tokens; None: it sent none
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class Piece:
     has_content: bool = False
     total_tokens: int | None = None  # tokens generated so far (native); None: one per chunk
     usage: int | None = None  # completion_tokens, when the chunk reports them
+    prompt_tokens: int | None = None  # the server's prompt count, when the chunk reports it
 
 
 class StreamError(RuntimeError):
@@ -81,10 +84,13 @@ class Timeline:
         self.text = ""
         self.tokens = 0
         self.output_len: int | None = None
+        self.prompt_len: int | None = None
 
     def add(self, now: float, piece: Piece) -> None:
         if piece.usage is not None:
             self.output_len = piece.usage
+        if piece.prompt_tokens is not None:
+            self.prompt_len = piece.prompt_tokens
         if not piece.has_content:
             return
         new = 1 if piece.total_tokens is None else piece.total_tokens - self.tokens
@@ -97,13 +103,15 @@ class Timeline:
         self.last, self.tokens = now, self.tokens + max(new, 0)
         self.text += piece.text
 
-    def output(self, prompt_len: int, end: float) -> RequestOutput:
+    def output(self, row: DatasetRow, end: float) -> RequestOutput:
         latency = end - self.start
         return RequestOutput(
             success=True,
-            prompt_len=prompt_len,
+            prompt_len=row.prompt_len,
             generated_text=self.text,
             output_len=self.output_len,
+            planned_output_len=row.output_len,
+            server_prompt_len=self.prompt_len,
             start_time=self.start,
             latency=latency,
             ttft=latency if self.ttft is None else self.ttft,
@@ -132,22 +140,28 @@ def payload(endpoint: Endpoint, prompt: str | list[int], output_len: int) -> dic
     return {**body, "stream": endpoint.stream, **endpoint.extra_body}
 
 
+def counts(info: dict[str, Any] | None) -> tuple[int | None, int | None]:
+    """(completion_tokens, prompt_tokens) of a `usage` or native `meta_info` object."""
+    info = info or {}
+    return info.get("completion_tokens"), info.get("prompt_tokens")
+
+
 def native_piece(data: dict[str, Any], timeline: Timeline) -> Piece:
     text = data.get("text") or ""
-    tokens = (data.get("meta_info") or {}).get("completion_tokens")
-    return Piece(text[len(timeline.text) :], bool(text), tokens, tokens)
+    tokens, prompt = counts(data.get("meta_info"))
+    return Piece(text[len(timeline.text) :], bool(text), tokens, tokens, prompt)
 
 
 def completions_piece(data: dict[str, Any], _timeline: Timeline) -> Piece:
     choices = data.get("choices") or [{}]
     text = choices[0].get("text") or ""
-    return Piece(text, bool(text), None, (data.get("usage") or {}).get("completion_tokens"))
+    return Piece(text, bool(text), None, *counts(data.get("usage")))
 
 
 def chat_piece(data: dict[str, Any], _timeline: Timeline) -> Piece:
     choices = data.get("choices") or [{}]
     text = (choices[0].get("delta") or {}).get("content") or ""
-    return Piece(text, bool(text), None, (data.get("usage") or {}).get("completion_tokens"))
+    return Piece(text, bool(text), None, *counts(data.get("usage")))
 
 
 PARSERS: dict[str, Callable[[dict[str, Any], Timeline], Piece]] = {
@@ -160,14 +174,13 @@ PARSERS: dict[str, Callable[[dict[str, Any], Timeline], Piece]] = {
 def whole_piece(api: str, data: dict[str, Any]) -> Piece:
     """A non-streamed response, read as one chunk."""
     if api == "native":
-        meta = data.get("meta_info") or {}
-        return Piece(data.get("text") or "", True, None, meta.get("completion_tokens"))
+        return Piece(data.get("text") or "", True, None, *counts(data.get("meta_info")))
     choice = (data.get("choices") or [{}])[0]
     if api == "completions":
         text = choice.get("text")
     else:
         text = (choice.get("message") or {}).get("content")
-    return Piece(text or "", True, None, (data.get("usage") or {}).get("completion_tokens"))
+    return Piece(text or "", True, None, *counts(data.get("usage")))
 
 
 async def send(
@@ -187,7 +200,7 @@ async def send(
             else:
                 data = json.loads(await r.aread())
                 timeline.add(time.perf_counter(), whole_piece(endpoint.api, data))
-            return timeline.output(prompt_len, time.perf_counter())
+            return timeline.output(row, time.perf_counter())
     except Exception as exc:  # NOTE: a benchmark counts failures; it never dies of one request
         return failed(prompt_len, start, f"{type(exc).__name__}: {exc}")
 

@@ -2,6 +2,9 @@
 
 - `random-ids`: prompts of random token ids; input lengths in [max(L*r, 1), L], output
   lengths in [L*r, L] (L: --random-input-len / --random-output-len, r: --random-range-ratio).
+  Sent as text, a prompt is made to re-tokenize into its drawn length (random ids decode into
+  text that encodes into other tokens: with a byte-level BPE, 256 ids became 265-445 tokens);
+  the server may still add its BOS token.
 - `random`: the same lengths, the tokens cut from ShareGPT prompts (--dataset-path); without a
   file (nothing is downloaded here) it draws random ids, as `random-ids` does.
 - `sharegpt`: the first two turns of ShareGPT conversations: prompt and reference answer (its
@@ -193,9 +196,26 @@ def sample_random(
             ids = (ids * (n_in // len(ids) + 1))[:n_in]
         else:
             ids = [(int(offsets[i]) + i + j) % tokenizer.vocab_size for j in range(n_in)]
-        prompt = ids if spec.tokenize_prompt else tokenizer.decode(ids)
-        rows.append(DatasetRow(prompt, n_in, n_out))
+        if spec.tokenize_prompt:
+            rows.append(DatasetRow(ids, n_in, n_out))
+        else:
+            rows.append(DatasetRow(*text_of_length(tokenizer, ids, n_in), n_out))
     return rows
+
+
+def text_of_length(tokenizer: Any, ids: list[int], n: int, rounds: int = 8) -> tuple[str, int]:
+    """Text that the tokenizer encodes back into `n` tokens (special tokens aside), and the
+    count it does encode into, as vLLM's random dataset makes it: random ids decode into text
+    that re-tokenizes into more (or fewer) tokens, so re-encode, cut or extend the ids (from a
+    fixed filler) and decode again, a few rounds."""
+    text = tokenizer.decode(ids)
+    for _ in range(rounds):
+        again = tokenizer.encode(text, add_special_tokens=False)
+        if len(again) == n:
+            return text, n
+        again = again[:n] if len(again) > n else again + ids[: n - len(again)]
+        text = tokenizer.decode(again)
+    return text, len(tokenizer.encode(text, add_special_tokens=False))
 
 
 def sample_shared_prefix(

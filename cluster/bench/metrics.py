@@ -3,7 +3,9 @@
 Definitions, as SGLang's bench_serving makes them:
 
 - output length: the server's count (`usage.completion_tokens`, native `meta_info`) when it
-  sends one, else the generated text re-tokenized; failed requests count 0.
+  sends one, else the generated text re-tokenized; failed requests count 0. Beside the planned
+  input tokens (the dataset's) stand the server's (`usage.prompt_tokens`), and beside the
+  generated tokens the planned ones.
 - TPOT of a request = (latency - TTFT) / (output length - 1), for outputs of 2+ tokens.
 - ITL: every inter-chunk gap of every request, pooled.
 - Concurrency = sum of E2E latencies / duration (Little's law).
@@ -59,6 +61,8 @@ class BenchmarkMetrics:
     total_input: int
     total_output: int
     total_output_retokenized: int
+    total_input_server: int | None  # the server's usage.prompt_tokens; None: it sent none
+    total_output_planned: int
     request_throughput: float
     input_throughput: float
     output_throughput: float
@@ -100,6 +104,14 @@ def output_len(out: RequestOutput, count_tokens: Callable[[str], int]) -> int:
     return out.output_len if out.output_len is not None else count_tokens(out.generated_text)
 
 
+def server_inputs(ok: Sequence[RequestOutput]) -> int | None:
+    """The prompt tokens the server counted, when it counted every successful request's."""
+    counted = [o.server_prompt_len for o in ok]
+    if not ok or any(n is None for n in counted):
+        return None
+    return sum(n for n in counted if n is not None)
+
+
 def calculate_metrics(
     outputs: Sequence[RequestOutput],
     duration: float,
@@ -120,6 +132,8 @@ def calculate_metrics(
         total_input=total_in,
         total_output=total_out,
         total_output_retokenized=retokenized,
+        total_input_server=server_inputs(ok),
+        total_output_planned=sum(o.planned_output_len for o in ok),
         request_throughput=len(ok) / duration,
         input_throughput=total_in / duration,
         output_throughput=total_out / duration,

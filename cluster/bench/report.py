@@ -16,6 +16,8 @@ RENAMED = {
     "total_input": "total_input_tokens",
     "total_output": "total_output_tokens",
     "total_output_retokenized": "total_output_tokens_retokenized",
+    "total_input_server": "total_input_tokens_server",
+    "total_output_planned": "total_output_tokens_planned",
 }
 SECTIONS = (  # (title, metric, ((label, stat), ...))
     (
@@ -66,7 +68,12 @@ def format_table(m: BenchmarkMetrics, header: Mapping[str, Any]) -> str:
         row("Failed requests:", m.failed),
         row("Benchmark duration (s):", m.duration),
         row("Total input tokens:", m.total_input),
+        row(
+            "Total input tokens (server):",
+            "n/a" if m.total_input_server is None else m.total_input_server,
+        ),
         row("Total generated tokens:", m.total_output),
+        row("Total generated tokens (planned):", m.total_output_planned),
         row("Total generated tokens (retokenized):", m.total_output_retokenized),
         row("Request throughput (req/s):", m.request_throughput),
         row("Input token throughput (tok/s):", m.input_throughput),

@@ -126,3 +126,19 @@ def test_load_tokenizer_reads_a_local_checkpoint(tiny_model: Path, tok: Any) -> 
     assert load_tokenizer(str(tiny_model)).encode("hello world") == tok.encode("hello world")
     with pytest.raises(DatasetError, match="nothing is downloaded"):
         load_tokenizer("Qwen/Qwen3-8B")
+
+
+@pytest.mark.parametrize("family", ["qwen", "deepseek"])
+def test_random_text_prompts_re_tokenize_to_their_drawn_length(
+    tiny_tokenizer: Callable[[str], Any], family: str
+) -> None:
+    """Random ids decode into text that encodes into other tokens (a byte-level BPE merges and
+    splits them): each text prompt is made to encode back into its drawn length, as vLLM's
+    random dataset does."""
+    tok = tiny_tokenizer(family)
+    spec = DatasetSpec("random", num_prompts=40, random_input_len=256, random_range_ratio=0.5)
+    rows = sample(spec, tok)
+    encoded = [len(tok.encode(r.prompt, add_special_tokens=False)) for r in rows]
+    assert encoded == [r.prompt_len for r in rows]
+    ids = sample(dataclasses.replace(spec, tokenize_prompt=True), tok)
+    assert [r.prompt_len for r in rows] == [r.prompt_len for r in ids]  # the drawn lengths

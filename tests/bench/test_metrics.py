@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.bench.backends import Piece, RequestOutput, Timeline
+from cluster.bench.datasets import DatasetRow
 from cluster.bench.metrics import Slo, calculate_metrics, peak_rates
 from cluster.bench.report import format_table, result_record
 
@@ -86,7 +87,7 @@ def test_native_chunks_spread_itl_over_their_tokens() -> None:
     t.add(0.5, Piece("bc", True, 3, 3))  # 2 tokens in 0.3 s: two ITLs of 0.15
     t.add(0.6, Piece("", True, 3, 3))  # no new token: ignored, the clock stays at 0.5
     t.add(0.9, Piece("d", True, 4, 4))  # 0.4 s after 0.5
-    out = t.output(prompt_len=7, end=1.0)
+    out = t.output(DatasetRow("p", 7, 4), end=1.0)
     assert out.ttft == 0.2
     assert out.itl == pytest.approx((0.15, 0.15, 0.4))
     assert (out.output_len, out.generated_text, out.latency) == (4, "abcd", 1.0)
@@ -97,9 +98,10 @@ def test_openai_chunks_without_text_do_not_count() -> None:
     t.add(0.1, Piece("", False))  # e.g. the role-only first chat chunk
     t.add(0.3, Piece("x", True))
     t.add(0.4, Piece("y", True))
-    t.add(0.5, Piece("", False, None, usage=2))  # the usage chunk (choices: [])
-    out = t.output(prompt_len=1, end=0.6)
+    t.add(0.5, Piece("", False, None, usage=2, prompt_tokens=9))  # the usage chunk (choices: [])
+    out = t.output(DatasetRow("p", 8, 3), end=0.6)
     assert (out.ttft, out.output_len) == (0.3, 2)
+    assert (out.prompt_len, out.server_prompt_len, out.planned_output_len) == (8, 9, 3)
     assert out.itl == pytest.approx((0.1,))
 
 

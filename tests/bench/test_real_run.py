@@ -14,7 +14,8 @@ from cluster.cli import main as pdserve
 HERE = Path(__file__).resolve().parent
 LABELS = (
     "Backend:", "Traffic request rate:", "Max request concurrency:", "Successful requests:",
-    "Benchmark duration (s):", "Total input tokens:", "Total generated tokens:",
+    "Benchmark duration (s):", "Total input tokens:", "Total input tokens (server):",
+    "Total generated tokens:", "Total generated tokens (planned):",
     "Total generated tokens (retokenized):", "Request throughput (req/s):",
     "Input token throughput (tok/s):", "Output token throughput (tok/s):",
     "Peak output token throughput (tok/s):", "Peak concurrent requests:",
@@ -28,6 +29,7 @@ LABELS = (
 FIELDS = (
     "backend", "dataset_name", "request_rate", "max_concurrency", "random_input_len",
     "random_output_len", "random_range_ratio", "duration", "completed", "total_input_tokens",
+    "total_input_tokens_server", "total_output_tokens_planned",
     "total_output_tokens", "total_output_tokens_retokenized", "request_throughput",
     "input_throughput", "output_throughput", "total_throughput", "max_output_tokens_per_s",
     "max_concurrent_requests", "concurrency", "mean_e2e_latency_ms", "median_e2e_latency_ms",
@@ -64,7 +66,10 @@ def test_native_run_prints_the_table_and_writes_every_field(
     assert set(FIELDS) <= set(record)
     assert (record["completed"], record["failed"]) == (8, 0)
     assert record["total_input_tokens"] == 8 * 32
-    assert record["total_output_tokens"] == 8 * 8  # ignore_eos: every request ran to max tokens
+    # the text prompts re-tokenize on the server into exactly the planned 32 tokens each
+    assert record["total_input_tokens_server"] == 8 * 32
+    assert record["total_output_tokens"] == record["total_output_tokens_planned"] == 8 * 8
+    assert "Total input tokens (server):             256" in out
     assert record["output_lens"] == [8] * 8 and all(len(itl) == 7 for itl in record["itls"])
     assert record["mean_ttft_ms"] > 0 and record["mean_itl_ms"] > 0
     assert png.stat().st_size > 10_000

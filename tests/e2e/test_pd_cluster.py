@@ -231,3 +231,36 @@ def test_sglang_router_drives_our_nodes_unchanged(cluster: Cluster) -> None:
     assert native["output_ids"] == expected_ids(cluster.model, tok(prompt)["input_ids"])
     assert native["text"] == out.choices[0].text
     assert native["meta_info"]["completion_tokens"] == MAX_NEW
+
+
+def ttft_histogram(url: str) -> tuple[float, int]:
+    """(sum of seconds, count) of the gateway's time-to-first-token histogram."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    total = re.search(r"^\w+_time_to_first_token_seconds_sum (\S+)$", text, re.M)
+    count = re.search(r"^\w+_time_to_first_token_seconds_count (\S+)$", text, re.M)
+    assert total and count, "the gateway exports no TTFT histogram"
+    return float(total.group(1)), int(float(count.group(1)))
+
+
+def test_bench_ttft_agrees_with_the_gateways_own(cluster: Cluster, tmp_path: Path) -> None:
+    """`pdserve bench` and the gateway time the same first tokens: over one run the gateway
+    counts every request in its TTFT histogram, and the two means agree (the client's adds
+    only its own loopback HTTP)."""
+    before = ttft_histogram(cluster.url)
+    out = tmp_path / "run.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "bench", "--backend", "sglang-oai",
+         "--base-url", f"{cluster.url}/v1", "--dataset-name", "random", "--num-prompts", "12",
+         "--random-input-len", "48", "--random-output-len", "8", "--random-range-ratio", "1",
+         "--max-concurrency", "4", "--warmup-requests", "0", "--disable-tqdm",
+         "--output-file", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text().splitlines()[-1])
+    after = ttft_histogram(cluster.url)
+    assert record["completed"] == 12 and after[1] - before[1] == 12
+    gateway_ms = (after[0] - before[0]) / 12 * 1000
+    bench_ms = record["mean_ttft_ms"]
+    assert bench_ms >= gateway_ms * 0.9, (bench_ms, gateway_ms)  # the client's clock starts first
+    assert bench_ms - gateway_ms <= max(50.0, 0.5 * gateway_ms), (bench_ms, gateway_ms)
