@@ -20,10 +20,11 @@ from typing import Any, TypeVar
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import Receive
 
 from .errors import ApiError, invalid_request, too_large
+from .openapi import docs_page
 
 T = TypeVar("T")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -166,3 +167,22 @@ def status_code_name(status: int) -> str:
     except ValueError:
         return "http_error"
     return re.sub(r"[^a-z0-9]+", "_", phrase.lower()).strip("_")
+
+
+def openapi_json(document: dict[str, Any]) -> Callable[[Request], Awaitable[Response]]:
+    """GET /openapi.json: `document` (built once, api/openapi.py)."""
+
+    async def endpoint(_request: Request) -> Response:
+        return JSONResponse(document)
+
+    return endpoint
+
+
+def docs(document: dict[str, Any]) -> Callable[[Request], Awaitable[Response]]:
+    """GET /docs: Swagger UI over /openapi.json."""
+    page = docs_page(str(document["info"]["title"]))
+
+    async def endpoint(_request: Request) -> Response:
+        return HTMLResponse(page)
+
+    return endpoint

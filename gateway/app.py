@@ -13,7 +13,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from api.http import openai_http_errors
+from api.http import docs, openai_http_errors, openapi_json
+from api.openapi import INSTANCE_SCHEMA, Operation, generation_operations, openapi_document
 from api.settings import GatewaySettings
 
 from . import admin, routes
@@ -22,7 +23,29 @@ from .health import HealthMonitor
 from .requests import CHAT, COMPLETIONS, GENERATE
 
 Endpoint = Callable[[Request], Awaitable[Response]]
-SERVED = "/v1/completions, /v1/chat/completions, /v1/models, /generate, /health, /metrics, /workers"
+SERVED = (
+    "/v1/completions, /v1/chat/completions, /v1/models, /generate, /health, /metrics, /workers, "
+    "/openapi.json, /docs"
+)
+GATEWAY_DOC = openapi_document(
+    "pdserve gateway",
+    "1",
+    [
+        *generation_operations(),
+        Operation("/v1/models", "get", "the served models"),
+        Operation("/health", "get", "200 while a request could be served, else 503"),
+        Operation("/metrics", "get", "Prometheus metrics", answers="text/plain"),
+        Operation("/workers", "get", "the instances (admin key)", tags=("admin",)),
+        Operation("/workers", "post", "add an instance (admin key)", "Instance", tags=("admin",)),
+        Operation("/workers", "delete", "remove an instance (admin key)", "Instance",
+                  tags=("admin",)),
+        Operation("/workers/{url}", "delete", "remove the instance at url (admin key)",
+                  tags=("admin",)),
+        Operation("/openapi.json", "get", "this document"),
+        Operation("/docs", "get", "this document in Swagger UI", answers="text/html"),
+    ],
+    {"Instance": INSTANCE_SCHEMA},
+)  # fmt: skip
 
 
 def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> GatewayApp:
@@ -48,6 +71,8 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Gat
             Route("/metrics", routes.metrics, methods=["GET"]),
             Route("/workers", admin.workers, methods=["GET", "POST", "DELETE"]),
             Route("/workers/{url:path}", admin.worker_by_url, methods=["DELETE"]),
+            Route("/openapi.json", openapi_json(GATEWAY_DOC), methods=["GET"]),
+            Route("/docs", docs(GATEWAY_DOC), methods=["GET"]),
         ],
         lifespan=lifespan,
         exception_handlers={HTTPException: openai_http_errors(SERVED)},
