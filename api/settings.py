@@ -40,6 +40,9 @@ class GatewaySettings:
     max_body_bytes: int = setting(8 * 1024 * 1024, "request body limit (413 above)")
     max_prompt_tokens: int | None = setting(None, "prompt length limit (400 above)")
     max_tokens_limit: int | None = setting(None, "max_tokens limit (400 above)")
+    max_grammar_bytes: int = setting(
+        65536, "size limit of a request's constraint: response_format, json_schema, regex, ebnf"
+    )
     max_inflight: int = setting(1024, "requests in flight at once (429 above)")
     request_timeout_s: float = setting(600.0, "a node's answer may take this long")
     health_interval_s: float = setting(1.0, "each instance's /health is checked this often")

@@ -15,6 +15,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.dp_scheduler import DPScheduler, rank_pools
+from engine.grammar import Grammars
 from engine.kv.radix import RadixCache
 from engine.options import EngineOptions
 from engine.parallel.check import check_parallel
@@ -128,6 +129,7 @@ class Engine:
             cache = RadixCache(self.pool) if options.enable_prefix_cache else None
             self.scheduler = Scheduler(options.scheduler, self.pool, cache)
         self.max_model_len = options.max_model_len or self.model_cfg.max_position_embeddings
+        self.grammars = Grammars(self.tokenizer, self.model_cfg.vocab_size, self.eos_token_ids)
         self.keep_logits = keep_logits
 
     # ---- requests ----------------------------------------------------------------------------
@@ -173,6 +175,8 @@ class Engine:
             raise ValueError(f"request id {rid!r} is already in use (send a unique rid)")
         req = Req(rid, prompt, params, num_resumed=resumed)
         req.sampler_state = SamplerState.create(params, prompt[: len(prompt) - resumed])
+        if params.grammar is not None:  # a bad grammar raises ValueError naming the problem
+            req.sampler_state.matcher = self.grammars.matcher(*params.grammar)
         req.detokenizer = IncrementalDetokenizer(
             self.tokenizer, skip_special_tokens=params.skip_special_tokens
         )
@@ -265,6 +269,8 @@ class Engine:
                 f"cannot resume {resumed} output tokens after a {len(prompt) - resumed}-token "
                 f"prompt with max_tokens={params.max_tokens} (nothing would be left to generate)"
             )
+        if params.grammar is not None:  # compiled now (and cached): a bad one is refused here
+            self.grammars.compiled(*params.grammar)
         pages = -(-(len(prompt) + 1) // self.pool.page_size)
         if pages > self.pool.total_pages:
             raise ValueError(
@@ -329,6 +335,8 @@ class Engine:
         produced = req.num_resumed + len(req.output_ids)
         verdict = req.stop_checker.check(token, produced, req.text + delta, len(delta))
         reason = verdict.finish_reason
+        if reason is None and req.sampler_state.grammar_done:
+            reason = "stop"  # the grammar is complete (its stop token, or a refused token)
         if reason is None and req.seq_len >= self.max_model_len:
             reason = "length"
         if reason is not None:

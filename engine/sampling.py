@@ -2,7 +2,10 @@
 
 One step turns a batch of logits ``[B, V]`` into one token per row, in this order::
 
-    min_tokens mask -> penalties -> (logprobs) -> temperature -> top-k -> top-p -> min-p -> draw
+    min_tokens mask -> penalties -> grammar mask -> (logprobs) -> temperature -> top-k -> top-p
+    -> min-p -> draw
+
+A constrained row (a grammar, engine/grammar.py) only ever draws a token its matcher allows.
 
 Logprobs are ``log_softmax`` of the logits after the min_tokens mask and the penalties, before
 temperature and truncation: they do not depend on temperature/top-k/top-p/min-p, so a greedy run
@@ -18,11 +21,17 @@ that batch, or on which node (prefill or decode) drew the token.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from engine.grammar import mask_logits
+
+log = logging.getLogger(__name__)
 
 # Temperatures below this are greedy: dividing logits by them only overflows.
 GREEDY_TEMPERATURE_EPS = 1e-5
@@ -50,11 +59,15 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # constrained decoding: (kind, source), kind one of engine/grammar.py's KINDS
+    grammar: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.grammar is not None:
+            object.__setattr__(self, "grammar", tuple(self.grammar))
 
     @property
     def is_greedy(self) -> bool:
@@ -130,7 +143,16 @@ def _param_problems(p: SamplingParams, max_model_len: int | None) -> list[str]:
             "(pass vocabulary ids)",
         ),
     ]
-    return [message for bad, message in checks if bad]
+    grammar = "" if p.grammar is None else _grammar_problem(p.grammar)
+    return [message for bad, message in checks if bad] + ([grammar] if grammar else [])
+
+
+def _grammar_problem(grammar: tuple[str, str]) -> str:
+    from engine.grammar import grammar_error
+
+    if len(grammar) != 2 or not all(isinstance(x, str) for x in grammar):
+        return f"grammar must be a (kind, source) pair of strings, got {grammar!r}"
+    return grammar_error(*grammar)
 
 
 @dataclass
@@ -145,6 +167,8 @@ class SamplerState:
     prompt_token_ids: frozenset[int] = frozenset()
     output_counts: dict[int, int] = field(default_factory=dict)
     num_output_tokens: int = 0
+    matcher: Any = None  # constrained decoding: the request's grammar matcher (engine/grammar.py)
+    rejected: bool = False  # the matcher refused an output token
     _generator: torch.Generator | None = field(default=None, repr=False)
     _prompt_ids_tensor: torch.Tensor | None = field(default=None, repr=False)
 
@@ -157,6 +181,19 @@ class SamplerState:
     def append(self, token_id: int) -> None:
         self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
         self.num_output_tokens += 1
+        matcher = self.matcher
+        if matcher is not None and not matcher.is_terminated() and not self.rejected:
+            # NOTE: every draw of a constrained request is masked (on prefill and decode alike),
+            # so a refused token is a bug: said loudly, and the request ends there
+            self.rejected = not matcher.accept_token(token_id)
+            if self.rejected:
+                log.error("token %d breaks the request's grammar; ending the request", token_id)
+
+    @property
+    def grammar_done(self) -> bool:
+        """The grammar has ended: its matcher accepted a stop token where the grammar may end
+        (or refused a token, which `append` logged)."""
+        return self.matcher is not None and (self.rejected or self.matcher.is_terminated())
 
     def generator_for_step(self, device: torch.device) -> torch.Generator:
         """This request's generator, seeded for its current output position.
@@ -222,6 +259,10 @@ class Sampler:
                 f"{len(states)} states (pass one params and one state per logits row)"
             )
         logits = self._processed_logits(logits.float(), params, states)
+        constrained = [i for i, s in enumerate(states) if s.matcher is not None]
+        if constrained:
+            logits = logits.clone()  # the caller's logits stay as they were
+            mask_logits(logits, constrained, [states[i].matcher for i in constrained])
         if all(p.is_greedy for p in params):
             token_ids = argmax_rows(logits)
         else:
@@ -319,6 +360,7 @@ def plain_greedy(params: Sequence[SamplingParams], states: Sequence[SamplerState
         and p.logprobs is None
         and not p.has_penalties
         and s.num_output_tokens >= p.min_tokens
+        and s.matcher is None
         for p, s in zip(params, states, strict=True)
     )
 

@@ -70,7 +70,10 @@ class Gateway:
 
     def limits(self) -> RequestLimits:
         s = self.settings
-        return RequestLimits(s.max_tokens_limit, s.max_prompt_tokens, self.counter, self.models)
+        return RequestLimits(
+            s.max_tokens_limit, s.max_prompt_tokens, self.counter, self.models,
+            s.max_grammar_bytes,
+        )  # fmt: skip
 
     def pick_pair(self, key: RouteKey, exclude: Iterable[str] = ()) -> Pair:
         """A pair for one attempt; 503 when a role has no instance that may take requests."""

@@ -6,6 +6,7 @@ no node would take, applies the gateway's limits, and extracts what the policies
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ class RequestLimits:
     max_prompt_tokens: int | None = None
     counter: PromptCounter | None = None
     models: frozenset[str] = frozenset()  # served model ids; empty: not known yet, allow any
+    max_grammar_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,12 @@ class Prepared:
     rooms: int | None = None
 
 
+GRAMMAR_FIELDS = ("response_format", "json_schema", "regex", "ebnf")
+
+
 def prepare(route: str, body: dict[str, Any], limits: RequestLimits) -> Prepared:
     """Validate `body` for `route`; raises `ApiError` (400/404) naming what to fix."""
+    _check_grammar_size(body, limits)
     if route == COMPLETIONS:
         return _completion(body, limits)
     if route == CHAT:
@@ -128,6 +134,27 @@ def _is_batch(body: dict[str, Any]) -> bool:
         return True
     ids = body.get("input_ids")
     return isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
+
+
+def _check_grammar_size(body: dict[str, Any], limits: RequestLimits) -> None:
+    """A constraint (OpenAI's response_format, SGLang's json_schema / regex / ebnf, at the top
+    or in sampling_params) within the gateway's limit: compiling one costs the node time."""
+    if limits.max_grammar_bytes is None:
+        return
+    params = body.get("sampling_params")
+    places = [body, params] if isinstance(params, dict) else [body]
+    for place in places:
+        for name in GRAMMAR_FIELDS:
+            value = place.get(name)
+            if value is None:
+                continue
+            size = len(value if isinstance(value, str) else json.dumps(value))
+            if size > limits.max_grammar_bytes:
+                raise invalid_request(
+                    f"{name} is {size} bytes, above this gateway's limit of "
+                    f"{limits.max_grammar_bytes} (send a smaller schema or grammar)",
+                    param=name,
+                )
 
 
 def _check_model(model: str, limits: RequestLimits) -> None:

@@ -7,6 +7,7 @@ fields by name; the scheduler validates them and answers 400 for bad values.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,7 +120,53 @@ def openai_params(req: Any, max_tokens: int, logprobs: int | None) -> dict[str, 
     }
     extra = req.model_extra or {}
     params.update({k: extra[k] for k in EXTRA_PARAMS if k in extra})
+    grammar = openai_grammar(extra)
+    if grammar is not None:
+        params["grammar"] = grammar
     return params
+
+
+GRAMMAR_KEYS = ("json_schema", "regex", "ebnf")  # SGLang's, beside OpenAI's response_format
+
+
+def openai_grammar(extra: dict[str, Any]) -> list[str] | None:
+    """The (kind, source) grammar of OpenAI's `response_format` or SGLang's `json_schema`,
+    `regex`, `ebnf` fields; None for free text; a 400 for a malformed one."""
+    found = [grammar_field(k, extra[k]) for k in GRAMMAR_KEYS if extra.get(k) is not None]
+    fmt = extra.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict):
+            raise invalid_request("response_format must be an object", param="response_format")
+        kind = fmt.get("type")
+        if kind == "json_object":
+            found.append(["json_object", ""])
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict | bool):
+                raise invalid_request(
+                    "response_format json_schema needs json_schema.schema (a JSON Schema object)",
+                    param="response_format.json_schema.schema",
+                )
+            found.append(["json_schema", json.dumps(spec["schema"])])
+        elif kind != "text":
+            raise invalid_request(
+                f"response_format.type must be text, json_object or json_schema (got {kind!r})",
+                param="response_format.type",
+            )
+    if len(found) > 1:
+        raise invalid_request(
+            "give one constraint: response_format, json_schema, regex or ebnf", param="regex"
+        )
+    return found[0] if found else None
+
+
+def grammar_field(key: str, value: Any) -> list[str]:
+    """SGLang's json_schema (a string or an object), regex or ebnf (strings)."""
+    if key == "json_schema" and isinstance(value, dict):
+        return [key, json.dumps(value)]
+    if not isinstance(value, str) or not value:
+        raise invalid_request(f"{key} must be a non-empty string", param=key)
+    return [key, value]
 
 
 def completion_prompts(
@@ -152,10 +199,18 @@ def native_params(body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise invalid_request("sampling_params must be an object", param="sampling_params")
     params: dict[str, Any] = {"max_tokens": 128}
+    grammars = []
     for key, value in raw.items():
-        if key in NATIVE_IGNORED:
+        if key in NATIVE_IGNORED or (key in GRAMMAR_KEYS and value is None):
+            continue
+        if key in GRAMMAR_KEYS:
+            grammars.append(grammar_field(key, value))
             continue
         params[NATIVE_RENAMES.get(key, key)] = value
+    if len(grammars) > 1:
+        raise invalid_request("give one of json_schema, regex or ebnf", param="sampling_params")
+    if grammars:
+        params["grammar"] = grammars[0]
     if body.get("return_logprob"):
         params["logprobs"] = int(body.get("top_logprobs_num") or 0)
     return params

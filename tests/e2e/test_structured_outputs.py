@@ -1,0 +1,100 @@
+"""Structured outputs through the PD cluster (`pdserve launch`, the gateway, the `openai`
+client), over Mooncake and NIXL: prefill draws the first token under the request's grammar,
+decode rebuilds the matcher from the grammar and that token and goes on. With random weights,
+every `json_schema` answer validates, streamed or not, over seeds and temperatures; every
+`json_object` answer is an object; SGLang's native `regex` matches. A bad schema is a 400
+naming the problem, and one over the gateway's size limit never reaches a node."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.e2e.cluster_util import Cluster, cluster_yaml, launched
+from tests.test_grammar import SCHEMAS
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("xgrammar", reason="constrained decoding needs xgrammar")
+
+
+@pytest.fixture(scope="module", params=["mooncake", "nixl"])
+def cluster(request, make_tiny, tmp_path_factory) -> Cluster:
+    config = cluster_yaml(make_tiny("qwen3"), request.param, prefill=1, decode=1,
+                          max_grammar_bytes=4096)  # fmt: skip
+    with launched(config, tmp_path_factory.mktemp(f"so-{request.param}")) as c:
+        yield c
+
+
+def client(cluster: Cluster) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
+
+
+def response_format(name: str) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name]}}
+
+
+def chat(api: openai.OpenAI, stream: bool, **kw) -> tuple[str, str]:
+    """(text, finish_reason) of one chat completion, streamed or not."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Describe a thing"}],
+            "max_tokens": 120, **kw}  # fmt: skip
+    if not stream:
+        choice = api.chat.completions.create(**body).choices[0]
+        return choice.message.content or "", choice.finish_reason
+    text, reason = "", None
+    for chunk in api.chat.completions.create(**body, stream=True):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            reason = choice.finish_reason or reason
+    return text, reason
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_json_schema_answers_validate(cluster: Cluster, name: str) -> None:
+    api = client(cluster)
+    for i, (temperature, stream) in enumerate([(0.0, False), (0.7, True), (1.2, False),
+                                               (1.2, True)]):  # fmt: skip
+        text, reason = chat(api, stream, temperature=temperature, seed=i,
+                            response_format=response_format(name))  # fmt: skip
+        assert reason == "stop", text
+        jsonschema.validate(json.loads(text), SCHEMAS[name])
+
+
+def test_json_object_answers_are_objects(cluster: Cluster) -> None:
+    api = client(cluster)
+    for seed in range(3):
+        text, reason = chat(api, seed % 2 == 1, temperature=1.0, seed=seed,
+                            response_format={"type": "json_object"})  # fmt: skip
+        if reason == "stop":
+            assert isinstance(json.loads(text), dict)
+        else:
+            assert reason == "length" and text.startswith("{")
+
+
+def test_native_regex_matches(cluster: Cluster) -> None:
+    pattern = r"[a-c]{3}-[0-9]{2,4}"
+    for seed in range(3):
+        params = {"max_new_tokens": 40, "temperature": 1.0, "seed": seed, "regex": pattern}
+        r = httpx.post(f"{cluster.url}/generate", json={"text": "id:", "sampling_params": params},
+                       timeout=120)  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert re.fullmatch(pattern, r.json()["text"]), r.json()["text"]
+
+
+def test_bad_and_oversized_schemas_are_400s(cluster: Cluster) -> None:
+    api = client(cluster)
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}}
+    with pytest.raises(openai.BadRequestError, match="invalid json_schema"):
+        chat(api, False, response_format=bad)
+    huge = {"type": "object", "properties": {f"k{i}": {"type": "string"} for i in range(400)}}
+    oversized = {"type": "json_schema", "json_schema": {"name": "x", "schema": huge}}
+    with pytest.raises(openai.BadRequestError, match="above this gateway's limit of 4096"):
+        chat(api, False, response_format=oversized)
+    with pytest.raises(openai.BadRequestError, match=r"response_format\.type must be"):
+        chat(api, False, response_format={"type": "xml"})
+    text, _ = chat(api, False, max_tokens=3)  # the cluster goes on
+    assert text is not None
