@@ -56,6 +56,7 @@ class DecodeSpec:
     prealloc_timeout_s: float | None = None
     drain_timeout_s: float | None = None
     log_level: str | None = None
+    reasoning_parser: str | None = None
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from node import responses as fmt
 from node.context import NodeContext
 from node.jobs import JobRun, JobState
 from node.messages import TokenOutput
+from node.reasoning import ReasoningSplitter, split_reasoning
 from node.streaming import ChunkMaker, chunk_payload, stream_jobs, usage_tail
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,9 @@ class NodeRoutes:
         jobs = nreq.make_jobs(rid, [prompt], params, req.n, body)
         run, first = await self._start(request, jobs)
         created, model = int(time.time()), self.ctx.model_name
+        parser = self.ctx.settings.reasoning_parser
+        if (req.model_extra or {}).get("separate_reasoning") is False:
+            parser = None
 
         def logprobs_of(out: TokenOutput) -> Any:
             if not req.logprobs:
@@ -121,10 +125,19 @@ class NodeRoutes:
         if req.stream:
             # a resumed stream (api/resume.py) said "assistant" on the node it came from
             started = {j.index for j in jobs if j.request.num_resumed}
+            splitters = {j.index: ReasoningSplitter(parser) for j in jobs} if parser else {}
 
-            def chunk(state: JobState, out: TokenOutput) -> dict:
+            def chunk(state: JobState, out: TokenOutput) -> dict | None:
                 index = state.job.index
                 delta = DeltaMessage(content=out.text)
+                if index in splitters:
+                    thought, text = splitters[index].feed(out.text)
+                    if out.finished:
+                        rest = splitters[index].flush()
+                        thought, text = thought + rest[0], text + rest[1]
+                    delta = DeltaMessage(content=text or None, reasoning_content=thought or None)
+                    if not (thought or text or out.finished or index not in started):
+                        return None  # a tag's first characters: said with the next delta
                 if index not in started:
                     started.add(index)
                     delta.role = "assistant"
@@ -144,7 +157,7 @@ class NodeRoutes:
             choices.append(
                 {
                     "index": s.job.index,
-                    "message": ResponseMessage(content=s.out.text).model_dump(),
+                    "message": message_of(s.out.text, parser).model_dump(exclude_none=True),
                     "logprobs": None if logprobs is None else logprobs.model_dump(),
                     "finish_reason": s.out.finish_reason,
                     "matched_stop": s.out.matched_stop,
@@ -257,3 +270,11 @@ def generation_route(handler: Handler, ctx: NodeContext, name: str) -> Callable:
         return response
 
     return endpoint
+
+
+def message_of(text: str, parser: str | None) -> ResponseMessage:
+    """The assistant message of a whole output: its reasoning apart when `parser` is set."""
+    if parser is None:
+        return ResponseMessage(content=text)
+    thought, answer = split_reasoning(parser, text)
+    return ResponseMessage(content=answer, reasoning_content=thought or None)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from api.settings import Role, setting
 from engine.options import EngineOptions
+from node.reasoning import REASONING_PARSERS
 from transfer.config import TransferConfig
 
 
@@ -45,8 +46,19 @@ class NodeSettings:
         "what is left then ends with a `draining` error",
     )
     log_level: str = setting("warning", "debug, info, warning or error")
+    reasoning_parser: str | None = setting(
+        None,
+        "split a thinking model's <think>...</think> into reasoning_content: deepseek-r1 (the "
+        "output starts inside the thinking) or qwen3 (when the output opens with <think>); "
+        "a request turns it off with separate_reasoning: false",
+    )
 
     def __post_init__(self) -> None:
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(
+                f"reasoning_parser {self.reasoning_parser!r} is unknown (use one of "
+                f"{', '.join(REASONING_PARSERS)})"
+            )
         if self.drain_timeout_s < 0:
             raise ValueError(
                 f"drain_timeout_s must be >= 0, got {self.drain_timeout_s} (0: end what is in "

@@ -3,7 +3,10 @@ client), over Mooncake and NIXL: prefill draws the first token under the request
 decode rebuilds the matcher from the grammar and that token and goes on. With random weights,
 every `json_schema` answer validates, streamed or not, over seeds and temperatures; every
 `json_object` answer is an object; SGLang's native `regex` matches. A bad schema is a 400
-naming the problem, and one over the gateway's size limit never reaches a node."""
+naming the problem, and one over the gateway's size limit never reaches a node. The decode node
+splits `<think>...</think>` into `reasoning_content` (an EBNF grammar makes the random model
+think), streamed as `delta.reasoning_content`, unless the request says separate_reasoning:
+false."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ pytest.importorskip("xgrammar", reason="constrained decoding needs xgrammar")
 def cluster(request, make_tiny, tmp_path_factory) -> Cluster:
     config = cluster_yaml(make_tiny("qwen3"), request.param, prefill=1, decode=1,
                           max_grammar_bytes=4096)  # fmt: skip
+    config["decode"][0]["reasoning_parser"] = "qwen3"
     with launched(config, tmp_path_factory.mktemp(f"so-{request.param}")) as c:
         yield c
 
@@ -98,3 +102,31 @@ def test_bad_and_oversized_schemas_are_400s(cluster: Cluster) -> None:
         chat(api, False, response_format={"type": "xml"})
     text, _ = chat(api, False, max_tokens=3)  # the cluster goes on
     assert text is not None
+
+
+THINK = 'root ::= "<think>" [a-z ]{3,12} "</think>" [a-z]{2,8}'
+
+
+def test_reasoning_content_is_apart_from_the_answer(cluster: Cluster) -> None:
+    api = client(cluster)
+    for seed in range(2):
+        kw = {"temperature": 1.0, "seed": seed, "extra_body": {"ebnf": THINK}}
+        whole = api.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Think first"}], max_tokens=60,
+            **kw,
+        ).choices[0].message  # fmt: skip
+        thought = whole.model_extra["reasoning_content"]
+        assert re.fullmatch(r"[a-z ]{3,12}", thought) and re.fullmatch(r"[a-z]{2,8}", whole.content)
+        chunks = list(api.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Think first"}], max_tokens=60,
+            stream=True, **kw,
+        ))  # fmt: skip
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        streamed = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
+        assert (streamed, "".join(d.content or "" for d in deltas)) == (thought, whole.content)
+        kw["extra_body"]["separate_reasoning"] = False
+        raw = api.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Think first"}], max_tokens=60,
+            **kw,
+        ).choices[0].message  # fmt: skip
+        assert raw.content == f"<think>{thought}</think>{whole.content}"
