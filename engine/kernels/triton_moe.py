@@ -22,10 +22,9 @@ activations stay in the model dtype (no activation quantization). BLOCK_K divide
 block, so each K step meets one scale column. Triton reads float8_e4m3fn on sm_89 and later
 (Ada, Hopper); an older GPU keeps the dequantize-on-load path.
 
-Under TRITON_INTERPRET=1 (CPU tests) bfloat16 dot operands go to float32 first: the interpreter
-multiplies bfloat16 as its raw uint16 bits (Triton's debugging guide says to cast), and float32
-products of bf16 (or fp8) values are exact, so the sums match what a GPU's float32 accumulation
-computes up to summation order.
+The dots are engine/kernels/triton/common.py's `dot`, as the attention kernels': float32 in
+full precision, and bfloat16 operands upcast under TRITON_INTERPRET=1 (CPU tests), whose
+interpreter multiplies bfloat16 as raw bits (`upcast_dots`).
 """
 
 from __future__ import annotations
@@ -37,8 +36,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
+from engine.kernels.triton.common import dot, dot_precision, upcast_dots
 from engine.weights import FP8_DTYPES, Fp8Tensor, dequantize_block_fp8, read
 
 CHUNK_TOKENS = 8192  # tokens per pass: bounds the [pairs, I] and [pairs, H] buffers in prefill
@@ -323,8 +322,8 @@ def _launch(
         SCALE_N=scale_block[0],
         SCALE_K=scale_block[1],
         HAS_SCALE=scaled,
-        UPCAST=INTERPRETED and a.dtype == torch.bfloat16,
-        PRECISION="ieee" if a.dtype == torch.float32 else None,  # float32 as torch: no TF32
+        UPCAST=upcast_dots(a.dtype),
+        PRECISION=dot_precision(a.dtype),
         **specific,
     )
 
@@ -345,11 +344,7 @@ def _scaled_dot(
 ):
     """a [M, K] @ w [K, N] in float32; an FP8 w takes a's dtype (exact: e4m3 fits in bf16) and
     the product its tiles' scales, one per column."""
-    w = w.to(a.dtype)
-    if UPCAST:  # bfloat16 in the interpreter: its dot reads the bits as integers
-        a = a.to(tl.float32)
-        w = w.to(tl.float32)
-    part = tl.dot(a, w, input_precision=PRECISION, out_dtype=tl.float32)
+    part = dot(a, w.to(a.dtype), PRECISION, UPCAST)
     if HAS_SCALE:
         part = part * tl.load(scale_ptrs, mask=cols_ok, other=0.0)[None, :]
     return part
@@ -474,8 +469,3 @@ def _down_kernel(
         acc = acc * tl.load(weights_ptr + pairs, mask=pairs_ok, other=0.0)[:, None]
     out_ptrs = out_ptr + pairs[:, None] * stride_out + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=pairs_ok[:, None] & cols_ok[None, :])
-
-
-# NOTE: triton.jit picks the interpreter when TRITON_INTERPRET=1 is set at import, so the
-# kernels themselves say whether their dots must upcast.
-INTERPRETED = isinstance(_gate_up_kernel, InterpretedFunction)
