@@ -11,12 +11,16 @@ from .errors import invalid_request
 
 
 def chat_prompt_ids(
-    tokenizer: Any, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[int]:
     """Token ids of a chat, as `tokenizer.apply_chat_template(..., tokenize=True)` makes them.
 
     `tokenizer` is a transformers tokenizer. The template writes any bos token itself, so the
-    rendered text is encoded without adding special tokens (what transformers does). A model
+    rendered text is encoded without adding special tokens (what transformers does). `tools`
+    (OpenAI's function tools) go to the template, which decides how the model sees them. A model
     without a chat template is a 400 (the client should send a plain prompt).
     """
     if not getattr(tokenizer, "chat_template", None):
@@ -25,6 +29,9 @@ def chat_prompt_ids(
             "prompt to /v1/completions, or add chat_template to its tokenizer_config.json)"
         )
     text = tokenizer.apply_chat_template(
-        [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
+        [dict(m) for m in messages],
+        tools=[dict(t) for t in tools] if tools else None,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
     )
     return list(tokenizer.encode(text, add_special_tokens=False))

@@ -8,6 +8,7 @@ into a 400 in OpenAI's shape, naming the offending field.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -99,10 +100,43 @@ class ContentPart(_Open):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionSpec(_Open):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Open):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedToolChoice(_Open):
+    type: Literal["function"]
+    function: dict[str, str]
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 class ChatMessage(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     @property
     def text(self) -> str:
@@ -118,6 +152,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -126,9 +163,51 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError("top_logprobs needs logprobs set to true")
         return top
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        """The messages as a chat template takes them (role and text)."""
-        return [{"role": m.role, "content": m.text} for m in self.messages]
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_names_a_tool(
+        cls, choice: ToolChoice | None, info: ValidationInfo
+    ) -> ToolChoice | None:
+        tools = info.data.get("tools") or []
+        names = [t.function.name for t in tools]
+        if choice in ("auto", "required") and not tools:
+            raise ValueError(f"tool_choice {choice!r} needs tools")
+        if isinstance(choice, NamedToolChoice):
+            name = choice.function.get("name")
+            if name not in names:
+                offered = ", ".join(names) or "none"
+                raise ValueError(f"names the function {name!r}, not among the tools ({offered})")
+        return choice
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """The messages as a chat template takes them: role and text, an assistant's tool calls
+        (their arguments as objects, which templates expect), a tool result's call id."""
+        out = []
+        for m in self.messages:
+            # NOTE: an assistant turn of tool calls alone keeps content None (templates test it)
+            text = None if m.content is None and m.tool_calls else m.text
+            message: dict[str, Any] = {"role": m.role, "content": text}
+            if m.tool_calls:
+                message["tool_calls"] = [template_call(c) for c in m.tool_calls]
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                message["name"] = m.name
+            out.append(message)
+        return out
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as a chat template takes them (OpenAI's shape)."""
+        if not self.tools:
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    @property
+    def forced_tool(self) -> str | None:
+        """The function tool_choice names, if it names one."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.get("name")
+        return None
 
     @property
     def output_limit(self) -> int | None:
@@ -136,6 +215,18 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens
         return self.max_tokens
+
+
+def template_call(call: ToolCall) -> dict[str, Any]:
+    try:
+        args: Any = json.loads(call.function.arguments)
+    except ValueError:
+        args = call.function.arguments  # NOTE: the client's text as it came; templates cope
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.function.name, "arguments": args},
+    }
 
 
 # ---- responses ----
@@ -194,13 +285,14 @@ class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
     index: int
     message: ResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
     matched_stop: int | str | None = None
 
 
@@ -213,17 +305,30 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str = ""
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

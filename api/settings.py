@@ -41,7 +41,8 @@ class GatewaySettings:
     max_prompt_tokens: int | None = setting(None, "prompt length limit (400 above)")
     max_tokens_limit: int | None = setting(None, "max_tokens limit (400 above)")
     max_grammar_bytes: int = setting(
-        65536, "size limit of a request's constraint: response_format, json_schema, regex, ebnf"
+        65536,
+        "size limit of a request's constraint: response_format, json_schema, regex, ebnf, tools",
     )
     max_inflight: int = setting(1024, "requests in flight at once (429 above)")
     request_timeout_s: float = setting(600.0, "a node's answer may take this long")

@@ -57,6 +57,7 @@ class DecodeSpec:
     drain_timeout_s: float | None = None
     log_level: str | None = None
     reasoning_parser: str | None = None
+    tool_call_parser: str | None = None
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,10 @@ class PromptCounter:
     def count_text(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
 
-    def count_chat(self, messages: Sequence[Mapping[str, Any]]) -> int:
+    def count_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> int:
         """Tokens of the chat as the nodes will encode it (api/chat.py); 400 without a template."""
-        return len(chat_prompt_ids(self.tokenizer, messages))
+        return len(chat_prompt_ids(self.tokenizer, messages, tools=tools))

@@ -42,7 +42,8 @@ class Prepared:
     rooms: int | None = None
 
 
-GRAMMAR_FIELDS = ("response_format", "json_schema", "regex", "ebnf")
+# constraints a node compiles (tools too: "required" and a named function constrain the output)
+GRAMMAR_FIELDS = ("response_format", "json_schema", "regex", "ebnf", "tools")
 
 
 def prepare(route: str, body: dict[str, Any], limits: RequestLimits) -> Prepared:
@@ -76,7 +77,7 @@ def _chat(body: dict[str, Any], limits: RequestLimits) -> Prepared:
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     count = None
     if limits.counter is not None:
-        count = limits.counter.count_chat(messages)
+        count = limits.counter.count_chat(messages, req.template_tools())
         _check_prompt_length(count, limits, "messages")
     key = _key(text, [count], req.output_limit, req.n)
     return Prepared(CHAT, body, req.stream, key, _rooms(1, req.n, batched=False))

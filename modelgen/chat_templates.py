@@ -1,19 +1,52 @@
 """The chat templates of the two tokenizer families, which neither tokenizer package ships.
 
-These are the families' standard templates, verbatim as the upstream tokenizer_config.json files
-carry them (split here only for line length; the pieces join with no separator).
+These are the families' standard templates (split here only for line length; the pieces join with
+no separator): DeepSeek-V3's verbatim as its tokenizer_config.json carries it, and Qwen2's ChatML
+with the tools section Qwen2.5's template adds.
 """
 
 from __future__ import annotations
 
-# Qwen2-Instruct (Qwen/Qwen2-*-Instruct): ChatML with a default system prompt.
+_HERMES_TOOLS_INTRO = (
+    r"\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    r"You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_HERMES_TOOLS_OUTRO = (
+    r"\n</tools>\n\nFor each function call, return a json object with function name and "
+    r"arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    r"{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n"
+)
+
+# Qwen2-Instruct's ChatML (a default system prompt), with tools as Qwen2.5 and Hermes models see
+# them: the tools in the system prompt, calls written as <tool_call> JSON, results as
+# <tool_response>. Without tools it renders exactly what Qwen2-Instruct's template does.
 CHATML_TEMPLATE = "".join(
     [
+        "{% if tools %}",
+        r"{{ '<|im_start|>system\n' }}",
+        "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}",
+        "{% else %}{{ 'You are a helpful assistant.' }}{% endif %}",
+        "{{ '" + _HERMES_TOOLS_INTRO + "' }}",
+        r"{% for tool in tools %}{{ '\n' }}{{ tool | tojson }}{% endfor %}",
+        "{{ '" + _HERMES_TOOLS_OUTRO + "' }}",
+        "{% endif %}",
         "{% for message in messages %}",
-        "{% if loop.first and messages[0]['role'] != 'system' %}",
+        "{% if tools and loop.first and message['role'] == 'system' %}",
+        "{% elif message['role'] == 'assistant' and message['tool_calls'] %}",
+        r"{{ '<|im_start|>assistant\n' + (message['content'] or '') }}",
+        "{% for call in message['tool_calls'] %}",
+        r"{{ '\n<tool_call>\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}",
+        r"{{ call['function']['arguments'] | tojson }}{{ '}\n</tool_call>' }}",
+        "{% endfor %}",
+        r"{{ '<|im_end|>\n' }}",
+        "{% elif message['role'] == 'tool' %}",
+        r"{{ '<|im_start|>user\n<tool_response>\n' + message['content'] + '\n</tool_response><|im_end|>\n' }}",
+        "{% else %}",
+        "{% if loop.first and not tools and messages[0]['role'] != 'system' %}",
         r"{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}",
         "{% endif %}",
         r"{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}",
+        "{% endif %}",
         "{% endfor %}",
         r"{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
     ]

@@ -17,6 +17,7 @@ from node.drain import Drain
 from node.messages import GenerateRequest, TokenOutput
 from node.metrics import NodeMetrics
 from node.settings import NodeSettings
+from node.tools import parser_for
 
 
 @dataclass
@@ -37,8 +38,15 @@ class NodeContext:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, messages)
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    ) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, messages, tools=tools)
+
+    @property
+    def tool_parser(self) -> str:
+        """The format this model writes tool calls in (node/tools.py)."""
+        return parser_for(self.tokenizer.chat_template, self.settings.tool_call_parser)
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])

@@ -38,7 +38,7 @@ class ReasoningSplitter:
         if self.thinking:
             at = self.pending.find(END)
             if at < 0:
-                cut = len(self.pending) - _partial_suffix(self.pending, END)
+                cut = len(self.pending) - partial_suffix(self.pending, END)
                 reasoning, self.pending = self.pending[:cut], self.pending[cut:]
                 return self._trimmed(reasoning), ""
             reasoning = self._trimmed(self.pending[:at])
@@ -61,7 +61,7 @@ class ReasoningSplitter:
         return "", text
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """The length of the longest end of `text` that begins `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-n:]):

@@ -35,8 +35,6 @@ from api.openai import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    DeltaMessage,
-    ResponseMessage,
     parse_request,
 )
 from api.resume import wants_token_ids
@@ -46,8 +44,8 @@ from node import responses as fmt
 from node.context import NodeContext
 from node.jobs import JobRun, JobState
 from node.messages import TokenOutput
-from node.reasoning import ReasoningSplitter, split_reasoning
 from node.streaming import ChunkMaker, chunk_payload, stream_jobs, usage_tail
+from node.tools import ChoiceWriter, finish_reason, tool_mode, with_tool_grammar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -105,15 +103,16 @@ class NodeRoutes:
 
     async def chat(self, request: Request, body: dict, rid: str) -> Response:
         req = parse_request(ChatCompletionRequest, body)
-        prompt = self.ctx.encode_chat(req.chat_messages())
+        prompt = self.ctx.encode_chat(req.chat_messages(), req.template_tools())
         max_tokens = nreq.chat_max_tokens(req, len(prompt), self.ctx.max_model_len)
+        tools = tool_mode(req, self.ctx.tool_parser)
         params = nreq.openai_params(req, max_tokens, nreq.chat_logprobs(req))
-        jobs = nreq.make_jobs(rid, [prompt], params, req.n, body)
+        jobs = nreq.make_jobs(rid, [prompt], with_tool_grammar(params, tools), req.n, body)
         run, first = await self._start(request, jobs)
         created, model = int(time.time()), self.ctx.model_name
-        parser = self.ctx.settings.reasoning_parser
+        reasoning = self.ctx.settings.reasoning_parser
         if (req.model_extra or {}).get("separate_reasoning") is False:
-            parser = None
+            reasoning = None
 
         def logprobs_of(out: TokenOutput) -> Any:
             if not req.logprobs:
@@ -123,25 +122,26 @@ class NodeRoutes:
             )
 
         if req.stream:
-            # a resumed stream (api/resume.py) said "assistant" on the node it came from
-            started = {j.index for j in jobs if j.request.num_resumed}
-            splitters = {j.index: ReasoningSplitter(parser) for j in jobs} if parser else {}
+            writers = {j.index: ChoiceWriter(reasoning, tools) for j in jobs}
+            # a resumed stream (api/resume.py) said "assistant" and its text on the node it came
+            # from: the writer reads that text first, and says only what follows
+            started = set()
+            for state in run.states.values():
+                if state.job.request.num_resumed:
+                    started.add(state.job.index)
+                    writers[state.job.index].delta(state.out.text, False)
 
             def chunk(state: JobState, out: TokenOutput) -> dict | None:
-                index = state.job.index
-                delta = DeltaMessage(content=out.text)
-                if index in splitters:
-                    thought, text = splitters[index].feed(out.text)
-                    if out.finished:
-                        rest = splitters[index].flush()
-                        thought, text = thought + rest[0], text + rest[1]
-                    delta = DeltaMessage(content=text or None, reasoning_content=thought or None)
-                    if not (thought or text or out.finished or index not in started):
-                        return None  # a tag's first characters: said with the next delta
+                index, writer = state.job.index, writers[state.job.index]
+                delta = writer.delta(out.text, out.finished)
+                said = delta.content or delta.reasoning_content or delta.tool_calls
+                if not (said or out.finished or index not in started):
+                    return None  # a marker's first characters: said with the next delta
                 if index not in started:
                     started.add(index)
                     delta.role = "assistant"
                 reason = out.finish_reason if out.finished else None
+                reason = finish_reason(reason, writer.streamed_calls)
                 c = ChatChunkChoice(
                     index=index, delta=delta, logprobs=logprobs_of(out), finish_reason=reason
                 )
@@ -154,12 +154,13 @@ class NodeRoutes:
         choices = []
         for s in run.ordered:
             logprobs = logprobs_of(s.out)
+            message = ChoiceWriter(reasoning, tools).message(s.out.text)
             choices.append(
                 {
                     "index": s.job.index,
-                    "message": message_of(s.out.text, parser).model_dump(exclude_none=True),
+                    "message": message.model_dump(exclude_none=True),
                     "logprobs": None if logprobs is None else logprobs.model_dump(),
-                    "finish_reason": s.out.finish_reason,
+                    "finish_reason": finish_reason(s.out.finish_reason, bool(message.tool_calls)),
                     "matched_stop": s.out.matched_stop,
                 }
             )
@@ -270,11 +271,3 @@ def generation_route(handler: Handler, ctx: NodeContext, name: str) -> Callable:
         return response
 
     return endpoint
-
-
-def message_of(text: str, parser: str | None) -> ResponseMessage:
-    """The assistant message of a whole output: its reasoning apart when `parser` is set."""
-    if parser is None:
-        return ResponseMessage(content=text)
-    thought, answer = split_reasoning(parser, text)
-    return ResponseMessage(content=answer, reasoning_content=thought or None)

@@ -9,6 +9,7 @@ from pathlib import Path
 from api.settings import Role, setting
 from engine.options import EngineOptions
 from node.reasoning import REASONING_PARSERS
+from node.tool_parsers import TOOL_PARSERS
 from transfer.config import TransferConfig
 
 
@@ -53,7 +54,18 @@ class NodeSettings:
         "a request turns it off with separate_reasoning: false",
     )
 
+    tool_call_parser: str | None = setting(
+        None,
+        "the format the model writes tool calls in: hermes (Qwen, Hermes), llama3 or "
+        "deepseek-v3 (default: the one its chat template writes, else hermes)",
+    )
+
     def __post_init__(self) -> None:
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(
+                f"tool_call_parser {self.tool_call_parser!r} is unknown (use one of "
+                f"{', '.join(TOOL_PARSERS)})"
+            )
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(
                 f"reasoning_parser {self.reasoning_parser!r} is unknown (use one of "

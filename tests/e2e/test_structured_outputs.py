@@ -6,7 +6,9 @@ every `json_schema` answer validates, streamed or not, over seeds and temperatur
 naming the problem, and one over the gateway's size limit never reaches a node. The decode node
 splits `<think>...</think>` into `reasoning_content` (an EBNF grammar makes the random model
 think), streamed as `delta.reasoning_content`, unless the request says separate_reasoning:
-false."""
+false. Tool calls: a named function or "required" always gives calls whose arguments validate,
+streamed (name first, arguments in pieces) or not; "auto" parses the Hermes call an EBNF grammar
+makes the model write; bad tool requests are 400s."""
 
 from __future__ import annotations
 
@@ -130,3 +132,81 @@ def test_reasoning_content_is_apart_from_the_answer(cluster: Cluster) -> None:
             **kw,
         ).choices[0].message  # fmt: skip
         assert raw.content == f"<think>{thought}</think>{whole.content}"
+
+
+# ---- tool calls ----
+
+FUNCTIONS = {name.replace("-", "_"): schema for name, schema in SCHEMAS.items()}
+TOOLS = [{"type": "function", "function": {"name": n, "parameters": s}}
+         for n, s in FUNCTIONS.items()]  # fmt: skip
+CALL = r'root ::= "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"" ' \
+       r'[a-z]{2,8} "\"}}\n</tool_call>"'  # fmt: skip
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}  # fmt: skip
+
+
+def tool_calls(api: openai.OpenAI, stream: bool, **kw) -> tuple[list, str, str | None]:
+    """([(name, arguments)], finish_reason, content) of one chat completion with tools; a
+    stream's deltas must say each call's id and name before its arguments."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Call a tool"}],
+            "max_tokens": 160, **kw}  # fmt: skip
+    if not stream:
+        choice = api.chat.completions.create(**body).choices[0]
+        calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
+        assert all(c.id.startswith("call_") for c in choice.message.tool_calls or [])
+        return calls, choice.finish_reason, choice.message.content
+    calls: list[list] = []
+    content, reason = None, None
+    for chunk in api.chat.completions.create(**body, stream=True):
+        for choice in chunk.choices:
+            content = (content or "") + choice.delta.content if choice.delta.content else content
+            reason = choice.finish_reason or reason
+            for d in choice.delta.tool_calls or []:
+                if d.id is not None:
+                    assert d.index == len(calls) and d.function.name, d
+                    calls.append([d.function.name, ""])
+                calls[d.index][1] += d.function.arguments or ""
+    return [tuple(c) for c in calls], reason, content
+
+
+def test_named_and_required_tool_calls_validate(cluster: Cluster) -> None:
+    api = client(cluster)
+    cases = [(0.0, False), (0.8, True), (1.2, False), (1.2, True)]
+    for i, (temperature, stream) in enumerate(cases):
+        name = list(FUNCTIONS)[i % len(FUNCTIONS)]
+        forced = {"type": "function", "function": {"name": name}}
+        calls, reason, content = tool_calls(api, stream, temperature=temperature, seed=i,
+                                            tools=TOOLS, tool_choice=forced)  # fmt: skip
+        assert reason == "tool_calls" and not content and [n for n, _ in calls] == [name]
+        jsonschema.validate(json.loads(calls[0][1]), FUNCTIONS[name])
+        calls, reason, content = tool_calls(api, stream, temperature=temperature, seed=i,
+                                            tools=TOOLS, tool_choice="required",
+                                            parallel_tool_calls=False)  # fmt: skip
+        assert reason == "tool_calls" and not content and len(calls) == 1, calls
+        jsonschema.validate(json.loads(calls[0][1]), FUNCTIONS[calls[0][0]])
+
+
+def test_auto_tool_calls_are_parsed_from_the_text(cluster: Cluster) -> None:
+    """An EBNF grammar makes the random model write a Hermes <tool_call>; the decode node's
+    parser (picked by the ChatML template's tools section) returns it as tool_calls."""
+    api = client(cluster)
+    for seed, stream in [(0, False), (1, True)]:
+        calls, reason, content = tool_calls(api, stream, temperature=1.0, seed=seed,
+                                            tools=[WEATHER_TOOL], extra_body={"ebnf": CALL})  # fmt: skip
+        assert reason == "tool_calls" and not content and [n for n, _ in calls] == ["get_weather"]
+        assert re.fullmatch(r"[a-z]{2,8}", json.loads(calls[0][1])["city"])
+    text, reason = chat(api, False, temperature=1.0, seed=0, tools=[WEATHER_TOOL],
+                        tool_choice="none", extra_body={"ebnf": CALL})  # fmt: skip
+    assert reason == "stop" and text.startswith("<tool_call>")  # "none": the text as it is
+
+
+def test_bad_tool_requests_are_400s(cluster: Cluster) -> None:
+    api = client(cluster)
+    unknown = {"type": "function", "function": {"name": "nope"}}
+    with pytest.raises(openai.BadRequestError, match="'nope', not among the tools"):
+        tool_calls(api, False, tools=TOOLS, tool_choice=unknown)
+    with pytest.raises(openai.BadRequestError, match="needs tools"):
+        tool_calls(api, False, tool_choice="required")
+    with pytest.raises(openai.BadRequestError, match="drop response_format"):
+        tool_calls(api, False, tools=TOOLS, tool_choice="required",
+                   response_format={"type": "json_object"})  # fmt: skip
