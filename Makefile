@@ -3,8 +3,9 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
+IMAGE ?= pdserve:latest
 
-.PHONY: setup system-deps python-deps run test lint bench
+.PHONY: setup system-deps python-deps run test lint bench image
 
 setup: system-deps python-deps
 
@@ -47,3 +48,8 @@ lint:
 
 bench: setup
 	$(PYTHON) scripts/bench_offline.py
+
+# The CPU container image (docker/Dockerfile.cpu; docker/Dockerfile.cuda for GPU machines), for
+# `pdserve k8s --image`. Not part of `make test`: it needs a container daemon.
+image:
+	docker build -f docker/Dockerfile.cpu -t $(IMAGE) .

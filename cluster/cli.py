@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cluster import commands
+from cluster.k8s.command import add_k8s
 from modelgen.spec import add_flags, spec_from_flags
 
 
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_node(sub, "prefill")
     commands.add_node(sub, "decode")
     commands.add_gateway(sub)
+    add_k8s(sub)
     # NOTE: `pdserve bench ARGS` hands ARGS to cluster/bench, whose flags are SGLang's (`-h` lists)
     sub.add_parser("bench", add_help=False, help="benchmark a server (SGLang bench_serving flags)")
     return parser

@@ -58,14 +58,20 @@ def resolve_config_path(arg: str | None) -> Path:
 def load_cluster(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ClusterConfig:
     """The validated cluster config of YAML file `path` with `dotted.key=value` overrides applied."""
     path = Path(path)
+    data = read_config(path)
+    try:
+        return parse_cluster(apply_overrides(data, overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def read_config(path: Path) -> Any:
+    """The YAML data of config file `path`, as written (an empty file: an empty mapping)."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    try:
-        return parse_cluster(apply_overrides(raw or {}, overrides))
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return raw or {}
 
 
 def parse_cluster(data: Any) -> ClusterConfig:

@@ -22,6 +22,7 @@ from node.settings import NodeSettings
 from transfer import served_backends
 from transfer.config import TransferConfig
 
+from .k8s.settings import K8sSettings
 from .launch_settings import LaunchSettings
 from .spec import DecodeSpec, ModelSpec, PrefillSpec
 
@@ -64,6 +65,13 @@ SECTIONS: tuple[tuple[str, str, type, tuple[str, ...]], ...] = (
         "how `pdserve launch` supervises the components: a component that exits is restarted "
         "with backoff while the others serve; `--timeout` and `--grace` override two keys",
         LaunchSettings,
+        (),
+    ),
+    (
+        "k8s",
+        "how `pdserve k8s` renders the cluster for Kubernetes (docs/DEPLOY.md); `--image`, "
+        "`--namespace` and `--lws` set three keys",
+        K8sSettings,
         (),
     ),
     ("prefill[]", "prefill nodes, a list of entries", PrefillSpec, ()),

@@ -15,6 +15,7 @@ from modelgen.spec import MakeSpec
 from node.settings import NodeSettings
 from transfer.config import TransferConfig
 
+from .k8s.settings import K8sSettings
 from .launch_settings import LaunchSettings
 from .modelcache import ensure_model, model_dir
 from .schema import ConfigError, did_you_mean
@@ -73,6 +74,7 @@ class ClusterConfig:
     )
     gateway: GatewaySettings = field(default_factory=GatewaySettings)  # without instances
     launch: LaunchSettings = field(default_factory=LaunchSettings)  # `pdserve launch` only
+    k8s: K8sSettings = field(default_factory=K8sSettings)  # `pdserve k8s` only
 
     def component_names(self) -> tuple[str, ...]:
         """Every component, in start order: prefill nodes, decode nodes, the gateway."""
