@@ -23,6 +23,7 @@ from .logs import log_event
 from .metrics import GatewayMetrics
 from .policies import Policy, RouteKey, make_policy
 from .requests import RequestLimits
+from .resolve import Resolve, system_resolve
 from .upstream import Upstream
 from .workers import Pair, Worker, WorkerPool
 
@@ -33,8 +34,10 @@ class Gateway:
         settings: GatewaySettings,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        resolve: Resolve = system_resolve,
     ) -> None:
         self.settings = settings
+        self.resolve = resolve  # node host names -> addresses, on every new connection
         self.rng = rng or random.Random()
         self.clock = clock
         self.pool = WorkerPool(settings.breaker_errors, settings.breaker_cooldown_s)
@@ -59,7 +62,7 @@ class Gateway:
 
     async def start(self) -> None:
         s = self.settings
-        self._upstream = Upstream(2 * s.max_inflight + 64, s.request_timeout_s)
+        self._upstream = Upstream(2 * s.max_inflight + 64, s.request_timeout_s, self.resolve)
         if s.tokenizer and (s.max_prompt_tokens is not None):
             self.counter = await asyncio.to_thread(PromptCounter.load, s.tokenizer)
 

@@ -7,6 +7,9 @@ idle socket on each request and each release, so a busy gateway holding hundreds
 pays for all of them every time. Here each connection is an asyncio protocol parsed by httptools
 (uvicorn[standard] brings it), idle connections wait in a per-origin stack, and a connection the
 node closes leaves the pool when the event loop sees it go (`connection_lost`), with no polling.
+Each new connection resolves the node's host name again (resolve.py); a failed connect retires
+every connection to that instance, idle or busy, so its next attempt resolves the name afresh
+instead of reusing a connection to the address a restarted pod no longer has.
 
 Anything else (https, streamed request bodies, HEAD) goes to httpx's own transport.
 
@@ -24,6 +27,8 @@ from typing import Any
 
 import httpx
 
+from .resolve import Resolve, open_connection, system_resolve
+
 try:
     import httptools
 except ImportError:  # NOTE: uvicorn[standard] brings it; without it, httpx's own transport
@@ -35,22 +40,27 @@ NOT_SENT = "the node closed the connection before it answered"
 CUT = "the node closed the connection before the response was complete"
 
 
-def node_transport(limits: httpx.Limits) -> httpx.AsyncBaseTransport:
-    """The transport for node traffic: `NodeTransport` when httptools is there."""
+def node_transport(
+    limits: httpx.Limits, resolve: Resolve = system_resolve
+) -> httpx.AsyncBaseTransport:
+    """The transport for node traffic: `NodeTransport` when httptools is there (without it,
+    httpx's own, which resolves names itself and cannot take `resolve`)."""
     if httptools is None:
         return httpx.AsyncHTTPTransport(limits=limits)
     return NodeTransport(
         limits.max_connections or 1024,
         limits.max_keepalive_connections or 0,
         limits.keepalive_expiry if limits.keepalive_expiry is not None else 5.0,
+        resolve,
     )
 
 
 class _Connection(asyncio.Protocol):
     """One keep-alive connection, one response at a time (its parser's callbacks fill it)."""
 
-    def __init__(self, pool: NodeTransport, origin: Origin) -> None:
+    def __init__(self, pool: NodeTransport, origin: Origin, epoch: int = 0) -> None:
         self.pool, self.origin = pool, origin
+        self.epoch = epoch  # the origin's epoch when it connected (see NodeTransport._retire)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -205,7 +215,13 @@ class _Body(httpx.AsyncByteStream):
 
 
 class NodeTransport(httpx.AsyncBaseTransport):
-    def __init__(self, max_connections: int, max_keepalive: int, keepalive_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        max_connections: int,
+        max_keepalive: int,
+        keepalive_s: float = 5.0,
+        resolve: Resolve = system_resolve,
+    ) -> None:
         self.max_connections = max_connections
         self.max_keepalive = max_keepalive
         # NOTE: an idle connection is not reused after this long: the node may be closing it
@@ -215,6 +231,9 @@ class NodeTransport(httpx.AsyncBaseTransport):
         self._idle_count = 0
         self._open = 0  # connections open or being opened
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._resolve = resolve
+        # NOTE: bumped when a connect to the origin fails: older connections are not reused
+        self._epochs: dict[Origin, int] = collections.defaultdict(int)
         self._fallback = httpx.AsyncHTTPTransport(
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=64)
         )
@@ -282,7 +301,8 @@ class NodeTransport(httpx.AsyncBaseTransport):
         while idle:
             conn = idle.pop()  # NOTE: the most recently used: likeliest still open
             self._idle_count -= 1
-            if not conn.closed and now - conn.idle_since < self.keepalive_s:
+            fresh = now - conn.idle_since < self.keepalive_s
+            if not conn.closed and fresh and conn.epoch == self._epochs[origin]:
                 return conn
             conn.close()
         return None
@@ -294,16 +314,26 @@ class NodeTransport(httpx.AsyncBaseTransport):
                 return
 
     async def _connect(self, origin: Origin, timeout: float | None) -> _Connection:
-        loop = asyncio.get_running_loop()
-        host = origin[0].decode("ascii")
-        opening = loop.create_connection(lambda: _Connection(self, origin), host, origin[1])
+        host, epoch = origin[0].decode("ascii"), self._epochs[origin]
+        opening = open_connection(
+            lambda: _Connection(self, origin, epoch), host, origin[1], self._resolve
+        )
         try:
             _, conn = await asyncio.wait_for(opening, timeout)
         except asyncio.TimeoutError:
+            self._retire(origin)
             raise httpx.ConnectTimeout(f"connecting to {host}:{origin[1]} timed out") from None
         except OSError as exc:
-            raise httpx.ConnectError(f"[Errno {exc.errno}] {exc.strerror}") from None
-        return conn
+            self._retire(origin)
+            raise httpx.ConnectError(str(exc)) from None
+        return conn  # type: ignore[return-value]
+
+    def _retire(self, origin: Origin) -> None:
+        """A connect to `origin` failed: its name may now mean another address (a pod restarted
+        elsewhere), so no connection opened before is reused; the next attempt connects anew."""
+        self._epochs[origin] += 1
+        for conn in list(self._idle.get(origin, ())):
+            conn.close()
 
     async def _wait_slot(self, timeout: float | None) -> None:
         waiter = asyncio.get_running_loop().create_future()
@@ -323,7 +353,8 @@ class NodeTransport(httpx.AsyncBaseTransport):
 
     def _release(self, conn: _Connection) -> None:
         """A response is over: keep its connection for the next request, or close it."""
-        if not conn.reusable() or self._idle_count >= self.max_keepalive:
+        stale = conn.epoch != self._epochs[conn.origin]
+        if stale or not conn.reusable() or self._idle_count >= self.max_keepalive:
             conn.close()
             return
         conn.used = True

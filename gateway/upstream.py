@@ -19,6 +19,7 @@ import httpx
 from api.errors import DRAINING, server_error
 
 from .logs import log_event
+from .resolve import Resolve, system_resolve
 from .transport import node_transport
 
 ABORT_TIMEOUT_S = 5.0
@@ -34,10 +35,12 @@ class Probe(str, enum.Enum):
 
 
 class Upstream:
-    def __init__(self, max_connections: int, request_timeout_s: float) -> None:
+    def __init__(
+        self, max_connections: int, request_timeout_s: float, resolve: Resolve = system_resolve
+    ) -> None:
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=512)
         timeout = httpx.Timeout(request_timeout_s, connect=10.0)
-        self._transport = node_transport(limits)
+        self._transport = node_transport(limits, resolve)
         # NOTE: trust_env=False: a proxy from the environment must never sit between us and nodes.
         self.client = httpx.AsyncClient(transport=self._transport, timeout=timeout, trust_env=False)
         self._extensions: dict[str, Any] = {"timeout": timeout.as_dict()}

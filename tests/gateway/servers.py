@@ -13,10 +13,10 @@ import uvicorn
 START_TIMEOUT_S = 20.0
 
 
-def bound_socket(port: int = 0) -> socket.socket:
+def bound_socket(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
+    sock.bind((host, port))
     return sock
 
 
@@ -38,11 +38,11 @@ def wait_until(condition: Callable[[], Any], timeout_s: float = 10.0, what: str 
 
 
 class ServerThread:
-    """Serves `app` on 127.0.0.1 (`port`, or a free one) until `stop()`."""
+    """Serves `app` on `host` (`port`, or a free one) until `stop()`."""
 
-    def __init__(self, app: Any, port: int = 0) -> None:
-        self.sock = bound_socket(port)
-        self.port = self.sock.getsockname()[1]
+    def __init__(self, app: Any, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.sock = bound_socket(port, host)
+        self.host, self.port = host, self.sock.getsockname()[1]
         config = uvicorn.Config(
             app, log_level="warning", access_log=False, timeout_graceful_shutdown=1
         )
@@ -51,7 +51,7 @@ class ServerThread:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self) -> ServerThread:
         self.thread.start()
