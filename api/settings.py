@@ -44,6 +44,7 @@ class GatewaySettings:
         65536,
         "size limit of a request's constraint: response_format, json_schema, regex, ebnf, tools",
     )
+    max_sequences: int = setting(256, "sequences one request may ask for: prompts x n (400 above)")
     max_inflight: int = setting(1024, "requests in flight at once (429 above)")
     request_timeout_s: float = setting(600.0, "a node's answer may take this long")
     health_interval_s: float = setting(1.0, "each instance's /health is checked this often")

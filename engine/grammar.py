@@ -104,9 +104,11 @@ def mask_logits(logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[An
     """Set to -inf, in place, every token the matchers of `rows` do not allow next."""
     xgr = import_module("xgrammar")
     vocab = logits.shape[1]
-    bitmask = xgr.allocate_token_bitmask(len(rows), vocab)
-    for i, matcher in enumerate(matchers):
-        matcher.fill_next_token_bitmask(bitmask, i)
-    picked = logits[list(rows)]
-    xgr.apply_token_bitmask_inplace(picked, bitmask.to(logits.device), vocab_size=vocab)
-    logits[list(rows)] = picked
+    # NOTE: one bitmask row per logits row (unconstrained ones stay all-allowed), so the mask
+    # applies in place on the rows themselves, with no copy of them out and back
+    bitmask = xgr.allocate_token_bitmask(logits.shape[0], vocab)
+    for row, matcher in zip(rows, matchers, strict=True):
+        matcher.fill_next_token_bitmask(bitmask, row)
+    xgr.apply_token_bitmask_inplace(
+        logits, bitmask.to(logits.device), vocab_size=vocab, indices=list(rows)
+    )

@@ -75,7 +75,7 @@ class Gateway:
         s = self.settings
         return RequestLimits(
             s.max_tokens_limit, s.max_prompt_tokens, self.counter, self.models,
-            s.max_grammar_bytes,
+            s.max_grammar_bytes, s.max_sequences,
         )  # fmt: skip
 
     def pick_pair(self, key: RouteKey, exclude: Iterable[str] = ()) -> Pair:

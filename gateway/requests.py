@@ -29,6 +29,7 @@ class RequestLimits:
     counter: PromptCounter | None = None
     models: frozenset[str] = frozenset()  # served model ids; empty: not known yet, allow any
     max_grammar_bytes: int | None = None
+    max_sequences: int | None = None  # prompts x n of one request
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,22 @@ def prepare(route: str, body: dict[str, Any], limits: RequestLimits) -> Prepared
     """Validate `body` for `route`; raises `ApiError` (400/404) naming what to fix."""
     _check_grammar_size(body, limits)
     if route == COMPLETIONS:
-        return _completion(body, limits)
-    if route == CHAT:
-        return _chat(body, limits)
-    return _generate(body, limits)
+        prepared = _completion(body, limits)
+    elif route == CHAT:
+        prepared = _chat(body, limits)
+    else:
+        prepared = _generate(body, limits)
+    _check_sequences(prepared.rooms or 1, limits)
+    return prepared
+
+
+def _check_sequences(count: int, limits: RequestLimits) -> None:
+    if limits.max_sequences is not None and count > limits.max_sequences:
+        raise invalid_request(
+            f"the request asks for {count} sequences (prompts x n), above this gateway's limit "
+            f"of {limits.max_sequences} (split it into smaller requests)",
+            param="n",
+        )
 
 
 def _completion(body: dict[str, Any], limits: RequestLimits) -> Prepared:

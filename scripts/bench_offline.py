@@ -2,6 +2,8 @@
 
 Workload (defaults): 64 prompts of 256 random tokens, 64 output tokens each (EOS ignored),
 greedy, at most 16 sequences in flight for both (transformers runs batches of 16).
+With `--json-schema` the engine runs the same prompts a second time, every request under a JSON
+schema (xgrammar's token mask on every step), and reports what the grammar costs.
 The last printed line is JSON.
 
     python scripts/bench_offline.py [--model DIR | --arch llama|deepseek_v3] [--dtype float32]
@@ -10,6 +12,7 @@ The last printed line is JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -47,7 +50,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--json-schema", action="store_true", help="also run every request under a JSON schema"
+    )
     return p.parse_args()
+
+
+# A record of many words: long enough that no request completes it within --output-len tokens,
+# so every row stays constrained (and in the batch) for the whole run.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string", "maxLength": 40},
+        "words": {"type": "array", "items": {"type": "string"}, "minItems": 400},
+    },
+    "required": ["title", "words"],
+    "additionalProperties": False,
+}
 
 
 def default_model(args: argparse.Namespace) -> Path:
@@ -76,8 +95,9 @@ def make_prompts(args: argparse.Namespace, vocab: int) -> list[list[int]]:
 
 def bench_engine(
     model: Path, prompts: list[list[int]], args: argparse.Namespace
-) -> tuple[float, int]:
-    """(output tokens/s, KV cache bytes per token across all layers)."""
+) -> tuple[list[float], int]:
+    """([output tokens/s, and under the JSON schema when asked], KV cache bytes per token
+    across all layers)."""
     llm = LLM(
         str(model),
         dtype=args.dtype,
@@ -96,12 +116,22 @@ def bench_engine(
     with llm:
         params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
         llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        elapsed = time.perf_counter() - start
-    assert all(len(o.token_ids) == args.output_len for o in outs)
-    tok_s = sum(len(o.token_ids) for o in outs) / elapsed
-    return tok_s, llm.engine.pool.layout.bytes_per_token
+        rates = [timed(llm, prompts, params, args.output_len)]
+        if args.json_schema:
+            grammar = ("json_schema", json.dumps(SCHEMA))
+            constrained = dataclasses.replace(params, grammar=grammar)
+            llm.generate(prompts[:2], dataclasses.replace(constrained, max_tokens=4))
+            rates.append(timed(llm, prompts, constrained, args.output_len))
+    return rates, llm.engine.pool.layout.bytes_per_token
+
+
+def timed(llm: LLM, prompts: list[list[int]], params: SamplingParams, output_len: int) -> float:
+    """Output tokens/s of one run of every prompt."""
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.token_ids) == output_len for o in outs)
+    return sum(len(o.token_ids) for o in outs) / elapsed
 
 
 def bench_hf(model: Path, prompts: list[list[int]], args: argparse.Namespace) -> float:
@@ -127,8 +157,12 @@ def main() -> None:
     model = Path(args.model) if args.model else default_model(args)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     prompts = make_prompts(args, vocab)
-    engine_tps, kv_bytes = bench_engine(model, prompts, args)
+    rates, kv_bytes = bench_engine(model, prompts, args)
+    engine_tps = rates[0]
     print(f"pdserve engine: {engine_tps:.1f} output tok/s", flush=True)
+    json_tps = rates[1] if len(rates) > 1 else None
+    if json_tps is not None:
+        print(f"pdserve engine, JSON schema: {json_tps:.1f} output tok/s", flush=True)
     hf_tps = None if args.skip_hf else bench_hf(model, prompts, args)
     if hf_tps is not None:
         print(f"transformers.generate: {hf_tps:.1f} output tok/s", flush=True)
@@ -149,6 +183,8 @@ def main() -> None:
         "kv_bytes_per_token": kv_bytes,
         "hf_output_tok_s": None if hf_tps is None else round(hf_tps, 1),
         "speedup": None if hf_tps is None else round(engine_tps / hf_tps, 2),
+        "json_schema_output_tok_s": None if json_tps is None else round(json_tps, 1),
+        "grammar_cost": None if json_tps is None else round(1 - json_tps / engine_tps, 3),
     }
     print(json.dumps(result))
 

@@ -69,6 +69,16 @@ def test_max_tokens_limit() -> None:
     assert e.param == "sampling_params.max_new_tokens"
 
 
+def test_sequences_limit_counts_prompts_times_n() -> None:
+    limits = RequestLimits(max_sequences=4)
+    prepare(COMPLETIONS, {"model": "m", "prompt": ["a", "b"], "n": 2}, limits)
+    e = error_of(COMPLETIONS, {"model": "m", "prompt": ["a", "b", "c"], "n": 2}, limits)
+    assert e.status == 400 and e.param == "n" and "6 sequences" in e.message
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 5}
+    assert "limit of 4" in error_of(CHAT, chat, limits).message
+    assert error_of(GENERATE, {"text": list("abcde")}, limits).status == 400
+
+
 def test_prompt_token_limit_counts_ids_without_a_tokenizer() -> None:
     limits = RequestLimits(max_prompt_tokens=3)
     prepare(GENERATE, {"input_ids": [1, 2, 3]}, limits)
