@@ -1,8 +1,8 @@
 """Constrained decoding (engine/grammar.py, xgrammar) through the engine: with random weights,
 every output of a JSON schema validates against it, over seeds and temperatures, greedy and
-sampled, beside free requests in the same steps; json_object always parses as an object; a
-regex's output matches it; a finished grammar ends the request with "stop"; a bad grammar is
-refused naming the problem."""
+sampled, beside free requests in the same steps (which get what they get alone); json_object
+always parses as an object; a regex's output matches it; a finished grammar ends the request
+with "stop"; a bad grammar is refused naming the problem."""
 
 from __future__ import annotations
 
@@ -116,3 +116,16 @@ def test_compiled_grammars_are_cached(llm: LLM, tmp_path: Path) -> None:
     source = json.dumps(SCHEMAS["any-of"])
     first = llm.engine.grammars.compiled("json_schema", source)
     assert llm.engine.grammars.compiled("json_schema", source) is first
+
+
+def test_mixed_batches_give_each_request_what_it_gets_alone(llm: LLM) -> None:
+    """A constrained request and free ones in the same steps: the mask touches only its row."""
+    schema = constrained("json_schema", json.dumps(SCHEMAS["nested-array-optional"]), 0.0, 0)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, seed=3, max_tokens=24, ignore_eos=True)
+    prompts = ["Describe it", "Say something", "A third one"]
+    params = [greedy, schema, seeded]
+    together = llm.generate(prompts, params)
+    alone = [llm.generate(p, q)[0] for p, q in zip(prompts, params)]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert together[1].finish_reason == "stop" and json.loads(together[1].text)
