@@ -102,6 +102,7 @@ class DecodeLoop(NodeLoop):
         self._expire_prealloc()
         if self.receiver is not None:
             for status in self.receiver.pop_finished():
+                self.transfers.observe(status)
                 self._room_done(status)
 
     def _reserve_pages(self) -> None:

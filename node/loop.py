@@ -24,6 +24,7 @@ from node.messages import (
     NodeMessage,
     TokenOutput,
 )
+from node.metrics import TransferStats
 from node.settings import NodeSettings, Role
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class NodeLoop:
         self.channel = channel
         self.stop_event = threading.Event()
         self.started = time.time()
+        self.transfers = TransferStats()  # a PD role's loop observes each room's end
 
     @classmethod
     def create(cls, engine: Engine, channel: SchedulerChannel, settings: NodeSettings) -> NodeLoop:
@@ -133,9 +135,11 @@ class NodeLoop:
             "held": sched.held_count,
             "max_model_len": engine.max_model_len,
             "uptime_s": round(time.time() - self.started, 1),
+            "started": self.started,
             "tp_size": engine.options.tp_size,
             "dp_ranks": sched.describe() if isinstance(sched, DPScheduler) else [],
             "ranks": engine.group.describe() if engine.group is not None else [],
+            "transfer": self.transfers.info(),
             **self.extra_info(),
         }
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from node.jobs import JobState
 from node.settings import NodeSettings
+from transfer import RoomStatus, TransferState
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 GAUGES = {
@@ -44,11 +45,57 @@ class Histogram:
         return out
 
 
+TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class TransferStats:
+    """The node's KV transfers, kept by its scheduler process (the loop sees each room end) and
+    reported through server_info: rooms by outcome, bytes moved, each room's transfer time."""
+
+    def __init__(self) -> None:
+        self.rooms: Counter[str] = Counter()
+        self.bytes = 0
+        self.seconds = Histogram(TRANSFER_BUCKETS)
+
+    def observe(self, status: RoomStatus) -> None:
+        self.rooms["success" if status.state is TransferState.SUCCESS else "failed"] += 1
+        if status.metrics is not None:
+            self.bytes += status.metrics.bytes
+            self.seconds.observe(status.metrics.duration_s)
+
+    def info(self) -> dict[str, Any]:
+        h = self.seconds
+        return {
+            "rooms": dict(self.rooms),
+            "bytes": self.bytes,
+            "seconds": {"counts": h.counts, "total": h.total, "sum": h.sum},
+        }
+
+
+def transfer_lines(info: dict[str, Any], labels: str) -> list[str]:
+    """/metrics lines of a TransferStats.info()."""
+    lines = ["# TYPE pdserve_node_transfer_rooms_total counter"]
+    for state in ("success", "failed"):
+        n = info["rooms"].get(state, 0)
+        lines.append(f'pdserve_node_transfer_rooms_total{{{labels},state="{state}"}} {n}')
+    lines += [
+        "# TYPE pdserve_node_transfer_bytes_total counter",
+        f"pdserve_node_transfer_bytes_total{{{labels}}} {info['bytes']}",
+        "# TYPE pdserve_node_transfer_seconds histogram",
+    ]
+    seconds = Histogram(TRANSFER_BUCKETS)
+    seconds.counts, seconds.total = list(info["seconds"]["counts"]), info["seconds"]["total"]
+    seconds.sum = info["seconds"]["sum"]
+    return lines + seconds.lines("pdserve_node_transfer_seconds", labels)
+
+
 class NodeMetrics:
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, int]] = Counter()
         self.ttft = Histogram()
         self.e2e = Histogram()
+        self.tpot = Histogram(TPOT_BUCKETS)  # per request: (e2e - ttft) / (tokens - 1)
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.cached_tokens = 0
@@ -67,6 +114,8 @@ class NodeMetrics:
             self.prompt_tokens += s.out.prompt_tokens
             self.generation_tokens += s.out.completion_tokens
             self.cached_tokens += s.out.cached_tokens
+            if ttft_s is not None and s.out.completion_tokens > 1:
+                self.tpot.observe((e2e_s - ttft_s) / (s.out.completion_tokens - 1))
 
     def render(self, info: dict[str, Any], settings: NodeSettings) -> str:
         labels = f'role="{settings.role}",name="{settings.name}"'
@@ -93,4 +142,13 @@ class NodeMetrics:
         lines += self.ttft.lines("pdserve_node_time_to_first_token_seconds", labels)
         lines.append("# TYPE pdserve_node_e2e_request_latency_seconds histogram")
         lines += self.e2e.lines("pdserve_node_e2e_request_latency_seconds", labels)
+        lines.append("# TYPE pdserve_node_time_per_output_token_seconds histogram")
+        lines += self.tpot.lines("pdserve_node_time_per_output_token_seconds", labels)
+        if "transfer" in info:
+            lines += transfer_lines(info["transfer"], labels)
+        if "started" in info:  # NOTE: changes() of it over a window counts restarts
+            lines += [
+                "# TYPE pdserve_node_start_time_seconds gauge",
+                f"pdserve_node_start_time_seconds{{{labels}}} {info['started']:.3f}",
+            ]
         return "\n".join(lines) + "\n"

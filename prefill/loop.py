@@ -99,6 +99,7 @@ class PrefillLoop(NodeLoop):
 
     def poll(self) -> None:
         for status in self.sender.pop_finished():
+            self.transfers.observe(status)
             room = self.by_room.pop(status.room, None)
             if room is None:
                 continue

@@ -14,7 +14,7 @@ from api.settings import Instance
 from gateway.breaker import CircuitBreaker
 from gateway.metrics import GatewayMetrics
 from gateway.workers import Worker
-from node.metrics import GAUGES, NodeMetrics
+from node.metrics import GAUGES, NodeMetrics, TransferStats
 from node.settings import NodeSettings
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "pdserve.json"
@@ -23,13 +23,15 @@ OPERATORS = {"and", "or", "unless", "bool", "offset"}
 
 
 def exported_series() -> set[str]:
-    """Every sample name the node and the gateway write on /metrics (the launcher and the
-    transfer layer export none)."""
+    """Every sample name the node and the gateway write on /metrics (the launcher exports
+    none; a node reports its KV transfers and its start time)."""
     node = NodeMetrics()
     node.count("/generate", 200)
     node.observe_done(0.1, 0.5, [])
-    # the scheduler reports each gauge of GAUGES in its server_info
-    text = node.render({key: 1 for key in GAUGES}, NodeSettings(role="decode", model="/m"))
+    # the scheduler reports each gauge of GAUGES, its transfers and start time in server_info
+    info: dict[str, Any] = {key: 1 for key in GAUGES}
+    info.update(transfer=TransferStats().info(), started=1.0)
+    text = node.render(info, NodeSettings(role="decode", model="/m"))
     gateway = GatewayMetrics()
     gateway.record("/v1/completions", 200, 0.2)
     worker = Worker("decode", Instance("http://decode-0:30002"), CircuitBreaker(5, 10.0))
@@ -83,6 +85,11 @@ def test_the_dashboard_covers_gateway_and_nodes() -> None:
         "pdserve_node_running",
         "pdserve_node_waiting",
         "pdserve_node_free_pages",
+        "pdserve_node_time_per_output_token_seconds_bucket",
+        "pdserve_node_transfer_bytes_total",
+        "pdserve_node_transfer_seconds_bucket",
+        "pdserve_node_transfer_rooms_total",
+        "pdserve_node_start_time_seconds",
     ):
         assert series in used, f"no panel shows {series}"
     panels = json.loads(DASHBOARD.read_text())["panels"]
