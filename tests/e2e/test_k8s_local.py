@@ -3,8 +3,9 @@ started as a local process, with the cluster config from the rendered ConfigMap,
 1P1D that returns transformers' greedy tokens. Each pod's DNS name is mapped to its own loopback
 address (127.0.0.2, 127.0.0.3, ...), standing in for cluster DNS.
 
-Also: a 1P1D whose prefill, decode and gateway each bind their own loopback address works over
-both one-sided transfer engines, so nothing in it assumes 127.0.0.1.
+The gateway binds a loopback address of its own too, and the cluster runs over Mooncake and
+over NIXL: a 1P1D whose prefill, decode and gateway each bind their own address works over both
+one-sided transfer engines (nothing assumes 127.0.0.1), and listens only where configured.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pytest
 import yaml
 
 from engine.tokenizer import load_tokenizer
-from tests.e2e.cluster_util import REPO, cluster_yaml, free_ports, launched
+from tests.e2e.cluster_util import REPO, cluster_yaml, free_ports
 from tests.test_engine_oracle import MAX_NEW, hf_reference
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,7 @@ def render(config: dict[str, Any], tmp: Path) -> list[dict[str, Any]]:
 
 def local_config(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, str]]:
     """The ConfigMap's cluster config with each node's pod DNS name replaced by a loopback
-    address of its own and the gateway on 127.0.0.1 at a free port; and that name map."""
+    address of its own and the gateway on the next one at a free port; and that name map."""
     (config_map,) = [o for o in objects if o["kind"] == "ConfigMap"]
     config = yaml.safe_load(config_map["data"]["cluster.yaml"])
     nodes = config["prefill"] + config["decode"]
@@ -57,7 +58,7 @@ def local_config(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[st
     for node in nodes:
         assert node["host"].endswith(".svc.cluster.local"), node["host"]
         node["host"] = addresses[node["host"]]
-    config["gateway"].update(host="127.0.0.1", port=free_ports(1)[0])
+    config["gateway"].update(host=f"127.0.0.{2 + len(nodes)}", port=free_ports(1)[0])
     return config, addresses
 
 
@@ -142,9 +143,10 @@ def assert_greedy_equals_transformers(gateway: str, model: Path) -> None:
     assert completion.json()["choices"][0]["text"] == answer.json()["text"]
 
 
-def test_rendered_manifests_run_as_a_working_cluster(make_tiny, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["mooncake", "nixl"])
+def test_rendered_manifests_run_as_a_working_cluster(backend: str, make_tiny, tmp_path) -> None:
     model = make_tiny("llama")
-    source = cluster_yaml(model, "mooncake", prefill=1, decode=1)
+    source = cluster_yaml(model, backend, prefill=1, decode=1)
     source["engine"]["threads"] = 1  # NOTE: each node is alone on its host: 2 cores for 2 nodes
     objects = render(source, tmp_path)
     config, addresses = local_config(objects)
@@ -157,28 +159,15 @@ def test_rendered_manifests_run_as_a_working_cluster(make_tiny, tmp_path: Path) 
     logs.mkdir()
     commands = {name: (command_of(c, config_path), env_of(c)) for name, c in rendered.items()}
     node_urls = [f"http://{n['host']}:{n['port']}" for n in config["prefill"] + config["decode"]]
-    gateway = f"http://127.0.0.1:{config['gateway']['port']}"
+    gateway = f"http://{config['gateway']['host']}:{config['gateway']['port']}"
     with processes(commands, logs):  # NOTE: all at once, as the pods start
         wait_healthy([*node_urls, gateway], logs)
         assert_greedy_equals_transformers(gateway, model)
-    assert len(set(addresses.values())) == len(nodes)
-
-
-@pytest.mark.parametrize("backend", ["mooncake", "nixl"])
-def test_each_component_on_its_own_loopback_address(backend: str, make_tiny, tmp_path) -> None:
-    model = make_tiny("llama")
-    config = cluster_yaml(model, backend, prefill=1, decode=1)
-    config["engine"]["threads"] = 1
-    config["prefill"][0]["host"] = "127.0.0.2"
-    config["decode"][0]["host"] = "127.0.0.3"
-    config["gateway"]["host"] = "127.0.0.4"
-    with launched(config, tmp_path) as cluster:
-        gateway = f"http://127.0.0.4:{config['gateway']['port']}"
-        assert_greedy_equals_transformers(gateway, model)
-        assert all(healthy(url) for url in cluster.node_urls())
         prefill = config["prefill"][0]
         for port in (prefill["port"], prefill["bootstrap_port"]):  # bound where configured only
-            assert accepts("127.0.0.2", port) and not accepts("127.0.0.1", port)
+            assert accepts(prefill["host"], port) and not accepts("127.0.0.1", port)
+        assert not accepts("127.0.0.1", config["gateway"]["port"])
+    assert len({*addresses.values(), config["gateway"]["host"]}) == len(nodes) + 1
 
 
 def accepts(host: str, port: int) -> bool:

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 ADMIN_KEY = "sk-admin-restarts"
 REQUESTS = 4  # round robin: half of them reach each node of a role
 STREAMS = 16
-STREAM_TOKENS = 160
+STREAM_TOKENS = 96
 
 
 def load_bodies(tag: str) -> list[tuple[str, dict[str, Any]]]:

@@ -36,6 +36,10 @@ def cluster(request, make_tiny, tmp_path_factory) -> Cluster:
         yield c
 
 
+# What does not depend on the transfer engine runs on one: the mooncake cluster
+ONE_ENGINE = pytest.mark.parametrize("cluster", ["mooncake"], indirect=True)
+
+
 def client(cluster: Cluster) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
 
@@ -81,6 +85,7 @@ def test_json_object_answers_are_objects(cluster: Cluster) -> None:
             assert reason == "length" and text.startswith("{")
 
 
+@ONE_ENGINE
 def test_native_regex_matches(cluster: Cluster) -> None:
     pattern = r"[a-c]{3}-[0-9]{2,4}"
     for seed in range(3):
@@ -91,6 +96,7 @@ def test_native_regex_matches(cluster: Cluster) -> None:
         assert re.fullmatch(pattern, r.json()["text"]), r.json()["text"]
 
 
+@ONE_ENGINE
 def test_bad_and_oversized_schemas_are_400s(cluster: Cluster) -> None:
     api = client(cluster)
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}}
@@ -109,6 +115,7 @@ def test_bad_and_oversized_schemas_are_400s(cluster: Cluster) -> None:
 THINK = 'root ::= "<think>" [a-z ]{3,12} "</think>" [a-z]{2,8}'
 
 
+@ONE_ENGINE
 def test_reasoning_content_is_apart_from_the_answer(cluster: Cluster) -> None:
     api = client(cluster)
     for seed in range(2):
@@ -186,6 +193,7 @@ def test_named_and_required_tool_calls_validate(cluster: Cluster) -> None:
         jsonschema.validate(json.loads(calls[0][1]), FUNCTIONS[calls[0][0]])
 
 
+@ONE_ENGINE
 def test_auto_tool_calls_are_parsed_from_the_text(cluster: Cluster) -> None:
     """An EBNF grammar makes the random model write a Hermes <tool_call>; the decode node's
     parser (picked by the ChatML template's tools section) returns it as tool_calls."""
@@ -200,6 +208,7 @@ def test_auto_tool_calls_are_parsed_from_the_text(cluster: Cluster) -> None:
     assert reason == "stop" and text.startswith("<tool_call>")  # "none": the text as it is
 
 
+@ONE_ENGINE
 def test_bad_tool_requests_are_400s(cluster: Cluster) -> None:
     api = client(cluster)
     unknown = {"type": "function", "function": {"name": "nope"}}

@@ -24,6 +24,7 @@ from tests.e2e.test_launch_restarts import (
     healthy_workers,
     launch_state,
     load_bodies,
+    load_on,
     node_url,
     streams_across,
     wait_until,
@@ -45,6 +46,7 @@ def kill_rank_under_streams(cluster, expected: list) -> float:
     url, took = node_url(cluster, "decode-0"), []
 
     def fault() -> None:
+        load_on(url)
         (rank1,) = httpx.get(f"{url}/get_server_info", timeout=10).json()["ranks"]
         os.kill(rank1["pid"], signal.SIGKILL)
         start = time.monotonic()
