@@ -5,7 +5,8 @@ distinct pair (xgrammar's compiler caches too) and gives the request a matcher, 
 its `SamplerState`: every token the request outputs advances it (the first one included, and a
 decode node replays the prefill node's first token into a fresh matcher the same way), and
 before each draw the sampler masks the logits of every constrained row to the tokens the matcher
-allows next. When the matcher has accepted the end of the grammar (a stop token where the grammar
+allows next (greedy steps on a CPU LM head with the int8 pass skip the logits: the head takes the
+bitmask and picks each row's best allowed token). When the matcher has accepted the end of the grammar (a stop token where the grammar
 may end) the request finishes with "stop".
 
 JSON is compiled without free whitespace between tokens (`any_whitespace=False`): the output is
@@ -100,15 +101,23 @@ class Grammars:
         return self._xgr().GrammarMatcher(self.compiled(kind, source))
 
 
+def token_bitmask(batch: int, vocab: int, rows: Sequence[int], matchers: Sequence[Any]) -> Any:
+    """The int32 bitmask [batch, ceil(vocab / 32)] of the tokens each row may take next: what
+    its matcher allows for `rows`, every token for the others."""
+    xgr = import_module("xgrammar")
+    bitmask = xgr.allocate_token_bitmask(batch, vocab)  # all bits set
+    for row, matcher in zip(rows, matchers, strict=True):
+        matcher.fill_next_token_bitmask(bitmask, row)
+    return bitmask
+
+
 def mask_logits(logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[Any]) -> None:
     """Set to -inf, in place, every token the matchers of `rows` do not allow next."""
     xgr = import_module("xgrammar")
     vocab = logits.shape[1]
-    # NOTE: one bitmask row per logits row (unconstrained ones stay all-allowed), so the mask
-    # applies in place on the rows themselves, with no copy of them out and back
-    bitmask = xgr.allocate_token_bitmask(logits.shape[0], vocab)
-    for row, matcher in zip(rows, matchers, strict=True):
-        matcher.fill_next_token_bitmask(bitmask, row)
+    # NOTE: one bitmask row per logits row, so the mask applies in place on the constrained
+    # rows themselves, with no copy of them out and back
+    bitmask = token_bitmask(logits.shape[0], vocab, rows, matchers)
     xgr.apply_token_bitmask_inplace(
         logits, bitmask.to(logits.device), vocab_size=vocab, indices=list(rows)
     )

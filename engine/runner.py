@@ -22,6 +22,7 @@ import torch
 
 from engine.config import ModelConfig, parse_dtype
 from engine.cuda_graph import MAX_GRAPH_BATCH, DecodeGraphs, HostSyncError, graph_buckets
+from engine.grammar import token_bitmask
 from engine.kernels.build import keep_freed_memory_mapped
 from engine.kernels.decode_attention import build_decode_attention
 from engine.kernels.decode_layer import build_fused_decode
@@ -211,7 +212,7 @@ class ModelRunner:
         """Compute the batch's tokens; sample for requests that reach their sequence end."""
         plan, sampled = self.plan(batch)
         if self.group is None:
-            tokens, logits = self.execute(plan)
+            tokens, logits = self.execute(plan, self._grammar_mask(plan, sampled))
         else:
             owners = [r.dp_rank for r in batch.reqs]
             tokens, logits = self._execute_in_group(self.group, plan, owners)
@@ -251,7 +252,9 @@ class ModelRunner:
         mode = "none"
         if sampled:
             states = [r.sampler_state for r in sampled]
-            greedy = not self.keep_logits and plain_greedy([r.params for r in sampled], states)
+            masked = self._masked_argmax()
+            params = [r.params for r in sampled]
+            greedy = not self.keep_logits and plain_greedy(params, states, masked)
             mode = "argmax" if greedy else "logits"
         plan = StepPlan(ids, list(batch.num_tokens), kv_lens, page_tables, logit_rows, mode)
         return plan, sampled
@@ -279,9 +282,26 @@ class ModelRunner:
             return None, gather_rows(tp, logits, counts)
         return None, None
 
-    def execute(self, plan: StepPlan) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _masked_argmax(self) -> bool:
+        """Whether greedy constrained rows can take the argmax path: one rank whose CPU LM
+        head takes a grammar's bitmask."""
+        kernel = self.lm_head_kernel
+        return self.group is None and kernel is not None and kernel.masks
+
+    def _grammar_mask(self, plan: StepPlan, sampled: list[Any]) -> torch.Tensor | None:
+        """An argmax step's token bitmask, when a row samples under a grammar."""
+        rows = [i for i, r in enumerate(sampled) if r.sampler_state.matcher is not None]
+        if plan.mode != "argmax" or not rows:
+            return None
+        matchers = [sampled[i].sampler_state.matcher for i in rows]
+        return token_bitmask(len(sampled), self.model_cfg.vocab_size, rows, matchers)
+
+    def execute(
+        self, plan: StepPlan, allowed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Run the plan's forward on this rank: (greedy token ids, None), (None, float32 logits)
-        or (None, None), as `plan.mode` asks."""
+        or (None, None), as `plan.mode` asks; `allowed`, a grammar's token bitmask for an
+        argmax step (only where `_masked_argmax`)."""
         batch = AttentionBatch(plan.q_lens, plan.kv_lens, plan.page_tables, self.pool.page_size)
         if self._replays(plan, batch):
             return self._execute_static(plan, batch)
@@ -299,7 +319,7 @@ class ModelRunner:
         if plan.mode == "argmax":
             # greedy with nothing else asked: no logits written out (or gathered over ranks)
             if kernel is not None:
-                return kernel.argmax(rows), None
+                return kernel.argmax(rows, allowed), None
             shard = self.shard_head_kernel
             return self.model.greedy(rows, shard, shard.argmax if shard else None), None
         if kernel is not None:

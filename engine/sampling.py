@@ -352,15 +352,18 @@ class Sampler:
         return self._generators[device]
 
 
-def plain_greedy(params: Sequence[SamplingParams], states: Sequence[SamplerState]) -> bool:
+def plain_greedy(
+    params: Sequence[SamplingParams], states: Sequence[SamplerState], masked: bool = False
+) -> bool:
     """True when every row's token is just the argmax of its raw logits and nothing else is
-    wanted from them: greedy, no logprobs, no penalties, no min_tokens ban still in force."""
+    wanted from them: greedy, no logprobs, no penalties, no min_tokens ban still in force. With
+    `masked` (an LM head that takes a grammar's token bitmask) constrained rows count too."""
     return all(
         p.is_greedy
         and p.logprobs is None
         and not p.has_penalties
         and s.num_output_tokens >= p.min_tokens
-        and s.matcher is None
+        and (masked or s.matcher is None)
         for p, s in zip(params, states, strict=True)
     )
 

@@ -129,3 +129,21 @@ def test_mixed_batches_give_each_request_what_it_gets_alone(llm: LLM) -> None:
     alone = [llm.generate(p, q)[0] for p, q in zip(prompts, params)]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
     assert together[1].finish_reason == "stop" and json.loads(together[1].text)
+
+
+def test_greedy_masked_argmax_equals_masking_the_logits(llm: LLM, monkeypatch) -> None:
+    """Where the CPU LM head takes the grammar's bitmask (int8 pass), greedy constrained rows
+    skip the logits; they pick what masking the logits picks."""
+    runner = llm.engine.runner
+    if not runner._masked_argmax():
+        pytest.skip("this CPU's LM head has no int8 pass (no AVX512-VNNI): logits only")
+    params = [constrained("json_schema", json.dumps(schema), 0.0, 0) for schema in SCHEMAS.values()]
+    prompts = ["Describe it", "Say something", "A third one"]
+    calls = []
+    original = runner.lm_head_kernel.argmax
+    monkeypatch.setattr(runner.lm_head_kernel, "argmax",
+                        lambda x, allowed=None: calls.append(allowed) or original(x, allowed))  # fmt: skip
+    masked = [o.token_ids for o in llm.generate(prompts, params)]
+    assert any(a is not None for a in calls)  # the bitmask went to the LM head
+    monkeypatch.setattr(runner, "_masked_argmax", lambda: False)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == masked

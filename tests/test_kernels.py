@@ -361,7 +361,7 @@ def test_greedy_steps_take_the_kernels_argmax_and_match_the_sampler(make_tiny) -
     calls = []
     kernel = fast.engine.runner.lm_head_kernel
     original = kernel.argmax
-    kernel.argmax = lambda x: calls.append(x.shape[0]) or original(x)
+    kernel.argmax = lambda x, allowed=None: calls.append(x.shape[0]) or original(x, allowed)
     plain = LLM(model, dtype="float32", cpu_kernels=False)
     for params in (greedy, mixed):
         calls.clear()

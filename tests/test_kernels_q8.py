@@ -107,3 +107,41 @@ def test_int8_argmax_on_a_real_vocabulary(path: str) -> None:
     for _ in range(20):
         x = torch.randn(16, 64, generator=gen) * 2
         assert torch.equal(head.argmax(x), float_argmax(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_masked_int8_argmax_picks_the_best_allowed_token(dtype: torch.dtype, threads: int) -> None:
+    """With a grammar's bitmask, each row's pick is the float argmax over its allowed tokens:
+    masks that allow a few tokens, one token, every token, and ties among the allowed."""
+    gen = torch.Generator().manual_seed(11)
+    vocab, hidden = 3000 + 5, 68
+    weight = (torch.randn(vocab, hidden, generator=gen) * 0.05).to(dtype)
+    weight[2500] = weight[40]  # a tie between two allowed tokens: the first index wins
+    head, _ = _heads("int8", weight, threads)
+    words = -(-vocab // 32)
+    for rows in (1, 3, 16, 19):
+        x = (torch.randn(rows, hidden, generator=gen)).to(dtype)
+        x[0] = weight[40] * 30
+        keep = torch.rand(rows, vocab, generator=gen) < torch.tensor([0.003, 0.5, 1.0])[
+            torch.arange(rows) % 3
+        ].unsqueeze(1)
+        keep[0] = False
+        keep[0, [40, 2500, 7]] = True
+        if rows > 3:
+            keep[3] = False
+            keep[3, vocab - 1] = True  # one allowed token, in the last partial block
+        keep[:, 0] |= ~keep.any(dim=1)  # every row allows something
+        bits = torch.zeros(rows, words * 32, dtype=torch.int64)
+        bits[:, :vocab] = keep.long()
+        allowed = (bits.view(rows, words, 32) << torch.arange(32)).sum(-1)
+        allowed = torch.where(allowed >= 2**31, allowed - 2**32, allowed).to(torch.int32)
+        logits = x.float() @ weight.float().T
+        want = logits.masked_fill(~keep, float("-inf")).argmax(dim=-1)
+        got = head.argmax(x, allowed)
+        close = (logits.gather(1, got[:, None]) - logits.gather(1, want[:, None])).abs()
+        assert keep.gather(1, got[:, None]).all(), (rows, got)
+        assert torch.equal(got, want) or bool((close < 1e-4).all()), (rows, got, want)
+        assert got[0] == 40
+        if rows > 3:
+            assert got[3] == vocab - 1

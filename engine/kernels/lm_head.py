@@ -77,15 +77,26 @@ class CpuLMHead:
             self._check(self._fn(*self._head(x), out.data_ptr(), self.vocab, None, *self._split(x)))
         return out[:rows]
 
-    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def masks(self) -> bool:
+        """Whether `argmax` takes a grammar's token bitmask (the int8 pass does)."""
+        return self.q8 is not None
+
+    def argmax(self, x: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """Each row's argmax over the vocabulary (the first index of the max), as int64 [M],
-        without writing the logits out: greedy decoding's whole LM head."""
+        without writing the logits out: greedy decoding's whole LM head. `allowed` (where
+        `masks`): an int32 bitmask [M, ceil(V / 32)], each row's argmax over its allowed
+        tokens only (constrained decoding)."""
         x, rows = self._padded(x)
         out = torch.empty(x.shape[0], dtype=torch.int32)  # the float path fills padding rows too
         if not rows:
             return out.long()
+        if allowed is not None:
+            if self.q8 is None:
+                raise ValueError("a masked argmax needs the int8 pass (CpuLMHead.masks)")
+            allowed = padded_mask(allowed.contiguous(), x.shape[0])
         if self.q8 is not None:
-            self._check(self.q8(x, rows, *self._split(x), out.data_ptr()))
+            self._check(self.q8(x, rows, *self._split(x), out.data_ptr(), allowed))
         else:
             self._check(self._fn(*self._head(x), None, 0, out.data_ptr(), *self._split(x)))
         return out[:rows].long()
@@ -153,3 +164,13 @@ def lm_head_unsupported(weight: torch.Tensor) -> str | None:
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
     return None
+
+
+def padded_mask(allowed: torch.Tensor, rows: int) -> torch.Tensor:
+    """`allowed` [M, W] with rows up to `rows` (a tile's padding rows allow every token)."""
+    if allowed.dtype != torch.int32 or allowed.dim() != 2:
+        raise ValueError(f"allowed must be an int32 [M, W] bitmask, got {allowed.dtype}")
+    if allowed.shape[0] == rows:
+        return allowed
+    pad = torch.full((rows - allowed.shape[0], allowed.shape[1]), -1, dtype=torch.int32)
+    return torch.cat([allowed, pad])

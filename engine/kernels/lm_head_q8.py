@@ -27,7 +27,7 @@ Q8_CPU_FLAGS = ("avx512bw", "avx512_vnni")
 #             mt, threads, out); see lm_head_q8.c
 _ARGTYPES = [ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int64]
 _ARGTYPES += [ctypes.c_void_p, ctypes.c_int64, *[ctypes.c_double] * 4]
-_ARGTYPES += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+_ARGTYPES += [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
 BLOCK = 16
 Q8_MAX_HIDDEN = 32768  # int32 sums of int8 products cannot overflow below this (lm_head_q8.c)
 CHUNK_ROWS = 8192  # vocabulary rows quantized at a time (bounds the float64 temporaries)
@@ -87,10 +87,20 @@ class Q8Argmax:
         self.exact = exact
         self._fn = lib.q8_argmax_bf16 if weight.dtype == torch.bfloat16 else lib.q8_argmax_f32
 
-    def __call__(self, x: torch.Tensor, rows: int, tile: int, threads: int, out: int) -> int:
+    def __call__(
+        self,
+        x: torch.Tensor,
+        rows: int,
+        tile: int,
+        threads: int,
+        out: int,
+        allowed: torch.Tensor | None = None,
+    ) -> int:
         """Rows [0, rows) of `x` [M, K] (contiguous, the weight's dtype, M a multiple of
-        `tile`) into the int32 buffer at `out`; the kernel's return code."""
+        `tile`) into the int32 buffer at `out`; the kernel's return code. `allowed`: an int32
+        bitmask [M, ceil(V / 32)] (bit v: token v may be picked), or None for every token."""
         q8 = self.q8
         args = (x.data_ptr(), rows, x.shape[0], self.hidden, self.hidden, self.exact.data_ptr())
         args += (self.vocab, q8.packed.data_ptr(), q8.hidden_padded, q8.scale, q8.err_max)
-        return self._fn(*args, q8.norm_max, q8.eps_rel, tile, threads, out)
+        mask = (None, 0) if allowed is None else (allowed.data_ptr(), allowed.shape[1])
+        return self._fn(*args, q8.norm_max, q8.eps_rel, tile, threads, *mask, out)

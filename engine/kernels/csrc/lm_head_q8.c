@@ -18,7 +18,9 @@
 //    kernel's own block code, bit for bit, and the first index of the max wins. A row whose
 //    candidates overflowed, or whose x could not be quantized (zero, inf, NaN), is scanned in
 //    full with the float kernel instead.
-// Entry points: q8_argmax_f32 and q8_argmax_bf16 (the float kernel's dtype).
+// Entry points: q8_argmax_f32 and q8_argmax_bf16 (the float kernel's dtype). With `allow` (a
+// bitmask per row, bit v of word v / 32 set where token v may be picked: a grammar's mask) the
+// argmax is over the allowed tokens only; NULL allows every token.
 //
 // The int8 weight is stored unsigned (wq + 128, for vpdpbusd's u8 x s8 form) and packed like
 // the float weight: pq[b][g][r][j] = wq[16 b + r][4 g + j] + 128, K padded to a multiple of 4
@@ -98,11 +100,20 @@ static void collect(__m512i acc, __mmask16 m, int64_t base, int32_t margin, int3
   }
 }
 
+// The allow bits of vocabulary block b (16 tokens: half of one 32-bit word) as a lane mask.
+static inline __mmask16 allowed16(const int32_t *allow, int64_t b) {
+  return (__mmask16)(((uint32_t)allow[b >> 1] >> ((b & 1) * 16)) & 0xFFFFu);
+}
+
+static inline int allowed(const int32_t *allow, int64_t v) {
+  return allow == NULL || (((uint32_t)allow[v >> 5] >> (v & 31)) & 1u);
+}
+
 #define DEFINE_SCAN(MT)                                                                    \
   static void scan_##MT(const int8_t *xq, int64_t Kp, const int32_t *acc0,                 \
                         const int32_t *margin, const uint8_t *pq, int64_t V, int64_t b0,   \
                         int64_t b1, int32_t *maxacc, int32_t *idx, int32_t *val,           \
-                        int32_t *count, int64_t cap) {                                     \
+                        int32_t *count, int64_t cap, const int32_t *allow, int64_t lda) {  \
     int32_t thr[MT];                                                                       \
     for (int i = 0; i < MT; i++) {                                                         \
       maxacc[i] = INT32_MIN;                                                               \
@@ -124,7 +135,9 @@ static void collect(__m512i acc, __mmask16 m, int64_t base, int32_t margin, int3
       int64_t left = V - b * ROWS;                                                         \
       __mmask16 mask = left >= ROWS ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);   \
       for (int i = 0; i < MT; i++) {                                                       \
-        __mmask16 m = _mm512_mask_cmpge_epi32_mask(mask, acc[i], _mm512_set1_epi32(thr[i])); \
+        __mmask16 ok = mask;                                                               \
+        if (allow != NULL) ok &= allowed16(allow + i * lda, b);                            \
+        __mmask16 m = _mm512_mask_cmpge_epi32_mask(ok, acc[i], _mm512_set1_epi32(thr[i])); \
         if (__builtin_expect(m != 0, 0)) {                                                 \
           collect(acc[i], m, b * ROWS, margin[i], &maxacc[i], idx + i * cap, val + i * cap, \
                   &count[i], cap);                                                         \
@@ -145,17 +158,20 @@ DEFINE_SCAN(16)
 static void scan_range(const int8_t *xq, int64_t M, int64_t Kp, const int32_t *acc0,
                        const int32_t *margin, const uint8_t *pq, int64_t V, int64_t b0,
                        int64_t b1, int64_t mt, int32_t *maxacc, int32_t *idx, int32_t *val,
-                       int32_t *count, int64_t cap) {
+                       int32_t *count, int64_t cap, const int32_t *allow, int64_t lda) {
   for (int64_t m = 0; m < M; m += mt) {
     const int8_t *x = xq + m * Kp;
     int32_t *mx = maxacc + m, *ix = idx + m * cap, *vx = val + m * cap, *cx = count + m;
+    const int32_t *al = allow == NULL ? NULL : allow + m * lda;
+#define SCAN(T) scan_##T(x, Kp, acc0 + m, margin + m, pq, V, b0, b1, mx, ix, vx, cx, cap, al, lda)
     switch (mt) {
-      case 16: scan_16(x, Kp, acc0 + m, margin + m, pq, V, b0, b1, mx, ix, vx, cx, cap); break;
-      case 8: scan_8(x, Kp, acc0 + m, margin + m, pq, V, b0, b1, mx, ix, vx, cx, cap); break;
-      case 4: scan_4(x, Kp, acc0 + m, margin + m, pq, V, b0, b1, mx, ix, vx, cx, cap); break;
-      case 2: scan_2(x, Kp, acc0 + m, margin + m, pq, V, b0, b1, mx, ix, vx, cx, cap); break;
-      default: scan_1(x, Kp, acc0 + m, margin + m, pq, V, b0, b1, mx, ix, vx, cx, cap); break;
+      case 16: SCAN(16); break;
+      case 8: SCAN(8); break;
+      case 4: SCAN(4); break;
+      case 2: SCAN(2); break;
+      default: SCAN(1); break;
     }
+#undef SCAN
   }
 }
 
@@ -172,11 +188,14 @@ struct q8_args {
   int64_t Kp;
   double scale, err_max, norm_max, eps_rel;
   int64_t mt, threads;
+  const int32_t *allow;  // [M, lda] bitmask, or NULL: every token allowed
+  int64_t lda;
 };
 
 typedef void (*finish_fn)(const void *, int64_t, int64_t, int64_t, const void *, int64_t,
                           int64_t, int64_t, const int32_t *, const int32_t *, const int32_t *,
-                          const int32_t *, const int32_t *, int64_t, int32_t *);
+                          const int32_t *, const int32_t *, int64_t, const int32_t *, int64_t,
+                          int32_t *);
 
 // Quantize, scan the vocabulary on `threads` OpenMP threads (torch's own pool where torch
 // loaded libgomp), each over an equal share of the blocks, then finish rows [0, rows): the
@@ -203,9 +222,9 @@ static int q8_argmax(const struct q8_args *a, finish_fn finish, int32_t *out) {
   for (int64_t p = 0; p < parts; p++)
     scan_range(xq, M, a->Kp, acc0, margin, a->pq, a->V, blocks * p / parts,
                blocks * (p + 1) / parts, a->mt, maxacc + p * M, idx + p * M * CAP,
-               val + p * M * CAP, count + p * M, CAP);
+               val + p * M * CAP, count + p * M, CAP, a->allow, a->lda);
   finish(a->x, a->rows, a->ldx, a->K, a->wp, a->V, parts, M, margin, maxacc, idx, val, count,
-         CAP, out);
+         CAP, a->allow, a->lda, out);
   free(xq), free(ints);
   return 0;
 }
@@ -223,12 +242,13 @@ static int q8_argmax(const struct q8_args *a, finish_fn finish, int32_t *out) {
                             const void *wv, int64_t V, int64_t parts, int64_t ldp,         \
                             const int32_t *margin, const int32_t *maxacc,                  \
                             const int32_t *idx, const int32_t *val, const int32_t *count,  \
-                            int64_t cap, int32_t *out) {                                   \
+                            int64_t cap, const int32_t *allow, int64_t lda, int32_t *out) { \
     const T *x = xv, *wp = wv;                                                             \
     float o16[ROWS];                                                                       \
     const int64_t blocks = (V + ROWS - 1) / ROWS;                                          \
     for (int64_t m = 0; m < M; m++) {                                                      \
       const T *xm = x + m * ldx;                                                           \
+      const int32_t *am = allow == NULL ? NULL : allow + m * lda;                          \
       int full = margin[m] < 0;                                                            \
       int32_t top = INT32_MIN;                                                             \
       for (int64_t p = 0; p < parts; p++) {                                                \
@@ -256,7 +276,8 @@ static int q8_argmax(const struct q8_args *a, finish_fn finish, int32_t *out) {
         for (int64_t b = 0; b < blocks; b++) {                                             \
           NAME##_block(xm, K, wp, b, o16);                                                 \
           for (int r = 0; r < ROWS && b * ROWS + r < V; r++)                               \
-            if (o16[r] > best) best = o16[r], best_idx = (int32_t)(b * ROWS + r);          \
+            if (o16[r] > best && allowed(am, b * ROWS + r))                                \
+              best = o16[r], best_idx = (int32_t)(b * ROWS + r);                           \
         }                                                                                  \
       }                                                                                    \
       out[m] = best_idx;                                                                   \
@@ -264,9 +285,10 @@ static int q8_argmax(const struct q8_args *a, finish_fn finish, int32_t *out) {
   }                                                                                        \
   int NAME(const T *x, int64_t rows, int64_t M, int64_t ldx, int64_t K, const T *wp,       \
            int64_t V, const uint8_t *pq, int64_t Kp, double scale, double err_max,         \
-           double norm_max, double eps_rel, int64_t mt, int64_t threads, int32_t *out) {   \
+           double norm_max, double eps_rel, int64_t mt, int64_t threads,                   \
+           const int32_t *allow, int64_t lda, int32_t *out) {                              \
     struct q8_args a = {x, IS_BF16, rows, M, ldx, K, wp, V, pq, Kp,                        \
-                        scale, err_max, norm_max, eps_rel, mt, threads};                   \
+                        scale, err_max, norm_max, eps_rel, mt, threads, allow, lda};       \
     return q8_argmax(&a, NAME##_finish, out);                                              \
   }
 
