@@ -17,6 +17,7 @@ xgrammar is imported only when a request asks for a grammar.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from importlib import import_module
 from typing import Any
@@ -51,6 +52,7 @@ class Grammars:
         self.stop_token_ids = sorted(stop_token_ids)
         self._compiler: Any = None
         self._compiled: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
 
     def _xgr(self) -> Any:
         try:
@@ -61,30 +63,41 @@ class Grammars:
                 "xgrammar: pip install 'xgrammar==0.2.*'"
             ) from None
 
+    def is_compiled(self, kind: str, source: str) -> bool:
+        with self._lock:
+            return (kind, source) in self._compiled
+
     def compiled(self, kind: str, source: str) -> Any:
         """The compiled grammar of (kind, source); ValueError naming the problem if it is not
-        one."""
+        one. Safe from two threads (the node compiles off its loop: node/grammar_queue.py);
+        the compile itself runs outside the lock."""
         key = (kind, source)
-        if key in self._compiled:
-            self._compiled[key] = self._compiled.pop(key)  # most recently used last
-            return self._compiled[key]
+        with self._lock:
+            if key in self._compiled:
+                self._compiled[key] = self._compiled.pop(key)  # most recently used last
+                return self._compiled[key]
         error = grammar_error(kind, source)
         if error:
             raise ValueError(error)
-        xgr = self._xgr()
-        if self._compiler is None:
-            info = xgr.TokenizerInfo.from_huggingface(
-                self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids
-            )
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         try:
-            grammar = self._compile(self._compiler, kind, source)
+            grammar = self._compile(self._compiler_once(), kind, source)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise ValueError(f"invalid {kind}: {str(exc).splitlines()[0][:300]}") from None
-        if len(self._compiled) >= MAX_CACHED:
-            self._compiled.pop(next(iter(self._compiled)))
-        self._compiled[key] = grammar
+        with self._lock:
+            if len(self._compiled) >= MAX_CACHED:
+                self._compiled.pop(next(iter(self._compiled)))
+            self._compiled[key] = grammar
         return grammar
+
+    def _compiler_once(self) -> Any:
+        xgr = self._xgr()
+        with self._lock:
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(
+                    self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids
+                )
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+            return self._compiler
 
     @staticmethod
     def _compile(compiler: Any, kind: str, source: str) -> Any:

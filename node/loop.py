@@ -16,6 +16,7 @@ from engine.dp_scheduler import DPScheduler
 from engine.engine import Engine, RequestOutput
 from engine.sampling import SamplingParams
 from node.channel import SchedulerChannel
+from node.grammar_queue import GrammarQueue
 from node.messages import (
     AbortRequest,
     ControlReply,
@@ -41,6 +42,7 @@ class NodeLoop:
         self.stop_event = threading.Event()
         self.started = time.time()
         self.transfers = TransferStats()  # a PD role's loop observes each room's end
+        self.compiling = GrammarQueue(engine.grammars)  # requests whose grammar compiles
 
     @classmethod
     def create(cls, engine: Engine, channel: SchedulerChannel, settings: NodeSettings) -> NodeLoop:
@@ -82,9 +84,11 @@ class NodeLoop:
     def run(self) -> None:
         while not self.stop_event.is_set():
             self.engine.check_health()  # a lost rank ends the loop (and the node) at once
-            busy = self.engine.has_work() or self.has_pending()
+            busy = self.engine.has_work() or self.has_pending() or bool(self.compiling.waiting)
             for msg in self.channel.receive(0 if busy else IDLE_POLL_MS):
                 self.dispatch(msg)
+            for req, error in self.compiling.ready():
+                self.start(req, error)
             self.poll()
             if self.engine.has_work():
                 for out in self.engine.step():
@@ -92,16 +96,27 @@ class NodeLoop:
 
     def dispatch(self, msg: NodeMessage) -> None:
         if isinstance(msg, GenerateRequest):
-            try:
-                self.on_generate(msg)
-            except (ValueError, TypeError) as exc:
-                self.send(TokenOutput.failure(msg.rid, str(exc), status=400))
+            if self.compiling.must_wait(msg):
+                self.compiling.park(msg)  # NOTE: the loop goes on stepping meanwhile
+            else:
+                self.start(msg)
         elif isinstance(msg, AbortRequest):
-            self.on_abort(msg.rid)
+            if not self.compiling.drop(msg.rid):
+                self.on_abort(msg.rid)
             # NOTE: ends the request for whoever still waits on it (the HTTP side may not).
             self.send(TokenOutput.aborted(msg.rid))
         elif isinstance(msg, ControlRequest):
             self.send(self.control(msg))
+
+    def start(self, req: GenerateRequest, error: BaseException | None = None) -> None:
+        """Start a request, or answer 400: a bad request, or `error` from compiling its
+        grammar."""
+        try:
+            if error is not None:
+                raise error
+            self.on_generate(req)
+        except (ValueError, TypeError) as exc:
+            self.send(TokenOutput.failure(req.rid, str(exc), status=400))
 
     def control(self, msg: ControlRequest) -> ControlReply:
         if msg.op == "server_info":
@@ -148,5 +163,6 @@ class NodeLoop:
 
     def close(self) -> None:
         """Release sockets and transfer engines (the loop has stopped), then the engine's ranks."""
+        self.compiling.close()
         self.channel.close()
         self.engine.close()
