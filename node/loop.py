@@ -84,7 +84,9 @@ class NodeLoop:
     def run(self) -> None:
         while not self.stop_event.is_set():
             self.engine.check_health()  # a lost rank ends the loop (and the node) at once
-            busy = self.engine.has_work() or self.has_pending() or bool(self.compiling.waiting)
+            # NOTE: a compiling grammar does not make the loop busy: spinning would take a core
+            # from the compile; an idle receive notices it ready within IDLE_POLL_MS
+            busy = self.engine.has_work() or self.has_pending()
             for msg in self.channel.receive(0 if busy else IDLE_POLL_MS):
                 self.dispatch(msg)
             for req, error in self.compiling.ready():
