@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jinja2 import TemplateError
+
 from .errors import invalid_request
 
 
@@ -28,10 +30,19 @@ def chat_prompt_ids(
             f"the tokenizer of {tokenizer.name_or_path} has no chat template (send a plain "
             "prompt to /v1/completions, or add chat_template to its tokenizer_config.json)"
         )
-    text = tokenizer.apply_chat_template(
-        [dict(m) for m in messages],
-        tools=[dict(t) for t in tools] if tools else None,
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-    )
+    try:
+        text = tokenizer.apply_chat_template(
+            [dict(m) for m in messages],
+            tools=[dict(t) for t in tools] if tools else None,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+    except (TemplateError, TypeError, ValueError, KeyError) as exc:
+        # NOTE: the template itself decides what it takes (roles in order, fields it reads);
+        # what it cannot render is the request's to fix, not a server error
+        raise invalid_request(
+            f"the chat template of {tokenizer.name_or_path} cannot render these messages "
+            f"and tools: {type(exc).__name__}: {str(exc)[:300]}",
+            param="messages",
+        ) from None
     return list(tokenizer.encode(text, add_special_tokens=False))

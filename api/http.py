@@ -169,11 +169,14 @@ def status_code_name(status: int) -> str:
     return re.sub(r"[^a-z0-9]+", "_", phrase.lower()).strip("_")
 
 
-def openapi_json(document: dict[str, Any]) -> Callable[[Request], Awaitable[Response]]:
-    """GET /openapi.json: `document` (built once, api/openapi.py)."""
+def openapi_json(
+    document: dict[str, Any] | Callable[[], dict[str, Any]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """GET /openapi.json: `document` (built once, api/openapi.py), or what a callable makes of
+    it at each request (the gateway names the models it serves)."""
 
     async def endpoint(_request: Request) -> Response:
-        return JSONResponse(document)
+        return JSONResponse(document() if callable(document) else document)
 
     return endpoint
 

@@ -153,6 +153,21 @@ def openapi_document(
     }
 
 
+def with_models(document: dict[str, Any], models: frozenset[str]) -> dict[str, Any]:
+    """`document` with the OpenAI requests' `model` limited to the served ids (what the gateway
+    accepts; any other is a 404), so clients and fuzzers send ones that reach the nodes. No
+    served model known yet: `document` as it is."""
+    if not models:
+        return document
+    schemas = dict(document["components"]["schemas"])
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        if name in schemas:
+            schema = {**schemas[name], "properties": dict(schemas[name]["properties"])}
+            schema["properties"]["model"] = {"type": "string", "enum": sorted(models)}
+            schemas[name] = schema
+    return {**document, "components": {**document["components"], "schemas": schemas}}
+
+
 def _operation(op: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
     error = {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}
     answer: dict[str, Any] = {op.answers: {}}

@@ -14,7 +14,13 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from api.http import docs, openai_http_errors, openapi_json
-from api.openapi import INSTANCE_SCHEMA, Operation, generation_operations, openapi_document
+from api.openapi import (
+    INSTANCE_SCHEMA,
+    Operation,
+    generation_operations,
+    openapi_document,
+    with_models,
+)
 from api.settings import GatewaySettings
 
 from . import admin, routes
@@ -71,7 +77,11 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Gat
             Route("/metrics", routes.metrics, methods=["GET"]),
             Route("/workers", admin.workers, methods=["GET", "POST", "DELETE"]),
             Route("/workers/{url:path}", admin.worker_by_url, methods=["DELETE"]),
-            Route("/openapi.json", openapi_json(GATEWAY_DOC), methods=["GET"]),
+            Route(
+                "/openapi.json",
+                openapi_json(lambda: with_models(GATEWAY_DOC, gw.models)),
+                methods=["GET"],
+            ),
             Route("/docs", docs(GATEWAY_DOC), methods=["GET"]),
         ],
         lifespan=lifespan,

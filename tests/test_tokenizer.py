@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -179,3 +180,19 @@ def test_missing_chat_template_names_the_fix() -> None:
     with pytest.raises(ApiError, match="no chat template") as info:
         chat_prompt_ids(tokenizer, [{"role": "user", "content": "hi"}])
     assert info.value.status == 400 and "/v1/completions" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ raise_exception('Conversation roles must alternate user/assistant') }}",
+        "{% for m in messages %}{{ m.content + m.missing }}{% endfor %}",  # undefined field
+        "{% for m in messages %}{{ m['content'] + 1 }}{% endfor %}",  # a type error
+    ],
+)
+def test_what_the_chat_template_cannot_render_is_a_400(tiny_tokenizer, template: str) -> None:
+    tokenizer = copy.deepcopy(tiny_tokenizer("qwen"))
+    tokenizer.chat_template = template
+    with pytest.raises(ApiError, match="cannot render these messages") as info:
+        chat_prompt_ids(tokenizer, [{"role": "user", "content": "hi"}])
+    assert info.value.status == 400 and info.value.param == "messages"

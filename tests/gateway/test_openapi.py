@@ -12,8 +12,9 @@ from openapi_spec_validator import validate
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from api.openapi import with_models
 from api.settings import GatewaySettings
-from gateway.app import create_app
+from gateway.app import GATEWAY_DOC, create_app
 from node.app import create_node_app
 
 
@@ -68,3 +69,13 @@ def test_docs_page_points_swagger_ui_at_the_document(app: Starlette) -> None:
     r = get(app, "/docs")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert 'url: "/openapi.json"' in r.text
+
+
+def test_the_gateway_names_its_served_models_once_known() -> None:
+    assert with_models(GATEWAY_DOC, frozenset()) is GATEWAY_DOC  # none known yet: as it is
+    doc = with_models(GATEWAY_DOC, frozenset({"tiny", "big"}))
+    validate(doc)
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        model = doc["components"]["schemas"][name]["properties"]["model"]
+        assert model == {"type": "string", "enum": ["big", "tiny"]}
+        assert "enum" not in GATEWAY_DOC["components"]["schemas"][name]["properties"]["model"]
