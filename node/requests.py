@@ -223,10 +223,19 @@ def native_prompts(body: dict[str, Any], encode: Callable[[str], list[int]]) -> 
         raise invalid_request("send exactly one of text or input_ids", param="text")
     if text is not None:
         batch = isinstance(text, list)
-        prompts = [encode(t) for t in (text if batch else [text])]
+        texts = text if batch else [text]
+        if not all(isinstance(t, str) for t in texts):
+            raise invalid_request("text must be a string or a list of strings", param="text")
+        prompts = [encode(t) for t in texts]
     else:
-        batch = bool(ids) and isinstance(ids[0], list)
-        prompts = [list(p) for p in (ids if batch else [ids])]
+        batch = isinstance(ids, list) and bool(ids) and isinstance(ids[0], list)
+        rows = ids if batch else [ids]
+        if not all(isinstance(r, list) and all(type(t) is int for t in r) for r in rows):
+            raise invalid_request(
+                "input_ids must be a list of token ids, or a list of such lists",
+                param="input_ids",
+            )
+        prompts = [list(p) for p in rows]
     if not prompts or any(not p for p in prompts):
         raise invalid_request("prompt is empty (send a non-empty text or input_ids)", param="text")
     return prompts, batch

@@ -10,6 +10,7 @@ client leaves is aborted on the scheduler. A draining node refuses new requests 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -49,6 +50,7 @@ from node.tools import ChoiceWriter, finish_reason, tool_mode, with_tool_grammar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+RID = re.compile(r"[\x21-\x7e]{1,256}")  # a body's rid: what a header and a log line can carry
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
 MAX_BODY_BYTES = 64 * 1024 * 1024  # the gateway's own limit is lower (gateway.max_body_bytes)
 Handler = Callable[[Request, dict[str, Any], str], Awaitable[Response]]
@@ -257,7 +259,7 @@ def generation_route(handler: Handler, ctx: NodeContext, name: str) -> Callable:
         rid = None
         try:
             body = parse_json(await read_body(request, MAX_BODY_BYTES))
-            rid = str(body.get("rid") or request_id(request.headers))
+            rid = body_rid(body, request)
             response = await handler(request, body, rid)
         except ApiError as err:
             ctx.metrics.count(name, err.status)
@@ -271,3 +273,19 @@ def generation_route(handler: Handler, ctx: NodeContext, name: str) -> Callable:
         return response
 
     return endpoint
+
+
+def body_rid(body: dict[str, Any], request: Request) -> str:
+    """The request's id: the body's `rid` (SGLang's; the gateway sends one), else the header's
+    or a fresh one. It lands in headers and logs: a 400 unless it is a plain token."""
+    rid = body.get("rid")
+    if rid is None or rid == "":
+        return request_id(request.headers)
+    if not isinstance(rid, str) or not RID.fullmatch(rid):
+        raise ApiError(
+            400,
+            "rid must be a string of 1-256 printable ASCII characters without spaces (it names "
+            "the request in headers and logs)",
+            param="rid",
+        )
+    return rid

@@ -307,3 +307,26 @@ def test_bad_requests_are_400s_that_leave_no_traceback_on_the_nodes(nodes: Nodes
     for log in ("prefill.log", "decode.log"):
         text = (nodes.logs / log).read_text(errors="replace")
         assert "Traceback" not in text and "never retrieved" not in text, text[-3000:]
+
+
+def test_a_node_takes_a_plain_rid_and_refuses_one_no_header_can_carry(nodes: Nodes) -> None:
+    with httpx.Client(timeout=60.0, trust_env=False) as http:
+        params = {"max_new_tokens": 2}
+        ok = http.post(f"{nodes.decode.url}/generate",
+                       json={"text": "hi", "rid": "my-req.1:a", "sampling_params": params})  # fmt: skip
+        assert ok.status_code == 200 and ok.headers["x-request-id"] == "my-req.1:a"
+        for rid in ("caf\u00e9", "two words", "x" * 257, 7):
+            bad = http.post(f"{nodes.decode.url}/generate",
+                            json={"text": "hi", "rid": rid, "sampling_params": params})  # fmt: skip
+            assert bad.status_code == 400, (rid, bad.text)
+            assert bad.json()["error"]["param"] == "rid"
+
+
+def test_a_node_refuses_native_prompts_of_the_wrong_type(nodes: Nodes) -> None:
+    with httpx.Client(timeout=60.0, trust_env=False) as http:
+        for body, param in [({"text": {"a": 1}}, "text"), ({"text": ["a", 3]}, "text"),
+                            ({"input_ids": [1.5, 2]}, "input_ids"),
+                            ({"input_ids": [[1], "x"]}, "input_ids")]:  # fmt: skip
+            bad = http.post(f"{nodes.decode.url}/generate", json=body)
+            assert bad.status_code == 400, (body, bad.text)
+            assert bad.json()["error"]["param"] == param
