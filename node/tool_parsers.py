@@ -68,7 +68,7 @@ def object_call(scan: ObjectScan, args_keys: tuple[str, ...]) -> CallView:
 
 
 def hermes_view(text: str, final: bool) -> View:
-    at = text.find(HERMES_START)
+    first = at = text.find(HERMES_START)
     if at < 0:
         return content_only(text, HERMES_START, final)
     calls = []
@@ -79,7 +79,7 @@ def hermes_view(text: str, final: bool) -> View:
             break
         close = text.find(HERMES_END, scan.end)
         at = -1 if close < 0 else text.find(HERMES_START, close)
-    return View(text[: text.find(HERMES_START)], tuple(calls))
+    return View(text[:first], tuple(calls))
 
 
 def llama3_view(text: str, final: bool) -> View:

@@ -206,13 +206,16 @@ def test_pages_all_free_after_load(cluster: Cluster) -> None:
         free = re.search(r"^pdserve_node_free_pages\{[^}]*\} (\d+)$", metrics, re.M)
         assert free and int(free.group(1)) == info["total_pages"]
         # both sides count the load's KV transfers: rooms, bytes, each room's time
-        rooms = re.search(r'^pdserve_node_transfer_rooms_total\{[^}]*state="success"\} (\d+)$',
-                          metrics, re.M)  # fmt: skip
+        rooms = dict(re.findall(
+            r'^pdserve_node_transfer_rooms_total\{[^}]*state="(\w+)"\} (\d+)$', metrics, re.M
+        ))  # fmt: skip
         moved = re.search(r"^pdserve_node_transfer_bytes_total\{[^}]*\} (\d+)$", metrics, re.M)
         timed = re.search(r"^pdserve_node_transfer_seconds_count\{[^}]*\} (\d+)$", metrics, re.M)
         assert rooms and moved and timed, metrics
-        assert int(rooms.group(1)) > 0 and int(moved.group(1)) > 0, metrics
-        assert int(timed.group(1)) == int(rooms.group(1)) or info["role"] == "decode"
+        assert int(rooms["success"]) > 0 and int(moved.group(1)) > 0, metrics
+        # a room is timed when it moved bytes: every success, and failures that got that far
+        ended = int(rooms["success"]) + int(rooms["failed"])
+        assert int(rooms["success"]) <= int(timed.group(1)) <= ended, metrics
 
 
 def test_sglang_router_drives_our_nodes_unchanged(cluster: Cluster) -> None:
