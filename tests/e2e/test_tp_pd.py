@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -21,7 +22,7 @@ import yaml
 
 from engine.tokenizer import load_tokenizer
 from tests.e2e.cluster_util import REPO, cluster_yaml, launched
-from tests.e2e.test_faults import served
+from tests.e2e.test_faults import healthy_in, served
 from tests.e2e.test_pd_cluster import expected_ids, generate
 from transfer import Endpoint, KVBuffer, KVCompat
 from transfer.peers import registration_errors
@@ -66,6 +67,10 @@ def test_greedy_output_equals_transformers_across_layouts(make_tiny, tmp_path, c
     model = make_tiny(arch, "deepseek" if arch.startswith("deepseek") else "qwen", layers=3)
     tok = load_tokenizer(model)
     with launched(layouts_config(model, backend), tmp_path) as cluster:
+        # NOTE: the round robin skips an instance the gateway does not count healthy yet, which
+        # would shift every turn after it
+        for url in cluster.node_urls():
+            wait_for(lambda u=url: healthy_in(cluster.url, u), f"{url} healthy in the gateway")
         for prompt in PROMPTS:  # one at a time: the round robin pairs them as planned
             native = generate(cluster.url, prompt)
             assert native["output_ids"] == expected_ids(model, tok(prompt)["input_ids"])
@@ -140,3 +145,10 @@ def test_page_size_mismatch_is_refused_at_load_and_at_the_handshake(make_tiny, t
     )  # fmt: skip
     errors = registration_errors(register, "mooncake", compat, ranks[0].buffers, ranks)
     assert errors[0] == "page_size differs: prefill 16, decode 32 (set cache.page_size alike)"
+
+
+def wait_for(check, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s:g}s"
+        time.sleep(0.05)
