@@ -10,8 +10,7 @@ import pytest
 
 from cluster.bench.compare import default_labels
 from cluster.cli import main as pdserve
-
-from .conftest import free_port
+from tests.ports import free_port
 
 SMALL = ["--num-prompts", "3", "--random-input-len", "8", "--random-output-len", "4",
          "--disable-tqdm"]  # fmt: skip

@@ -30,6 +30,7 @@ from cluster.config import DEFAULT_CONFIG, load_cluster
 from cluster.launch import check_can_listen, cluster_components, with_flags
 from cluster.launch_settings import LaunchSettings
 from cluster.schema import ConfigError
+from tests.ports import free_port, free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,12 +78,6 @@ sys.exit(supervisor.run("READY"))
 """
 # Restarts at once, as far as a test can tell; the budget and window are the defaults.
 RESTARTS = {"restart_backoff_s": 0.05, "restart_backoff_max_s": 0.2}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def alive(pid: int) -> bool:
@@ -531,7 +526,7 @@ def test_launch_with_a_bad_config_fails_cleanly(
 def test_pdserve_launch_serves_the_default_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ports = [free_port() for _ in range(4)]
+    ports = free_ports(4)
     overrides = [
         f"gateway.port={ports[0]}",
         f"prefill.0.port={ports[1]}",

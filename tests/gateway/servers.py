@@ -20,11 +20,6 @@ def bound_socket(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
     return sock
 
 
-def free_port() -> int:
-    with bound_socket() as sock:
-        return sock.getsockname()[1]
-
-
 def wait_until(condition: Callable[[], Any], timeout_s: float = 10.0, what: str = "") -> Any:
     """Poll `condition` until it returns something truthy (its value), or fail naming `what`."""
     deadline = time.monotonic() + timeout_s

@@ -19,8 +19,9 @@ import pytest
 
 from api.settings import GatewaySettings, Instance
 from gateway.app import create_app
+from tests.ports import free_port
 
-from .servers import ServerThread, free_port, wait_until
+from .servers import ServerThread, wait_until
 
 NODE_START_TIMEOUT_S = 240.0
 STOP_TIMEOUT_S = 20.0

@@ -18,8 +18,7 @@ import httpx
 import pytest
 
 from gateway.transport import NodeTransport
-
-from .servers import free_port
+from tests.ports import free_port
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import random
-import socket
 import time
 from collections.abc import Callable
 
 import pytest
 
+from tests.ports import free_port
 from transfer import RoomMetadata, TransferState
 
 from .conftest import Cluster
@@ -77,9 +77,7 @@ def test_abort_before_decode_arrives_fails_its_late_request(cluster: Cluster) ->
 
 
 def _dead_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 def test_every_waiting_state_times_out(cluster: Cluster) -> None:
