@@ -73,6 +73,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=0, help="descriptors per batch (0: default)")
     p.add_argument("--inflight", type=int, default=0, help="batches in flight (0: default)")
     p.add_argument("--mooncake-lanes", type=int, default=0, help="TCP lanes per peer")
+    p.add_argument(
+        "--nixl-progress-delay-us", type=int, default=None,
+        help="NIXL progress thread wake-up (0: NIXL's busy polling; default: TransferConfig's)",
+    )  # fmt: skip
     p.add_argument("--prefill-tp", type=int, default=1, help="prefill ranks (KV heads split)")
     p.add_argument("--decode-tp", type=int, default=1, help="decode ranks (KV heads split)")
     p.add_argument("--seed", type=int, default=0)
@@ -89,6 +93,8 @@ def make_config(args: argparse.Namespace) -> TransferConfig:
         overrides["max_batch_descriptors"] = args.batch
     if args.inflight:
         overrides["max_inflight_batches"] = args.inflight
+    if args.nixl_progress_delay_us is not None:
+        overrides["nixl_progress_delay_us"] = args.nixl_progress_delay_us
     return TransferConfig(**overrides)
 
 

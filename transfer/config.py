@@ -61,6 +61,12 @@ class TransferConfig:
         "(0: NIXL's default of one). Scattered 64-token pages went from 0.76 to 1.25x the "
         "rate of one contiguous write with 2 (docs/BENCHMARKS.md)",
     )
+    nixl_progress_delay_us: int = setting(
+        1000,
+        "NIXL: its progress thread sleeps on the UCX workers' events and wakes at least this "
+        "often (microseconds); 0: NIXL's own default, a thread that polls without pause and "
+        "keeps a whole core busy in every process, idle or not",
+    )
     fault_fraction: float = setting(
         0.0,
         "testing only: prefill fails this fraction (0 to 1) of its rooms on purpose instead of "
@@ -81,8 +87,9 @@ class TransferConfig:
                 f"heartbeat_timeout_s must exceed heartbeat_interval_s "
                 f"({self.heartbeat_timeout_s} <= {self.heartbeat_interval_s})"
             )
-        if self.nixl_threads < 0:
-            raise ValueError(f"nixl_threads must be >= 0, got {self.nixl_threads}")
+        for name in ("nixl_threads", "nixl_progress_delay_us"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_inflight_batches", "num_workers", "meta_slots"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,8 @@ from .base import Endpoint, TransferBackend, TransferError
 from .buffers import MemoryRegion
 from .config import TransferConfig
 from .descriptors import DescriptorBatch
+
+log = logging.getLogger(__name__)
 
 
 def _import_nixl() -> Any:
@@ -43,6 +46,35 @@ def _skip_ib_without_devices() -> None:
         os.environ.setdefault("UCX_MODULES", "^ib")
 
 
+@contextlib.contextmanager
+def _progress_delay(api: Any, delay_us: int) -> Iterator[int]:
+    """While an agent is made in this block, its progress thread sleeps on the UCX workers'
+    events (waking at least every `delay_us`) instead of polling without pause. Yields the
+    delay the agent gets (0: NIXL's busy polling).
+
+    NOTE: NIXL's C++ agent takes the delay (`pthrDelay`), but its Python agent sets it to 0 on
+    the config it makes, and a progress thread at 0 spins a core in every process, idle or
+    not. The Python agent makes that config from `nixlBind.nixlAgentConfig`, so for this block
+    that name is a subclass whose `pthrDelay` keeps at least `delay_us`. Where a NIXL release
+    makes its config otherwise, the agent keeps NIXL's default and the caller logs it."""
+    bind = getattr(api, "nixlBind", None)
+    base = getattr(bind, "nixlAgentConfig", None)
+    field = getattr(base, "pthrDelay", None)
+    if delay_us <= 0 or not isinstance(field, property):
+        yield 0
+        return
+
+    def keep_delay(config: Any, value: int) -> None:
+        field.__set__(config, max(int(value), delay_us))
+
+    config_class = type(base.__name__, (base,), {"pthrDelay": property(field.__get__, keep_delay)})
+    bind.nixlAgentConfig = config_class
+    try:
+        yield delay_us
+    finally:
+        bind.nixlAgentConfig = base
+
+
 def _mem_type(device: str) -> tuple[str, int]:
     if device == "cpu":
         return "DRAM", 0
@@ -59,7 +91,7 @@ class NixlBackend(TransferBackend):
     name = "nixl"
     default_batch_descriptors = 4096
 
-    def __init__(self, num_threads: int = 0) -> None:
+    def __init__(self, num_threads: int = 0, progress_delay_us: int = 1000) -> None:
         api = _import_nixl()
         _skip_ib_without_devices()
         config = api.nixl_agent_config(
@@ -67,14 +99,22 @@ class NixlBackend(TransferBackend):
             sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,
             num_threads=num_threads,
         )
-        self._agent = api.nixl_agent(f"pdserve-{uuid.uuid4().hex}", config)
+        with _progress_delay(api, progress_delay_us) as delay:
+            self._agent = api.nixl_agent(f"pdserve-{uuid.uuid4().hex}", config)
+        self.progress_delay_us = delay
+        if progress_delay_us and not delay:
+            log.warning(
+                "this NIXL makes its agent config in a way pdserve does not know: its progress "
+                "thread polls without pause and keeps a core busy (nixl_progress_delay_us "
+                "cannot apply)"
+            )
         self._registered: list[Any] = []
         self._device = "cpu"
         self._remote_devices: dict[str, str] = {}
 
     @classmethod
     def from_config(cls, config: TransferConfig) -> NixlBackend:
-        return cls(config.nixl_threads)
+        return cls(config.nixl_threads, config.nixl_progress_delay_us)
 
     def register(self, regions: Sequence[MemoryRegion]) -> None:
         for region in regions:

@@ -211,6 +211,8 @@ def drain_decode_under_streams(cluster: Cluster, logs: Path, expected: list) -> 
     """SIGTERM to decode-1 (what Kubernetes sends) once 16 streams run: it drains, every stream
     completes as if nothing happened, and requests sent meanwhile succeed elsewhere."""
     url, stopped, during = node_url(cluster, "decode-1"), {}, []
+    every = {node_url(cluster, n["name"]) for n in cluster.config["decode"]}
+    wait_until(lambda: every <= healthy_workers(cluster), "every decode node in routing")
 
     def fault() -> None:
         load_on(url)
@@ -257,6 +259,10 @@ def test_nodes_killed_under_load_cost_no_client_anything_and_come_back(
         prefill_policy="round_robin",
         decode_policy="round_robin",
         health_interval_s=0.5,
+        # NOTE: a loaded 2-core machine can miss a check or two; a node out of routing
+        # meanwhile gets none of the streams a fault below waits for
+        health_timeout_s=5.0,
+        health_failures=4,
         admin_key=ADMIN_KEY,
     )
     config["launch"] = {"restart_backoff_s": 0.2}

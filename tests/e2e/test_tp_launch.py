@@ -67,6 +67,8 @@ def test_tp_node_serves_and_a_killed_rank_ends_only_that_node(make_tiny, tmp_pat
         decode=2,
         decode_policy="round_robin",
         health_interval_s=0.5,
+        health_timeout_s=5.0,  # NOTE: a loaded 2-core machine can miss a check or two
+        health_failures=4,
         admin_key=ADMIN_KEY,
     )
     config["decode"][0]["engine"] = {"tp_size": 2, "dist_timeout_s": 10}
