@@ -285,7 +285,8 @@ class Exchange:
         assert self._response is not None
         if drain and self._chunks is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(_drain(self._chunks), DRAIN_TIMEOUT_S)
+                async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                    await _drain(self._chunks)
         await self._response.aclose()
 
     def abandon(self) -> None:

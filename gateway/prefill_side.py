@@ -28,8 +28,11 @@ Verdict = Refused | AttemptFailed | None  # None: prefill did its part
 
 
 class PrefillSide:
-    def __init__(self, task: asyncio.Future[Verdict] | None) -> None:
+    def __init__(
+        self, task: asyncio.Future[Verdict] | None, tasks: Background | None = None
+    ) -> None:
         self.task = task
+        self.tasks = tasks  # where an abandoned step's answer is closed
         self.ok = task is None  # nothing left to wait for
 
     @classmethod
@@ -52,7 +55,7 @@ class PrefillSide:
         task = tasks.spawn(_run(worker, request, upstream, clock, rid))
         # NOTE: a callback, not a finally: a task cancelled before it ran never enters its body
         task.add_done_callback(lambda _: worker.end(tokens))
-        return cls(task)
+        return cls(task, tasks)
 
     def cancel(self) -> None:
         if self.task is not None and not self.task.done():
@@ -75,27 +78,41 @@ class PrefillSide:
         return await self._race(prefill, awaitable)
 
     async def _race(self, prefill: asyncio.Future[Verdict], awaitable: Awaitable[T]) -> T:
+        """`awaitable` raced against the prefill side: a prefill failure that comes first raises
+        at once, whether or not the awaitable honours its cancel.
+
+        NOTE: not "cancel it, then await it": code that swallows a cancel (Python 3.11's
+        wait_for does, when its future completes at that moment) would hold the attempt until
+        the decode node answered. The abandoned task ends in the background: the attempt's
+        abort makes the decode node answer, and its outcome is retrieved there."""
         task = asyncio.ensure_future(awaitable)
-        failed = False
-
-        def on_prefill(done: asyncio.Future[Verdict]) -> None:
-            nonlocal failed
-            if task.done():
-                return
-            if done.cancelled() or done.exception() is not None or done.result() is not None:
-                failed = True
-                task.cancel()
-
-        prefill.add_done_callback(on_prefill)
         try:
+            await asyncio.wait((task, prefill), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            self._abandon(task)
+            raise
+        if task.done():
+            return task.result()
+        if _succeeded(prefill):
+            self.ok = True
             return await task
-        except asyncio.CancelledError:
-            if not failed:
-                raise
-        finally:
-            prefill.remove_done_callback(on_prefill)
+        self._abandon(task)
         self.check()
         raise AssertionError("unreachable: the prefill side failed")
+
+    def _abandon(self, task: asyncio.Future[T]) -> None:
+        """Cancel `task` and let it end in the background; an answer it gets all the same (its
+        cancel swallowed) is closed, so its connection is not held."""
+
+        def done(task: asyncio.Future[T]) -> None:
+            if task.cancelled() or task.exception() is not None:
+                return
+            close = getattr(task.result(), "aclose", None)
+            if close is not None and self.tasks is not None:
+                self.tasks.spawn(close())
+
+        task.cancel()
+        task.add_done_callback(done)
 
     def check(self) -> None:
         """Raise the finished prefill side's verdict (`Refused`, `AttemptFailed`), if any."""
@@ -104,6 +121,10 @@ class PrefillSide:
         if verdict is not None:
             raise verdict
         self.ok = True
+
+
+def _succeeded(prefill: asyncio.Future[Verdict]) -> bool:
+    return not prefill.cancelled() and prefill.exception() is None and prefill.result() is None
 
 
 async def _run(

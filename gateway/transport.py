@@ -155,8 +155,12 @@ class NodeTransport(httpx.AsyncBaseTransport):
             lambda: Connection(self, origin, epoch), host, origin[1], self._resolve
         )
         try:
-            _, conn = await asyncio.wait_for(opening, timeout)
-        except asyncio.TimeoutError:
+            # NOTE: asyncio.timeout, not wait_for: Python 3.11's wait_for returns a connection
+            # that opens just as its caller is cancelled, swallowing the cancel (a CI run's
+            # decode attempt then outlived its refused prefill side by 30s)
+            async with asyncio.timeout(timeout):
+                _, conn = await opening
+        except TimeoutError:
             self._retire(origin)
             raise httpx.ConnectTimeout(f"connecting to {host}:{origin[1]} timed out") from None
         except OSError as exc:

@@ -121,7 +121,8 @@ class SchedulerClient:
         self._calls[call_id] = future
         await self.send(ControlRequest(call_id, op))
         try:
-            return await asyncio.wait_for(future, timeout_s)
+            async with asyncio.timeout(timeout_s):  # NOTE: wait_for can swallow a cancel (3.11)
+                return await future
         finally:
             self._calls.pop(call_id, None)
 

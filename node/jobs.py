@@ -76,7 +76,10 @@ class JobRun:
             raise self.cut_by
         remaining = self.deadline - time.monotonic()
         try:
-            out = await asyncio.wait_for(self.queue.get(), max(remaining, 0.001))
+            # NOTE: asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancel that
+            # meets an item arriving (the request would go on after its client left)
+            async with asyncio.timeout(max(remaining, 0.001)):
+                out = await self.queue.get()
         except TimeoutError:
             raise server_error(
                 f"request timed out after {self.timeout_s:.0f}s", status=504, code="timeout"

@@ -170,7 +170,10 @@ class NodeRoutes:
         resp = ChatCompletionResponse(
             id=rid, created=created, model=model, choices=choices, usage=usage
         )
-        return self._json(resp.model_dump(exclude_none=True), rid, run)
+        payload = resp.model_dump(exclude_none=True)
+        for choice in payload["choices"]:  # NOTE: OpenAI says content: null beside tool calls
+            choice["message"].setdefault("content", None)
+        return self._json(payload, rid, run)
 
     async def generate(self, request: Request, body: dict, rid: str) -> Response:
         prompts, batch = nreq.native_prompts(body, self.ctx.encode)

@@ -53,7 +53,9 @@ def chat(api: openai.OpenAI, stream: bool, **kw) -> tuple[str, str]:
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Describe a thing"}],
             "max_tokens": 120, **kw}  # fmt: skip
     if not stream:
-        choice = api.chat.completions.create(**body).choices[0]
+        raw = api.chat.completions.with_raw_response.create(**body)
+        assert "content" in raw.http_response.json()["choices"][0]["message"]  # null or text
+        choice = raw.parse().choices[0]
         return choice.message.content or "", choice.finish_reason
     text, reason = "", None
     for chunk in api.chat.completions.create(**body, stream=True):
@@ -158,7 +160,9 @@ def tool_calls(api: openai.OpenAI, stream: bool, **kw) -> tuple[list, str, str |
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Call a tool"}],
             "max_tokens": 160, **kw}  # fmt: skip
     if not stream:
-        choice = api.chat.completions.create(**body).choices[0]
+        raw = api.chat.completions.with_raw_response.create(**body)
+        assert "content" in raw.http_response.json()["choices"][0]["message"]  # null or text
+        choice = raw.parse().choices[0]
         calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
         assert all(c.id.startswith("call_") for c in choice.message.tool_calls or [])
         return calls, choice.finish_reason, choice.message.content

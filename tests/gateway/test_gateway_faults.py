@@ -12,8 +12,10 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from api.errors import server_error
+from gateway.background import Background
 from gateway.breaker import BreakerState
-from gateway.outcome import Finished, Refused
+from gateway.outcome import AttemptFailed, Finished, Refused
 from gateway.prefill_side import PrefillSide
 
 from .conftest import Harness
@@ -116,6 +118,46 @@ def test_a_read_cut_short_by_prefill_refusal_is_closed_not_leaked() -> None:
         return inspect.getcoroutinestate(read)
 
     assert asyncio.run(scenario()) == inspect.CORO_CLOSED
+
+
+def test_a_prefill_failure_ends_a_decode_step_that_swallows_its_cancel() -> None:
+    """A decode step that does not honour a cancel (Python 3.11's wait_for swallows one that
+    meets its result) must not hold the attempt: the prefill verdict is raised at once, and an
+    answer the step gets all the same is closed."""
+
+    class Answer:
+        closed = False
+
+        async def aclose(self) -> None:
+            self.closed = True
+
+    async def scenario() -> Answer:
+        loop = asyncio.get_running_loop()
+        prefill_done: asyncio.Future = loop.create_future()
+        release, answer, tasks = asyncio.Event(), Answer(), Background()
+        prefill = PrefillSide(prefill_done, tasks)
+
+        async def stubborn() -> Answer:
+            while True:
+                try:
+                    await release.wait()
+                    return answer
+                except asyncio.CancelledError:
+                    continue
+
+        guarded = asyncio.ensure_future(prefill.guard(stubborn()))
+        await asyncio.sleep(0.01)
+        failed = AttemptFailed("http://prefill", server_error("it is draining", code="draining"))
+        prefill_done.set_result(failed)
+        async with asyncio.timeout(5):
+            with pytest.raises(AttemptFailed):
+                await guarded
+        release.set()  # the decode node answers once the attempt's abort reaches it
+        await asyncio.sleep(0.05)
+        await tasks.cancel_all()
+        return answer
+
+    assert asyncio.run(scenario()).closed
 
 
 def test_stream_retried_when_prefill_fails_before_the_first_event(

@@ -524,6 +524,34 @@ def test_cancel_while_waiting_for_the_head_closes_the_connection() -> None:
     asyncio.run(main())
 
 
+def test_a_cancel_that_meets_the_connection_opening_is_not_swallowed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Python 3.11's wait_for hands back a result that arrives with its caller's cancel,
+    swallowing the cancel: a cancelled request would go on (a gateway attempt whose prefill
+    side refused kept waiting on decode for 30s)."""
+
+    async def main() -> None:
+        opened: asyncio.Future = asyncio.get_running_loop().create_future()
+        entered = asyncio.Event()
+
+        async def open_connection(factory: Callable[[], Any], *_: Any) -> Any:
+            entered.set()
+            return await opened
+
+        monkeypatch.setattr("gateway.transport.open_connection", open_connection)
+        transport = NodeTransport(max_connections=1, max_keepalive=1)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:9") as c:
+            task = asyncio.create_task(c.post("/generate", content=b"{}"))
+            await asyncio.wait_for(entered.wait(), 5)
+            opened.set_result((None, object()))
+            task.cancel()  # in the same step as the connection opening
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+
+
 def test_closing_a_fully_arrived_body_unread_keeps_the_connection() -> None:
     async def main() -> None:
         release = asyncio.Event()
