@@ -85,7 +85,12 @@ class PrefillSide:
         wait_for does, when its future completes at that moment) would hold the attempt until
         the decode node answered. The abandoned task ends in the background: the attempt's
         abort makes the decode node answer, and its outcome is retrieved there."""
-        task = asyncio.ensure_future(awaitable)
+        # NOTE: in the attempt's background tasks where it has them, so that a step abandoned
+        # below is still cancelled when the gateway stops
+        if self.tasks is not None and inspect.iscoroutine(awaitable):
+            task: asyncio.Future[T] = self.tasks.spawn(awaitable)
+        else:
+            task = asyncio.ensure_future(awaitable)
         try:
             await asyncio.wait((task, prefill), return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
