@@ -91,7 +91,9 @@ class NixlBackend(TransferBackend):
     name = "nixl"
     default_batch_descriptors = 4096
 
-    def __init__(self, num_threads: int = 0, progress_delay_us: int = 1000) -> None:
+    def __init__(
+        self, num_threads: int = 0, progress_delay_us: int = TransferConfig.nixl_progress_delay_us
+    ) -> None:
         api = _import_nixl()
         _skip_ib_without_devices()
         config = api.nixl_agent_config(

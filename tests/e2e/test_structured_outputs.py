@@ -48,14 +48,20 @@ def response_format(name: str) -> dict:
     return {"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name]}}
 
 
+def whole_choice(api: openai.OpenAI, body: dict):
+    """The first choice of a chat completion not streamed; its raw message says `content`
+    (text, or null beside tool calls, as OpenAI's does)."""
+    raw = api.chat.completions.with_raw_response.create(**body)
+    assert "content" in raw.http_response.json()["choices"][0]["message"]
+    return raw.parse().choices[0]
+
+
 def chat(api: openai.OpenAI, stream: bool, **kw) -> tuple[str, str]:
     """(text, finish_reason) of one chat completion, streamed or not."""
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Describe a thing"}],
             "max_tokens": 120, **kw}  # fmt: skip
     if not stream:
-        raw = api.chat.completions.with_raw_response.create(**body)
-        assert "content" in raw.http_response.json()["choices"][0]["message"]  # null or text
-        choice = raw.parse().choices[0]
+        choice = whole_choice(api, body)
         return choice.message.content or "", choice.finish_reason
     text, reason = "", None
     for chunk in api.chat.completions.create(**body, stream=True):
@@ -160,9 +166,7 @@ def tool_calls(api: openai.OpenAI, stream: bool, **kw) -> tuple[list, str, str |
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Call a tool"}],
             "max_tokens": 160, **kw}  # fmt: skip
     if not stream:
-        raw = api.chat.completions.with_raw_response.create(**body)
-        assert "content" in raw.http_response.json()["choices"][0]["message"]  # null or text
-        choice = raw.parse().choices[0]
+        choice = whole_choice(api, body)
         calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls or []]
         assert all(c.id.startswith("call_") for c in choice.message.tool_calls or [])
         return calls, choice.finish_reason, choice.message.content

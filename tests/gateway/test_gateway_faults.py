@@ -153,7 +153,9 @@ def test_a_prefill_failure_ends_a_decode_step_that_swallows_its_cancel() -> None
             with pytest.raises(AttemptFailed):
                 await guarded
         release.set()  # the decode node answers once the attempt's abort reaches it
-        await asyncio.sleep(0.05)
+        async with asyncio.timeout(5):
+            while not answer.closed:
+                await asyncio.sleep(0.001)
         await tasks.cancel_all()
         return answer
 
