@@ -43,7 +43,8 @@ def _pack(*values: Any) -> bytes:
 
 
 class RankAgent:
-    """Serves one rank's engine to rank 0: connect, disconnect, submit (answered when done)."""
+    """Serves one rank's engine to rank 0: connect, disconnect, abandon, submit (answered when
+    done)."""
 
     def __init__(self, config: TransferConfig, buffers: Sequence[KVBuffer]) -> None:
         self.backend = create_backend(config)
@@ -82,6 +83,8 @@ class RankAgent:
             return self.backend.connect(Endpoint(*args))
         if op == "disconnect":
             return self.backend.disconnect(args[0])
+        if op == "abandon":
+            return self.backend.abandon(args[0])
         if op == "write":
             key, src, dst, lengths, deadline_in = args
             batch = DescriptorBatch(
@@ -131,6 +134,9 @@ class RemoteBackend(TransferBackend):
 
     def disconnect(self, peer_key: str) -> None:
         self._call("disconnect", peer_key)  # nobody waits: the rank forgets the peer soon
+
+    def abandon(self, peer_key: str) -> None:
+        self._call("abandon", peer_key)  # nobody waits: the rank's writes to it end soon
 
     def submit(self, peer_key: str, batch: DescriptorBatch) -> Any:
         # NOTE: the rank's own wait is bounded by the room's transfer timeout; ours by the

@@ -128,6 +128,12 @@ class TransferBackend(ABC):
     def disconnect(self, peer_key: str) -> None:
         """Forget a peer (it died or left)."""
 
+    def abandon(self, peer_key: str) -> None:
+        """The peer was dropped as dead: end our writes to it in flight now, where the engine
+        can do so without writing anything more into the peer's memory. By default they end at
+        the engine's own timeout; ``disconnect`` follows once none is in flight."""
+        return None
+
     @abstractmethod
     def submit(self, peer_key: str, batch: DescriptorBatch) -> Any:
         """Start writing one batch; returns a handle for ``wait`` (raises on a failed submit)."""

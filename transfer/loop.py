@@ -21,6 +21,7 @@ import zmq
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+STALL_S = 0.5  # a posted call or timer that runs longer is logged: nothing else runs meanwhile
 
 
 class ControlLoop:
@@ -124,7 +125,7 @@ class ControlLoop:
             except queue.Empty:
                 return
             try:
-                fn()
+                self._timed(fn)
             except Exception:
                 log.exception("%s: posted call failed", self._name)
 
@@ -133,4 +134,15 @@ class ControlLoop:
         for timer in self._timers:
             if timer[1] <= now:
                 timer[1] = now + timer[0]
-                timer[2]()
+                self._timed(timer[2])
+
+    def _timed(self, fn: Callable[[], None]) -> None:
+        start = time.monotonic()
+        fn()
+        took = time.monotonic() - start
+        if took > STALL_S:
+            log.warning("%s: %s held the control loop for %.1fs", self._name, _name_of(fn), took)
+
+
+def _name_of(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)

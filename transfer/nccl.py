@@ -119,6 +119,13 @@ class NcclBackend(TransferBackend):
         if peer is not None:
             self._close_peer(peer, "disconnected")
 
+    def abandon(self, peer_key: str) -> None:
+        """Break the peer's pair: every batch in flight fails at once (decode writes its pages
+        itself, so nothing lands after its end of the pair breaks too), and none reopens it."""
+        peer = self._peers.get(peer_key)
+        if peer is not None:
+            self._close_peer(peer, "decode dropped", join=False)
+
     def submit(self, peer_key: str, batch: DescriptorBatch) -> Any:
         peer = self._peers.get(peer_key)
         if peer is None:
@@ -177,13 +184,14 @@ class NcclBackend(TransferBackend):
                 )
             return self._host, self._store.port
 
-    def _close_peer(self, peer: _Peer, reason: str) -> None:
+    def _close_peer(self, peer: _Peer, reason: str, join: bool = True) -> None:
         with peer.lock:
             peer.closed = True
             pair, peer.pair = peer.pair, None
         if pair is not None:
             pair.close(f"nccl: {reason}")
-            pair.join(1.0)
+            if join:
+                pair.join(1.0)
 
     def _post(self, pair: PrefillPair, batch: DescriptorBatch) -> Batch:
         """Gather the batch's short ranges into staging, then send it."""

@@ -105,6 +105,7 @@ class KVReceiver:
         self._peers: dict[str, PrefillPeer] = {}
         self._loop = ControlLoop("kv-receiver")
         self._loop.every(min(0.05, config.heartbeat_interval_s), self._check_deadlines)
+        self._last_heartbeat = time.monotonic()
         self._loop.every(config.heartbeat_interval_s, self._heartbeat)
         self._loop.start()
 
@@ -268,7 +269,13 @@ class KVReceiver:
 
     def _heartbeat(self) -> None:
         now = time.monotonic()
+        # NOTE: prefill only answers our heartbeats, so while this loop was held up (a long
+        # call on it, a starved process) no answer was due: that time is not prefill's silence
+        held = now - self._last_heartbeat - 2 * self.config.heartbeat_interval_s
+        self._last_heartbeat = now
         for peer in list(self._peers.values()):
+            if held > 0:
+                peer.last_seen += held
             silent = now - peer.last_seen
             limit = self.config.heartbeat_timeout_s
             if not peer.registered:

@@ -264,6 +264,11 @@ class KVSender:
 
     def _check_peers(self) -> None:
         now = time.monotonic()
+        if any(now - p.last_seen > self.config.heartbeat_timeout_s for p in self._peers.values()):
+            # NOTE: read what already arrived first: a loop that was itself held up must not
+            # take the heartbeats waiting in its own socket for its peers' silence
+            self._on_readable(self._router)
+            now = time.monotonic()
         for peer in list(self._peers.values()):
             silent = now - peer.last_seen
             if silent > self.config.heartbeat_timeout_s:
@@ -275,6 +280,8 @@ class KVSender:
         self._dropped_keys[peer.decode_id] = [
             (self._engines[src], key) for (src, _), key in peer.keys.items()
         ]
+        for engine, key in self._dropped_keys[peer.decode_id]:
+            engine.abandon(key)
         for room in self._table.rooms(peer.decode_id):
             self._fail(room, reason)
         self._disconnect_if_drained(peer.decode_id)

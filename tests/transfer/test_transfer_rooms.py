@@ -10,6 +10,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -34,14 +35,17 @@ META = RoomMetadata(first_token_id=3)
 
 
 class Pair:
-    def __init__(self, sender_backend: FakeBackend, **config) -> None:
-        config = fast_config("fake", heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0, **config)
+    def __init__(self, sender_backend: FakeBackend, decode: dict | None = None, **config) -> None:
+        config = fast_config(
+            "fake", **{"heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 1.0, **config}
+        )
         self.src = np.random.default_rng(0).integers(0, 255, (64, 32), dtype=np.uint8)
         self.dst = np.zeros((64, 32), np.uint8)
         buffers = [KVBuffer.from_array(self.src)]
         self.sender = KVSender(config, buffers, COMPAT, backend=sender_backend)
         dst_buffers = [KVBuffer.from_array(self.dst)]
-        self.receiver = KVReceiver(config, dst_buffers, COMPAT, backend=FakeBackend())
+        decode_config = replace(config, **(decode or {}))  # decode's own settings, if any
+        self.receiver = KVReceiver(decode_config, dst_buffers, COMPAT, backend=FakeBackend())
         self.popped: dict[int, list[RoomStatus]] = {}
 
     def open(self, room: int, src=(1, 2, 3), dst=(10, 11, 40)) -> None:
@@ -233,6 +237,33 @@ def test_prefill_fails_rooms_of_a_silent_decode(pair: Pair) -> None:
     finally:
         ghost.close(linger=0)
         context.term()
+
+
+PATIENT = {"heartbeat_timeout_s": 5.0}
+
+
+@pytest.mark.parametrize(
+    ("pair", "held"),
+    [
+        ({"decode": PATIENT}, "sender"),
+        ({"heartbeat_timeout_s": 5.0, "decode": {"heartbeat_timeout_s": 1.0}}, "receiver"),
+    ],
+    indirect=["pair"],
+)
+def test_a_held_up_control_loop_drops_no_peer(pair: Pair, gate, held: str) -> None:
+    """A loop held past its heartbeat timeout (a long call on it, a starved process) still
+    hears the peer that kept talking, and does not count its own hold-up as the peer's
+    silence. (The other side, with a longer timeout here, waits the hold-up out.)"""
+    pair.open(14)
+    released = threading.Event()
+    side = getattr(pair, held)
+    side._loop.post(lambda: (time.sleep(1.5), released.set()))  # its timeout is 1 s
+    assert released.wait(5)
+    time.sleep(0.3)  # a heartbeat round or two after the hold-up
+    gate.set()
+    pair.sender.send(14, pair.src_pages, META)
+    assert pair.finished(pair.receiver, 14).state is S.SUCCESS
+    assert pair.finished(pair.sender, 14).state is S.SUCCESS
 
 
 def test_destination_pages_outside_the_decode_pool_are_refused(pair: Pair) -> None:
