@@ -15,7 +15,11 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -63,7 +67,7 @@ def start_group(
     children = spawn_ranks(model_path, options, init_addr, local_ranks(options)[1:], setup)
     try:
         wait_for_ranks(store, options, children)
-        group = RankGroup(options, 0, store)
+        group = join_watching(lambda: RankGroup(options, 0, store), options, children)
     except BaseException:
         for proc in children:
             proc.kill()
@@ -78,15 +82,50 @@ def wait_for_ranks(store: dist.Store, options: EngineOptions, children: list[Bas
     keys = [f"joined/{rank}" for rank in range(1, options.tp_size)]
     deadline = time.monotonic() + options.dist_timeout_s
     while not store.check(keys):
-        for proc in children:
-            if not proc.is_alive():
-                raise RuntimeError(f"{proc.name} exited with code {proc.exitcode} while starting")
+        _check_alive(children)
         if time.monotonic() > deadline:
             raise RuntimeError(
                 f"the rank group did not gather in {options.dist_timeout_s:.0f}s (ranks on other "
                 f"hosts must start with nnodes={options.nnodes}, dist_init_addr=this host:port)"
             )
         time.sleep(0.05)
+
+
+def join_watching(
+    join: Callable[[], RankGroup], options: EngineOptions, children: list[BaseProcess]
+) -> RankGroup:
+    """``join()`` (building the group's collectives: every rank must take part) while watching
+    the local ranks: one that exits meanwhile is an error at once, not after the collectives'
+    own timeout. The abandoned join ends inside torch at that timeout."""
+    done: Future[RankGroup] = Future()
+
+    def run() -> None:
+        try:
+            done.set_result(join())
+        except BaseException as e:  # handed to the caller
+            done.set_exception(e)
+
+    threading.Thread(target=run, name="rank-join", daemon=True).start()
+    deadline = time.monotonic() + options.dist_timeout_s + 5
+    while True:
+        try:
+            return done.result(timeout=0.05)
+        except FutureTimeout:
+            pass
+        except Exception:
+            _check_alive(children)  # a rank that died is the reason, if one did
+            raise
+        _check_alive(children)
+        if time.monotonic() > deadline:  # torch's own timeout should have ended it before
+            raise RuntimeError(
+                f"the rank group's collectives did not form in {options.dist_timeout_s:.0f}s"
+            )
+
+
+def _check_alive(children: list[BaseProcess]) -> None:
+    for proc in children:
+        if not proc.is_alive():
+            raise RuntimeError(f"{proc.name} exited with code {proc.exitcode} while starting")
 
 
 def spawn_ranks(

@@ -3,6 +3,7 @@ before anything starts, each error naming the fix."""
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
 import threading
@@ -16,6 +17,7 @@ from engine.llm import LLM
 from engine.options import EngineOptions
 from engine.parallel.check import check_parallel
 from engine.parallel.ranks import RankFailure
+from engine.parallel.worker import join_watching
 from engine.sampling import SamplingParams
 
 TIMEOUT_S = 4.0
@@ -118,6 +120,22 @@ def kill_first_rank_child(stop: threading.Event) -> None:
                 os.kill(int(stat.parent.name), signal.SIGKILL)
                 return
         time.sleep(0.02)
+
+
+def test_a_rank_that_dies_while_the_collectives_form_fails_the_join_at_once() -> None:
+    """Past the rendezvous, rank 0 builds the group's collectives, which need every rank: a
+    local rank that dies meanwhile is said at once, not after the collectives' timeout."""
+    rank = mp.get_context("spawn").Process(target=time.sleep, args=(60,), name="rank1")
+    rank.start()
+    never = threading.Event()  # a join the dead rank can no longer complete
+    threading.Timer(0.3, rank.kill).start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match="rank1 exited with code -9 while starting"):
+            join_watching(never.wait, EngineOptions(tp_size=2, dist_timeout_s=30), [rank])
+    finally:
+        never.set()
+    assert time.monotonic() - start < 10
 
 
 def test_a_rank_that_dies_while_starting_fails_the_start_at_once(make_tiny) -> None:
