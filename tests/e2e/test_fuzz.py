@@ -39,7 +39,7 @@ def test_no_generated_request_gets_a_5xx(cluster: Cluster, tmp_path) -> None:
         ST, "run", f"{cluster.url}/openapi.json",
         "--checks", "not_a_server_error",
         "--max-examples", "8", "--seed", "7", "--workers", "1",
-        "--request-timeout", "60", "--max-time", "40",
+        "--request-timeout", "60", "--max-time", "25",
         "--report", "junit", "--report-junit-path", str(report),
     ]  # fmt: skip
     # NOTE: --max-time bounds the fuzzing phase (its valid requests generate); the coverage

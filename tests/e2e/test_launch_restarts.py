@@ -176,10 +176,15 @@ def kill_decode_under_streams(cluster: Cluster, logs: Path, expected: list) -> d
         load_on(url)
         killed.update(kill(logs, "decode-1"))
 
-    moved = gateway_metric(cluster.url, "migrations_total")
+    def elsewhere() -> int:
+        return sum(gateway_metric(cluster.url, m) for m in ("migrations_total", "retries_total"))
+
+    before = elsewhere()
     got = asyncio.run(streams_across(cluster.url, load_bodies("Load"), fault))
     assert got == expected
-    assert gateway_metric(cluster.url, "migrations_total") > moved  # decode-1's streams moved
+    # NOTE: decode-1's streams went on elsewhere: moved mid-way, or retried where the kill came
+    # before their first byte (a CI run's kill found only such streams); test_faults counts moves
+    assert elsewhere() > before
     return killed
 
 
