@@ -53,8 +53,18 @@ class LLM:
     """
 
     def __init__(self, model: str, *, keep_logits: bool = False, **options: Any) -> None:
-        self.engine = Engine(model, EngineOptions(**options), keep_logits=keep_logits)
-        self.tokenizer = self.engine.tokenizer
+        self._attach(Engine(model, EngineOptions(**options), keep_logits=keep_logits))
+
+    @classmethod
+    def over(cls, engine: Engine) -> LLM:
+        """The offline API over an engine built elsewhere (its own options and rank hooks)."""
+        llm = cls.__new__(cls)
+        llm._attach(engine)
+        return llm
+
+    def _attach(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
         self._next_id = 0
 
     def close(self) -> None:

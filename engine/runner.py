@@ -8,8 +8,10 @@ its own KV heads. Rank 0's `run` turns the scheduled batch into a `StepPlan`, br
 and every rank `execute`s the same plan (the layers' collectives meet there); only rank 0
 samples.
 
-On CUDA with the triton backend and one rank, a decode-only step replays a CUDA graph captured
-at start for its batch-size bucket (engine/cuda_graph.py; engine option `cuda_graphs`).
+On CUDA with the triton backend, a decode-only step replays a CUDA graph captured at start for
+its batch-size bucket (engine/cuda_graph.py; engine option `cuda_graphs`): on one rank, and on
+every rank of a TP group (not under EP or DP attention, whose steps size collectives on the
+host).
 """
 
 from __future__ import annotations
@@ -132,17 +134,33 @@ class ModelRunner:
 
     def _graphs_apply(self) -> bool:
         """CUDA graphs for decode steps: on CUDA, asked for, over a backend with static decode
-        tables (triton), on one rank.
-
-        NOTE: not with tp_size > 1: the step broadcast, the layers' collectives (gloo on CPU)
-        and EP's all-to-all (its split sizes read on the host) all wait on the host, and a
-        graph cannot hold a host sync."""
-        return (
+        tables (triton), on one rank or a TP group whose step holds no host sync."""
+        if not (
             self.device.type == "cuda"
             and self.options.cuda_graphs
-            and self.group is None
             and hasattr(self.attention, "static_decode")
-        )
+        ):
+            return False
+        blocked = self._graphs_blocked()
+        if blocked is not None:
+            log.info("decode steps run eager: %s", blocked)
+        return blocked is None
+
+    def _graphs_blocked(self) -> str | None:
+        """Why this rank group's decode step cannot be a graph (None where it can).
+
+        A TP group can: every rank decides alike from the broadcast plan (`_replays`), fills
+        its own static tables and replays its own graph, and the layers' NCCL collectives are
+        captured inside it (the broadcast itself stays outside, on the host). Every rank
+        captures the same buckets in the same order, so their collectives pair up."""
+        if self.group is None:
+            return None
+        tp = self.group.parallel
+        if tp.dp:
+            return "under DP attention the ranks' rows meet in gathers sized on the host"
+        if tp.ep:
+            return "EP's all-to-all reads its split sizes on the host"
+        return None
 
     @torch.inference_mode()
     def use_decode_graphs(self, capture: bool = True) -> None:

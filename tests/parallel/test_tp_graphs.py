@@ -1,0 +1,56 @@
+"""A TP group's decode steps through the static decode tables: what each rank's CUDA graph
+replays on a GPU, run here without capture (engine/cuda_graph.py's capture=False) in Triton's
+interpreter over gloo.
+
+Every rank builds its tables at the same buckets (rank 0 here, the other rank through its
+rank-setup hook, as a GPU start does in each runner), decides from the broadcast plan alike
+whether a step replays, and pads to the same bucket, so the layers' collectives pair up: the
+greedy tokens equal transformers', and rank 0's pool is whole after.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.engine import Engine
+from engine.llm import LLM
+from engine.options import EngineOptions
+from engine.parallel.ranks import RankGroup
+from engine.runner import ModelRunner
+from tests.test_engine_oracle import (
+    GREEDY,
+    assert_matches_hf,
+    assert_pages_released,
+    random_prompts,
+)
+
+QWEN_VOCAB = 151936
+
+
+def static_decode(runner: ModelRunner, group: RankGroup, payload: Any) -> None:
+    """Rank setup: this rank's decode steps through its static tables, as rank 0's."""
+    runner.use_decode_graphs(capture=False)
+
+
+def test_tp2_decode_through_static_tables_equals_transformers(make_tiny) -> None:
+    path = make_tiny("llama", "qwen")
+    options = EngineOptions(
+        tp_size=2,
+        dist_timeout_s=60,
+        dtype="float32",
+        attention_backend="triton",
+        page_size=4,
+        max_total_tokens=1024,
+        max_running=4,
+        max_model_len=64,
+    )
+    setup = (f"{__name__}:static_decode", None)
+    engine = Engine(str(path), options, keep_logits=True, rank_setup=setup)
+    with LLM.over(engine) as llm:
+        engine.runner.use_decode_graphs(capture=False)
+        graphs = engine.runner.decode_graphs
+        assert graphs is not None and graphs.buckets == [1, 2, 4]
+        prompts = random_prompts([3, 9, 14], QWEN_VOCAB, seed=5)  # 3 rows: bucket 4 pads one
+        assert_matches_hf(path, prompts, llm.generate(prompts, GREEDY))
+        assert graphs.replays >= GREEDY.max_tokens - 1
+        assert_pages_released(llm)
