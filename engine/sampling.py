@@ -13,8 +13,9 @@ and a sampled run report the same numbers for the same token, and without penalt
 ``log_softmax`` of the raw model logits (what ``transformers`` reports).
 
 The draw uses the exponential race: ``argmax(probs / q)`` with ``q ~ Exp(1)`` per vocab entry picks
-token ``i`` with probability ``probs[i]``. Rows without a seed share one batched draw from the
-sampler's own generator; a row with a seed draws its noise from a generator re-seeded from
+token ``i`` with probability ``probs[i]``. Only rows that sample are truncated and drawn (greedy
+rows take the argmax). Those without a seed share one batched draw from the sampler's own
+generator; a row with a seed draws its noise from a generator re-seeded from
 ``(seed, output position)``, so its tokens do not depend on the batch it rides in, its position in
 that batch, or on which node (prefill or decode) drew the token.
 """
@@ -313,28 +314,33 @@ class Sampler:
     def _sample(
         self, logits: torch.Tensor, params: Sequence[SamplingParams], states: Sequence[SamplerState]
     ) -> torch.Tensor:
+        """Greedy rows take the argmax; only the sampled rows go through truncation and the
+        draw (a [B, V] sort and noise for rows that do not sample would cost more than all the
+        rest at a 150k vocabulary)."""
+        token_ids = argmax_rows(logits)
+        rows = [i for i, p in enumerate(params) if not p.is_greedy]
         device = logits.device
-        greedy = torch.tensor([p.is_greedy for p in params], device=device)
-        temperature = torch.tensor(
-            [1.0 if p.is_greedy else p.temperature for p in params], device=device
-        )
-        sampled_params = [p for p in params if not p.is_greedy]
+        picked = [params[i] for i in rows]
+        temperature = torch.tensor([p.temperature for p in picked], device=device)
         scaled = apply_top_k_top_p(
-            logits / temperature[:, None],
-            _column(params, "top_k", device) if any(p.top_k > 0 for p in sampled_params) else None,
-            _column(params, "top_p", device) if any(p.top_p < 1 for p in sampled_params) else None,
+            logits[rows] / temperature[:, None],
+            _column(picked, "top_k", device) if any(p.top_k > 0 for p in picked) else None,
+            _column(picked, "top_p", device) if any(p.top_p < 1 for p in picked) else None,
         )
-        if any(p.min_p > 0 for p in sampled_params):
-            scaled = apply_min_p(scaled, _column(params, "min_p", device))
-        sampled = argmax_rows(scaled.softmax(dim=-1) / self._exponential_noise(scaled, states))
-        return torch.where(greedy, argmax_rows(logits), sampled)
+        if any(p.min_p > 0 for p in picked):
+            scaled = apply_min_p(scaled, _column(picked, "min_p", device))
+        noise = self._exponential_noise(scaled, [states[i] for i in rows])
+        token_ids[rows] = argmax_rows(scaled.softmax(dim=-1) / noise)
+        return token_ids
 
     def _exponential_noise(
         self, like: torch.Tensor, states: Sequence[SamplerState]
     ) -> torch.Tensor:
         noise = torch.empty_like(like)
-        if any(s.seed is None for s in states):
-            noise.exponential_(generator=self._generator(like.device))
+        shared = [i for i, s in enumerate(states) if s.seed is None]
+        if shared:
+            draw = torch.empty((len(shared), like.shape[1]), dtype=like.dtype, device=like.device)
+            noise[shared] = draw.exponential_(generator=self._generator(like.device))
         for i, s in enumerate(states):
             if s.seed is not None:
                 noise[i].exponential_(generator=s.generator_for_step(like.device))
@@ -426,22 +432,39 @@ def apply_top_k_top_p(
     Top-p keeps the smallest set of best tokens (renormalized after top-k) whose mass reaches
     ``top_p[b]``; the best token always survives, and ``top_p[b] >= 1`` keeps all.
     """
-    if top_k is None and top_p is None:
-        return logits
+    if top_p is None:
+        return logits if top_k is None else apply_top_k(logits, top_k)
     ordered, order = logits.sort(dim=-1, descending=True, stable=True)
     rank = torch.arange(logits.shape[1], device=logits.device).expand_as(logits)
     drop = torch.zeros_like(logits, dtype=torch.bool)
     if top_k is not None:
         k = torch.where(top_k > 0, top_k, logits.shape[1])
         drop = rank >= k[:, None]
-    if top_p is not None:
-        probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        # NOTE: p >= 1 must keep everything, and the cumsum's rounding can pass 1.0 on the tail.
-        p = torch.where(top_p >= 1, float("inf"), top_p.to(probs.dtype))
-        drop |= mass_before >= p[:, None]
+    probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    # NOTE: p >= 1 must keep everything, and the cumsum's rounding can pass 1.0 on the tail.
+    p = torch.where(top_p >= 1, float("inf"), top_p.to(probs.dtype))
+    drop |= mass_before >= p[:, None]
     ordered = ordered.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, ordered)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Top-k alone, without sorting the vocabulary: the k-th best value of each row (a partial
+    top-k of the largest k asked), every token above it, and as many of the tokens equal to it,
+    lowest ids first, as make k (the sort's tie rule)."""
+    vocab = logits.shape[1]
+    active = (top_k > 0) & (top_k < vocab)
+    if not bool(active.any()):
+        return logits
+    k = torch.where(active, top_k, 1)
+    widest = int(k.max())
+    kth = logits.topk(widest, dim=-1).values.gather(1, (k - 1)[:, None])
+    above = logits > kth
+    tied = logits == kth
+    room = k[:, None] - above.sum(dim=-1, keepdim=True)
+    keep = above | (tied & (tied.cumsum(dim=-1) <= room)) | ~active[:, None]
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,29 @@ def test_top_k_keeps_exactly_k_and_breaks_ties_towards_lower_ids() -> None:
     assert torch.isfinite(kept[0]).nonzero().flatten().tolist() == [0, 1, 2]
 
 
+def test_top_k_alone_keeps_what_the_sorted_path_keeps() -> None:
+    """Top-k without top-p takes no sort: the same tokens survive as the sorted path's (ties on
+    the k-th value included, -inf rows, k of 0 and past the vocabulary)."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randint(0, 6, (6, 50), generator=gen).float()  # many ties
+    logits[4, 10:] = float("-inf")
+    top_k = torch.tensor([1, 7, 0, 50, 20, 99])
+    sorted_path = apply_top_k_top_p(logits, top_k, torch.ones(6))
+    assert torch.equal(apply_top_k_top_p(logits, top_k, None), sorted_path)
+    assert torch.isfinite(sorted_path).sum(dim=-1).tolist() == [1, 7, 50, 50, 10, 50]
+
+
+def test_greedy_rows_beside_them_change_no_seeded_draw() -> None:
+    """Only sampled rows are truncated and drawn: a seeded row draws the same tokens alone and
+    beside greedy rows, anywhere in the batch."""
+    row = torch.randn(1, 300, generator=torch.Generator().manual_seed(4))
+    seeded = SamplingParams(temperature=0.9, top_k=40, seed=11)
+    greedy = SamplingParams(temperature=0)
+    alone = sample(row, [seeded]).token_ids[0]
+    batch = sample(row.repeat(3, 1), [greedy, seeded, greedy]).token_ids
+    assert batch == [int(row.argmax()), alone, int(row.argmax())]
+
+
 @pytest.mark.parametrize(("top_p", "allowed"), [(0.75, {0, 1, 2}), (0.65, {0, 1}), (0.3, {0})])
 def test_top_p_picks_only_the_nucleus(top_p: float, allowed: set[int]) -> None:
     row = log_probs([0.4, 0.3, 0.2, 0.05, 0.05])
