@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from engine.config import ModelConfig
 from engine.dp_scheduler import DPScheduler, rank_pools
@@ -88,14 +89,17 @@ class Engine:
         *,
         keep_logits: bool = False,
         rank_setup: RankSetup | None = None,
+        tokenizer: PreTrainedTokenizerFast | None = None,
     ) -> None:
         """`rank_setup`: called in each other rank once its model is loaded (see
-        engine/parallel/worker.py); a node starts the ranks' transfer engines with it."""
+        engine/parallel/worker.py); a node starts the ranks' transfer engines with it.
+        `tokenizer`: the checkpoint's, already loaded (a node's HTTP process hands over its own,
+        which unpickles several times faster than transformers loads it)."""
         self.model_path = str(model_path)
         self.options = options = options or EngineOptions()
         limit_onednn_caches(options.onednn_cache)
         self.model_cfg = ModelConfig.load(model_path)
-        self.tokenizer = load_tokenizer(model_path)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
         self.eos_token_ids = frozenset(eos_token_ids(model_path, self.tokenizer))
         check_device(options.device)
         torch.manual_seed(options.seed)

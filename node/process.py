@@ -19,6 +19,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from transformers import PreTrainedTokenizerFast
+
 from engine.engine import Engine
 from node.channel import SchedulerChannel
 from node.kv_link import rank_setup
@@ -41,14 +43,20 @@ class Scheduler:
     outputs_addr: str
 
 
-def start_scheduler(settings: NodeSettings, loop_cls: type[NodeLoop], ipc_dir: str) -> Scheduler:
-    """Spawn the scheduler process and wait until its model is loaded."""
+def start_scheduler(
+    settings: NodeSettings,
+    loop_cls: type[NodeLoop],
+    ipc_dir: str,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+) -> Scheduler:
+    """Spawn the scheduler process and wait until its model is loaded. `tokenizer`, the HTTP
+    process's own, goes along pickled: a scheduler then skips loading it again (seconds)."""
     requests_addr, outputs_addr = f"ipc://{ipc_dir}/requests", f"ipc://{ipc_dir}/outputs"
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(
         target=scheduler_main,
-        args=(settings, loop_cls, requests_addr, outputs_addr, child),
+        args=(settings, loop_cls, requests_addr, outputs_addr, child, tokenizer),
         name=f"{settings.name}-scheduler",
     )
     proc.start()
@@ -83,6 +91,7 @@ def scheduler_main(
     requests_addr: str,
     outputs_addr: str,
     conn: Connection,
+    tokenizer: PreTrainedTokenizerFast | None = None,
 ) -> None:
     """Body of a scheduler process: build the loop (reporting failures), say ready, run it."""
     logging.basicConfig(
@@ -94,7 +103,7 @@ def scheduler_main(
     os.environ["PDSERVE_NODE_NAME"] = settings.name
     os.environ["PDSERVE_LOG_LEVEL"] = settings.log_level
     try:
-        loop = build_loop(settings, loop_cls, requests_addr, outputs_addr)
+        loop = build_loop(settings, loop_cls, requests_addr, outputs_addr, tokenizer)
     except Exception as exc:
         log.exception("scheduler start failed")
         conn.send({"error": f"{type(exc).__name__}: {exc}"})
@@ -111,12 +120,17 @@ def scheduler_main(
 
 
 def build_loop(
-    settings: NodeSettings, loop_cls: type[NodeLoop], requests_addr: str, outputs_addr: str
+    settings: NodeSettings,
+    loop_cls: type[NodeLoop],
+    requests_addr: str,
+    outputs_addr: str,
+    tokenizer: PreTrainedTokenizerFast | None = None,
 ) -> NodeLoop:
     """The engine over the settings' checkpoint, and the role's loop around it."""
     if settings.role != loop_cls.ROLE:
         raise TypeError(f"{loop_cls.__name__} does not run {settings.role} nodes")
-    engine = Engine(settings.model, settings.engine, rank_setup=rank_setup(settings))
+    setup = rank_setup(settings)
+    engine = Engine(settings.model, settings.engine, rank_setup=setup, tokenizer=tokenizer)
     try:
         return loop_cls.create(engine, SchedulerChannel(requests_addr, outputs_addr), settings)
     except BaseException:

@@ -100,7 +100,7 @@ def serve_node(settings: NodeSettings, loop_cls: type[NodeLoop]) -> None:
     ipc_dir = tempfile.mkdtemp(prefix="pdserve-")
     scheduler = None
     try:
-        scheduler = start_scheduler(settings, loop_cls, ipc_dir)
+        scheduler = start_scheduler(settings, loop_cls, ipc_dir, tokenizer)
         server = node_server(settings, tokenizer, scheduler)
         log.warning(
             "%s node %s serving on http://%s:%d",

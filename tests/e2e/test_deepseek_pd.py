@@ -1,7 +1,8 @@
-"""A tiny DeepSeek-V3 (MLA + MoE) served 1P1D through `pdserve launch`, with each transfer backend.
+"""A tiny DeepSeek-V3 (MLA + MoE) served 1P1D through `pdserve launch`.
 
 The prefill node writes MLA latent pages (one buffer per layer) into the decode node's reserved
-pages over Mooncake, NIXL or NCCL (gloo on CPU), the same path as MHA pages. Greedy output must equal transformers'
+pages over Mooncake, the same path as MHA pages (MLA over NIXL and NCCL: tests/e2e/test_tp_pd.py,
+whose layouts include 1 -> 1). Greedy output must equal transformers'
 (token ids through the native /generate, text through the `openai` client), and every page must
 be free once a load is over.
 """
@@ -27,11 +28,11 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["mooncake", "nixl", "nccl"])
-def cluster(request, make_tiny, tmp_path_factory) -> Cluster:
+@pytest.fixture(scope="module")
+def cluster(make_tiny, tmp_path_factory) -> Cluster:
     model: Path = make_tiny("deepseek_v3", "deepseek", layers=3)
-    config = cluster_yaml(model, request.param, prefill=1, decode=1)
-    with launched(config, tmp_path_factory.mktemp(f"ds-pd-{request.param}")) as c:
+    config = cluster_yaml(model, "mooncake", prefill=1, decode=1)
+    with launched(config, tmp_path_factory.mktemp("ds-pd")) as c:
         c.model = model
         yield c
 
