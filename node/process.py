@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -54,12 +55,21 @@ def start_scheduler(
     requests_addr, outputs_addr = f"ipc://{ipc_dir}/requests", f"ipc://{ipc_dir}/outputs"
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(
-        target=scheduler_main,
-        args=(settings, loop_cls, requests_addr, outputs_addr, child, tokenizer),
-        name=f"{settings.name}-scheduler",
-    )
-    proc.start()
+
+    def spawn(handed: PreTrainedTokenizerFast | None) -> BaseProcess:
+        proc = ctx.Process(
+            target=scheduler_main,
+            args=(settings, loop_cls, requests_addr, outputs_addr, child, handed),
+            name=f"{settings.name}-scheduler",
+        )
+        proc.start()
+        return proc
+
+    try:
+        proc = spawn(tokenizer)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:  # before the child starts
+        log.info("the tokenizer does not pickle (%s); the scheduler loads its own", exc)
+        proc = spawn(None)
     child.close()
     if not parent.poll(READY_TIMEOUT_S):
         proc.kill()
