@@ -437,18 +437,43 @@ def apply_top_k_top_p(
     """
     if top_p is None:
         return logits if top_k is None else apply_top_k(logits, top_k)
-    ordered, order = logits.sort(dim=-1, descending=True, stable=True)
-    rank = torch.arange(logits.shape[1], device=logits.device).expand_as(logits)
-    drop = torch.zeros_like(logits, dtype=torch.bool)
     if top_k is not None:
-        k = torch.where(top_k > 0, top_k, logits.shape[1])
-        drop = rank >= k[:, None]
-    probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        logits = apply_top_k(logits, top_k)  # top-p then sees the renormalized top-k
+    counts = nucleus_sizes(logits, top_p)
+    if counts is not None:
+        return apply_top_k(logits, counts)
+    return sorted_top_p(logits, top_p)
+
+
+NUCLEUS_CANDIDATES = 1024
+"""Top-p looks for each row's nucleus among its best this many tokens first (a partial top-k,
+not a sort of the vocabulary); a row whose nucleus is wider takes the full sort."""
+
+
+def nucleus_sizes(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor | None:
+    """How many best tokens top-p keeps in each row (the vocabulary where top_p >= 1), from the
+    row's NUCLEUS_CANDIDATES best values alone; None when a row's nucleus may be wider. Which
+    tokens those are, ties included, is top-k's rule: the sorted values, not their order among
+    equals, decide the mass before each position."""
+    vocab = logits.shape[1]
+    values = logits.topk(min(NUCLEUS_CANDIDATES, vocab), dim=-1).values
+    probs = (values - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
+    mass_before = probs.cumsum(dim=-1) - probs
+    whole = top_p >= 1
+    counts = (mass_before < top_p[:, None].to(probs.dtype)).sum(dim=-1)
+    if bool(((counts == values.shape[1]) & ~whole).any()) and values.shape[1] < vocab:
+        return None
+    return torch.where(whole, vocab, counts)
+
+
+def sorted_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Top-p over each row's full sort (a nucleus too wide for `nucleus_sizes`)."""
+    ordered, order = logits.sort(dim=-1, descending=True, stable=True)
+    probs = ordered.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs
     # NOTE: p >= 1 must keep everything, and the cumsum's rounding can pass 1.0 on the tail.
     p = torch.where(top_p >= 1, float("inf"), top_p.to(probs.dtype))
-    drop |= mass_before >= p[:, None]
-    ordered = ordered.masked_fill(drop, float("-inf"))
+    ordered = ordered.masked_fill(mass_before >= p[:, None], float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, ordered)
 
 

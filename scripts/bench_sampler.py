@@ -6,7 +6,10 @@ Mixes (B rows of random logits over --vocab):
 - mixed: a quarter of the rows seeded top-k sampling (temperature 0.8, top_k 20), the rest
   greedy, as a server sees when a few clients sample;
 - top_k: every row top-k sampling;
-- top_p: every row nucleus sampling (top_p 0.9), which sorts each row.
+- top_p: every row nucleus sampling (top_p 0.9) over standard normal logits, a flat
+  distribution (entropy about 11 nats) whose nucleus is most of the vocabulary: each row sorts;
+- top_p_peaked: the same over logits 5x as wide (entropy about 3.7 nats, still flatter than a
+  trained model's typical next token), whose nucleus lies among the best 1024 tokens.
 The last printed line is JSON (milliseconds per step, the median of --steps).
 
     python scripts/bench_sampler.py [--batch 8 64] [--vocab 151936] [--steps 20]
@@ -41,7 +44,9 @@ def mix(name: str, batch: int) -> list[SamplingParams]:
 
 def step_ms(batch: int, vocab: int, name: str, steps: int) -> float:
     logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(batch))
-    params = mix(name, batch)
+    if name.endswith("_peaked"):
+        logits *= 5
+    params = mix(name.removesuffix("_peaked"), batch)
     states = [SamplerState.create(p, [1, 2, 3]) for p in params]
     sampler = Sampler(seed=0)
     sampler(logits, params, states)  # warm-up
@@ -61,10 +66,10 @@ def main() -> None:
     args = p.parse_args()
     result: dict[str, float] = {}
     for batch in args.batch:
-        for name in ("greedy", "mixed", "top_k", "top_p"):
+        for name in ("greedy", "mixed", "top_k", "top_p", "top_p_peaked"):
             ms = step_ms(batch, args.vocab, name, args.steps)
             result[f"b{batch}_{name}_ms"] = round(ms, 2)
-            print(f"batch {batch:3d} {name:7s} {ms:8.2f} ms/step")
+            print(f"batch {batch:3d} {name:12s} {ms:8.2f} ms/step")
     print(json.dumps({"vocab": args.vocab, "threads": torch.get_num_threads(), **result}))
 
 

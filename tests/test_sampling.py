@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from engine import sampling
 from engine.sampling import (
     Sampler,
     SamplerState,
@@ -64,9 +65,28 @@ def test_top_k_alone_keeps_what_the_sorted_path_keeps() -> None:
     logits = torch.randint(0, 6, (6, 50), generator=gen).float()  # many ties
     logits[4, 10:] = float("-inf")
     top_k = torch.tensor([1, 7, 0, 50, 20, 99])
-    sorted_path = apply_top_k_top_p(logits, top_k, torch.ones(6))
+    ordered, order = logits.sort(dim=-1, descending=True, stable=True)
+    dropped = torch.arange(50)[None, :] >= torch.where(top_k > 0, top_k, 50)[:, None]
+    sorted_path = logits.scatter(-1, order, ordered.masked_fill(dropped, float("-inf")))
     assert torch.equal(apply_top_k_top_p(logits, top_k, None), sorted_path)
     assert torch.isfinite(sorted_path).sum(dim=-1).tolist() == [1, 7, 50, 50, 10, 50]
+
+
+@pytest.mark.parametrize("candidates", [1024, 8], ids=["nucleus-inside", "sort-fallback"])
+def test_top_p_from_the_best_candidates_keeps_what_the_full_sort_keeps(
+    monkeypatch: pytest.MonkeyPatch, candidates: int
+) -> None:
+    """Top-p looks for the nucleus among each row's best candidates first: the same tokens
+    survive as with a sort of the whole row (ties at the cut, top-k before it, p of 1), and a
+    row whose nucleus is wider than the candidates takes the sort."""
+    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randint(0, 40, (5, 3000), generator=gen).float()  # peaked, many ties
+    top_p = torch.tensor([0.5, 0.9, 1.0, 0.99, 0.3])
+    top_k = torch.tensor([0, 0, 0, 0, 3])
+    expected = sampling.sorted_top_p(sampling.apply_top_k(logits, top_k), top_p)
+    assert torch.equal(apply_top_k_top_p(logits, top_k, top_p), expected)
+    assert torch.isfinite(expected).sum(dim=-1)[2] == 3000  # p = 1 keeps everything
 
 
 def test_greedy_rows_beside_them_change_no_seeded_draw() -> None:
