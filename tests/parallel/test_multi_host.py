@@ -1,7 +1,7 @@
 """A rank group across two "hosts": two groups of processes on loopback that meet at
-dist_init_addr (SGLang's nnodes / node_rank / dist_init_addr), through the `pdserve` CLI: the
-offline `generate` (also under DP attention) and a node serving HTTP whose second half runs
-no API."""
+dist_init_addr (SGLang's nnodes / node_rank / dist_init_addr), through the `pdserve` CLI: a
+node serving HTTP whose second half runs no API, and the offline `generate` under DP attention
+(each host's rank runs its own prompt's attention)."""
 
 from __future__ import annotations
 
@@ -41,17 +41,6 @@ def outputs(proc: subprocess.Popen) -> list[list[int]]:
 def group_flags(port: int, node_rank: int) -> list[str]:
     return ["--tp-size", "2", "--nnodes", "2", "--node-rank", str(node_rank),
             "--dist-init-addr", f"127.0.0.1:{port}"]  # fmt: skip
-
-
-def test_generate_across_two_hosts_equals_one_rank(make_tiny) -> None:
-    model = str(make_tiny("qwen3"))
-    expected = outputs(generate(model))
-    (port,) = free_ports(1)
-    second = generate(model, *group_flags(port, 1))
-    first = generate(model, *group_flags(port, 0))
-    assert outputs(first) == expected
-    second.communicate(timeout=60)
-    assert second.returncode == 0  # rank 0 said stop: the other host's ranks leave cleanly
 
 
 def test_node_across_two_hosts_serves_and_its_ranks_leave_with_it(make_tiny) -> None:
