@@ -13,7 +13,7 @@ than ``DIRECT_BYTES`` are gathered back to back into one staging tensor, one mes
 ones go as messages of their own, with no copy at either end.
 
 Settings: ``transfer.host`` (decode listens there, prefill hosts its TCPStore there),
-``bootstrap_timeout_s`` bounds opening a pair, ``transfer_timeout_s`` a batch on decode's side
+``bootstrap_timeout_s`` bounds a writer's wait for a pair to open, ``transfer_timeout_s`` a batch on decode's side
 (on prefill's, the room's deadline does).
 """
 
@@ -22,6 +22,8 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -55,7 +57,7 @@ class _Peer:
     kind: str
     pair: PrefillPair | None = None
     closed: bool = False
-    opening: threading.Lock = field(default_factory=threading.Lock)
+    opening: Future[PrefillPair] | None = None  # the rendezvous under way, if one is
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -149,13 +151,38 @@ class NcclBackend(TransferBackend):
         self._store = None
 
     def _pair(self, peer: _Peer) -> PrefillPair:
-        """The peer's live pair, opened now if it has none or its last one broke."""
-        with peer.opening:  # one rendezvous at a time per peer
-            with peer.lock:
-                if peer.closed:
-                    raise TransferError("nccl: peer disconnected")
-                if peer.pair is not None and not peer.pair.broken:
-                    return peer.pair
+        """The peer's live pair, opened now if it has none or its last one broke.
+
+        The rendezvous runs on a thread of its own, and every writer that needs the pair
+        meanwhile waits for that one attempt, ``connect_timeout_s`` at most, or until the peer
+        is abandoned: a decode that dies or stops mid-rendezvous can hold gloo's connect for
+        longer than our timeout, and must not hold the rooms of the writers waiting on it."""
+        with peer.lock:
+            if peer.closed:
+                raise TransferError("nccl: peer disconnected")
+            if peer.pair is not None and not peer.pair.broken:
+                return peer.pair
+            if peer.opening is None:
+                peer.opening = Future()
+                name = f"nccl-open-{peer.address.host}:{peer.address.port}"
+                threading.Thread(
+                    target=self._open_pair, args=(peer, peer.opening), name=name, daemon=True
+                ).start()
+            opening = peer.opening
+        try:
+            return opening.result(self._connect_timeout_s)
+        except TransferError as e:  # one exception object, shared by every waiter: a new one
+            raise TransferError(str(e)) from None
+        except FutureTimeout:
+            where = f"{peer.address.host}:{peer.address.port}"
+            raise TransferError(
+                f"nccl: no pair with decode {where} within {self._connect_timeout_s:g}s"
+            ) from None
+
+    def _open_pair(self, peer: _Peer, opening: Future[PrefillPair]) -> None:
+        """The rendezvous (its own thread): hand the pair to the peer, or close it when nobody
+        waits for it any more (the peer was abandoned or disconnected meanwhile)."""
+        try:
             pair = PrefillPair.open(
                 peer.address,
                 self._store_address(),
@@ -165,12 +192,19 @@ class NcclBackend(TransferBackend):
                 self._timeout_s,
                 self._connect_timeout_s,
             )
+        except TransferError as e:
             with peer.lock:
-                if not peer.closed:
-                    peer.pair = pair
-                    return pair
-            pair.close("nccl: peer disconnected")
-            raise TransferError("nccl: peer disconnected")
+                peer.opening = None if peer.opening is opening else peer.opening
+                if not opening.done():
+                    opening.set_exception(e)
+            return
+        with peer.lock:
+            peer.opening = None if peer.opening is opening else peer.opening
+            if not peer.closed and not opening.done():
+                peer.pair = pair
+                opening.set_result(pair)
+                return
+        pair.close("nccl: peer disconnected")
 
     def _store_address(self) -> tuple[str, int]:
         with self._store_lock:
@@ -188,6 +222,9 @@ class NcclBackend(TransferBackend):
         with peer.lock:
             peer.closed = True
             pair, peer.pair = peer.pair, None
+            if peer.opening is not None and not peer.opening.done():
+                # wakes every writer waiting for the rendezvous; its thread closes what it opens
+                peer.opening.set_exception(TransferError(f"nccl: {reason}"))
         if pair is not None:
             pair.close(f"nccl: {reason}")
             if join:

@@ -6,6 +6,8 @@ restarts) without a leaked thread or a wedged writer."""
 from __future__ import annotations
 
 import random
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,8 +17,10 @@ import pytest
 import torch
 
 from transfer import MemoryRegion, RoomMetadata, TransferError, TransferState
+from transfer.base import Endpoint
 from transfer.descriptors import DescriptorBatch
 from transfer.nccl import NcclBackend
+from transfer.nccl_link import CODEC, DecodeAddress, PairWelcome, recv_frame, send_frame
 
 from .harness import DecodeNode, PrefillSide, fast_config
 
@@ -144,6 +148,90 @@ def test_closing_decode_mid_transfer_hangs_neither_end(ends: Ends) -> None:
     assert error == "" or "decode" in error  # it may have finished first
     with pytest.raises(TransferError, match="cannot reach decode"):
         ends.prefill.submit(ends.key, ends.batch([(0, 0)], [(0, 0)], [100]))
+
+
+class MuteDecode:
+    """A decode that welcomes a pair, after ``delay_s``, and then never builds its group: as
+    one that dies or stops mid-rendezvous looks to prefill."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.welcomed = threading.Event()
+        self._delay_s = delay_s
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def endpoint(self) -> Endpoint:
+        address = DecodeAddress(*self.listener.getsockname()[:2])
+        return Endpoint("nccl", "mute", CODEC.encode(address), "cpu")
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self._conns:
+            conn.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self._conns.append(conn)  # held open, as a stopped process holds it
+            recv_frame(conn)
+            time.sleep(self._delay_s)
+            send_frame(conn, PairWelcome(""))
+            self.welcomed.set()
+
+
+def _mute_pair(connect_timeout_s: float, delay_s: float = 0.0):
+    src = np.zeros(MiB, np.uint8)
+    prefill = NcclBackend(timeout_s=5.0, connect_timeout_s=connect_timeout_s)
+    prefill.register([MemoryRegion(src.ctypes.data, src.nbytes)])
+    decode = MuteDecode(delay_s)
+    key = prefill.connect(decode.endpoint())
+    batch = DescriptorBatch.single(src.ctypes.data, 0, 100)
+    return prefill, decode, key, batch
+
+
+def test_abandoning_a_decode_wakes_the_writers_waiting_for_its_rendezvous() -> None:
+    """A decode dropped mid-rendezvous fails the writes waiting for its pair at once, not when
+    the rendezvous gives up (30 s here; gloo's connect to a dead peer takes 10 s whatever the
+    timeout): the rooms they write are freed when the sender drops the decode."""
+    prefill, decode, key, batch = _mute_pair(connect_timeout_s=30.0)
+    errors: list[str] = []
+
+    def write() -> None:
+        try:
+            prefill.submit(key, batch)
+        except TransferError as e:
+            errors.append(str(e))
+
+    writers = [threading.Thread(target=write, daemon=True) for _ in range(3)]
+    try:
+        for w in writers:
+            w.start()
+        assert decode.welcomed.wait(10)
+        prefill.abandon(key)
+        for w in writers:
+            w.join(5)
+        assert not any(w.is_alive() for w in writers), "a writer still waits for the pair"
+        assert len(errors) == 3 and all("decode dropped" in e for e in errors), errors
+        assert decode.welcomed.is_set() and len(decode._conns) == 1, "one rendezvous, shared"
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_a_rendezvous_slower_than_the_connect_timeout_fails_the_write() -> None:
+    # each step of the rendezvous alone stays under the timeout (the welcome after 0.8 s,
+    # then the group's wait for decode's address, 1 s); the writer waits 1 s in all
+    prefill, decode, key, batch = _mute_pair(connect_timeout_s=1.0, delay_s=0.8)
+    try:
+        with pytest.raises(TransferError, match=r"no pair with decode .* within 1s"):
+            prefill.submit(key, batch)
+    finally:
+        prefill.close()
+        decode.close()
 
 
 def test_a_restarted_decode_is_written_through_its_new_pair() -> None:
