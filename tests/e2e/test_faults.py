@@ -37,9 +37,11 @@ pytestmark = pytest.mark.slow
 
 MODEL = "tiny"
 SHORT = 8  # tokens of a request that only has to succeed
-# tokens of a stream that must still be running when a node dies (a stream can make over 1000
-# tok/s here; the decode-kill test also freezes its victim with SIGSTOP before counting)
-LONG = 2048
+# tokens of a stream that must still be running when a node dies: the tiny model's 152k-token
+# LM head holds 4 streams on a node to about 150 tok/s each here, so 1024 tokens last about 7 s,
+# against under a second between the first and the last stream's start; the decode-kill test
+# also freezes its victim with SIGSTOP as soon as every stream has begun
+LONG = 1024
 STREAMS_TIMEOUT_S = 300.0  # LONG tokens on a machine busy with other test workers
 API_KEY = "sk-faults"
 MAX_BODY_BYTES = 64 * 1024
