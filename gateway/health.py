@@ -3,8 +3,8 @@
 
 An instance failing `health_failures` checks in a row is taken out of routing; one that says it is
 draining (503 `{"status": "draining"}`: it shuts down and finishes what it holds) is taken out at
-once, with no failure counted. One passing check puts it back. Each round also refreshes the
-served model ids from the decode instances.
+once, with no failure counted. One passing check puts it back, its breaker closed. Each round
+also refreshes the served model ids from the decode instances.
 """
 
 from __future__ import annotations

@@ -60,10 +60,16 @@ class Worker:
         return was_in
 
     def take_back(self) -> bool:
-        """Route to the instance again (a health check passed); False when it was in."""
+        """Route to the instance again (a health check passed); False when it was in.
+
+        Its breaker closes too: the errors that opened it came while the instance was going
+        out (killed, hung, draining), and a passing check after that says it is back (often a
+        new process: the launcher restarted it). Else a restarted node would get nothing until
+        the cooldown and one trial."""
         if self.healthy:
             return False
         self.healthy, self.out_reason, self.failed_checks = True, None, 0
+        self.breaker.record_success()
         return True
 
     def attempt_failed(self, now: float, draining: bool) -> None:

@@ -70,6 +70,17 @@ def test_pool_skips_open_and_unhealthy_workers_and_prefers_unexcluded() -> None:
     assert not pool.has_prefill()
 
 
+def test_an_instance_taken_back_after_it_was_out_gets_requests_at_once() -> None:
+    pool = WorkerPool(breaker_errors=1, breaker_cooldown_s=10.0)
+    w = pool.add("decode", Instance("http://127.0.0.1:1"))
+    w.breaker.record_failure(0.0)  # its streams failed as it died
+    assert w.take_back() is False  # it was never out: a passing check alone closes nothing
+    assert pool.available("decode", 1.0) == []
+    w.take_out("health checks failed")
+    assert w.take_back() is True  # a passing check after it was out: restarted
+    assert pool.available("decode", 1.0) == [w] and w.breaker.state(1.0) is BreakerState.CLOSED
+
+
 def test_worker_load_accounting() -> None:
     w = Worker("decode", Instance("http://h:1"), CircuitBreaker(1, 1.0))
     w.begin(100, 0.0)
