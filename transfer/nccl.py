@@ -13,8 +13,8 @@ than ``DIRECT_BYTES`` are gathered back to back into one staging tensor, one mes
 ones go as messages of their own, with no copy at either end.
 
 Settings: ``transfer.host`` (decode listens there, prefill hosts its TCPStore there),
-``bootstrap_timeout_s`` bounds a writer's wait for a pair to open, ``transfer_timeout_s`` a batch on decode's side
-(on prefill's, the room's deadline does).
+``bootstrap_timeout_s`` bounds a writer's wait for a pair to open, ``transfer_timeout_s`` a
+batch on decode's side (on prefill's, the room's deadline does).
 """
 
 from __future__ import annotations
@@ -192,7 +192,10 @@ class NcclBackend(TransferBackend):
                 self._timeout_s,
                 self._connect_timeout_s,
             )
-        except TransferError as e:
+        except Exception as e:  # whatever it was, the waiters hear it; the next write retries
+            if not isinstance(e, TransferError):
+                where = f"{peer.address.host}:{peer.address.port}"
+                e = TransferError(f"nccl: cannot open a pair with decode {where}: {e!r}")
             with peer.lock:
                 peer.opening = None if peer.opening is opening else peer.opening
                 if not opening.done():

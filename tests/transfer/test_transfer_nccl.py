@@ -21,6 +21,7 @@ from transfer.base import Endpoint
 from transfer.descriptors import DescriptorBatch
 from transfer.nccl import NcclBackend
 from transfer.nccl_link import CODEC, DecodeAddress, PairWelcome, recv_frame, send_frame
+from transfer.nccl_pair import PrefillPair
 
 from .harness import DecodeNode, PrefillSide, fast_config
 
@@ -232,6 +233,20 @@ def test_a_rendezvous_slower_than_the_connect_timeout_fails_the_write() -> None:
     finally:
         prefill.close()
         decode.close()
+
+
+def test_an_unexpected_error_opening_a_pair_fails_that_write_and_the_next_retries(
+    ends: Ends, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args, **kwargs):
+        raise ValueError("no such device")
+
+    monkeypatch.setattr(PrefillPair, "open", broken)
+    with pytest.raises(TransferError, match=r"cannot open a pair .*no such device"):
+        ends.prefill.submit(ends.key, ends.batch([(0, 0)], [(0, 0)], [100]))
+    monkeypatch.undo()
+    assert ends.write(ends.batch([(0, 0)], [(0, 0)], [100])) == ""
+    assert np.array_equal(ends.dst[0][:100], ends.src[0][:100])
 
 
 def test_a_restarted_decode_is_written_through_its_new_pair() -> None:
