@@ -180,8 +180,10 @@ class NcclBackend(TransferBackend):
             ) from None
 
     def _open_pair(self, peer: _Peer, opening: Future[PrefillPair]) -> None:
-        """The rendezvous (its own thread): hand the pair to the peer, or close it when nobody
-        waits for it any more (the peer was abandoned or disconnected meanwhile)."""
+        """The rendezvous (its own thread): hand the pair, or why there is none, to the writers
+        waiting for it; close the pair when none waits any more (the peer was abandoned or
+        disconnected meanwhile: that already failed `opening`)."""
+        pair, error = None, None
         try:
             pair = PrefillPair.open(
                 peer.address,
@@ -192,22 +194,21 @@ class NcclBackend(TransferBackend):
                 self._timeout_s,
                 self._connect_timeout_s,
             )
+        except TransferError as e:
+            error = e
         except Exception as e:  # whatever it was, the waiters hear it; the next write retries
-            if not isinstance(e, TransferError):
-                where = f"{peer.address.host}:{peer.address.port}"
-                e = TransferError(f"nccl: cannot open a pair with decode {where}: {e!r}")
-            with peer.lock:
-                peer.opening = None if peer.opening is opening else peer.opening
-                if not opening.done():
-                    opening.set_exception(e)
-            return
+            where = f"{peer.address.host}:{peer.address.port}"
+            error = TransferError(f"nccl: cannot open a pair with decode {where}: {e!r}")
         with peer.lock:
-            peer.opening = None if peer.opening is opening else peer.opening
-            if not peer.closed and not opening.done():
+            peer.opening = None  # only this thread ends the attempt `_pair` started
+            wanted = not opening.done()
+            if wanted and pair is not None:
                 peer.pair = pair
                 opening.set_result(pair)
-                return
-        pair.close("nccl: peer disconnected")
+            elif wanted:
+                opening.set_exception(error)
+        if pair is not None and not wanted:
+            pair.close("nccl: peer disconnected")
 
     def _store_address(self) -> tuple[str, int]:
         with self._store_lock:

@@ -160,6 +160,7 @@ class MuteDecode:
         self.welcomed = threading.Event()
         self._delay_s = delay_s
         self._conns: list[socket.socket] = []
+        self.src: np.ndarray | None = None  # the prefill side's source memory (see _mute_pair)
         threading.Thread(target=self._serve, daemon=True).start()
 
     def endpoint(self) -> Endpoint:
@@ -185,10 +186,13 @@ class MuteDecode:
 
 
 def _mute_pair(connect_timeout_s: float, delay_s: float = 0.0):
+    """(prefill engine, mute decode, peer key, a batch) with the batch's source memory kept
+    alive on the decode object for as long as the test holds it."""
     src = np.zeros(MiB, np.uint8)
     prefill = NcclBackend(timeout_s=5.0, connect_timeout_s=connect_timeout_s)
     prefill.register([MemoryRegion(src.ctypes.data, src.nbytes)])
     decode = MuteDecode(delay_s)
+    decode.src = src
     key = prefill.connect(decode.endpoint())
     batch = DescriptorBatch.single(src.ctypes.data, 0, 100)
     return prefill, decode, key, batch
@@ -217,7 +221,7 @@ def test_abandoning_a_decode_wakes_the_writers_waiting_for_its_rendezvous() -> N
             w.join(5)
         assert not any(w.is_alive() for w in writers), "a writer still waits for the pair"
         assert len(errors) == 3 and all("decode dropped" in e for e in errors), errors
-        assert decode.welcomed.is_set() and len(decode._conns) == 1, "one rendezvous, shared"
+        assert len(decode._conns) == 1, "one rendezvous, shared by the writers"
     finally:
         prefill.close()
         decode.close()
