@@ -111,12 +111,14 @@ class DecodeGraphs:
         return len(batch.q_lens) <= self.max_batch and self.tables.fits(batch)
 
     def run(
-        self, ids: list[int], positions: list[int], batch: AttentionBatch
+        self, ids: list[int], positions: list[int], batch: AttentionBatch, bucket_rows: int = 0
     ) -> tuple[torch.Tensor, ...]:
-        """One decode step of len(ids) requests (`fits(batch)`): the body's outputs, their
-        first len(ids) rows (views of static tensors: the next step overwrites them)."""
+        """One decode step of len(ids) requests (`fits(batch)`) in the bucket of
+        max(len(ids), bucket_rows) rows (ranks that must replay alike agree on `bucket_rows`):
+        the body's outputs, their first len(ids) rows (views of static tensors: the next step
+        overwrites them)."""
         rows = len(ids)
-        bucket = self.bucket_for(rows)
+        bucket = self.bucket_for(max(rows, bucket_rows))
         self.tables.fill(batch, bucket)
         pad = [0] * (bucket - rows)
         host = torch.tensor([[*ids, *pad], [*positions, *pad]], pin_memory=self.pin)

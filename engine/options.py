@@ -99,8 +99,8 @@ class EngineOptions:
     cuda_graphs: bool = setting(
         True,
         "capture decode steps as CUDA graphs at batch-size buckets (1, 2, 4, 8, 16, 24, .., "
-        "up to min(max_running, 256); CUDA, triton backend, one rank or TP without EP or DP "
-        "attention); false: eager",
+        "up to min(max_running, 256); CUDA, triton backend, one rank or every rank of TP, EP "
+        "or DP attention, whose experts then exchange tokens at a fixed capacity); false: eager",
     )
     tp_size: int = setting(
         1, "tensor-parallel ranks (processes) of one model instance: heads, MLPs and vocab split"

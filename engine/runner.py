@@ -10,8 +10,7 @@ samples.
 
 On CUDA with the triton backend, a decode-only step replays a CUDA graph captured at start for
 its batch-size bucket (engine/cuda_graph.py; engine option `cuda_graphs`): on one rank, and on
-every rank of a TP group (not under EP or DP attention, whose steps size collectives on the
-host).
+every rank of a group, TP, EP or DP attention alike.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from engine.layers.attention import create_backend
 from engine.layers.attention.base import AttentionBackend, AttentionBatch
 from engine.models import model_class
 from engine.options import EngineOptions
-from engine.parallel.dp import gather_rows, split_plan
+from engine.parallel.dp import gather_rows, is_idle, split_plan
 from engine.parallel.group import Parallel
 from engine.parallel.ranks import RankFailure, RankGroup
 from engine.parallel.step import StepPlan, decode_plans, encode_plans
@@ -107,6 +106,7 @@ class ModelRunner:
         self.device = torch.device(options.device)
         self.dtype = parse_dtype(options.dtype) if options.dtype else model_cfg.dtype
         tp = group.parallel if group is not None else Parallel.single()
+        self.exchange = tp.exchange  # how the MoE layers meet the other ranks, step by step
         self.model = load_model(model_cfg, model_path, self.dtype, options.device, tp)
         layout = kv_layout(model_cfg, self.dtype, tp)
         num_pages = self._num_pages(layout)
@@ -134,33 +134,19 @@ class ModelRunner:
 
     def _graphs_apply(self) -> bool:
         """CUDA graphs for decode steps: on CUDA, asked for, over a backend with static decode
-        tables (triton), on one rank or a TP group whose step holds no host sync."""
-        if not (
+        tables (triton).
+
+        On one rank or every rank of a group: every rank decides alike from the broadcast plan
+        (`_replays`, `_dp_bucket_rows`), fills its own static tables and replays its own graph
+        at the same bucket, and the layers' collectives are captured inside it (the broadcast
+        itself stays outside, on the host). Expert parallelism exchanges tokens at a fixed
+        capacity there (engine/layers/ep.py `exchange_fixed`). Every rank captures the same
+        buckets in the same order, so their collectives pair up."""
+        return (
             self.device.type == "cuda"
             and self.options.cuda_graphs
             and hasattr(self.attention, "static_decode")
-        ):
-            return False
-        blocked = self._graphs_blocked()
-        if blocked is not None:
-            log.info("decode steps run eager: %s", blocked)
-        return blocked is None
-
-    def _graphs_blocked(self) -> str | None:
-        """Why this rank group's decode step cannot be a graph (None where it can).
-
-        A TP group can: every rank decides alike from the broadcast plan (`_replays`), fills
-        its own static tables and replays its own graph, and the layers' NCCL collectives are
-        captured inside it (the broadcast itself stays outside, on the host). Every rank
-        captures the same buckets in the same order, so their collectives pair up."""
-        if self.group is None:
-            return None
-        tp = self.group.parallel
-        if tp.dp:
-            return "under DP attention the ranks' rows meet in gathers sized on the host"
-        if tp.ep:
-            return "EP's all-to-all reads its split sizes on the host"
-        return None
+        )
 
     @torch.inference_mode()
     def use_decode_graphs(self, capture: bool = True) -> None:
@@ -194,7 +180,8 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step whose every row samples: (greedy ids [B], float32 logits [B, V]).
         One LM head for both: a graph's step cannot choose between them by the plan."""
-        hidden = self.model(input_ids, positions, ForwardContext(self.attention, meta))
+        with self.exchange.fixed(len(input_ids)):
+            hidden = self.model(input_ids, positions, ForwardContext(self.attention, meta))
         logits = self.model.compute_logits(hidden)
         return logits.argmax(dim=-1), logits
 
@@ -290,7 +277,16 @@ class ModelRunner:
         assert self.group is not None
         tp = self.group.parallel
         mine, counts = plans[tp.rank], [len(p.logit_rows) for p in plans]
-        tokens, logits = self.execute(mine if mine.logit_rows else replace(mine, mode="none"))
+        bucket_rows = self._dp_bucket_rows(plans)
+        if bucket_rows is not None:  # every rank replays its graph of the same bucket
+            idle = AttentionBatch([], [], [], self.pool.page_size)  # an idle rank: no rows
+            batch = idle if is_idle(mine) else self._attention_batch(mine)
+            tokens, logits = self._execute_static(mine, batch, bucket_rows)
+        else:  # every rank eager, alike; decode steps exchange at the most tokens a rank has
+            decode = all(p.decodes_only() for p in plans)
+            rows = max(len(p.ids) for p in plans) if decode else None
+            plan = mine if mine.logit_rows else replace(mine, mode="none")
+            tokens, logits = self.execute(plan, replay=False, fixed_rows=rows)
         if mine.mode == "argmax":
             ids = torch.zeros(0, dtype=torch.long) if tokens is None else tokens.long()
             return gather_rows(tp, ids.to(self.device), counts), None
@@ -315,13 +311,21 @@ class ModelRunner:
         return token_bitmask(len(sampled), self.model_cfg.vocab_size, rows, matchers)
 
     def execute(
-        self, plan: StepPlan, allowed: torch.Tensor | None = None
+        self,
+        plan: StepPlan,
+        allowed: torch.Tensor | None = None,
+        *,
+        replay: bool = True,
+        fixed_rows: int | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Run the plan's forward on this rank: (greedy token ids, None), (None, float32 logits)
         or (None, None), as `plan.mode` asks; `allowed`, a grammar's token bitmask for an
-        argmax step (only where `_masked_argmax`)."""
-        batch = AttentionBatch(plan.q_lens, plan.kv_lens, plan.page_tables, self.pool.page_size)
-        if self._replays(plan, batch):
+        argmax step (only where `_masked_argmax`). Through the decode graphs where the step
+        fits them and `replay` allows. A decode step exchanges the experts' tokens at a fixed
+        capacity (DP attention: `fixed_rows`, the most tokens a rank has), others at sizes
+        the ranks tell each other."""
+        batch = self._attention_batch(plan)
+        if replay and self._replays(plan, batch):
             return self._execute_static(plan, batch)
         meta = self.attention.prepare(batch)
         input_ids = torch.tensor(plan.ids, dtype=torch.long, device=self.device)
@@ -329,7 +333,10 @@ class ModelRunner:
         if self.fused_decode is not None and not meta.extends and meta.decode_rows is not None:
             hidden = self.fused_decode(input_ids, pos, meta)  # every row decodes: one call
         else:
-            hidden = self.model(input_ids, pos, ForwardContext(self.attention, meta))
+            if self.group is not None and not self.group.parallel.dp and plan.decodes_only():
+                fixed_rows = len(plan.ids)  # the same plan on every rank
+            with self.exchange.fixed(fixed_rows):
+                hidden = self.model(input_ids, pos, ForwardContext(self.attention, meta))
         if plan.mode == "none":
             return None, None
         rows = hidden[plan.logit_rows]
@@ -355,11 +362,25 @@ class ModelRunner:
             and graphs.fits(batch)
         )
 
+    def _attention_batch(self, plan: StepPlan) -> AttentionBatch:
+        return AttentionBatch(plan.q_lens, plan.kv_lens, plan.page_tables, self.pool.page_size)
+
+    def _dp_bucket_rows(self, plans: list[StepPlan]) -> int | None:
+        """DP attention: the rows every rank pads its decode graph's bucket to, where every
+        rank's plan replays (or idles); None where the step runs eager on every rank. Each rank
+        sees every plan, so all decide alike."""
+        live = [p for p in plans if not is_idle(p)]
+        if not live or not all(self._replays(p, self._attention_batch(p)) for p in live):
+            return None
+        return max(len(p.q_lens) for p in live)
+
     def _execute_static(
-        self, plan: StepPlan, batch: AttentionBatch
+        self, plan: StepPlan, batch: AttentionBatch, bucket_rows: int = 0
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         assert self.decode_graphs is not None
-        ids, logits = self.decode_graphs.run(plan.ids, plan.positions(), batch)
+        rows = len(batch.q_lens)
+        ids, positions = plan.ids[:rows], plan.positions()[:rows]  # an idle plan: no rows
+        ids, logits = self.decode_graphs.run(ids, positions, batch, bucket_rows)
         if plan.mode == "argmax":
             return ids, None
         return None, logits.clone()  # the static logits: the next step overwrites them

@@ -101,6 +101,39 @@ def test_align_pairs_groups_each_expert_in_padded_blocks() -> None:
         assert (ids.flatten()[picked] == expert).all() and picked.tolist() == sorted(picked)
 
 
+def test_align_pairs_leaves_pairs_of_no_expert_out() -> None:
+    ids = ragged_ids(13, 2)
+    ids[1::3, 1] = EXPERTS  # no expert: the fixed-capacity EP exchange's masked picks
+    aligned = align_pairs(ids, EXPERTS, 16)
+    used, flat = int(aligned.num_padded), ids.flatten()
+    placed = aligned.pairs[:used]
+    placed = placed[placed < ids.numel()].long()
+    assert sorted(placed.tolist()) == (flat < EXPERTS).nonzero().flatten().tolist()
+    counts = torch.bincount(flat[flat < EXPERTS], minlength=EXPERTS)
+    assert used == int(sum(-(-c // 16) * 16 for c in counts.tolist()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_picks_of_no_expert_add_nothing_fused_or_torch(dtype: torch.dtype) -> None:
+    """`combine_local`'s ids of `local_experts`: the pairs another rank computes."""
+    experts = torch_experts(2, dtype)
+    x = torch.randn(13, HIDDEN, generator=torch.Generator().manual_seed(2)).to(dtype)
+    ids = ragged_ids(13, 2)
+    weights = torch.rand(13, 2, generator=torch.Generator().manual_seed(3))
+    skipped = ids.clone()
+    skipped[::2, 1] = EXPERTS
+    skipped[5] = EXPERTS  # a row with no expert here at all: zeros
+    kept = torch.where(skipped < EXPERTS, weights, 0.0)
+    with torch.no_grad():
+        want = experts(x, kept, ids)  # the same sums, the skipped picks weighted 0
+        by_torch = experts.combine_local(x, weights, skipped)
+        experts.use_fused = True
+        by_fused = experts.combine_local(x, weights, skipped)
+    assert_close(by_torch, want, dtype)
+    assert_close(by_fused, want, dtype)
+    assert not by_fused[5].any() and not by_torch[5].any()
+
+
 @pytest.mark.parametrize(
     ("dtype", "top_k"),
     [(torch.float32, 1), (torch.float32, 2), (torch.bfloat16, 2), (torch.float16, 2)],

@@ -167,27 +167,32 @@ class AlignedPairs:
 
 def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> AlignedPairs:
     """SGLang's `moe_align_block_size`, in torch: sort the pairs of `ids` [T, top_k] (expert
-    ids in [0, num_experts)) by expert, stable, and pad every expert's run to block_m."""
+    ids in [0, num_experts]) by expert, stable, and pad every expert's run to block_m. An id of
+    `num_experts` means no expert: that pair lands in no block."""
     flat = ids.flatten()
     num_pairs = flat.numel()
     # NOTE: not torch.bincount: on CUDA it reads its input's max on the host (a sync a CUDA
     # graph cannot hold)
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
     counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.long))
     padded = (counts + block_m - 1) // block_m * block_m
+    padded[num_experts] = 0  # the pairs of no expert take no room
     padded_ends = padded.cumsum(0)
     order = flat.argsort(stable=True)
     experts = flat[order]
     rank_in_run = torch.arange(num_pairs, device=flat.device) - (counts.cumsum(0) - counts)[experts]
-    run_starts = padded_ends - padded
     capacity = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
     capacity = _cdiv(capacity, block_m) * block_m
-    pairs = torch.full((capacity,), num_pairs, dtype=torch.int32, device=flat.device)
-    pairs[run_starts[experts] + rank_in_run] = order.to(torch.int32)
+    run_starts = padded_ends - padded
+    run_starts[num_experts] = capacity  # ... and go to one slot past the end, dropped
+    slots = torch.where(experts < num_experts, run_starts[experts] + rank_in_run, capacity)
+    pairs = torch.full((capacity + 1,), num_pairs, dtype=torch.int32, device=flat.device)
+    pairs[slots] = order.to(torch.int32)
     block_starts = torch.arange(0, capacity, block_m, device=flat.device)
-    block_experts = torch.searchsorted(padded_ends, block_starts, right=True)
+    ends = padded_ends[:num_experts]
+    block_experts = torch.searchsorted(ends, block_starts, right=True)
     block_experts = block_experts.clamp(max=num_experts - 1).to(torch.int32)
-    return AlignedPairs(pairs, block_experts, padded_ends[-1:].to(torch.int32))
+    return AlignedPairs(pairs[:capacity], block_experts, ends[-1:].to(torch.int32))
 
 
 ExpertWeight = torch.Tensor | BlockFp8
@@ -201,15 +206,17 @@ def fused_moe(
     ids: torch.Tensor,
     blocks: MoEBlocks | None = None,
     chunk_tokens: int = CHUNK_TOKENS,
+    skips: bool = False,
 ) -> torch.Tensor:
     """Σ_k weights[t, k] * expert_{ids[t, k]}(x[t]), expert(v) = down(silu(gate(v)) * up(v)),
-    for x [T, H], `w_gate_up` [E, 2I, H] and `w_down` [E, H, I] (tensors, or both `BlockFp8`),
-    every expert id global and here: `RoutedExperts.forward`."""
+    for x [T, H], `w_gate_up` [E, 2I, H] and `w_down` [E, H, I] (tensors, or both `BlockFp8`):
+    `RoutedExperts.combine_local`. With `skips`, an id of E means no expert (adds nothing)."""
     out = torch.empty_like(x)
     top_k = ids.shape[1]
     for lo in range(0, len(x), chunk_tokens):
         hi = min(lo + chunk_tokens, len(x))
-        per_pair = _run_experts(x[lo:hi], w_gate_up, w_down, ids[lo:hi], weights[lo:hi], blocks)
+        chunk = ids[lo:hi], weights[lo:hi]
+        per_pair = _run_experts(x[lo:hi], w_gate_up, w_down, *chunk, blocks, zeroed=skips)
         out[lo:hi] = per_pair.view(hi - lo, top_k, -1).sum(dim=1)
     return out
 
@@ -233,8 +240,10 @@ def _run_experts(
     ids: torch.Tensor,
     weights: torch.Tensor | None,
     blocks: MoEBlocks | None,
+    zeroed: bool = False,
 ) -> torch.Tensor:
-    """Every pair's expert output [T * top_k, H] (times its routing weight when given)."""
+    """Every pair's expert output [T * top_k, H] (times its routing weight when given); pairs
+    of no expert (id E) stay unwritten: zeros with `zeroed`."""
     num_pairs, hidden = ids.numel(), x.shape[1]
     if num_pairs == 0:
         return x.new_zeros(0, hidden)
@@ -250,7 +259,7 @@ def _run_experts(
     x = x.contiguous()
     act = x.new_empty(num_pairs, w_down.shape[2])
     _launch(_gate_up_kernel, x, w_gate_up, act, aligned, blocks, TOP_K=ids.shape[1])
-    per_pair = x.new_empty(num_pairs, hidden)
+    per_pair = x.new_zeros(num_pairs, hidden) if zeroed else x.new_empty(num_pairs, hidden)
     routing = act if weights is None else weights.flatten().float().contiguous()  # act: unread
     _launch(
         _down_kernel,

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.arch_config import MoEConfig
-from engine.layers.ep import dispatch_combine, token_share
+from engine.layers.ep import dispatch_combine, exchange_fixed, token_share
 from engine.layers.linear import copy_checked, copy_slice, linear
 from engine.layers.mlp import GatedMLP
 from engine.parallel.group import Parallel
@@ -168,10 +168,17 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Σ_k weights[t, k] * expert_{ids[t, k]}(x[t]) (ids global; every expert is here)."""
+        return self.combine_local(x, weights, ids, skips=False)
+
+    def combine_local(
+        self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, skips: bool = True
+    ) -> torch.Tensor:
+        """Σ_k weights[t, k] * expert_{ids[t, k]}(x[t]) over this rank's experts: ids local,
+        and (`skips`) `local_experts` meaning no expert here, adding nothing."""
         if self.use_fused:
             from engine.kernels.triton_moe import fused_moe  # imports triton
 
-            return fused_moe(x, *self._weights(), weights, ids)
+            return fused_moe(x, *self._weights(), weights, ids, skips=skips)
         out = torch.zeros_like(x)
         for expert, picks in self._groups(ids.flatten()):
             tokens = picks // ids.shape[1]
@@ -191,12 +198,13 @@ class RoutedExperts(nn.Module):
         return out
 
     def _groups(self, ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """(local expert, positions in `ids` that pick it) for every expert picked."""
+        """(local expert, positions in `ids` that pick it) for every expert here picked (an id
+        of `local_experts` picks none)."""
         order = ids.argsort()
-        counts = torch.bincount(ids, minlength=self.gate_up_proj.shape[0]).tolist()
+        counts = torch.bincount(ids, minlength=self.local_experts + 1).tolist()
         groups, start = [], 0
         for expert, n in enumerate(counts):
-            if n:
+            if n and expert < self.local_experts:
                 groups.append((expert, order[start : start + n]))
                 start += n
         return groups
@@ -278,18 +286,28 @@ class MoE(nn.Module):
         self.shared_experts = GatedMLP(hidden_size, shared, dense, reduce=False) if shared else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.tp.exchange.fixed_rows
         if self.tp.dp:  # DP attention: x is this rank's own tokens, the result is whole here
-            out = dispatch_combine(self.experts, x, *self.gate(x), self.tp)
+            out = self._routed(x, rows)
             if self.shared_experts is not None:
                 out += self.shared_experts(x)
             return out
         if self.tp.ep:
             lo, hi = token_share(len(x), self.tp)  # this rank routes its share of the tokens
             out = torch.zeros_like(x)
-            weights, ids = self.gate(x[lo:hi])
-            out[lo:hi] = dispatch_combine(self.experts, x[lo:hi], weights, ids, self.tp)
+            share = None if rows is None else -(-rows // self.tp.size)
+            out[lo:hi] = self._routed(x[lo:hi], share)
         else:
             out = self.experts(x, *self.gate(x))
         if self.shared_experts is not None:
             out += self.shared_experts(x)
         return self.tp.all_reduce(out)
+
+    def _routed(self, x: torch.Tensor, rows: int | None) -> torch.Tensor:
+        """The routed experts' sum for this rank's tokens `x`, over the ranks that hold them:
+        at a fixed capacity of `rows` per rank, or (None) at the sizes the ranks tell each
+        other (`TokenExchange`)."""
+        weights, ids = self.gate(x)
+        if rows is not None:
+            return exchange_fixed(self.experts, x, weights, ids, self.tp, rows)
+        return dispatch_combine(self.experts, x, weights, ids, self.tp)

@@ -18,6 +18,11 @@ def idle_plan(mode: LogitsMode) -> StepPlan:
     return StepPlan([0], [1], [1], [[0]], [], mode)
 
 
+def is_idle(plan: StepPlan) -> bool:
+    """Whether `plan` is `idle_plan`'s: nothing on the padding page, which no request holds."""
+    return plan.page_tables == [[0]] and not plan.logit_rows
+
+
 def split_plan(plan: StepPlan, owners: list[int], ranks: int) -> list[StepPlan]:
     """Each rank's part of `plan`, whose request i belongs to rank owners[i] (owners in rank
     order, so the ranks' sampled rows, concatenated, are the plan's)."""

@@ -11,10 +11,32 @@ torch.distributed's default one: two engines in one process each have theirs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+
+@dataclass
+class TokenExchange:
+    """How this step's MoE layers exchange tokens under expert parallelism, set by the runner
+    alike on every rank: at sizes the ranks tell each other on the host (`fixed_rows` None;
+    prefill), or at a fixed capacity with no host sync (decode steps, and what a CUDA graph
+    holds; engine/layers/ep.py `exchange_fixed`). `fixed_rows`: the step's token count on the
+    rank with the most (every rank's, unless DP attention gives each its own)."""
+
+    fixed_rows: int | None = None
+
+    @contextmanager
+    def fixed(self, rows: int | None) -> Iterator[None]:
+        """Exchange at a fixed capacity for `rows` tokens (None: sized on the host) within."""
+        previous, self.fixed_rows = self.fixed_rows, rows
+        try:
+            yield
+        finally:
+            self.fixed_rows = previous
 
 
 @dataclass(frozen=True)
@@ -31,6 +53,7 @@ class Parallel:
     by_broadcast: bool = False
     # DP attention: each rank computes its own tokens; only the routed experts are spread (ep)
     dp: bool = False
+    exchange: TokenExchange = field(default_factory=TokenExchange, compare=False)
 
     @staticmethod
     def single() -> Parallel:
@@ -93,6 +116,15 @@ class Parallel:
             return x
         out = x.new_empty((sum(recv_counts), *x.shape[1:]))
         self.group.alltoall_base(out, x.contiguous(), recv_counts, send_counts).wait()
+        return out
+
+    def all_to_all_equal(self, x: torch.Tensor) -> torch.Tensor:
+        """x [size, ...]: block r goes to rank r; returns [size, ...], block r from rank r.
+        Sized by the shape alone (no host sync: a CUDA graph can hold it)."""
+        if self.size == 1:
+            return x
+        out = torch.empty_like(x)
+        self.group.alltoall_base(out, x.contiguous(), [], []).wait()
         return out
 
     def exchange_counts(self, send_counts: list[int], device: torch.device) -> list[int]:

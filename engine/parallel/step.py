@@ -30,6 +30,10 @@ class StepPlan:
             out.extend(range(kv - q, kv))
         return out
 
+    def decodes_only(self) -> bool:
+        """Whether every request computes one token: the step's tokens are its requests."""
+        return all(q == 1 for q in self.q_lens)
+
     def astuple(self) -> tuple:
         # NOTE: not dataclasses.astuple: it deep-copies every list (a third of a tiny step)
         return self.ids, self.q_lens, self.kv_lens, self.page_tables, self.logit_rows, self.mode

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from engine.dp_scheduler import DPScheduler
+from engine.layers import moe
 from engine.llm import LLM
 from engine.options import EngineOptions
 from engine.parallel.check import check_parallel
@@ -74,6 +75,32 @@ def test_one_request_runs_while_the_other_rank_idles(case) -> None:
     path, llm = case
     prompts = random_prompts([40], VOCAB, seed=22)
     assert_matches_hf(path, prompts, llm.generate(prompts, GREEDY))
+    assert_every_pool_whole(llm)
+
+
+def test_decode_steps_exchange_at_a_fixed_capacity_prefill_at_counted_sizes(
+    case, monkeypatch
+) -> None:
+    """Rank 0's MoE layers: prefill steps exchange at the sizes the ranks tell each other,
+    decode steps at a fixed capacity (no host sync), both ranks alike or the tokens would
+    not match."""
+    path, llm = case
+    calls = {"fixed": 0, "counted": 0}
+
+    def counting(name, real):
+        def wrapped(*args, **kw):
+            calls[name] += 1
+            return real(*args, **kw)
+
+        return wrapped
+
+    monkeypatch.setattr(moe, "exchange_fixed", counting("fixed", moe.exchange_fixed))
+    monkeypatch.setattr(moe, "dispatch_combine", counting("counted", moe.dispatch_combine))
+    prompts = random_prompts([12, 30], VOCAB, seed=24)
+    assert_matches_hf(path, prompts, llm.generate(prompts, GREEDY))
+    layers = sum(isinstance(m, moe.MoE) for m in llm.engine.runner.model.modules())
+    assert calls["counted"] == layers  # one prefill step: both prompts at once
+    assert calls["fixed"] == layers * (GREEDY.max_tokens - 1)
     assert_every_pool_whole(llm)
 
 
