@@ -10,7 +10,7 @@ samples.
 
 On CUDA with the triton backend, a decode-only step replays a CUDA graph captured at start for
 its batch-size bucket (engine/cuda_graph.py; engine option `cuda_graphs`): on one rank, and on
-every rank of a group, TP, EP or DP attention alike.
+every rank of a group, TP, EP or DP attention alike (engine/graph_steps.py).
 """
 
 from __future__ import annotations
@@ -22,15 +22,16 @@ from typing import Any
 import torch
 
 from engine.config import ModelConfig, parse_dtype
-from engine.cuda_graph import MAX_GRAPH_BATCH, DecodeGraphs, HostSyncError, graph_buckets
+from engine.cuda_graph import DecodeGraphs
 from engine.grammar import token_bitmask
+from engine.graph_steps import GraphSteps
 from engine.kernels.build import keep_freed_memory_mapped
 from engine.kernels.decode_attention import build_decode_attention
 from engine.kernels.decode_layer import build_fused_decode
 from engine.kernels.lm_head import build_lm_head
 from engine.kv.pool import KVLayout, PagePool, available_memory_bytes, pages_for_budget
 from engine.layers.attention import create_backend
-from engine.layers.attention.base import AttentionBackend, AttentionBatch
+from engine.layers.attention.base import AttentionBatch, ForwardContext
 from engine.models import model_class
 from engine.options import EngineOptions
 from engine.parallel.dp import gather_rows, is_idle, split_plan
@@ -42,20 +43,6 @@ from engine.scheduler import ScheduledBatch
 from engine.weights import iter_weights
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ForwardContext:
-    """What the model's attention layers need for this step."""
-
-    backend: AttentionBackend
-    meta: Any
-
-    def attention(self, q, k, v, layer: int) -> torch.Tensor:
-        return self.backend.forward(q, k, v, layer, self.meta)
-
-    def attention_mla(self, q_latent, q_rope, latent, k_rope, layer: int) -> torch.Tensor:
-        return self.backend.forward_mla(q_latent, q_rope, latent, k_rope, layer, self.meta)
 
 
 @dataclass(frozen=True)
@@ -89,7 +76,7 @@ def kv_layout(model_cfg: ModelConfig, dtype: torch.dtype, tp: Parallel | None = 
     return KVLayout.mha(model_cfg.num_layers, heads, model_cfg.head_dim, dtype)
 
 
-class ModelRunner:
+class ModelRunner(GraphSteps):
     def __init__(
         self,
         model_path: str,
@@ -131,59 +118,6 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         if self._graphs_apply():
             self.use_decode_graphs(capture=True)
-
-    def _graphs_apply(self) -> bool:
-        """CUDA graphs for decode steps: on CUDA, asked for, over a backend with static decode
-        tables (triton).
-
-        On one rank or every rank of a group: every rank decides alike from the broadcast plan
-        (`_replays`, `_dp_bucket_rows`), fills its own static tables and replays its own graph
-        at the same bucket, and the layers' collectives are captured inside it (the broadcast
-        itself stays outside, on the host). Expert parallelism exchanges tokens at a fixed
-        capacity there (engine/layers/ep.py `exchange_fixed`). Every rank captures the same
-        buckets in the same order, so their collectives pair up."""
-        return (
-            self.device.type == "cuda"
-            and self.options.cuda_graphs
-            and hasattr(self.attention, "static_decode")
-        )
-
-    @torch.inference_mode()
-    def use_decode_graphs(self, capture: bool = True) -> None:
-        """Run decode-only steps of up to min(max_running, MAX_GRAPH_BATCH) requests through
-        static tensors at batch-size buckets (engine/cuda_graph.py): captured CUDA graphs,
-        replayed; or with capture=False the same body eagerly over the same tensors (what CPU
-        tests check against the eager path). A body a graph cannot hold leaves steps eager."""
-        max_len = self.options.max_model_len or self.model_cfg.max_position_embeddings
-        max_pages = min(-(-max_len // self.pool.page_size), self.pool.total_pages)
-        buckets = graph_buckets(min(self.options.max_running, MAX_GRAPH_BATCH))
-        static_decode = getattr(self.attention, "static_decode", None)
-        if static_decode is None:
-            raise ValueError(
-                f"attention backend {type(self.attention).__name__} keeps no static decode "
-                "tables (decode graphs need attention_backend='triton')"
-            )
-        tables = static_decode(buckets[-1], max_pages)
-        try:
-            self.decode_graphs = DecodeGraphs(
-                self._decode_body, tables, self.device, buckets, capture=capture
-            )
-        except HostSyncError as exc:
-            log.warning(
-                "decode steps run eager: the model syncs with the host inside a step, which a "
-                "CUDA graph cannot hold (%s); set cuda_graphs: false to skip the attempt",
-                exc,
-            )
-
-    def _decode_body(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A decode step whose every row samples: (greedy ids [B], float32 logits [B, V]).
-        One LM head for both: a graph's step cannot choose between them by the plan."""
-        with self.exchange.fixed(len(input_ids)):
-            hidden = self.model(input_ids, positions, ForwardContext(self.attention, meta))
-        logits = self.model.compute_logits(hidden)
-        return logits.argmax(dim=-1), logits
 
     def _use_cpu_kernels(self, tp: Parallel) -> None:
         """The native CPU paths (engine/kernels/), each off by itself where it cannot run.
@@ -350,37 +284,3 @@ class ModelRunner:
         if kernel is not None:
             return None, kernel(rows)
         return None, self.model.compute_logits(rows, self.shard_head_kernel)
-
-    def _replays(self, plan: StepPlan, batch: AttentionBatch) -> bool:
-        """Whether this step runs through the decode graphs: decode-only, every row sampling,
-        within the largest bucket and the static page tables."""
-        graphs = self.decode_graphs
-        return (
-            graphs is not None
-            and plan.mode != "none"
-            and len(plan.logit_rows) == len(plan.q_lens)
-            and graphs.fits(batch)
-        )
-
-    def _attention_batch(self, plan: StepPlan) -> AttentionBatch:
-        return AttentionBatch(plan.q_lens, plan.kv_lens, plan.page_tables, self.pool.page_size)
-
-    def _dp_bucket_rows(self, plans: list[StepPlan]) -> int | None:
-        """DP attention: the rows every rank pads its decode graph's bucket to, where every
-        rank's plan replays (or idles); None where the step runs eager on every rank. Each rank
-        sees every plan, so all decide alike."""
-        live = [p for p in plans if not is_idle(p)]
-        if not live or not all(self._replays(p, self._attention_batch(p)) for p in live):
-            return None
-        return max(len(p.q_lens) for p in live)
-
-    def _execute_static(
-        self, plan: StepPlan, batch: AttentionBatch, bucket_rows: int = 0
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        assert self.decode_graphs is not None
-        rows = len(batch.q_lens)
-        ids, positions = plan.ids[:rows], plan.positions()[:rows]  # an idle plan: no rows
-        ids, logits = self.decode_graphs.run(ids, positions, batch, bucket_rows)
-        if plan.mode == "argmax":
-            return ids, None
-        return None, logits.clone()  # the static logits: the next step overwrites them

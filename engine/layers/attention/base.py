@@ -69,3 +69,17 @@ class AttentionBackend(ABC):
             f"attention backend {type(self).__name__} has no MLA path "
             "(serve DeepSeek models with attention_backend='torch')"
         )
+
+
+@dataclass
+class ForwardContext:
+    """What the model's attention layers need for this step."""
+
+    backend: AttentionBackend
+    meta: Any
+
+    def attention(self, q, k, v, layer: int) -> torch.Tensor:
+        return self.backend.forward(q, k, v, layer, self.meta)
+
+    def attention_mla(self, q_latent, q_rope, latent, k_rope, layer: int) -> torch.Tensor:
+        return self.backend.forward_mla(q_latent, q_rope, latent, k_rope, layer, self.meta)
