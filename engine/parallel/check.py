@@ -62,11 +62,13 @@ def check_parallel(cfg: ModelConfig, options: EngineOptions) -> None:
 def _check_devices(options: EngineOptions) -> None:
     per_host = options.tp_size // options.nnodes
     if options.device.startswith("cuda"):
-        have = torch.cuda.device_count()
-        if per_host > have:
+        have, first = torch.cuda.device_count(), torch.device(options.device).index or 0
+        if first + per_host > have:
             raise ValueError(
                 f"tp_size {options.tp_size} over {options.nnodes} host(s) needs {per_host} GPUs "
-                f"per host but this one has {have} (lower tp_size or raise nnodes)"
+                f"per host, cuda:{first} to cuda:{first + per_host - 1} (one per rank from "
+                f"engine.device {options.device!r} on), but this one has {have} (lower tp_size, "
+                "raise nnodes or pick a lower device index)"
             )
     elif per_host > (os.cpu_count() or 1) * 4:
         raise ValueError(

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
 from datetime import timedelta
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -41,6 +42,16 @@ def local_ranks(options: EngineOptions) -> range:
     """The ranks this host runs (`nnodes` hosts share the group evenly, in node_rank order)."""
     per_host = options.tp_size // options.nnodes
     return range(options.node_rank * per_host, (options.node_rank + 1) * per_host)
+
+
+def rank_device(options: EngineOptions, rank: int) -> str:
+    """The device `rank` runs on: on CUDA one GPU per rank of this host, counting from
+    engine.device's index (cuda: rank 0 on cuda:0, rank 1 on cuda:1; cuda:2: cuda:2, cuda:3),
+    as SGLang's base GPU id; on CPU every rank on cpu."""
+    device = torch.device(options.device)
+    if device.type != "cuda":
+        return options.device
+    return f"cuda:{(device.index or 0) + rank - local_ranks(options).start}"
 
 
 def threads_per_rank(options: EngineOptions) -> int:
@@ -201,6 +212,9 @@ def follow(
     """Join the group, load this rank's slice, run every step rank 0 broadcasts until it says
     stop (a failed or timed-out broadcast raises)."""
     torch.set_num_threads(threads_per_rank(options))
+    options = replace(options, device=rank_device(options, rank))
+    if options.device.startswith("cuda"):
+        torch.cuda.set_device(options.device)  # NCCL and Triton launch on the current device
     host, port = init_addr.rsplit(":", 1)
     timeout = timedelta(seconds=options.dist_timeout_s)
     store = dist.TCPStore(host, int(port), options.tp_size, is_master=False, timeout=timeout)

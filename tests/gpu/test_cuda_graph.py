@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 from engine.llm import LLM
 from tests.test_engine_oracle import GREEDY, random_prompts
@@ -67,3 +68,37 @@ def test_graphs_with_sampled_logits(make_tiny) -> None:
         for x, y in zip(a.logits, b.logits):
             assert (x - y).abs().max().item() < 1e-3
     assert graphed.engine.runner.decode_graphs.replays > 0
+
+
+GROUPS = [
+    pytest.param("llama", {}, id="tp2"),
+    pytest.param("deepseek_v3", {"ep_size": 2}, id="tp2-ep2"),
+    pytest.param("deepseek_v3", {"ep_size": 2, "dp_attention": True}, id="dp-attention"),
+]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (one per rank)")
+@pytest.mark.parametrize(("arch", "parallel"), GROUPS)
+def test_rank_groups_replay_graphs_with_the_same_tokens(make_tiny, arch, parallel) -> None:
+    """Two ranks on two GPUs, each capturing its own graphs with the NCCL collectives (and
+    under EP the fixed-capacity all-to-alls) inside: the same tokens as eager steps."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    deepseek = arch == "deepseek_v3"
+    path = make_tiny(arch, "deepseek", layers=2) if deepseek else make_tiny(arch, layers=2)
+    vocab = 129280 if deepseek else 151936
+    prompts = random_prompts([5, 12, 30], vocab, seed=7)
+    kw = {"dtype": "float32", "device": "cuda", "attention_backend": "triton", "page_size": 4}
+    kw |= {"max_total_tokens": 4096, "max_running": 8, "tp_size": 2, **parallel}
+    want = {}
+    with LLM(str(path), cuda_graphs=False, **kw) as eager:
+        for batch in (1, 3):
+            want[batch] = [o.token_ids for o in eager.generate(prompts[:batch], GREEDY)]
+    with LLM(str(path), **kw) as graphed:
+        graphs = graphed.engine.runner.decode_graphs
+        assert graphs is not None, "no decode graphs captured (see the engine's warning)"
+        for batch in (1, 3):
+            before = graphs.replays
+            got = [o.token_ids for o in graphed.generate(prompts[:batch], GREEDY)]
+            assert got == want[batch], f"batch {batch}: graphs changed tokens"
+            assert graphs.replays - before >= GREEDY.max_tokens - 1, f"batch {batch} ran eager"
