@@ -77,7 +77,9 @@ class EngineOptions:
     """Every engine option, flat, as users name them. Invalid values raise ValueError."""
 
     dtype: str | None = setting(None, "weights and KV cache dtype (default: the checkpoint's)")
-    device: str = setting("cpu", "cpu, or cuda[:N]")
+    device: str = setting(
+        "cpu", "cpu, or cuda[:N]; with tp_size > 1 a host's ranks take cuda:N, cuda:N+1, .."
+    )
     attention_backend: str = setting("torch", "attention implementation, by registered name")
     page_size: int = setting(16, "tokens per KV page (prefill and decode must agree)")
     max_total_tokens: int | None = setting(None, "KV pool size in tokens (else from mem_fraction)")
