@@ -8,8 +8,9 @@ their results travel back. Two ways, the same sums:
   number of rows; each token travels once to every rank (whether or not one of its experts is
   there) with its top-k list masked to that rank's experts, in equal-size all-to-alls, and comes
   back as that rank's weighted partial sum. Sizes follow the shapes alone, so a CUDA graph holds
-  it: every decode step's path, in a graph or not (no host sync, one all-to-all fewer). A rank sends `ranks x rows` rows each way, where the pair-wise
-  exchange sends `rows x top_k`: no more while ranks <= top_k (DeepSeek-V3: top_k 8).
+  it: every decode step's path, in a graph or not (no host sync, one all-to-all fewer). A rank
+  sends `ranks x rows` rows each way, where the pair-wise exchange sends `rows x top_k`: no
+  more while ranks <= top_k (DeepSeek-V3: top_k 8).
 
 ```
  rank r sends rank s:  x [rows, H]   and  meta [rows, 2k] = (s's local expert ids | weights),
