@@ -48,11 +48,11 @@ def start_gateway(cluster: Cluster, prefill_policy: str, decode_policy: str) -> 
     return wait_healthy(f"http://127.0.0.1:{port}", f"gateway {prefill_policy}/{decode_policy}")
 
 
-def wait_healthy(url: str, what: str, timeout_s: float = 60.0) -> str:
+def wait_healthy(url: str, what: str, timeout_s: float = 60.0, path: str = "/health") -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return url
         except httpx.HTTPError:
             pass

@@ -232,7 +232,9 @@ def test_sglang_router_drives_our_nodes_unchanged(cluster: Cluster) -> None:
     cluster.extra.append(
         subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     )
-    url = wait_healthy(f"http://127.0.0.1:{port}", "sglang router")
+    # NOTE: /readiness, not /health: the router answers /health at once, and 503s requests
+    # ("No decode workers available") until its own checks find the workers healthy
+    url = wait_healthy(f"http://127.0.0.1:{port}", "sglang router", path="/readiness")
     tok = load_tokenizer(cluster.model)
     api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     prompt = PROMPTS[1]
