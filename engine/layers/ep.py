@@ -3,14 +3,16 @@ their results travel back. Two ways, the same sums:
 
 - `dispatch_combine`: sized on the host. Each (token, expert) pair travels on its own, in
   all-to-alls whose split sizes the ranks first tell each other (a host sync), so only real
-  pairs move. Prefill steps, where ranks' token counts differ most.
+  pairs move. DP attention's prefill steps, where ranks' token counts differ most, and (TP
+  attention) any step but decode where ranks outnumber top_k.
 - `exchange_fixed`: fixed capacity, as DeepEP's low-latency mode. Every rank routes the same
   number of rows; each token travels once to every rank (whether or not one of its experts is
   there) with its top-k list masked to that rank's experts, in equal-size all-to-alls, and comes
   back as that rank's weighted partial sum. Sizes follow the shapes alone, so a CUDA graph holds
   it: every decode step's path, in a graph or not (no host sync, one all-to-all fewer). A rank
   sends `ranks x rows` rows each way, where the pair-wise exchange sends `rows x top_k`: no
-  more while ranks <= top_k (DeepSeek-V3: top_k 8).
+  more while ranks <= top_k (DeepSeek-V3: top_k 8), so under TP attention, where every rank
+  holds the same tokens, prefill takes it too. scripts/bench_ep_exchange.py times both.
 
 ```
  rank r sends rank s:  x [rows, H]   and  meta [rows, 2k] = (s's local expert ids | weights),

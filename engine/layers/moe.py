@@ -295,7 +295,11 @@ class MoE(nn.Module):
         if self.tp.ep:
             lo, hi = token_share(len(x), self.tp)  # this rank routes its share of the tokens
             out = torch.zeros_like(x)
-            share = None if rows is None else -(-rows // self.tp.size)
+            # every rank holds the same tokens, so the fixed capacity needs no word from the
+            # runner; outside decode steps it is taken where it moves no more rows than the
+            # pair-wise exchange (ranks <= top_k)
+            fixed = rows is not None or self.tp.size <= self.gate.cfg.top_k
+            share = -(-len(x) // self.tp.size) if fixed else None
             out[lo:hi] = self._routed(x[lo:hi], share)
         else:
             out = self.experts(x, *self.gate(x))

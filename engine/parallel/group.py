@@ -22,10 +22,10 @@ import torch
 @dataclass
 class TokenExchange:
     """How this step's MoE layers exchange tokens under expert parallelism, set by the runner
-    alike on every rank: at sizes the ranks tell each other on the host (`fixed_rows` None;
-    prefill), or at a fixed capacity with no host sync (decode steps, and what a CUDA graph
-    holds; engine/layers/ep.py `exchange_fixed`). `fixed_rows`: the step's token count on the
-    rank with the most (every rank's, unless DP attention gives each its own)."""
+    alike on every rank: at a fixed capacity with no host sync (decode steps, and what a CUDA
+    graph holds; engine/layers/ep.py `exchange_fixed`), `fixed_rows` being the step's token
+    count on the rank with the most (every rank's, unless DP attention gives each its own);
+    or (None) as the layer sees fit, sized on the host where ranks' tokens differ."""
 
     fixed_rows: int | None = None
 

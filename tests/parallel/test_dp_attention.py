@@ -21,6 +21,7 @@ from engine.llm import LLM
 from engine.options import EngineOptions
 from engine.parallel.check import check_parallel
 from engine.sampling import SamplingParams
+from tests.parallel.test_ep_exchange import count_exchanges
 from tests.test_deepseek import VOCAB
 from tests.test_engine_oracle import (
     GREEDY,
@@ -85,17 +86,7 @@ def test_decode_steps_exchange_at_a_fixed_capacity_prefill_at_counted_sizes(
     decode steps at a fixed capacity (no host sync), both ranks alike or the tokens would
     not match."""
     path, llm = case
-    calls = {"fixed": 0, "counted": 0}
-
-    def counting(name, real):
-        def wrapped(*args, **kw):
-            calls[name] += 1
-            return real(*args, **kw)
-
-        return wrapped
-
-    monkeypatch.setattr(moe, "exchange_fixed", counting("fixed", moe.exchange_fixed))
-    monkeypatch.setattr(moe, "dispatch_combine", counting("counted", moe.dispatch_combine))
+    calls = count_exchanges(monkeypatch)
     prompts = random_prompts([12, 30], VOCAB, seed=24)
     assert_matches_hf(path, prompts, llm.generate(prompts, GREEDY))
     layers = sum(isinstance(m, moe.MoE) for m in llm.engine.runner.model.modules())

@@ -1,7 +1,8 @@
 """Expert parallelism's two token exchanges (engine/layers/ep.py) against one rank holding every
 expert: two ranks over real gloo groups, one thread each. The fixed-capacity exchange (a graph's
 decode step) gives the same sums as the host-sized one, with padding rows, ranks routing
-different token counts, and tokens none of whose experts live on a rank."""
+different token counts, and tokens none of whose experts live on a rank. Under TP attention
+with no more ranks than top_k, an engine's every step takes the fixed capacity."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from engine.layers import moe
 from engine.layers.ep import dispatch_combine, exchange_fixed
 from engine.layers.moe import RoutedExperts
 from engine.parallel.group import Parallel
 from engine.parallel.ranks import new_group
+from tests.test_deepseek import VOCAB as DEEPSEEK_VOCAB
+from tests.test_engine_oracle import GREEDY, assert_matches_hf, new_llm, random_prompts
 from tests.test_fused_moe import HIDDEN, routing
 
 EXPERTS, TOP_K, RANKS = 8, 3, 2
@@ -49,6 +53,22 @@ def tokens(rank: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     if n:
         ids[0] = torch.tensor([0, 1, 2])  # every expert on rank 0: rank 1 adds nothing
     return x, torch.rand(n, TOP_K, generator=gen), ids
+
+
+def count_exchanges(monkeypatch) -> dict[str, int]:
+    """Counts of this process's MoE layers' calls of each exchange, as they happen."""
+    calls = {"fixed": 0, "counted": 0}
+
+    def counting(name, real):
+        def wrapped(*args, **kw):
+            calls[name] += 1
+            return real(*args, **kw)
+
+        return wrapped
+
+    monkeypatch.setattr(moe, "exchange_fixed", counting("fixed", moe.exchange_fixed))
+    monkeypatch.setattr(moe, "dispatch_combine", counting("counted", moe.dispatch_combine))
+    return calls
 
 
 def on_ranks(run, counts: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -105,3 +125,16 @@ def test_fixed_capacity_sends_every_token_once_to_each_rank() -> None:
             want = torch.where(mine, ids - rank * per_rank, none)
             assert torch.equal(local_ids[sender * 4 : sender * 4 + 4], want)
     assert (received[1][[0, 4]] == none).all()  # first tokens: experts 0-2, all on rank 0
+
+
+def test_tp_attention_prefill_takes_the_fixed_capacity_too(make_tiny, monkeypatch) -> None:
+    """Ranks (2) <= top_k (2): each token once to each rank moves no more than once per pick,
+    so prefill exchanges at the fixed capacity as decode does (rank 0's calls counted; the
+    other rank's must pair up, or the tokens would not match)."""
+    calls = count_exchanges(monkeypatch)
+    path = make_tiny("deepseek_v3", "deepseek", layers=2)
+    with new_llm(path, tp_size=2, ep_size=2, dist_timeout_s=30) as llm:
+        prompts = random_prompts([9, 21], DEEPSEEK_VOCAB, seed=3)
+        assert_matches_hf(path, prompts, llm.generate(prompts, GREEDY))
+        layers = sum(isinstance(m, moe.MoE) for m in llm.engine.runner.model.modules())
+    assert calls == {"fixed": layers * GREEDY.max_tokens, "counted": 0}
