@@ -8,8 +8,9 @@ layout), and load from per-expert checkpoint tensors (`experts.{e}.gate_proj.wei
 Parallelism lives here, so model files stay pure math. Without expert parallelism every rank
 holds every expert with a slice of its intermediate size (like a dense MLP). With it
 (`tp.ep`), rank r holds experts [r * E/ep, (r + 1) * E/ep) whole: each rank routes its share
-of the tokens, sends each (token, expert) pair to the expert's rank with an all-to-all, and
-gets the results back the same way (engine/layers/ep.py). Shared experts are sliced like dense
+of the tokens, sends them to the experts' ranks with all-to-alls, and gets the results back
+the same way (engine/layers/ep.py: at a fixed capacity in decode steps and wherever it moves no
+more, else sized on the host). Shared experts are sliced like dense
 MLPs either way; the routed and shared partial sums meet in one all-reduce. Under DP attention
 (`tp.dp`) each rank's tokens are its own: it routes all of them, holds the shared experts
 whole, and needs no all-reduce.
