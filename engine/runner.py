@@ -91,7 +91,7 @@ class ModelRunner(GraphSteps):
         self.keep_logits = keep_logits  # callers read StepResult.logits: never skip them
         self.model_cfg = model_cfg
         self.device = torch.device(options.device)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # Triton and NCCL launch on the current device
         self.dtype = parse_dtype(options.dtype) if options.dtype else model_cfg.dtype
         tp = group.parallel if group is not None else Parallel.single()
