@@ -57,6 +57,13 @@ class StepResult:
 PAGES_AGREE_TIMEOUT_S = 900.0  # ranks wait this long for each other to load their weights
 
 
+def use_device(device: torch.device) -> None:
+    """Make a CUDA device that names its index this process's current one (Triton and NCCL
+    launch on the current device); a bare `cuda` is the current one already."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 def load_model(
     model_cfg: ModelConfig, path: str, dtype: torch.dtype, device: str, tp: Parallel | None = None
 ) -> Any:
@@ -91,8 +98,7 @@ class ModelRunner(GraphSteps):
         self.keep_logits = keep_logits  # callers read StepResult.logits: never skip them
         self.model_cfg = model_cfg
         self.device = torch.device(options.device)
-        if self.device.type == "cuda" and self.device.index is not None:
-            torch.cuda.set_device(self.device)  # Triton and NCCL launch on the current device
+        use_device(self.device)
         self.dtype = parse_dtype(options.dtype) if options.dtype else model_cfg.dtype
         tp = group.parallel if group is not None else Parallel.single()
         self.exchange = tp.exchange  # how the MoE layers meet the other ranks, step by step

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from engine.config import ModelConfig
 from engine.options import EngineOptions
 from engine.parallel.ranks import RankGroup
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, use_device
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +213,7 @@ def follow(
     stop (a failed or timed-out broadcast raises)."""
     torch.set_num_threads(threads_per_rank(options))
     options = replace(options, device=rank_device(options, rank))
-    if options.device.startswith("cuda"):
-        torch.cuda.set_device(options.device)  # NCCL and Triton launch on the current device
+    use_device(torch.device(options.device))
     host, port = init_addr.rsplit(":", 1)
     timeout = timedelta(seconds=options.dist_timeout_s)
     store = dist.TCPStore(host, int(port), options.tp_size, is_master=False, timeout=timeout)

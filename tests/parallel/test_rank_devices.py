@@ -10,6 +10,7 @@ import torch
 from engine.options import EngineOptions
 from engine.parallel.check import _check_devices
 from engine.parallel.worker import rank_device
+from engine.runner import use_device
 
 
 @pytest.mark.parametrize(
@@ -39,3 +40,17 @@ def test_too_few_gpus_from_the_index_on_are_refused(monkeypatch) -> None:
         _check_devices(EngineOptions(device="cuda:3", tp_size=2))
     with pytest.raises(ValueError, match="needs 8 GPUs per host"):
         _check_devices(EngineOptions(device="cuda", tp_size=8))
+
+
+def test_only_a_device_with_an_index_is_made_current(monkeypatch) -> None:
+    """torch.cuda.set_device refuses a bare `cuda` (its index check, run here for real): the
+    single-GPU engine's device must not reach it."""
+    made: list[int] = []
+
+    def set_device(device) -> None:
+        made.append(torch.cuda._utils._get_device_index(device))
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    for device in ("cuda", "cpu", "cuda:1"):
+        use_device(torch.device(device))
+    assert made == [1]
