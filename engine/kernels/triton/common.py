@@ -104,6 +104,16 @@ def interpreted() -> bool:
     return isinstance(dot, InterpretedFunction)
 
 
+def compiles_only() -> bool:
+    """Whether kernel launches only compile for a GPU (engine/kernels/triton/compile_only.py),
+    so tensors of any device may stand in for the GPU's."""
+    from triton.runtime.driver import driver
+
+    from engine.kernels.triton.compile_only import CompileOnlyDriver
+
+    return isinstance(driver._active, CompileOnlyDriver)
+
+
 @triton.jit
 def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b in float32 (see `upcast_dots` for UPCAST)."""

@@ -37,7 +37,7 @@ except ImportError as exc:
         "(the cpu and gpu extras have it), or use attention_backend='torch'"
     ) from exc
 
-from engine.kernels.triton.common import PagedKV, StepTables, interpreted
+from engine.kernels.triton.common import PagedKV, StepTables, compiles_only, interpreted
 from engine.kernels.triton.decode_attention import decode_attention
 from engine.kernels.triton.extend_attention import extend_attention
 from engine.kernels.triton.kv_store import store_kv
@@ -190,7 +190,7 @@ class TritonAttention(AttentionBackend):
         self.scale = scale
         self.page_size = pool.page_size
         self.device = pool.device
-        if self.device.type != "cuda" and not interpreted():
+        if self.device.type != "cuda" and not interpreted() and not compiles_only():
             raise ValueError(
                 f"attention_backend 'triton' runs on CUDA, and this KV pool is on {self.device} "
                 "(use attention_backend='torch', or set TRITON_INTERPRET=1 before starting to "
