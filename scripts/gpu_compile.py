@@ -37,6 +37,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # before the kernels are defined: compile,
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+import triton
 
 from engine.kernels.triton.compile_only import CompileOnlyDriver, KernelReport
 from engine.kernels.triton_moe import BlockFp8, fused_moe, pick_blocks
@@ -147,6 +148,7 @@ def main() -> int:
                 reports.append(report)
     summary = {
         "arch": f"sm_{args.arch}",
+        "triton": triton.__version__,
         "kernels": len(reports),
         "refused": [f"{r.case}: {r.kernel}: {r.error}" for r in reports if r.error],
         "spilling": [f"{r.case}: {r.kernel}" for r in reports if r.spilled],
