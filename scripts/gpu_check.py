@@ -35,6 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 LLAMA_8B = {  # Llama-3.1-8B's shape (the vocabulary is the generated tokenizer's)
     "layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 8, "intermediate": 14336,
 }  # fmt: skip
+GPU_TESTS = ("tests/gpu", "tests/transfer/test_transfer_nccl.py")
+"""Where the GPU-marked tests live (pytest over all of tests/ would import test-only packages
+that a GPU machine lacks)."""
 BATCHES = (1, 16, 64)
 INPUT_LEN, OUTPUT_LEN = 256, 64
 
@@ -97,7 +100,8 @@ def step_env(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def step_gpu_tests(args: argparse.Namespace) -> dict[str, Any]:
-    return run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"], 240)
+    pytest = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
+    return run([*pytest, *GPU_TESTS], 240)
 
 
 def step_kernels(args: argparse.Namespace) -> dict[str, Any]:
@@ -164,7 +168,7 @@ def wait_healthy(url: str, node: subprocess.Popen, timeout_s: float) -> None:
 Step = tuple[str, Callable[[argparse.Namespace], dict[str, Any]], str, tuple[str, ...]]
 STEPS: list[Step] = [  # (name, function, what it runs, what it needs)
     ("env", step_env, "torch, CUDA and package versions", ()),
-    ("gpu-tests", step_gpu_tests, "pytest -q -m gpu", ("cuda",)),
+    ("gpu-tests", step_gpu_tests, f"pytest -q -m gpu {' '.join(GPU_TESTS)}", ("cuda",)),
     ("kernels", step_kernels, "python scripts/gpu_kernels.py (backends vs torch, real shapes)",
      ("cuda",)),
     ("model", step_model, "make_model('llama', bfloat16, Llama-3.1-8B shape), cached", ("cuda",)),

@@ -38,3 +38,25 @@ def test_without_a_gpu_only_the_environment_step_runs() -> None:
     steps = report["steps"]
     assert steps["env"]["status"] == "ok" and steps["env"]["gpus"] == 0
     assert all(steps[s] == {"status": "skipped", "why": "no CUDA GPU"} for s in STEPS[1:])
+
+
+def test_every_gpu_marked_test_is_where_the_check_runs_them() -> None:
+    """The check runs `pytest -m gpu` over GPU_TESTS only (the rest of tests/ imports test-only
+    packages a GPU machine lacks), so a GPU test written elsewhere would never run: none is."""
+    import ast
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_check import GPU_TESTS
+
+    marked = set()
+    for path in (REPO / "tests").rglob("test_*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr == "gpu":
+                base = node.value
+                if isinstance(base, ast.Attribute) and base.attr == "mark":
+                    marked.add(path.relative_to(REPO).as_posix())
+    assert "tests/gpu/test_cuda_engine.py" in marked  # the scan finds marks
+    covered = [m for m in marked if any(m == g or m.startswith(g + "/") for g in GPU_TESTS)]
+    assert sorted(covered) == sorted(marked)
