@@ -39,6 +39,7 @@ def make_model(
     fp8: bool = False,
     fp8_block: tuple[int, int] = FP8_BLOCK,
     mtp_layers: int = 0,
+    init_device: str = "cpu",
 ) -> Path:
     """Write a tiny random-weight HF checkpoint of `arch` into `out` and return its path.
 
@@ -49,7 +50,8 @@ def make_model(
     `rope_scaling` to the arch's (DeepSeek's YaRN). `config_overrides` sets transformers config
     keys last (e.g. {"q_lora_rank": None}). `fp8` quantizes the decoder projections in
     `fp8_block` tiles like DeepSeek-V3's release; `mtp_layers` appends its multi-token-prediction
-    layers (which transformers and pdserve skip).
+    layers (which transformers and pdserve skip). `init_device` runs the random draws there
+    ("cuda": fast for full-size shapes; other bytes than the CPU's).
     """
     spec = arch_spec(arch)
     tok_spec = tokenizer_spec(tokenizer or spec.default_tokenizer)
@@ -72,7 +74,7 @@ def make_model(
     hf_tokenizer = tok_spec.build(shape.max_position_embeddings)
     ids = special_token_ids(hf_tokenizer, tok_spec)
     config = build_config(spec, shape, ids, weight_dtype, config_overrides, mtp_layers)
-    tensors = random_weights(config, seed, weight_dtype)
+    tensors = random_weights(config, seed, weight_dtype, init_device)
     if fp8:
         config.quantization_config = fp8_quantization_config(fp8_block)
         tensors = quantize_fp8(tensors, fp8_block)

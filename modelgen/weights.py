@@ -103,12 +103,16 @@ def mtp_shapes(
     return out
 
 
-def random_weights(config: Any, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Seeded weights: one generator, drawn in name order, so equal arguments give equal bytes."""
-    generator = torch.Generator().manual_seed(seed)
+def random_weights(
+    config: Any, seed: int, dtype: torch.dtype, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Seeded weights on the CPU: one generator, drawn in name order, so equal arguments give
+    equal bytes. The draws run on `device` (a CUDA generator draws a billion-parameter model in
+    a blink where the CPU's takes minutes; its bytes differ from the CPU's)."""
+    generator = torch.Generator(device).manual_seed(seed)
     shapes = checkpoint_shapes(config)
     return {
-        name: init_tensor(name, shapes[name], config, generator).to(dtype)
+        name: init_tensor(name, shapes[name], config, generator).to(dtype).cpu()
         for name in sorted(shapes)
     }
 
@@ -131,14 +135,14 @@ def init_tensor(
         scale = LOGIT_STD / math.sqrt(config.hidden_size) if name == "model.norm.weight" else 1.0
         return scale * random_signs(shape, generator) * jitter(shape, generator)
     if name.endswith(".bias"):
-        return BIAS_STD * torch.randn(shape, generator=generator)
+        return BIAS_STD * normal(shape, generator)
     if name.endswith("e_score_correction_bias"):
-        return CORRECTION_BIAS_STD * torch.randn(shape, generator=generator)
+        return CORRECTION_BIAS_STD * normal(shape, generator)
     if len(shape) != 2:
         raise ValueError(f"no init rule for {name} {shape} (add one to modelgen/weights.py)")
     if "embed_tokens" in name or name == "lm_head.weight":
-        return torch.randn(shape, generator=generator)
-    return linear_gain(name) * torch.randn(shape, generator=generator) / math.sqrt(shape[1])
+        return normal(shape, generator)
+    return linear_gain(name) * normal(shape, generator) / math.sqrt(shape[1])
 
 
 def linear_gain(name: str) -> float:
@@ -149,12 +153,22 @@ def linear_gain(name: str) -> float:
     return 1.0
 
 
+def normal(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Standard normal draws on the generator's device."""
+    return torch.randn(shape, generator=generator, device=generator.device)
+
+
+def uniform(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Uniform [0, 1) draws on the generator's device."""
+    return torch.rand(shape, generator=generator, device=generator.device)
+
+
 def random_signs(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    return torch.where(torch.rand(shape, generator=generator) < 0.5, -1.0, 1.0)
+    return torch.where(uniform(shape, generator) < 0.5, -1.0, 1.0)
 
 
 def jitter(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    return 1.0 + NORM_JITTER * (2 * torch.rand(shape, generator=generator) - 1)
+    return 1.0 + NORM_JITTER * (2 * uniform(shape, generator) - 1)
 
 
 def save_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:

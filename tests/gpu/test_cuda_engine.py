@@ -41,3 +41,23 @@ def test_backends_equal_torch_at_real_shapes() -> None:
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_weights_drawn_on_cuda_are_seeded_and_shaped_as_on_cpu(tmp_path) -> None:
+    """`make_model(init_device="cuda")` (how gpu_check.sh draws its 8B-shaped checkpoint fast):
+    the same tensors, shapes and dtypes as the CPU's draw, equal bytes for equal seeds."""
+    from safetensors.torch import load_file
+
+    from modelgen.make import make_model
+
+    paths = {
+        name: make_model("llama", tmp_path / name, dtype="bfloat16", seed=seed, init_device=dev)
+        for name, seed, dev in (("cpu", 1, "cpu"), ("cuda", 1, "cuda"), ("again", 1, "cuda"))
+    }
+    weights = {name: load_file(path / "model.safetensors") for name, path in paths.items()}
+    cpu, cuda, again = weights["cpu"], weights["cuda"], weights["again"]
+    assert {n: (t.shape, t.dtype) for n, t in cuda.items()} == {
+        n: (t.shape, t.dtype) for n, t in cpu.items()
+    }
+    assert all(t.equal(again[n]) for n, t in cuda.items())
+    assert not all(t.equal(cpu[n]) for n, t in cuda.items())  # drawn on the GPU indeed
