@@ -35,7 +35,11 @@ REPO = Path(__file__).resolve().parent.parent
 LLAMA_8B = {  # Llama-3.1-8B's shape (the vocabulary is the generated tokenizer's)
     "layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 8, "intermediate": 14336,
 }  # fmt: skip
-GPU_TESTS = ("tests/gpu", "tests/transfer/test_transfer_nccl.py")
+GPU_TESTS = (
+    "tests/gpu",
+    "tests/transfer/test_transfer_nccl.py",
+    "tests/transfer/test_transfer_vram.py",
+)
 """Where the GPU-marked tests live (pytest over all of tests/ would import test-only packages
 that a GPU machine lacks)."""
 BATCHES = (1, 16, 64)

@@ -5,8 +5,9 @@
 # Such a machine already has torch with CUDA, triton, transformers (with tokenizers, safetensors,
 # huggingface_hub, numpy, pyyaml, jinja2, tqdm), httpx, msgpack, uvloop and pytest; what the nodes
 # and the tests need beside those is WHEELS (pyzmq, the tokenizer packages, starlette and
-# uvicorn, pydantic, httptools, and openai for the tests) and what those need in turn. Binary
-# wheels are for one CPython (3.12 by default, what that machine runs) on manylinux x86_64.
+# uvicorn, pydantic, httptools, and openai for the tests) and what those need in turn, and NIXL's
+# CUDA build, slimmed (below). Binary wheels are for one CPython (3.12 by default, what that
+# machine runs) on manylinux x86_64.
 #
 #   bash scripts/gpu_wheels.sh [python-version]        # e.g. 3.12 (default), 3.11
 set -euo pipefail
@@ -37,5 +38,31 @@ for whl in "$OUT"/*.whl; do
     name="$(basename "$whl" | cut -d- -f1 | tr '[:upper:]' '[:lower:]')"
     case "$have" in *" $name "*) rm -f "$whl" ;; esac
 done
+# NIXL's CUDA 13 build (that machine's torch is CUDA 13), for KV in VRAM over NIXL: without the
+# nixl_ep torch extensions (built for three torch versions; pdserve does not use NIXL's EP) and
+# the C++ headers, 56 MB become 26, which fits a carry beside the rest.
+python -m pip download -q --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
+    "${PLATFORMS[@]}" -d "$OUT/full" nixl-cu13
+python - "$OUT" <<'PY'
+import sys
+import zipfile
+from pathlib import Path
+
+out = Path(sys.argv[1])
+for full in (out / "full").glob("nixl_cu13-*.whl"):
+    def dropped(name: str) -> bool:
+        return name.startswith("nixl_ep_cu13/") or ".data/headers/" in name or ".data/data/" in name
+
+    with zipfile.ZipFile(full) as src, zipfile.ZipFile(out / full.name, "w") as dst:
+        for item in src.infolist():
+            if dropped(item.filename):
+                continue
+            data = src.read(item)
+            if item.filename.endswith(".dist-info/RECORD"):
+                lines = data.decode().splitlines(keepends=True)
+                data = "".join(line for line in lines if not dropped(line)).encode()
+            dst.writestr(item, data, compress_type=zipfile.ZIP_DEFLATED)
+PY
+rm -rf "$OUT/full"
 ls -1 "$OUT"
 du -sh "$OUT"

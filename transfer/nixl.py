@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib
 import logging
 import os
 import time
@@ -25,17 +26,18 @@ from .descriptors import DescriptorBatch
 log = logging.getLogger(__name__)
 
 
+NIXL_MODULES = ("nixl", "nixl_cu12", "nixl_cu13")
+"""Where NIXL's Python API lives: the `nixl` meta package, or a CUDA build's wheel by itself
+(each installs under its own name)."""
+
+
 def _import_nixl() -> Any:
-    try:
-        from nixl import _api
-    except ImportError:
-        try:  # the CUDA-12 wheel installs under its own name
-            from nixl_cu12 import _api
-        except ImportError as e:
-            raise TransferError(
-                "transfer.backend=nixl needs NIXL (pip install nixl, or nixl-cu12 --no-deps)"
-            ) from e
-    return _api
+    for module in NIXL_MODULES:
+        with contextlib.suppress(ImportError):
+            return importlib.import_module(f"{module}._api")
+    raise TransferError(
+        "transfer.backend=nixl needs NIXL (pip install nixl, or nixl-cu12 / nixl-cu13 --no-deps)"
+    )
 
 
 def _skip_ib_without_devices() -> None:
