@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,7 @@ GPU_TESTS = (
 that a GPU machine lacks)."""
 BATCHES = (1, 16, 64)
 INPUT_LEN, OUTPUT_LEN = 256, 64
+SERVE_PROMPTS = 128
 
 
 def parse_args() -> argparse.Namespace:
@@ -130,12 +132,29 @@ def step_offline(args: argparse.Namespace) -> dict[str, Any]:
     return offline_and_roofline(model_dir(args), best_backend(args), BATCHES, INPUT_LEN, OUTPUT_LEN)
 
 
+BENCH_KEYS = (
+    "completed", "output_throughput", "request_throughput", "mean_ttft_ms", "median_ttft_ms",
+    "p99_ttft_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "mean_e2e_latency_ms",
+)  # fmt: skip
+
+
+def bench_record(path: Path) -> dict[str, Any]:
+    """The bench run's headline numbers, from the JSONL line it appended."""
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text().strip().splitlines()[-1])
+    return {"result": {k: record[k] for k in BENCH_KEYS if k in record}}
+
+
 def step_serve(args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://127.0.0.1:{args.port}"
+    record = Path(tempfile.mkdtemp(prefix="gpu-check-")) / "bench.jsonl"
+    device = getattr(args, "device", "cuda")  # cpu: tests check this step's code on a tiny model
+    dtype = "bfloat16" if device == "cuda" else "float32"
     node = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "decode", "--model", str(model_dir(args)),
          "--port", str(args.port), "--transfer-backend", "none",
-         "--engine-opt", "device=cuda", "--engine-opt", "dtype=bfloat16",
+         "--engine-opt", f"device={device}", "--engine-opt", f"dtype={dtype}",
          "--engine-opt", f"attention_backend={best_backend(args)}",
          "--engine-opt", "max_running=64"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -143,10 +162,11 @@ def step_serve(args: argparse.Namespace) -> dict[str, Any]:
     try:
         wait_healthy(url, node, 240)
         bench = [sys.executable, "-m", "cluster.cli", "bench", "--backend", "sglang",
-                 "--base-url", url, "--dataset-name", "random", "--num-prompts", "128",
+                 "--base-url", url, "--dataset-name", "random", "--num-prompts", str(SERVE_PROMPTS),
                  "--random-input-len", str(INPUT_LEN), "--random-output-len", str(OUTPUT_LEN),
-                 "--random-range-ratio", "1", "--max-concurrency", "64", "--disable-tqdm"]  # fmt: skip
-        return run(bench, 240)
+                 "--random-range-ratio", "1", "--max-concurrency", "64", "--disable-tqdm",
+                 "--output-file", str(record)]  # fmt: skip
+        return {**run(bench, 240), **bench_record(record)}
     finally:
         node.terminate()
         try:
@@ -182,7 +202,7 @@ STEPS: list[Step] = [  # (name, function, what it runs, what it needs)
     ("offline", step_offline,
      f"LLM tok/s at batch {'/'.join(map(str, BATCHES))}; decode step vs memory roofline",
      ("cuda",)),
-    ("serve", step_serve, "pdserve decode --transfer-backend none + pdserve bench (128 prompts)",
+    ("serve", step_serve, f"pdserve decode --transfer-backend none + pdserve bench ({SERVE_PROMPTS} prompts)",
      ("cuda",)),
 ]  # fmt: skip
 

@@ -60,3 +60,45 @@ def test_every_gpu_marked_test_is_where_the_check_runs_them() -> None:
     assert "tests/gpu/test_cuda_engine.py" in marked  # the scan finds marks
     covered = [m for m in marked if any(m == g or m.startswith(g + "/") for g in GPU_TESTS)]
     assert sorted(covered) == sorted(marked)
+
+
+def test_the_offline_and_roofline_measures_run_end_to_end_on_cpu(make_tiny) -> None:
+    """gpu_roofline's code (what the GPU check's offline step runs) on a tiny model on CPU, so
+    a slip in it costs no GPU time: every measure is there and sane."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from gpu_roofline import offline_and_roofline
+
+    full = {"prompts": 6, "max_running": 4, "input_len": 8, "output_len": 5}
+    result = offline_and_roofline(
+        make_tiny("llama"), "torch", (1, 2), 8, 4, full=full, device="cpu"
+    )
+    assert set(result["output_tok_s"]) == {"1", "2"}
+    assert all(v > 0 for v in result["output_tok_s"].values())
+    assert result["decode_step_ms"] > 0 and result["roofline_ms"] > 0
+    ratio = result["decode_step_ms"] / result["roofline_ms"]
+    assert result["x_roofline"] == pytest.approx(ratio, rel=0.01, abs=0.01)
+    assert result["saturated"]["output_tok_s"] > 0 and result["saturated"]["prompts"] == 6
+
+
+def test_the_serve_step_runs_a_node_under_bench_on_cpu(make_tiny, monkeypatch) -> None:
+    """gpu_check's serve step (a decode node serving `pdserve bench`) on a tiny model on CPU:
+    the node comes up, the bench completes every request, its numbers come back."""
+    import argparse
+    import sys
+
+    from tests.ports import free_port
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import gpu_check
+
+    for name, value in (("SERVE_PROMPTS", 6), ("INPUT_LEN", 12), ("OUTPUT_LEN", 4)):
+        monkeypatch.setattr(gpu_check, name, value)
+    args = argparse.Namespace(
+        model=str(make_tiny("llama")), port=free_port(), backend="torch", device="cpu"
+    )
+    result = gpu_check.step_serve(args)
+    assert result["rc"] == 0, result["tail"]
+    assert result["result"]["completed"] == 6
+    assert result["result"]["output_throughput"] > 0
