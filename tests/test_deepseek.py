@@ -126,6 +126,7 @@ def test_bfloat16_keeps_the_correction_bias_in_float32(v3: Path) -> None:
     router = llm.engine.runner.model.layers[1].mlp.gate
     assert router.weight.dtype == torch.bfloat16
     assert router.e_score_correction_bias.dtype == torch.float32
+    assert llm.engine.runner.model.rotary.inv_freq.dtype == torch.float32
     out = llm.generate(random_prompts([20], VOCAB, seed=4), GREEDY)[0]
     assert len(out.token_ids) == GREEDY.max_tokens
 

@@ -236,6 +236,22 @@ def test_yarn_rope_matches_transformers(extra: dict) -> None:
     assert ours.attention_factor == pytest.approx(factor)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0,
+                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 8192}])  # fmt: skip
+def test_rope_frequencies_stay_float32_when_the_model_is_cast(dtype, scaling) -> None:
+    """A model cast to bf16/fp16 keeps its rope frequencies float32: rounded to 8 bits of
+    mantissa they turn a position's angle wrong within a few hundred tokens."""
+    exact = RotaryEmbedding(128, 500000.0, scaling)
+    cast = RotaryEmbedding(128, 500000.0, scaling).to(dtype)
+    assert cast.inv_freq.dtype == torch.float32
+    assert torch.equal(cast.inv_freq, exact.inv_freq)
+    positions = torch.tensor([0, 255, 4095, 131071])
+    for got, want in zip(cast.cos_sin(positions, dtype), exact.cos_sin(positions, dtype)):
+        assert torch.equal(got, want)
+
+
 # --- FP8 -----------------------------------------------------------------------------------------
 
 

@@ -104,6 +104,15 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.attention_factor = rope_attention_factor(scaling, max_positions)
 
+    def _apply(self, fn, recurse=True):
+        # NOTE: the frequencies stay float32 whatever dtype the model is cast to: in bfloat16
+        # (8 bits of mantissa) a position's angle is off by up to position * 2^-9 radians, so
+        # rotations go wrong from a few hundred tokens on. transformers keeps them float32 too.
+        kept = self.inv_freq.detach().float().clone()
+        super()._apply(fn, recurse)
+        self.inv_freq = kept.to(self.inv_freq.device)
+        return self
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """cos and sin of shape [T, 1, dim/2] for broadcasting over heads."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
