@@ -15,7 +15,9 @@ every rank of a group, TP, EP or DP attention alike (engine/graph_steps.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -67,11 +69,27 @@ def use_device(device: torch.device) -> None:
 def load_model(
     model_cfg: ModelConfig, path: str, dtype: torch.dtype, device: str, tp: Parallel | None = None
 ) -> Any:
-    """Build the model for `model_cfg` (this rank's slice) and load the checkpoint into it."""
-    with torch.device(device):
+    """Build the model for `model_cfg` (this rank's slice) and load the checkpoint into it.
+
+    Parameters are made in `dtype` on `device` from the start: a float32 build cast after the
+    load would hold twice a bf16 model's bytes on the GPU (an 80 GB card could not load a 20B
+    model), and leave the float32 blocks in torch's cache where the KV pool is sized."""
+    with torch.device(device), default_dtype(dtype):
         model = model_class(model_cfg)(model_cfg, tp)
     model.load_weights(iter_weights(path, model_cfg.fp8))
     return model.to(dtype=dtype).eval()
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Floating tensors made without a dtype in the block take `dtype` (torch's default dtype
+    is process-wide: the block is a model's construction, nothing else runs torch then)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def kv_layout(model_cfg: ModelConfig, dtype: torch.dtype, tp: Parallel | None = None) -> KVLayout:

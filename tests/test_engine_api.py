@@ -258,3 +258,29 @@ def test_abort_frees_a_request_pages_once_wherever_it_is(make_tiny) -> None:
             outs[out.rid] += out.new_token_ids
     assert outs["survivor"] == alone
     assert_pages_released(llm)
+
+
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+def test_models_are_built_in_their_dtype_before_any_weight_loads(make_tiny, monkeypatch, arch):
+    """A bf16 engine makes its parameters bf16 from the start (a float32 build cast after the
+    load holds twice the bytes on a GPU), except what stays float32 by design (the MoE
+    correction bias), and torch's default dtype is back to float32 after."""
+    from engine import runner
+    from engine.models import model_class
+
+    path = make_tiny(arch, "deepseek" if arch == "deepseek_v3" else "qwen")
+    cls = model_class(ModelConfig.load(path))
+    built: dict[str, torch.dtype] = {}
+    load = cls.load_weights
+
+    def record(self, weights):
+        built.update({name: p.dtype for name, p in self.named_parameters()})
+        return load(self, weights)
+
+    monkeypatch.setattr(cls, "load_weights", record)
+    model = runner.load_model(ModelConfig.load(path), str(path), torch.bfloat16, "cpu")
+    fp32 = {n for n in built if n.endswith("e_score_correction_bias")}
+    assert built and {built[n] for n in set(built) - fp32} == {torch.bfloat16}
+    assert {built[n] for n in fp32} <= {torch.float32}
+    assert model.rotary.inv_freq.dtype == torch.float32
+    assert torch.get_default_dtype() == torch.float32

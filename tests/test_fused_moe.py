@@ -244,12 +244,15 @@ def test_bad_inputs_name_the_fix() -> None:
         fused_moe(x, fp8_gate_up, torch.zeros(EXPERTS, HIDDEN, INTER), weights, ids)
 
 
-def test_fp8_checkpoint_experts_stay_fp8_and_equal_the_dequantized_experts(make_tiny) -> None:
-    """`keep_fp8_experts` (what a GPU build does by itself): the routed experts load as FP8 with
-    their block scales (no dequantized copy) and each MoE layer computes what the dequantizing
-    load computes."""
+def test_fp8_checkpoint_experts_stay_fp8_and_equal_the_dequantized_experts(
+    make_tiny, monkeypatch
+) -> None:
+    """A GPU build (`fp8_experts_on_device`, forced here): the routed experts are FP8 from
+    their construction on (no stacked copy is ever made, not even empty-shaped), load with
+    their block scales, and each MoE layer computes what the dequantizing load computes."""
     from engine.config import ModelConfig
     from engine.layers.moe import MoE
+    from engine.models import deepseek_v3
     from engine.models.deepseek_v3 import DeepseekV3ForCausalLM
     from engine.weights import iter_weights
 
@@ -257,8 +260,10 @@ def test_fp8_checkpoint_experts_stay_fp8_and_equal_the_dequantized_experts(make_
     cfg = ModelConfig.load(path)
     ref = DeepseekV3ForCausalLM(cfg)
     ref.load_weights(iter_weights(path, cfg.fp8))
+    monkeypatch.setattr(deepseek_v3, "fp8_experts_on_device", lambda tp: True)
     kept = DeepseekV3ForCausalLM(cfg)
-    kept.keep_fp8_experts()
+    built = [m.mlp.experts for m in kept.layers if isinstance(m.mlp, MoE)]
+    assert built and all(e.use_fused and e.gate_up_proj.numel() == 0 for e in built)
     kept.load_weights(iter_weights(path, cfg.fp8))
     x = torch.randn(9, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
     moe_layers = [(a.mlp, b.mlp) for a, b in zip(ref.layers, kept.layers) if isinstance(a.mlp, MoE)]

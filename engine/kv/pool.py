@@ -169,9 +169,12 @@ def pages_for_budget(
 
 
 def available_memory_bytes(device: str | torch.device) -> int:
-    """Free memory the KV pool may take a fraction of: free CUDA memory, or MemAvailable on CPU."""
+    """Free memory the KV pool may take a fraction of: free CUDA memory (once torch's cache of
+    freed blocks is handed back, or loading's leftovers would count as taken), or MemAvailable
+    on CPU."""
     dev = torch.device(device)
     if dev.type == "cuda":
+        torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(dev)
         return int(free)
     if dev.type == "cpu":

@@ -84,7 +84,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size))
         biased = cfg.topk_method == "noaux_tc"
         self.e_score_correction_bias = (
-            nn.Parameter(torch.empty(cfg.num_experts)) if biased else None
+            nn.Parameter(torch.empty(cfg.num_experts, dtype=torch.float32)) if biased else None
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +115,12 @@ class RoutedExperts(nn.Module):
     intermediate rows, or (expert parallel) a range of whole experts."""
 
     def __init__(
-        self, hidden_size: int, cfg: MoEConfig, tp: Parallel, use_fused: bool | None = None
+        self,
+        hidden_size: int,
+        cfg: MoEConfig,
+        tp: Parallel,
+        use_fused: bool | None = None,
+        keep_fp8: bool = False,
     ) -> None:
         super().__init__()
         # NOTE: the Triton grouped GEMMs (engine/kernels/triton_moe.py) replace the loop over
@@ -136,21 +141,25 @@ class RoutedExperts(nn.Module):
             e, i = cfg.num_experts, tp.split(cfg.intermediate_size, "moe_intermediate_size")
             self.first_expert, self.slice_start = 0, tp.rank * i
         self.intermediate_size, self.local_experts = i, e
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(e, hidden_size, i))
+        if keep_fp8:  # NOTE: never made: DeepSeek-V3's are 22 GB a layer in bf16
+            self.keep_fp8()
+        else:
+            self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, hidden_size))
+            self.down_proj = nn.Parameter(torch.empty(e, hidden_size, i))
 
     def keep_fp8(self) -> None:
         """Before loading an FP8 block-quantized checkpoint: keep the experts' weights in FP8
         with their block scales (the fused kernels dequantize tile by tile) instead of
-        dequantizing them on load; the stacked parameters then stay empty."""
+        dequantizing them on load; the stacked parameters then stay empty (`keep_fp8=True` at
+        construction never makes them)."""
         if self.tp_sliced:
             raise ValueError(
                 "FP8 experts stay FP8 only whole (ep_size = tp_size, or tp_size 1): a slice of "
                 "the intermediate size would cut the scale blocks"
             )
         self.use_fused, self._fp8_refs = True, {}
-        self.gate_up_proj = nn.Parameter(self.gate_up_proj.new_empty(0), requires_grad=False)
-        self.down_proj = nn.Parameter(self.down_proj.new_empty(0), requires_grad=False)
+        self.gate_up_proj = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(0), requires_grad=False)
 
     def finish_loading(self) -> None:
         """keep_fp8: stack this rank's experts' FP8 tensors (and scales) onto the device."""
@@ -277,11 +286,13 @@ class RoutedExperts(nn.Module):
 class MoE(nn.Module):
     """Routed experts weighted by the router, plus the shared experts on every token."""
 
-    def __init__(self, hidden_size: int, cfg: MoEConfig, tp: Parallel) -> None:
+    def __init__(
+        self, hidden_size: int, cfg: MoEConfig, tp: Parallel, keep_fp8: bool = False
+    ) -> None:
         super().__init__()
         self.tp = tp
         self.gate = Router(hidden_size, cfg)
-        self.experts = RoutedExperts(hidden_size, cfg, tp)
+        self.experts = RoutedExperts(hidden_size, cfg, tp, keep_fp8=keep_fp8)
         shared = cfg.intermediate_size * cfg.num_shared_experts
         dense = tp.dense
         self.shared_experts = GatedMLP(hidden_size, shared, dense, reduce=False) if shared else None

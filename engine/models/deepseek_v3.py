@@ -93,13 +93,20 @@ class MLAttention(nn.Module):
         return w[:, : mla.qk_nope_head_dim], w[:, mla.qk_nope_head_dim :]
 
 
+def fp8_experts(cfg: ModelConfig, tp: Parallel) -> bool:
+    """Whether the routed experts of an FP8 block checkpoint stay FP8 (the GPU path: no
+    dequantize-on-load)."""
+    blocks = cfg.fp8 is not None and cfg.fp8.weight_block is not None
+    return blocks and fp8_experts_on_device(tp)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, tp: Parallel) -> None:
         super().__init__()
         self.self_attn = MLAttention(cfg, layer, tp.dense)
         moe = cfg.moe
         if moe is not None and moe.is_moe_layer(layer):
-            self.mlp: nn.Module = MoE(cfg.hidden_size, moe, tp)
+            self.mlp: nn.Module = MoE(cfg.hidden_size, moe, tp, keep_fp8=fp8_experts(cfg, tp))
         else:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp.dense)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -133,15 +140,6 @@ class DeepseekV3ForCausalLM(DecoderOnlyLM):
         self.lm_head = (
             None if cfg.tie_word_embeddings else LMHead(cfg.vocab_size, cfg.hidden_size, tp.dense)
         )
-        blocks = cfg.fp8 is not None and cfg.fp8.weight_block is not None
-        if blocks and fp8_experts_on_device(tp):  # the GPU path: no dequantize-on-load
-            self.keep_fp8_experts()
-
-    def keep_fp8_experts(self) -> None:
-        """Load the routed experts of an FP8 block checkpoint as FP8 (fused MoE kernels)."""
-        for module in self.modules():
-            if isinstance(module, RoutedExperts):
-                module.keep_fp8()
 
     # ---- loading ---------------------------------------------------------------------------
 
