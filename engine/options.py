@@ -32,6 +32,10 @@ def setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+GPU_MEM_FRACTION = 0.85
+CPU_MEM_FRACTION = 0.1
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache sizing. Give `max_total_tokens` or `mem_fraction` (of available memory)."""
@@ -83,7 +87,12 @@ class EngineOptions:
     attention_backend: str = setting("torch", "attention implementation, by registered name")
     page_size: int = setting(16, "tokens per KV page (prefill and decode must agree)")
     max_total_tokens: int | None = setting(None, "KV pool size in tokens (else from mem_fraction)")
-    mem_fraction: float = setting(0.1, "share of free memory for the KV pool, in (0, 1]")
+    mem_fraction: float | None = setting(
+        None,
+        "share of the memory free after the weights for the KV pool, in (0, 1] (default: "
+        f"{GPU_MEM_FRACTION} on CUDA, the rest being activations' and CUDA graphs' room; "
+        f"{CPU_MEM_FRACTION} on CPU, whose memory the host shares)",
+    )
     enable_prefix_cache: bool = setting(True, "radix prefix cache: reuse the KV of shared prefixes")
     max_running: int = setting(256, "requests in the running batch at most")
     max_batch_tokens: int = setting(4096, "tokens one step computes at most (prefill + decode)")
@@ -183,8 +192,11 @@ class EngineOptions:
 
     @property
     def cache(self) -> CacheConfig:
+        fraction = self.mem_fraction
+        if fraction is None:
+            fraction = GPU_MEM_FRACTION if self.device.startswith("cuda") else CPU_MEM_FRACTION
         return CacheConfig(
-            self.page_size, self.max_total_tokens, self.mem_fraction, self.enable_prefix_cache
+            self.page_size, self.max_total_tokens, fraction, self.enable_prefix_cache
         )
 
     @property

@@ -205,3 +205,16 @@ def test_a_head_range_of_a_page_is_one_byte_range(heads: tuple[int, int]) -> Non
             start = page * page_bytes + a * head_bytes
             got = raw[start : start + (b - a) * head_bytes]
             assert torch.equal(got, buf[page, a:b].contiguous().view(-1).view(torch.uint8))
+
+
+def test_the_kv_share_of_free_memory_follows_the_device() -> None:
+    """Unset, mem_fraction is most of a GPU's free memory and a tenth of a CPU host's (shared
+    with everything else there); set, it is what was set, checked."""
+    from engine.options import EngineOptions
+
+    assert EngineOptions().cache.mem_fraction == 0.1
+    assert EngineOptions(device="cuda").cache.mem_fraction == 0.85
+    assert EngineOptions(device="cuda:3").cache.mem_fraction == 0.85
+    assert EngineOptions(device="cuda", mem_fraction=0.5).cache.mem_fraction == 0.5
+    with pytest.raises(ValueError, match="mem_fraction"):
+        EngineOptions(device="cuda", mem_fraction=1.5)
