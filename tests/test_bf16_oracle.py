@@ -30,17 +30,23 @@ def hf_last_logits(path: str, dtype: torch.dtype, prompt: tuple[int, ...]) -> to
         return model.eval()(torch.tensor([prompt])).logits[0, -1].float()
 
 
-@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
-def test_bf16_prefill_is_as_close_to_float32_as_transformers_bf16(make_tiny, arch: str) -> None:
-    deepseek = arch == "deepseek_v3"
-    path = str(make_tiny(arch, "deepseek" if deepseek else "qwen", layers=3))
+def assert_bf16_close(path: str, **engine: object) -> None:
+    """The engine in bf16 (`engine`: more LLM options, a device, a backend) on LENGTHS-token
+    prompts: last-position logits within twice transformers' own bf16 error (+0.1)."""
     prompts = random_prompts(LENGTHS, 100_000, seed=5)
-    llm = LLM(path, dtype="bfloat16", keep_logits=True, page_size=16, max_total_tokens=4096)
+    llm = LLM(path, dtype="bfloat16", keep_logits=True, page_size=16, max_total_tokens=4096,
+              **engine)  # fmt: skip
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1))
     for prompt, out in zip(prompts, outs, strict=True):
         want = hf_last_logits(path, torch.float32, tuple(prompt))
         theirs = (hf_last_logits(path, torch.bfloat16, tuple(prompt)) - want).abs().max().item()
-        ours = (out.logits[0].float() - want).abs().max().item()
+        ours = (out.logits[0].float().cpu() - want).abs().max().item()
         assert ours <= 2 * theirs + 0.1, (
             f"{len(prompt)} tokens: bf16 logits off by {ours:.3f}, transformers' by {theirs:.3f}"
         )
+
+
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+def test_bf16_prefill_is_as_close_to_float32_as_transformers_bf16(make_tiny, arch: str) -> None:
+    deepseek = arch == "deepseek_v3"
+    assert_bf16_close(str(make_tiny(arch, "deepseek" if deepseek else "qwen", layers=3)))

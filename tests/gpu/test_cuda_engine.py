@@ -35,6 +35,20 @@ def test_greedy_on_cuda_equals_transformers(make_tiny, arch: str, backend: str) 
     assert_matches_hf(path, prompts, llm.generate(prompts, GREEDY))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+def test_bf16_on_cuda_is_as_close_to_float32_as_transformers_bf16(
+    make_tiny, arch: str, backend: str
+) -> None:
+    """bf16 on the GPU, long prompts included (tests/test_bf16_oracle.py, on CUDA)."""
+    from tests.test_bf16_oracle import assert_bf16_close
+
+    installed(backend)
+    deepseek = arch == "deepseek_v3"
+    path = make_tiny(arch, "deepseek" if deepseek else "qwen", layers=3)
+    assert_bf16_close(str(path), device="cuda", attention_backend=backend)
+
+
 def test_backends_equal_torch_at_real_shapes() -> None:
     done = subprocess.run(
         [sys.executable, "scripts/gpu_kernels.py"],
