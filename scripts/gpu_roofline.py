@@ -79,15 +79,29 @@ def offline_and_roofline(
     device: str = "cuda",
 ) -> dict[str, Any]:
     """The measures (last line of the script); `full` is the saturating run's shape, and
-    `device` other than cuda (CPU, float32) checks the code on a tiny model."""
-    top = max(batches)
+    `device` other than cuda (CPU, float32) checks the code on a tiny model. The engine is
+    closed after, so the GPU is free for what runs next (the check's serving node)."""
     longest = max(input_len + output_len, full["input_len"] + full["output_len"])
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    llm = LLM(
+    with LLM(
         str(model), device=device, dtype=dtype, attention_backend=backend,
         max_running=full["max_running"], max_batch_tokens=8192, page_size=16,
         enable_prefix_cache=False, max_total_tokens=full["max_running"] * longest * 2,
-    )  # fmt: skip
+    ) as llm:  # fmt: skip
+        return measure(llm, batches, input_len, output_len, full, device, backend)
+
+
+def measure(
+    llm: LLM,
+    batches: Sequence[int],
+    input_len: int,
+    output_len: int,
+    full: dict[str, int],
+    device: str,
+    backend: str,
+) -> dict[str, Any]:
+    """Everything `offline_and_roofline` reports, measured on `llm`."""
+    top = max(batches)
     vocab = llm.engine.model_cfg.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, min(vocab, 100_000), (top, input_len), generator=gen).tolist()
