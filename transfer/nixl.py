@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from .base import Endpoint, TransferBackend, TransferError
@@ -83,6 +84,18 @@ def _mem_type(device: str) -> tuple[str, int]:
     return "VRAM", int(device.partition(":")[2] or 0)
 
 
+Span = tuple[int, int, str]
+"""A registered region: [start, end) and its device ("cpu", "cuda:N")."""
+
+
+def _device_at(spans: Sequence[Span], addr: int, whose: str) -> str:
+    """The device of the registered region holding `addr`."""
+    for start, end, device in spans:
+        if start <= addr < end:
+            return device
+    raise TransferError(f"address {addr:#x} is in no region {whose} registered with NIXL")
+
+
 def _descs(addrs: np.ndarray, lengths: np.ndarray, device_id: int) -> np.ndarray:
     return np.stack([addrs, lengths, np.full(len(addrs), device_id, dtype=np.uint64)], axis=1)
 
@@ -113,8 +126,11 @@ class NixlBackend(TransferBackend):
                 "cannot apply)"
             )
         self._registered: list[Any] = []
-        self._device = "cpu"
-        self._remote_devices: dict[str, str] = {}
+        # NOTE: a node registers its KV pages (on its GPU) beside metadata slots or staging (on
+        # its CPU); each batch is all of one or all of the other, so its memory type (DRAM or
+        # VRAM) is that of the region its first address falls in, on each side
+        self._spans: list[Span] = []
+        self._remote_spans: dict[str, list[Span]] = {}
 
     @classmethod
     def from_config(cls, config: TransferConfig) -> NixlBackend:
@@ -123,31 +139,44 @@ class NixlBackend(TransferBackend):
     def register(self, regions: Sequence[MemoryRegion]) -> None:
         for region in regions:
             mem, dev = _mem_type(region.device)
-            self._device = region.device
             reg = self._agent.register_memory([(region.base_ptr, region.length, dev, "")], mem)
             if reg is None:
                 raise TransferError(f"NIXL could not register {region.length} bytes ({mem})")
             self._registered.append(reg)
+            self._spans.append((region.base_ptr, region.base_ptr + region.length, region.device))
 
     def endpoint(self) -> Endpoint:
-        return Endpoint(self.name, self._agent.name, self._agent.get_agent_metadata(), self._device)
+        """The agent's metadata and our regions' devices (a peer's descriptors name them)."""
+        blob = msgpack.packb([self._agent.get_agent_metadata(), self._spans])
+        device = next((d for _, _, d in self._spans if d != "cpu"), "cpu")
+        return Endpoint(self.name, self._agent.name, blob, device)
 
     def connect(self, peer: Endpoint) -> str:
-        if peer.session in self._remote_devices:
+        if peer.session in self._remote_spans:
             self.disconnect(peer.session)
-        name = self._agent.add_remote_agent(peer.blob)
+        try:
+            metadata, spans = msgpack.unpackb(peer.blob)
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            raise TransferError(f"NIXL peer {peer.session} sent an endpoint we cannot read") from e
+        name = self._agent.add_remote_agent(metadata)
         key = name.decode() if isinstance(name, bytes) else name
-        self._remote_devices[key] = peer.device
+        self._remote_spans[key] = [(int(a), int(b), str(d)) for a, b, d in spans]
         return key
 
     def disconnect(self, peer_key: str) -> None:
-        if self._remote_devices.pop(peer_key, None) is not None:
+        if self._remote_spans.pop(peer_key, None) is not None:
             with contextlib.suppress(Exception):  # already gone; nothing to undo
                 self._agent.remove_remote_agent(peer_key)
 
     def submit(self, peer_key: str, batch: DescriptorBatch) -> Any:
-        local_mem, local_dev = _mem_type(self._device)
-        remote_mem, remote_dev = _mem_type(self._remote_devices.get(peer_key, "cpu"))
+        remote_spans = self._remote_spans.get(peer_key)
+        if remote_spans is None:
+            raise TransferError(f"NIXL peer {peer_key} is not connected")
+        local, remote = "cpu", "cpu"  # an empty batch names no memory
+        if len(batch):
+            local = _device_at(self._spans, int(batch.src[0]), "we")
+            remote = _device_at(remote_spans, int(batch.dst[0]), f"peer {peer_key}")
+        (local_mem, local_dev), (remote_mem, remote_dev) = _mem_type(local), _mem_type(remote)
         try:
             local = self._agent.get_xfer_descs(
                 _descs(batch.src, batch.lengths, local_dev), local_mem
@@ -179,11 +208,12 @@ class NixlBackend(TransferBackend):
             self._release(handle)
 
     def close(self) -> None:
-        for peer in list(self._remote_devices):
+        for peer in list(self._remote_spans):
             self.disconnect(peer)
         for reg in self._registered:
             self._agent.deregister_memory(reg)
         self._registered.clear()
+        self._spans.clear()
 
     def _release(self, handle: Any) -> None:
         # NOTE: a handle that cannot be cancelled is reclaimed when the agent goes.

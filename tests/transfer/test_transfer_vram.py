@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from transfer.base import TransferError
 from transfer.buffers import MemoryRegion
 from transfer.descriptors import DescriptorBatch
 from transfer.nixl import NIXL_MODULES, NixlBackend, _mem_type
@@ -49,6 +50,74 @@ def test_scattered_ranges_land_in_the_peer_buffer(device: str) -> None:
             covered[o : o + n] = True
         want = torch.where(covered, src.cpu(), 0)
         assert torch.equal(dst.cpu(), want)
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def _pair(device: str, label: str | None = None):
+    """Two agents registering what a node does: KV pages on `device` (each side's spans naming
+    them `label` when given: how a GPU's pages look to NIXL), then a metadata slot on CPU."""
+    sides = []
+    for _ in range(2):
+        pages = torch.randint(0, 256, (4 * MiB,), dtype=torch.uint8, device=device)
+        slot = torch.randint(0, 256, (4096,), dtype=torch.uint8)
+        backend = NixlBackend()
+        backend.register(
+            [
+                MemoryRegion(pages.data_ptr(), pages.numel(), str(pages.device)),
+                MemoryRegion(slot.data_ptr(), slot.numel()),
+            ]
+        )
+        if label is not None:
+            start, end, _ = backend._spans[0]
+            backend._spans[0] = (start, end, label)
+        sides.append((backend, pages, slot))
+    return sides
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_pages_and_metadata_each_move_in_their_own_memory(device: str) -> None:
+    """A node's two kinds of writes through one agent pair: KV pages (on the pool's device) and
+    the metadata slot (on CPU), each batch described with its own memory's type."""
+    (prefill, src_pages, src_slot), (decode, dst_pages, dst_slot) = _pair(device)
+    try:
+        key = prefill.connect(decode.endpoint())
+        assert decode.endpoint().device == str(dst_pages.device)
+        for src, dst, n in ((src_pages, dst_pages, 1 * MiB), (src_slot, dst_slot, 64)):
+            batch = DescriptorBatch.single(src.data_ptr(), dst.data_ptr() + 16, n)
+            assert prefill.wait(prefill.submit(key, batch), time.monotonic() + 30) == ""
+            if device == "cuda":
+                torch.cuda.synchronize()
+            assert torch.equal(dst[16 : 16 + n].cpu(), src[:n].cpu())
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_each_batch_names_the_memory_type_of_its_own_regions(monkeypatch) -> None:
+    """Pages registered as a GPU's (labelled cuda:0 here, on CPU) and a CPU slot: the page batch
+    asks NIXL for VRAM of device 0 on both sides, the slot batch for DRAM (one type per agent,
+    the last registered, sent every GPU page as DRAM: NIXL finds no such registration)."""
+    (prefill, src_pages, src_slot), (decode, dst_pages, dst_slot) = _pair("cpu", "cuda:0")
+    asked: list[tuple[str, int]] = []
+    real = prefill._agent.get_xfer_descs
+
+    def spy(descs, mem):
+        asked.append((mem, int(descs[0][2])))
+        return real(descs, "DRAM")  # the memory is really the CPU's
+
+    monkeypatch.setattr(prefill._agent, "get_xfer_descs", spy)
+    try:
+        key = prefill.connect(decode.endpoint())
+        assert decode.endpoint().device == "cuda:0"
+        for src, dst in ((src_pages, dst_pages), (src_slot, dst_slot)):
+            batch = DescriptorBatch.single(src.data_ptr(), dst.data_ptr(), 64)
+            assert prefill.wait(prefill.submit(key, batch), time.monotonic() + 30) == ""
+        assert asked == [("VRAM", 0), ("VRAM", 0), ("DRAM", 0), ("DRAM", 0)]
+        outside = DescriptorBatch.single(src_slot.data_ptr() + 8192, dst_slot.data_ptr(), 8)
+        with pytest.raises(TransferError, match="no region"):
+            prefill.submit(key, outside)
     finally:
         prefill.close()
         decode.close()
