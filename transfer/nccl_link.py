@@ -18,11 +18,12 @@ despite a 2 s timeout), and prefill's writer threads must never block unbounded 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -167,7 +168,29 @@ def build_group(
     # NOTE: our own deadlines abort a stuck pair first; NCCL's watchdog, whose default on a
     # timed-out op is to end the whole process, stays out of the way
     options._timeout = timedelta(seconds=4 * timeout_s)
-    return dist.ProcessGroupNCCL(store, rank, 2, options)
+    # NOTE: and on an error (a peer that died mid-transfer) the watchdog's default (3) ends the
+    # whole process too, racing our own abort of the pair; 2 aborts the pair's communicator and
+    # leaves its works failed, which fails the pair's rooms alone. torch reads it as the group
+    # is made.
+    with _environ(ASYNC_ERROR_HANDLING, "2"):
+        return dist.ProcessGroupNCCL(store, rank, 2, options)
+
+
+ASYNC_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    """`name` set to `value` in the block, as before after (unset if it was)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 class Link:

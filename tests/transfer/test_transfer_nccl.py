@@ -5,6 +5,7 @@ restarts) without a leaked thread or a wedged writer."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import threading
@@ -306,3 +307,27 @@ def _covered(offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     for o, n in zip(offsets.tolist(), lengths.tolist(), strict=True):
         mask[o : o + n] = True
     return mask
+
+
+def test_nccl_pair_groups_fail_their_works_instead_of_ending_the_process(monkeypatch) -> None:
+    """A pair's NCCL group is made with TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (torch reads it as
+    the group is made): a peer dying mid-transfer aborts that communicator and fails its works,
+    where torch's default (3) has the watchdog end the whole node. The variable is as it was
+    after, so other groups (tensor parallel) keep the default."""
+    from transfer import nccl_link
+
+    seen: list[str | None] = []
+
+    class Group:  # stands in for ProcessGroupNCCL, which a CPU build of torch lacks
+        Options = type("Options", (), {})
+
+        def __init__(self, store, rank, size, options) -> None:
+            seen.append(os.environ.get(nccl_link.ASYNC_ERROR_HANDLING))
+
+    monkeypatch.setattr(nccl_link.dist, "ProcessGroupNCCL", Group, raising=False)
+    monkeypatch.delenv(nccl_link.ASYNC_ERROR_HANDLING, raising=False)
+    nccl_link.build_group("nccl", None, 0, "127.0.0.1", 5.0, 5.0)
+    monkeypatch.setenv(nccl_link.ASYNC_ERROR_HANDLING, "1")
+    nccl_link.build_group("nccl", None, 1, "127.0.0.1", 5.0, 5.0)
+    assert seen == ["2", "2"]
+    assert os.environ[nccl_link.ASYNC_ERROR_HANDLING] == "1"
