@@ -35,7 +35,7 @@ from .base import Endpoint, TransferBackend, TransferError
 from .buffers import MemoryRegion
 from .config import TransferConfig
 from .descriptors import DescriptorBatch
-from .nccl_link import CODEC, DecodeAddress, LinkError, group_kind
+from .nccl_link import CODEC, DecodeAddress, LinkError, gpu_identity, group_kind
 from .nccl_memory import RegionMap, StagingPool
 from .nccl_pair import Batch, PrefillPair
 from .nccl_serve import PairServer
@@ -113,7 +113,8 @@ class NcclBackend(TransferBackend):
         # NOTE: a key per connect, so that forgetting an old registration of a decode never
         # tears down the pair of its new one
         key = f"{peer.session}#{next(self._keys)}"
-        self._peers[key] = _Peer(address, group_kind(self._regions.device, peer.device))
+        same_gpu = bool(address.gpu) and address.gpu == gpu_identity(self._regions.device)
+        self._peers[key] = _Peer(address, group_kind(self._regions.device, peer.device, same_gpu))
         return key
 
     def disconnect(self, peer_key: str) -> None:

@@ -44,10 +44,12 @@ class LinkError(RuntimeError):
 
 @dataclass(frozen=True)
 class DecodeAddress:
-    """Where a decode engine listens for pairs (the Endpoint blob)."""
+    """Where a decode engine listens for pairs (the Endpoint blob), and the identity of the GPU
+    its KV lives on ("" on CPU)."""
 
     host: str
     port: int
+    gpu: str = ""
 
 
 @dataclass(frozen=True)
@@ -146,9 +148,23 @@ def pair_store(host: str, port: int, pair: str, timeout_s: float) -> dist.Store:
     return dist.PrefixStore(f"pdserve-nccl/{pair}/", client)
 
 
-def group_kind(local_device: str, peer_device: str) -> str:
-    """NCCL when both ends hold their KV on CUDA; gloo otherwise (through CPU staging)."""
-    return "nccl" if local_device != "cpu" and peer_device != "cpu" else "gloo"
+def group_kind(local_device: str, peer_device: str, same_gpu: bool = False) -> str:
+    """NCCL when both ends hold their KV on CUDA, on two GPUs; gloo otherwise (through CPU
+    staging): NCCL refuses a communicator whose two ranks share a GPU ("Duplicate GPU")."""
+    both_cuda = local_device != "cpu" and peer_device != "cpu"
+    return "nccl" if both_cuda and not same_gpu else "gloo"
+
+
+def gpu_identity(device: str) -> str:
+    """The GPU behind `device`, the same string in every process that sees it (its UUID,
+    whatever CUDA_VISIBLE_DEVICES numbers it as); "" on CPU."""
+    if device == "cpu":
+        return ""
+    props = torch.cuda.get_device_properties(torch.device(device))
+    uuid = getattr(props, "uuid", None)
+    if uuid is not None:
+        return str(uuid)
+    return f"{socket.gethostname()}/{getattr(props, 'pci_bus_id', device)}"
 
 
 def build_group(

@@ -39,6 +39,7 @@ from .nccl_link import (
     PairHello,
     PairWelcome,
     build_group,
+    gpu_identity,
     pair_store,
     recv_frame,
     send_frame,
@@ -61,7 +62,8 @@ class PairServer:
         self._timeout_s = timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._listener = socket.create_server((host, 0))
-        self.address = DecodeAddress(host, self._listener.getsockname()[1])
+        port = self._listener.getsockname()[1]
+        self.address = DecodeAddress(host, port, gpu_identity(regions.device))
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._links: set[Link] = set()

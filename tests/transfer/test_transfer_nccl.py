@@ -302,6 +302,40 @@ def test_cuda_memory_through_a_gloo_pair() -> None:
         decode.close()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_both_ends_on_one_gpu_pair_over_gloo() -> None:
+    """Prefill and decode KV on the same GPU (one-GPU PD): NCCL refuses a communicator whose
+    ranks share a GPU, so the pair is gloo, staged through CPU, and the bytes still land."""
+    src = torch.randint(0, 256, (8 * MiB,), dtype=torch.uint8, device="cuda")
+    dst = torch.zeros(8 * MiB, dtype=torch.uint8, device="cuda")
+    prefill, decode = NcclBackend(), NcclBackend()
+    prefill.register([MemoryRegion(src.data_ptr(), src.numel(), str(src.device))])
+    decode.register([MemoryRegion(dst.data_ptr(), dst.numel(), str(dst.device))])
+    try:
+        key = prefill.connect(decode.endpoint())
+        lengths = np.array([4096, 1 * MiB, 100], np.uint64)
+        offsets = np.array([0, 8192, 4 * MiB], np.uint64)
+        batch = DescriptorBatch(src.data_ptr() + offsets, dst.data_ptr() + offsets, lengths)
+        assert prefill.wait(prefill.submit(key, batch), time.monotonic() + 30) == ""
+        want = np.where(_covered(offsets, lengths), src.cpu().numpy(), 0)
+        assert np.array_equal(dst.cpu().numpy(), want)
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_a_pair_on_one_gpu_is_gloo_and_on_two_nccl() -> None:
+    from transfer.nccl_link import gpu_identity, group_kind
+
+    assert group_kind("cuda:0", "cuda:1") == "nccl"
+    assert group_kind("cuda:0", "cuda:0", same_gpu=True) == "gloo"
+    assert group_kind("cpu", "cuda:0") == group_kind("cuda:0", "cpu") == "gloo"
+    assert gpu_identity("cpu") == ""
+    address = DecodeAddress("10.0.0.1", 4000, "GPU-1234")
+    assert CODEC.decode(CODEC.encode(address)) == address
+
+
 def _covered(offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     mask = np.zeros(8 * MiB, bool)
     for o, n in zip(offsets.tolist(), lengths.tolist(), strict=True):
