@@ -67,12 +67,16 @@ class MemoryRegion:
 
 
 def regions_for(buffers: Sequence[KVBuffer]) -> list[MemoryRegion]:
-    """Registration ranges covering every buffer; overlapping or touching views are merged."""
+    """Registration ranges covering every buffer; overlapping views are merged, and touching
+    ones on CPU. Touching GPU buffers stay apart: two allocations may sit back to back there,
+    and a registration across both is one that GPU-direct memory registration may refuse."""
     spans = sorted((*b.span, b.device) for b in buffers)
     merged: list[list[Any]] = []
     for start, end, device in spans:
-        if merged and start <= merged[-1][1] and device == merged[-1][2]:
-            merged[-1][1] = max(merged[-1][1], end)
+        last = merged[-1] if merged else None
+        touch_ok = device == "cpu"
+        if last and device == last[2] and (start < last[1] or (start == last[1] and touch_ok)):
+            last[1] = max(last[1], end)
         else:
             merged.append([start, end, device])
     return [MemoryRegion(s, e - s, d) for s, e, d in merged]

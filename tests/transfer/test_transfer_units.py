@@ -65,6 +65,22 @@ def test_buffer_views_from_arrays_and_registration_regions() -> None:
     assert len(regions) == 1 and regions[0].length == whole.nbytes
 
 
+def test_touching_gpu_buffers_register_apart_and_cpu_ones_as_one() -> None:
+    """Back-to-back buffers merge on CPU; on a GPU they may be two allocations, so stay two
+    registrations (views that overlap, of one allocation, still merge)."""
+    for device, count in (("cpu", 1), ("cuda:0", 2)):
+        touching = [
+            KVBuffer(1 << 20, 4096, 4, device=device),
+            KVBuffer((1 << 20) + 16384, 4096, 4, device=device),
+        ]
+        assert len(regions_for(touching)) == count
+    overlapping = [
+        KVBuffer(1 << 20, 16, 8, 32, "cuda:0"),
+        KVBuffer((1 << 20) + 16, 16, 8, 32, "cuda:0"),
+    ]
+    assert [(r.base_ptr, r.length) for r in regions_for(overlapping)] == [(1 << 20, 7 * 32 + 32)]
+
+
 def test_messages_round_trip_and_reject_garbage() -> None:
     for msg in (RoomRequest(5, (1, 2, 3), 7), RoomUpdate(5, 3, "", (10, 2, 1, 0.5))):
         assert decode(encode(msg)) == msg
