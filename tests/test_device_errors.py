@@ -48,3 +48,14 @@ def test_generate_command_says_why_and_exits_non_zero(make_tiny) -> None:
     assert done.returncode != 0
     assert "runs on CUDA only" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_flashinfer_takes_half_precision_only() -> None:
+    """A float32 model with FlashInfer is refused at load (its kernels take fp16/bf16: the
+    first step would fail), naming the dtype to set."""
+    from engine.layers.attention.flashinfer_backend import check_dtype
+
+    check_dtype(torch.bfloat16)
+    check_dtype(torch.float16)
+    with pytest.raises(ValueError, match=r"is float32: set engine\.dtype: bfloat16"):
+        check_dtype(torch.float32)

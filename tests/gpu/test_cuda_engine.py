@@ -1,6 +1,8 @@
 """The engine on CUDA (GPU-marked: skipped without a GPU; scripts/gpu_check.sh runs them):
-greedy tokens and prefill logits equal transformers' for Llama and DeepSeek-V3 with each
-attention backend installed, and every backend equals the torch backend at real layer shapes."""
+greedy tokens and prefill logits equal transformers' for Llama and DeepSeek-V3 in float32
+(torch and triton), bf16 logits as close to float32 transformers as its own bf16 run (every
+installed backend, FlashInfer's only dtypes), and every backend equals the torch backend at real
+layer shapes."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def installed(backend: str) -> None:
         pytest.skip(f"{backend} is not installed")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # FlashInfer: bf16 only, below
 @pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
 def test_greedy_on_cuda_equals_transformers(make_tiny, arch: str, backend: str) -> None:
     installed(backend)

@@ -56,6 +56,16 @@ class FlashInferMeta:
         return self._write_rows
 
 
+def check_dtype(dtype: torch.dtype) -> None:
+    """FlashInfer's kernels take fp16 and bf16 (a float32 model would fail at its first step)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"attention_backend 'flashinfer' takes a bfloat16 or float16 model, and this one is "
+            f"{str(dtype).removeprefix('torch.')}: set engine.dtype: bfloat16, or use "
+            "attention_backend 'triton' or 'torch'"
+        )
+
+
 class FlashInferAttention(AttentionBackend):
     def __init__(self, pool: PagePool, scale: float) -> None:
         if pool.device.type != "cuda":
@@ -63,9 +73,11 @@ class FlashInferAttention(AttentionBackend):
                 f"attention_backend 'flashinfer' runs on CUDA only (engine.device is "
                 f"{pool.device}): use attention_backend 'torch' (or 'triton') there"
             )
+        check_dtype(pool.layout.dtype)
         fi = import_flashinfer()
         self.pool, self.scale, self.layout = pool, scale, pool.layout
-        workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=pool.device)
+        # NOTE: zeroed, as FlashInfer asks of a workspace's first use
+        workspace = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=pool.device)
         if self.layout.kind == "mla":
             self.mla = fi.mla.BatchMLAPagedAttentionWrapper(workspace, backend="auto")
         else:
@@ -74,6 +86,7 @@ class FlashInferAttention(AttentionBackend):
                 workspace, "HND", use_tensor_cores=True
             )
         self._pending: tuple[Any, ...] | None = None
+        self._planned: torch.cuda.Event | None = None  # the last plan's copies, queued
 
     def prepare(self, batch: AttentionBatch) -> FlashInferMeta:
         """The step's index arrays; the wrapper is planned at the first layer (which tells the
@@ -104,6 +117,11 @@ class FlashInferAttention(AttentionBackend):
             return
         qo_indptr, kv_indptr, indices, last_page, kv_lens, decode_only = self._pending
         self._pending = None
+        # NOTE: a plan writes its schedule into pinned host memory and queues a copy to the
+        # GPU without waiting; the next plan must not overwrite (or let torch reuse) that memory
+        # before the copy has run, which a run of steps with no host sync (prefill chunks) allows
+        if self._planned is not None:
+            self._planned.synchronize()
         layout, page_size, kv_dtype = self.layout, self.pool.page_size, self.layout.dtype
         if layout.kind == "mla":
             self.mla.plan(
@@ -121,6 +139,8 @@ class FlashInferAttention(AttentionBackend):
                 layout.head_dim, page_size, causal=True, sm_scale=self.scale,
                 q_data_type=q_dtype, kv_data_type=kv_dtype,
             )  # fmt: skip
+        self._planned = torch.cuda.Event()
+        self._planned.record()
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, meta: Any
