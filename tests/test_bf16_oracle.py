@@ -3,7 +3,7 @@ to float32 transformers as transformers' own bfloat16 run is, long prompts inclu
 
 Token equality is too strict a check in bf16 (rounding flips near ties); the error against the
 float32 reference is not. A precision bug shows as an error many times transformers' own: rope
-frequencies rounded to bf16 made it 10x at 1500 tokens.
+frequencies rounded to bf16 made it 6x at 1200 tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from engine.llm import LLM
 from engine.sampling import SamplingParams
 from tests.test_engine_oracle import random_prompts
 
-LENGTHS = [40, 400, 1500]
+LENGTHS = [30, 1200]
 
 
 @cache
@@ -49,4 +49,4 @@ def assert_bf16_close(path: str, **engine: object) -> None:
 @pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
 def test_bf16_prefill_is_as_close_to_float32_as_transformers_bf16(make_tiny, arch: str) -> None:
     deepseek = arch == "deepseek_v3"
-    assert_bf16_close(str(make_tiny(arch, "deepseek" if deepseek else "qwen", layers=3)))
+    assert_bf16_close(str(make_tiny(arch, "deepseek" if deepseek else "qwen", layers=2)))
