@@ -43,13 +43,14 @@ class DPScheduler:
 
     def _by_load(self, req: Req) -> list[int]:
         """Ranks, the best home for `req` first: fewest requests, then most of the prompt
-        cached, then the lowest rank."""
+        cached, then fewest requests placed so far (requests arriving one at a time, each gone
+        before the next, take the ranks in turn), then the lowest rank."""
         prompt = req.token_slice(0, req.seq_len - 1)
 
-        def key(r: int) -> tuple[int, int, int]:
+        def key(r: int) -> tuple[int, int, int, int]:
             s = self.ranks[r]
             load = len(s.running) + len(s.waiting) + len(s.held)
-            return load, -s.cached_prefix_len(prompt), r
+            return load, -s.cached_prefix_len(prompt), self.placed[r], r
 
         return sorted(range(len(self.ranks)), key=key)
 

@@ -95,6 +95,17 @@ def test_decode_steps_exchange_at_a_fixed_capacity_prefill_at_counted_sizes(
     assert_every_pool_whole(llm)
 
 
+def test_requests_one_at_a_time_take_the_ranks_in_turn(case) -> None:
+    """Each request gone before the next comes (every rank idle, no prefix cached that helps):
+    they take the ranks in turn rather than all the lowest."""
+    _, llm = case
+    before = list(ranks_of(llm).placed)
+    for prompt in random_prompts([9, 10, 11, 12], VOCAB, seed=25):
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    assert [a - b for a, b in zip(ranks_of(llm).placed, before, strict=True)] == [2, 2]
+    assert_every_pool_whole(llm)
+
+
 def test_prefix_hits_go_to_the_rank_that_cached_the_prefix(case) -> None:
     path, llm = case
     prefix = random_prompts([70], VOCAB, seed=23)[0]
