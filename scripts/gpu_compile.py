@@ -137,6 +137,12 @@ def main() -> int:
     parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT))
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
     parser.add_argument("--quick", action="store_true", help="one page size, TP 8 shapes only")
+    parser.add_argument(
+        "--probe-refusal",
+        action="store_true",
+        help="also compile a tile past the limit (MLA decode over 256 keys a step), reported "
+        "under 'probe' and not counted as refused: the check itself can fail",
+    )
     args = parser.parse_args()
     dtypes = [getattr(torch, name) for name in args.dtypes]
     driver = CompileOnlyDriver(args.arch, SHARED_LIMIT[args.arch])
@@ -157,6 +163,13 @@ def main() -> int:
         "max_registers": max((r.registers for r in reports), default=0),
         "compiled": [dataclasses.asdict(r) for r in reports],
     }
+    if args.probe_refusal:
+        with driver.active():
+            mla = KVLayout.mla(1, 512, 64, dtypes[0])
+            too_big = partial(
+                attention_step, mla, 16, 64, SHORT, dtypes[0], TritonBlocks(decode_n=256)
+            )
+            summary["probe"] = [r.error for r in driver.run("probe", too_big)]
     print(json.dumps(summary))
     return 1 if summary["refused"] or not reports else 0
 
