@@ -536,21 +536,24 @@ def test_decode_hang_moves_its_streams_within_seconds_and_it_is_probed_back_in(
 ) -> None:
     gateway, victim = nodes.gateway, nodes.url("decode-0")
     prompts = [f"Hang {i}: " + "a story about a stuck node " * (i + 1) for i in range(6)]
-    bodies = [completion(p, 512, stream=True, native=i % 3 == 2) for i, p in enumerate(prompts)]
+    bodies = [completion(p, LONG, stream=True, native=i % 3 == 2) for i, p in enumerate(prompts)]
     hung = nodes.components["decode-0"]
     moved = gateway_metric(gateway, "migrations_total")
 
-    def count() -> int:
+    def stop_and_count() -> int:
+        # NOTE: stop first, then count: counted first, a fast machine finished the victim's
+        # streams in between (0 victims, seen in CI); stopped, they stay in flight
+        hung.signal(signal.SIGSTOP)
         return gateway_metric(gateway, "instance_outstanding_requests", victim)
 
     outcomes, victims, _ = asyncio.run(
-        streams_across_a_kill(gateway, bodies, count, lambda: hung.signal(signal.SIGSTOP))
+        streams_across_a_kill(gateway, bodies, stop_and_count, lambda: None)
     )
     try:
         assert victims >= 1
         assert [o.error for o in outcomes] == [None] * len(outcomes)
-        expected = expected_outputs(nodes.model, bodies, 512)
-        assert [(o.output, o.tokens) for o in outcomes] == [(e, 512) for e in expected]
+        expected = expected_outputs(nodes.model, bodies, LONG)
+        assert [(o.output, o.tokens) for o in outcomes] == [(e, LONG) for e in expected]
         assert max(o.longest_wait for o in outcomes) < HANG_BOUND_S
         assert gateway_metric(gateway, "migrations_total") - moved == victims
         assert not healthy_in(gateway, victim)
