@@ -85,8 +85,18 @@ class GatewaySettings:
     log_level: str = setting("warning", "debug, info, warning or error")
 
     def __post_init__(self) -> None:
+        check_log_level(self.log_level)
         if self.max_migrations < 0:
             raise ValueError(f"max_migrations must be >= 0, got {self.max_migrations}")
         for name in ("first_token_timeout_s", "token_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def check_log_level(level: str) -> None:
+    """ValueError (naming the field) unless `level` is one the components' logging takes."""
+    if level.lower() not in LOG_LEVELS:
+        raise ValueError(f"log_level {level!r} is unknown (use one of {', '.join(LOG_LEVELS)})")

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from api.settings import LOG_LEVELS
 from cluster import commands
 from cluster.k8s.command import add_k8s
 from modelgen.spec import add_flags, spec_from_flags
@@ -93,7 +94,9 @@ def _print_completions(llm: Any, args: argparse.Namespace, params: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
-    parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--log-level", default="warning", type=str.lower, choices=LOG_LEVELS, help="this command's"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_model(sub)
     _add_generate(sub)

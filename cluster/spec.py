@@ -12,7 +12,7 @@ from pathlib import Path
 from api.settings import GatewaySettings, Instance, setting
 from engine.options import EngineOptions
 from modelgen.spec import MakeSpec
-from node.settings import NodeSettings
+from node.settings import NodeSettings, check_node_choices
 from transfer.config import TransferConfig
 
 from .k8s.settings import K8sSettings
@@ -43,6 +43,9 @@ class PrefillSpec:
     drain_timeout_s: float | None = None
     log_level: str | None = None
 
+    def __post_init__(self) -> None:
+        check_node_choices(self.log_level, None, None)
+
 
 @dataclass(frozen=True)
 class DecodeSpec:
@@ -59,6 +62,9 @@ class DecodeSpec:
     log_level: str | None = None
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
+
+    def __post_init__(self) -> None:
+        check_node_choices(self.log_level, self.reasoning_parser, self.tool_call_parser)
 
 
 @dataclass(frozen=True)

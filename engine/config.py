@@ -141,10 +141,22 @@ class ModelConfig:
 
     @staticmethod
     def load(model_dir: str | Path) -> ModelConfig:
-        path = Path(model_dir) / "config.json"
+        path = checkpoint_dir(model_dir) / "config.json"
         if not path.is_file():
             raise FileNotFoundError(
                 f"no config.json in {model_dir} (point --model at a Hugging Face checkpoint "
                 "directory, or make one with `pdserve make-model`)"
             )
         return ModelConfig.from_hf(json.loads(path.read_text()))
+
+
+def checkpoint_dir(model_dir: str | Path) -> Path:
+    """`model_dir` as a Path; FileNotFoundError naming it where no such directory exists."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise FileNotFoundError(
+            f"no model directory at {model_dir}{where}: point --model or model.path at a "
+            "Hugging Face checkpoint directory, or make one with `pdserve make-model`"
+        )
+    return path

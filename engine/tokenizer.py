@@ -13,6 +13,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
+from engine.config import checkpoint_dir
+
 REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for bytes that are not (yet) whole UTF-8
 
 
@@ -36,7 +38,7 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerFast:
     """The checkpoint's fast tokenizer, from local files only (never the network)."""
     from transformers import AutoTokenizer
 
-    model_dir = Path(model_dir)
+    model_dir = checkpoint_dir(model_dir)
     if not (model_dir / "tokenizer.json").is_file():
         raise FileNotFoundError(
             f"{model_dir} has no tokenizer.json (point --model at an HF checkpoint directory, "

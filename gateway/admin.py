@@ -61,6 +61,13 @@ def _add(request: Request, body: dict[str, Any]) -> Response:
         raise invalid_request(
             f"bootstrap_port must be a port number (got {port!r})", "bootstrap_port"
         )
+    if role == "prefill" and port is None:
+        # NOTE: decode fetches a prefill's KV through its bootstrap server; without the port
+        # every request paired with this prefill would fail
+        raise invalid_request(
+            "a prefill worker needs its bootstrap_port (the node's transfer.bootstrap_port)",
+            "bootstrap_port",
+        )
     try:
         worker = gw.add_worker(role, Instance(_url_of(body), port))
     except ValueError as exc:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from api.settings import Role, setting
+from api.settings import Role, check_log_level, setting
 from engine.options import EngineOptions
 from node.reasoning import REASONING_PARSERS
 from node.tool_parsers import TOOL_PARSERS
@@ -61,16 +61,7 @@ class NodeSettings:
     )
 
     def __post_init__(self) -> None:
-        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
-            raise ValueError(
-                f"tool_call_parser {self.tool_call_parser!r} is unknown (use one of "
-                f"{', '.join(TOOL_PARSERS)})"
-            )
-        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
-            raise ValueError(
-                f"reasoning_parser {self.reasoning_parser!r} is unknown (use one of "
-                f"{', '.join(REASONING_PARSERS)})"
-            )
+        check_node_choices(self.log_level, self.reasoning_parser, self.tool_call_parser)
         if self.drain_timeout_s < 0:
             raise ValueError(
                 f"drain_timeout_s must be >= 0, got {self.drain_timeout_s} (0: end what is in "
@@ -81,3 +72,21 @@ class NodeSettings:
     def model_name(self) -> str:
         """The model id clients and peers see: served_model_name, else the checkpoint dir name."""
         return self.served_model_name or Path(self.model).name
+
+
+def check_node_choices(
+    log_level: str | None, reasoning_parser: str | None, tool_call_parser: str | None
+) -> None:
+    """ValueError (naming the field) for a choice no node takes; None: the default."""
+    if log_level is not None:
+        check_log_level(log_level)
+    if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+        raise ValueError(
+            f"tool_call_parser {tool_call_parser!r} is unknown (use one of "
+            f"{', '.join(TOOL_PARSERS)})"
+        )
+    if reasoning_parser is not None and reasoning_parser not in REASONING_PARSERS:
+        raise ValueError(
+            f"reasoning_parser {reasoning_parser!r} is unknown (use one of "
+            f"{', '.join(REASONING_PARSERS)})"
+        )

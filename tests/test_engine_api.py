@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from engine.config import ModelConfig
 from engine.llm import LLM
 from engine.sampling import SamplingParams
+from engine.tokenizer import load_tokenizer
 from tests.test_engine_oracle import (
     GREEDY,
     assert_matches_hf,
@@ -159,6 +160,16 @@ def test_missing_weights(make_tiny, tmp_path) -> None:
 def test_missing_config(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no config\.json.*make-model"):
         LLM(str(tmp_path))
+
+
+def test_missing_model_directory_is_named_as_such(tmp_path, monkeypatch) -> None:
+    """A path with no directory at all is not "a directory without config.json"; a relative
+    one says what it was relative to."""
+    with pytest.raises(FileNotFoundError, match=r"no model directory at .*/gone: point"):
+        LLM(str(tmp_path / "gone"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"at rel/dir \(relative to {tmp_path}\)"):
+        load_tokenizer("rel/dir")
 
 
 def test_incomplete_and_misshapen_weights(make_tiny, tmp_path) -> None:

@@ -149,6 +149,27 @@ def test_bad_backend_policy_and_protocol() -> None:
     assert "transfer.protocol" in error_of(config_with(transfer={"protocol": "udp"}))
 
 
+def test_log_levels_and_parsers_fail_at_load() -> None:
+    """Choices a node or the gateway would refuse at start fail at load, naming the key (a
+    node refusing them only when launched was restarted again and again)."""
+    gateway = {**BASE["gateway"], "log_level": "verbose"}
+    message = error_of(config_with(gateway=gateway))
+    assert "gateway.log_level: 'verbose' is unknown (use one of debug, info" in message
+    prefill = [{**BASE["prefill"][0], "log_level": "loud"}]
+    assert "prefill.0.log_level: 'loud' is unknown" in error_of(config_with(prefill=prefill))
+    for key, value, hint in (
+        ("log_level", "trace", "debug, info, warning, error"),
+        ("reasoning_parser", "foo", "deepseek-r1, qwen3"),
+        ("tool_call_parser", "bar", "hermes, llama3, deepseek-v3"),
+    ):
+        decode = [{**BASE["decode"][0], key: value}]
+        message = error_of(config_with(decode=decode))
+        assert f"decode.0.{key}: {value!r} is unknown (use one of {hint})" in message
+    decode = [{**BASE["decode"][0], "log_level": "INFO", "tool_call_parser": "llama3"}]
+    node = parse_cluster(config_with(decode=decode)).node_settings("d0")
+    assert (node.log_level, node.tool_call_parser) == ("INFO", "llama3")
+
+
 def test_transfer_timeouts_must_be_positive_and_ordered() -> None:
     assert "transfer.transfer_timeout_s: must be > 0" in error_of(
         config_with(transfer={"transfer_timeout_s": 0})

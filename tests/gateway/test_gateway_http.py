@@ -148,6 +148,9 @@ def test_workers_admin(harness: Callable[..., Harness]) -> None:
         assert_openai_error(c.post("/workers", json=new, headers=auth), 409)
         assert_openai_error(c.post("/workers", json={**new, "role": "x"}, headers=auth), 400)
         assert_openai_error(c.post("/workers", json={**new, "url": "ftp://h"}, headers=auth), 400)
+        portless = {"role": "prefill", "url": "http://127.0.0.1:2"}  # decode could not fetch
+        error = assert_openai_error(c.post("/workers", json=portless, headers=auth), 400)
+        assert error["param"] == "bootstrap_port" and "bootstrap_port" in error["message"]
         gone = c.request("DELETE", "/workers", json={"url": "http://127.0.0.1:1"}, headers=auth)
         assert gone.status_code == 200
         decode_url = h.url_of(h.decode[0])
