@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from api.settings import LOG_LEVELS
@@ -17,7 +18,8 @@ from modelgen.spec import add_flags, spec_from_flags
 
 def _add_make_model(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("make-model", help="write a tiny random-weight HF checkpoint")
-    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--out", required=True, help="directory to write (new or empty)")
+    p.add_argument("--force", action="store_true", help="overwrite what --out holds")
     add_flags(p)
     p.set_defaults(func=_make_model)
 
@@ -25,6 +27,10 @@ def _add_make_model(sub: argparse._SubParsersAction) -> None:
 def _make_model(args: argparse.Namespace) -> int:
     from modelgen.make import make_model
 
+    out = Path(args.out)
+    if not args.force and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # NOTE: random weights over a real checkpoint would be a loss nobody could undo
+        raise FileExistsError(f"{out} exists and is not empty (--force overwrites it)")
     spec = spec_from_flags(args)
     print(make_model(spec.arch, args.out, **spec.make_kwargs()))
     return 0
@@ -122,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"pdserve {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -72,6 +72,7 @@ def write_atomically(make: MakeSpec, target: Path) -> None:
             make_model(make.arch, tmp, **make.make_kwargs())
         except ValueError as exc:
             raise ValueError(f"model.make: {exc}") from None
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the cache from other users' containers
         os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -82,4 +82,6 @@ def make_model(
     build_generation_config(ids).save_pretrained(out)
     save_weights(tensors, out, max_shard_bytes)
     hf_tokenizer.save_pretrained(out, save_jinja_files=False)
+    for path in out.iterdir():  # NOTE: safetensors writes 0600; a checkpoint is for all to read
+        path.chmod(0o644)
     return out

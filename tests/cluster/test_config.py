@@ -340,6 +340,23 @@ def test_make_model_is_generated_once_into_the_cache(
     assert Path(cluster.ensure_model()) == path
     assert (path / "config.json").stat().st_mtime_ns == stamp
     assert [p.name for p in path.parent.iterdir() if not p.name.startswith(".")] == [path.name]
+    # readable by others (a container mounting the cache may run as another user)
+    assert path.stat().st_mode & 0o777 == 0o755
+    assert {f.stat().st_mode & 0o777 for f in path.iterdir()} == {0o644}
+
+
+def test_make_model_cli_never_overwrites_without_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"real weights")
+    flags = ["make-model", "--arch", "llama", "--out", str(out), "--layers", "1", "--hidden", "32"]
+    assert pdserve(flags) == 2
+    assert "exists and is not empty (--force overwrites it)" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == b"real weights"
+    assert pdserve([*flags, "--force"]) == 0
+    assert (out / "config.json").is_file()
 
 
 def test_make_args_pick_the_directory(tmp_path: Path) -> None:
