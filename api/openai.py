@@ -1,9 +1,10 @@
 """OpenAI-compatible request and response models, shared by the gateway and the nodes.
 
 Requests keep fields they do not name (`extra="allow"`): SGLang's extensions (`top_k`, `min_p`,
-`repetition_penalty`, `ignore_eos`, `regex`, ...) and the PD fields (`bootstrap_*`, `rid`) travel
-through untouched. `parse_request` validates a JSON body into a model and turns pydantic's errors
-into a 400 in OpenAI's shape, naming the offending field.
+`repetition_penalty`, `regex`, ...) and the PD fields (`bootstrap_*`, `rid`) travel through
+untouched; the boolean ones are declared, so that they are as strict as OpenAI's own (`"yes"` is
+not true). `parse_request` validates a JSON body into a model and turns pydantic's errors into a
+400 in OpenAI's shape, naming the offending field.
 """
 
 from __future__ import annotations
@@ -11,12 +12,37 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ApiError, invalid_request
 
 Stop = str | list[str] | None
 Prompt = str | list[str] | list[int] | list[list[int]]
+LOGIT_BIAS_RANGE = 100.0  # OpenAI's: a bias is in [-100, 100]
+
+# pdserve's own body field: the gateway's max_tokens_limit, told to the nodes so that a request
+# without max_tokens (max_completion_tokens, /generate's max_new_tokens) gets at most this many
+MAX_TOKENS_LIMIT = "pd_max_tokens_limit"
+
+
+def max_tokens_limit(body: dict[str, Any]) -> int | None:
+    """The body's `pd_max_tokens_limit`; a 400 unless absent or an integer >= 1."""
+    value = body.get(MAX_TOKENS_LIMIT)
+    if value is not None and (type(value) is not int or value < 1):
+        raise invalid_request(
+            f"{MAX_TOKENS_LIMIT} must be an integer >= 1 (got {value!r:.40})",
+            param=MAX_TOKENS_LIMIT,
+        )
+    return value
 
 
 class _Open(BaseModel):
@@ -24,8 +50,8 @@ class _Open(BaseModel):
 
 
 class StreamOptions(_Open):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
 
 
 class _SamplingRequest(_Open):
@@ -35,7 +61,7 @@ class _SamplingRequest(_Open):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     n: int = Field(1, ge=1, le=128)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
     seed: int | None = None
@@ -43,6 +69,20 @@ class _SamplingRequest(_Open):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # SGLang / vLLM extensions that are booleans (the others travel as extra fields)
+    ignore_eos: StrictBool | None = None
+    skip_special_tokens: StrictBool | None = None
+    include_stop_str_in_output: StrictBool | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_ids_and_range(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f'keys must be token ids such as "50256", not {key!r:.40}')
+            if not -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE:
+                raise ValueError(f"the bias of token {key} must be in [-100, 100], not {value}")
+        return bias
 
     @field_validator("stop")
     @classmethod
@@ -74,11 +114,42 @@ class _SamplingRequest(_Open):
 
 class CompletionRequest(_SamplingRequest):
     prompt: Prompt
-    max_tokens: int | None = 16
+    # NOTE: None when omitted (it is 16 then, at most the rest of the context): an explicit
+    # value that does not fit beside the prompt is a 400 instead
+    max_tokens: int | None = None
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: StrictBool = False
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix is not None:
+            raise ValueError("suffix is not supported (leave it out)")
+        return suffix
+
+    @field_validator("echo")
+    @classmethod
+    def _echo_without_logprobs(cls, echo: bool, info: ValidationInfo) -> bool:
+        if echo and info.data.get("logprobs") is not None:
+            raise ValueError(
+                "echo with logprobs needs the prompt's logprobs, which this server does not "
+                "compute (leave out echo or logprobs)"
+            )
+        return echo
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        # NOTE: best_of > n would rank candidates by their logprobs, which this server does not
+        n = info.data.get("n", 1)
+        if best_of is not None and best_of != n:
+            raise ValueError(
+                f"best_of must equal n ({n}) or be left out (returning the best of more "
+                "candidates than n is not supported)"
+            )
+        return best_of
 
     @field_validator("prompt")
     @classmethod
@@ -115,7 +186,7 @@ class FunctionSpec(_Open):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class Tool(_Open):
@@ -138,6 +209,26 @@ class ChatMessage(_Open):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        # NOTE: before the union's own validation, whose first complaint would be "not a string"
+        for i, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind is not None and kind != "text":
+                raise ValueError(
+                    f"part {i} is of type {kind!r}, but this model takes text only (send the "
+                    "content as text)"
+                )
+        return content
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            also = " or tool_calls" if self.role == "assistant" else ""
+            raise ValueError(f"a message of role {self.role!r} needs content{also}")
+        return self
+
     @property
     def text(self) -> str:
         """The message's text (text parts joined)."""
@@ -150,11 +241,11 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -215,6 +306,11 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens
         return self.max_tokens
+
+    @property
+    def output_limit_name(self) -> str:
+        """The field `output_limit` came from (what an error about it names)."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
 
 def template_call(call: ToolCall) -> dict[str, Any]:

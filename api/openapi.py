@@ -20,7 +20,10 @@ REF = "#/components/schemas/{model}"
 
 SAMPLING_PARAMS_SCHEMA: dict[str, Any] = {
     "type": "object",
-    "description": "SGLang's sampling parameters (default max_new_tokens 128)",
+    "description": (
+        "SGLang's sampling parameters (max_new_tokens: default 128, at most the rest of the "
+        "context; an explicit value must fit beside the prompt)"
+    ),
     "properties": {
         "max_new_tokens": {"type": "integer", "minimum": 1},
         "min_new_tokens": {"type": "integer", "minimum": 0},
@@ -35,6 +38,12 @@ SAMPLING_PARAMS_SCHEMA: dict[str, Any] = {
         "stop_token_ids": {"type": "array", "items": {"type": "integer"}},
         "ignore_eos": {"type": "boolean"},
         "skip_special_tokens": {"type": "boolean"},
+        "no_stop_trim": {"type": "boolean"},
+        "logit_bias": {
+            "type": "object",
+            "description": "token id -> bias added to its logit",
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        },
         "seed": {"type": "integer"},
         "n": {"type": "integer", "minimum": 1},
     },

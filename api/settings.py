@@ -39,7 +39,10 @@ class GatewaySettings:
     admin_key: str | None = setting(None, "the admin routes' key (/workers; 403 when unset)")
     max_body_bytes: int = setting(8 * 1024 * 1024, "request body limit (413 above)")
     max_prompt_tokens: int | None = setting(None, "prompt length limit (400 above)")
-    max_tokens_limit: int | None = setting(None, "max_tokens limit (400 above)")
+    max_tokens_limit: int | None = setting(
+        None,
+        "max_tokens limit (400 above); a request without max_tokens gets at most this many tokens",
+    )
     max_grammar_bytes: int = setting(
         65536,
         "size limit of a request's constraint: response_format, json_schema, regex, ebnf, tools",

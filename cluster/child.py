@@ -2,7 +2,9 @@
 
 Each run is a session of its own (so its own process group): a terminal's Ctrl-C reaches only
 the launcher, and a signal to the group reaches the processes the component started itself (a
-node's scheduler process). The launcher's view across runs is cluster/supervised.py.
+node's scheduler process). On Linux each run also gets SIGTERM when the launcher dies, even by
+SIGKILL (engine/parent_death.py), so it drains and goes instead of holding its ports as an
+orphan. The launcher's view across runs is cluster/supervised.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from engine.parent_death import die_with_parent_preexec
+
 TAIL_LINES = 30
 
 
@@ -31,7 +35,8 @@ class Component:
     health_url: str | None = None  # GET must answer 200 before the component counts as up
     stage: int = 0  # stages start in order, each once the one before is healthy
     # NOTE: the cluster serves while every named group keeps a component that has not been
-    # given up on ("gateway", "decode"); None: the rest serve without this one (a prefill node)
+    # given up on ("gateway", "decode", "prefill": cluster/launch.py's needed_roles); None: the
+    # rest serve without this one (a prefill node where a decode node prefills itself)
     needed_group: str | None = None
 
 
@@ -42,6 +47,8 @@ class Child:
         self.component = component
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # NOTE: the kernel signals when the thread that started the child ends: the supervisor
+        # starts every run from its main thread
         self.proc = subprocess.Popen(
             component.argv,
             stdin=subprocess.DEVNULL,
@@ -49,6 +56,7 @@ class Child:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
+            preexec_fn=die_with_parent_preexec(signal.SIGTERM),
         )
         self.pump = threading.Thread(target=self.copy_output, args=(sink, lock), daemon=True)
         self.pump.start()
@@ -82,9 +90,14 @@ class Child:
         self.signal_group(signal.SIGKILL)
         self.proc.wait()
 
-    def log_tail(self) -> str:
+    def log_tail(self, errors_only: bool = False) -> str:
+        """The last lines of its output, indented; `errors_only`: from its last line that says
+        "error" on (a usage or config error's message, not the usage text or warnings before)."""
         self.pump.join(timeout=1.0)  # the last lines, written before the exit
         lines = list(self.tail) or ["(no output)"]
+        if errors_only:
+            said = [i for i, line in enumerate(lines) if "error" in line.lower()]
+            lines = lines[said[-1] if said else -1 :]
         return "\n".join(f"    {line}" for line in lines)
 
     def exit_description(self) -> str:

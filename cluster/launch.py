@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from transfer import NO_TRANSFER
+
 from .child import Component
 from .config import load_cluster, resolve_config_path
 from .launch_settings import LaunchSettings
@@ -24,7 +26,6 @@ from .supervisor import Supervisor
 from .validate import listeners
 
 ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
-NEEDED_ROLES = ("gateway", "decode")  # with none of either left, the cluster serves nothing
 FLAGS = {"health_timeout_s": "--timeout", "grace_s": "--grace"}
 
 
@@ -42,7 +43,7 @@ def launch(
     cluster = load_cluster(path, list(overrides))
     settings = with_flags(cluster.launch, health_timeout_s=timeout_s, grace_s=grace_s)
     check_can_listen(cluster)
-    if not Path(cluster.model_path()).exists():
+    if cluster.model.make is not None and not Path(cluster.model_path()).exists():
         print(f"pdserve launch: writing model.make to {cluster.model_path()}", file=sys.stderr)
     cluster.ensure_model()  # once, here, before the nodes would race to write it
     components = cluster_components(cluster, path, overrides)
@@ -95,8 +96,18 @@ def component_of(
         component_argv(role, path, name, overrides),
         health(cluster, name),
         stage=1 if name == GATEWAY else 0,
-        needed_group=role if role in NEEDED_ROLES else None,
+        needed_group=role if role in needed_roles(cluster) else None,
     )
+
+
+def needed_roles(cluster: ClusterConfig) -> tuple[str, ...]:
+    """The roles the cluster serves nothing without, once every component of one is given up
+    on: the gateway, decode, and prefill unless a decode node prefills itself (transfer.backend
+    none: every prompt; a local_prefill_threshold: short ones)."""
+    prefills_itself = cluster.transfer.backend == NO_TRANSFER or any(
+        (d.local_prefill_threshold or 0) > 0 for d in cluster.decode
+    )
+    return ("gateway", "decode") if prefills_itself else ("gateway", "decode", "prefill")
 
 
 def component_argv(role: str, path: Path, name: str, overrides: Sequence[str]) -> tuple[str, ...]:

@@ -15,13 +15,16 @@ class LaunchSettings:
     """Restart backoff and budget, the stop's grace period, the start's health wait."""
 
     restart_backoff_s: float = setting(
-        1.0, "a component that exits is restarted after this long, doubling on each restart"
+        1.0,
+        "a component that crashes is restarted after this long, doubling on each restart (one "
+        "that served and exited 0, a drained node, is restarted at once)",
     )
     restart_backoff_max_s: float = setting(30.0, "... up to this long")
     restart_budget: int = setting(
         5,
-        "restarts of one component within restart_window_s; one more exit and it stays down "
-        "(0: never restart)",
+        "restarts of one component within restart_window_s after crashes (a drained node's exit "
+        "0 spends none); one more crash and it stays down (0: never restart, not even a drained "
+        "node)",
     )
     restart_window_s: float = setting(300.0, "the window the restart budget counts over")
     grace_s: float = setting(

@@ -3,6 +3,9 @@
     starting -> up -> (exit) -> backoff -> starting -> up ...
                           \\-> given_up, once the budget of restarts in the window is spent
 
+A run that was up and exited 0 (a node drained by SIGTERM: a rolling restart) is started again
+at once and spends none of the budget, which is for crashes.
+
 The supervisor (cluster/supervisor.py) moves every component along, one poll at a time.
 """
 
@@ -40,6 +43,7 @@ class Supervised:
         self.last_exit: str | None = None
         self.restart_at = 0.0
         self.deadline = 0.0  # to be healthy by
+        self.was_up = False  # whether the current (or last) run became healthy
 
     @property
     def name(self) -> str:
@@ -57,18 +61,38 @@ class Supervised:
         self.child = Child(self.component, self.sink, self.lock)
         self.state = "starting"
         self.deadline = deadline
+        self.was_up = False
+
+    def mark_up(self) -> None:
+        self.state = "up"
+        self.was_up = True
 
     def exited(self) -> bool:
         return self.running and self.child is not None and self.child.proc.poll() is not None
 
-    def end_run(self, description: str) -> None:
-        """The run is over: kill what is left of its group (a dead leader's scheduler process)."""
+    def end_run(self, description: str | None = None) -> None:
+        """The run is over: kill what is left of its group (a dead leader's scheduler process)
+        and keep how it ended (`description`, else how its process exited)."""
         assert self.child is not None
         self.child.kill()
-        self.last_exit = description
+        self.last_exit = description or self.child.exit_description()
+
+    def exit_code(self) -> int | None:
+        """The last run's exit code (negative: killed by that signal); None while it runs."""
+        return None if self.child is None else self.child.proc.returncode
+
+    def drained(self) -> bool:
+        """Whether the last run served and then exited 0 (drained): no crash to count."""
+        return self.was_up and self.exit_code() == 0
 
     def schedule_restart(self, now: float) -> float | None:
-        """Seconds until the next run, or None (given up) once the window's budget is spent."""
+        """Seconds until the next run, or None (given up) once the window's budget is spent;
+        at once, and outside the budget, after a drained run (unless the budget is 0: never)."""
+        if self.drained() and self.settings.restart_budget > 0:
+            self.restarts += 1
+            self.restart_at = now
+            self.state = "backoff"
+            return 0.0
         window = self.settings.restart_window_s
         while self.recent and now - self.recent[0] >= window:
             self.recent.popleft()

@@ -1,12 +1,15 @@
 """Child processes run as one cluster: start in stages, restart what dies, stop in order.
 
-Components start stage by stage (the gateway once the nodes are healthy). One that exits is
+Components start stage by stage (the gateway once the nodes are healthy). One that crashes is
 restarted with the same command after a backoff that doubles, while the others keep serving,
 until it spends its budget of restarts in a window (cluster/launch_settings.py); then it stays
-down, unless nothing could serve without it (no gateway, or no decode node left): then the
-supervisor stops everything and fails, naming it and quoting the end of its log. At start, a
-component that is not healthy within the health timeout fails the launch as before; after it, a
-restarted one that is not healthy in time counts as one more exit.
+down, unless nothing could serve without it (no gateway, no decode node, or no prefill node
+where no decode node prefills itself: cluster/launch.py sets these groups): then the supervisor
+stops everything and fails, naming it and quoting the end of its log. One that served and exited
+0 (a node drained by SIGTERM) is restarted at once, outside the budget. At start, a component
+whose first run exits with code 2 (a usage or config error, which a restart would only repeat)
+or that is not healthy within the health timeout fails the launch; after it, a restarted one
+that is not healthy in time counts as one more exit.
 
 Only a SIGINT or SIGTERM to the supervisor stops the cluster, highest stage first: SIGTERM to the
 gateway and up to the grace period for it to finish its open streams, then the same for the
@@ -32,15 +35,17 @@ from .supervised import Supervised
 
 POLL_S = 0.1
 STATE_FILE = "launch-state.json"
+USAGE_ERROR = 2  # the exit code of argparse's usage errors, and of `pdserve`'s config errors
 
 
 class ComponentFailed(RuntimeError):
-    """The cluster cannot go on: a component was not healthy in time at start, or was given up
-    on and nothing can serve without it."""
+    """The cluster cannot go on: a component failed at start (a usage or config error, or not
+    healthy in time), or was given up on and nothing can serve without it."""
 
-    def __init__(self, message: str, child: Child | None) -> None:
+    def __init__(self, message: str, child: Child | None, errors_only: bool = False) -> None:
         super().__init__(message)
         self.child = child
+        self.errors_only = errors_only  # quote only its error message, not its whole log's end
 
 
 class StopRequested(Exception):
@@ -83,7 +88,7 @@ class Supervisor:
             return 0
         except ComponentFailed as exc:
             self.stop_all()  # first: then its pipe is closed and its log complete
-            tail = exc.child.log_tail() if exc.child else "    (no output)"
+            tail = exc.child.log_tail(exc.errors_only) if exc.child else "    (no output)"
             self.say(f"{exc}; its log ends with:\n{tail}")
             return 1
         finally:
@@ -156,7 +161,7 @@ class Supervisor:
         url = member.component.health_url
         error = health_error(url) if url else None
         if error is None:
-            member.state = "up"
+            member.mark_up()
             self.write_state()
             if member.restarts:
                 self.say(f"component {member.name!r} is healthy again")
@@ -170,12 +175,24 @@ class Supervisor:
         self.on_exit(member, late)
 
     def on_exit(self, member: Supervised, description: str) -> None:
-        """A run ended (or was ended): restart it after the backoff, or give up on it."""
+        """A run ended (or was ended): restart it (at once after a drain, else after the
+        backoff), or give up on it; a usage or config error at start fails the launch."""
+        first_run = member.restarts == 0 and not member.was_up
         member.end_run(description)
+        if first_run and member.exit_code() == USAGE_ERROR:
+            member.state = "given_up"
+            raise ComponentFailed(
+                f"component {member.name!r} {description} at start, a usage or config error "
+                "that a restart would repeat, so the launcher stopped the cluster",
+                member.child,
+                errors_only=True,
+            )
         delay = member.schedule_restart(time.monotonic())
         self.write_state()
         if delay is not None:
             restart = f"restarting it in {delay:g}s ({member.budget_line()})"
+            if member.drained():
+                restart = "restarting it now (a clean exit: not counted against the restart budget)"
             self.say(f"component {member.name!r} {description}; {restart}")
             return
         gave_up = f"gave up on component {member.name!r} {member.spent_line()}"
@@ -205,12 +222,12 @@ class Supervisor:
         if self.stopped:
             return
         self.stopped = True
-        for stage in sorted({m.component.stage for m in self.active}, reverse=True):
-            running = [m for m in self.active if m.component.stage == stage and m.running]
-            self.terminate([m.child for m in running if m.child is not None])
+        running = [m for m in self.active if m.running]
+        for stage in sorted({m.component.stage for m in running}, reverse=True):
+            self.terminate([m.child for m in running if m.component.stage == stage and m.child])
+        for member in running:
+            member.end_run()  # its last exit is now this stop's (drained, or killed)
         for member in self.active:
-            if member.running and member.child is not None:
-                member.child.kill()
             if member.child is not None:
                 member.child.pump.join(timeout=1.0)
         for member in self.members:

@@ -267,7 +267,7 @@ class Engine:
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-        params.validate(self.max_model_len)
+        params.validate(self.max_model_len, self.model_cfg.vocab_size)
         if not 0 <= resumed < len(prompt) or resumed >= params.max_tokens:
             raise ValueError(
                 f"cannot resume {resumed} output tokens after a {len(prompt) - resumed}-token "

@@ -2,15 +2,15 @@
 
 One step turns a batch of logits ``[B, V]`` into one token per row, in this order::
 
-    min_tokens mask -> penalties -> grammar mask -> (logprobs) -> temperature -> top-k -> top-p
-    -> min-p -> draw
+    min_tokens mask -> penalties -> logit bias -> grammar mask -> (logprobs) -> temperature
+    -> top-k -> top-p -> min-p -> draw
 
 A constrained row (a grammar, engine/grammar.py) only ever draws a token its matcher allows.
 
-Logprobs are ``log_softmax`` of the logits after the min_tokens mask and the penalties, before
-temperature and truncation: they do not depend on temperature/top-k/top-p/min-p, so a greedy run
-and a sampled run report the same numbers for the same token, and without penalties they equal
-``log_softmax`` of the raw model logits (what ``transformers`` reports).
+Logprobs are ``log_softmax`` of the logits after the min_tokens mask, the penalties and the logit
+bias, before temperature and truncation: they do not depend on temperature/top-k/top-p/min-p, so a greedy run
+and a sampled run report the same numbers for the same token, and without penalties or bias they
+equal ``log_softmax`` of the raw model logits (what ``transformers`` reports).
 
 The draw uses the exponential race: ``argmax(probs / q)`` with ``q ~ Exp(1)`` per vocab entry picks
 token ``i`` with probability ``probs[i]``. Only rows that sample are truncated and drawn (greedy
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 # Temperatures below this are greedy: dividing logits by them only overflows.
 GREEDY_TEMPERATURE_EPS = 1e-5
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a token's bias: [-100, 100]
+BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
 _U64 = (1 << 64) - 1
 
 
@@ -62,6 +64,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     # constrained decoding: (kind, source), kind one of engine/grammar.py's KINDS
     grammar: tuple[str, str] | None = None
+    # added to a token's logit before anything is drawn (greedy too): (token id, bias) pairs;
+    # OpenAI's map of token-id strings to biases is taken as well
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -69,6 +74,7 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         if self.grammar is not None:
             object.__setattr__(self, "grammar", tuple(self.grammar))
+        object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
 
     @property
     def is_greedy(self) -> bool:
@@ -82,14 +88,35 @@ class SamplingParams:
             or self.presence_penalty != 0.0
         )
 
-    def validate(self, max_model_len: int | None = None) -> None:
+    def validate(self, max_model_len: int | None = None, vocab_size: int | None = None) -> None:
         """Raise ValueError naming the first bad field and how to fix it."""
-        problems = _param_problems(self, max_model_len)
+        problems = _param_problems(self, max_model_len, vocab_size)
         if problems:
             raise ValueError(problems[0])
 
 
-def _param_problems(p: SamplingParams, max_model_len: int | None) -> list[str]:
+def _bias_pairs(bias: Any) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as sorted (token id, bias) pairs, from a mapping (OpenAI's string keys) or
+    pairs; ValueError naming a key that is not a token id."""
+    items = bias.items() if isinstance(bias, Mapping) else (bias or ())
+    try:
+        return tuple(sorted((_token_id(t), float(b)) for t, b in items))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f'logit_bias must map token ids to numbers, got {bias!r:.80} (e.g. {{"50256": -100}})'
+        ) from None
+
+
+def _token_id(key: Any) -> int:
+    if isinstance(key, bool) or not isinstance(key, int | str):
+        raise TypeError(key)
+    return int(key)
+
+
+def _param_problems(
+    p: SamplingParams, max_model_len: int | None, vocab_size: int | None = None
+) -> list[str]:
+    bias_ids = [t for t, _ in p.logit_bias]
     checks = [
         (
             p.max_tokens < 1,
@@ -143,9 +170,30 @@ def _param_problems(p: SamplingParams, max_model_len: int | None) -> list[str]:
             f"stop_token_ids must be token ids >= 0, got {p.stop_token_ids!r} "
             "(pass vocabulary ids)",
         ),
+        (
+            any(not 0 <= t < (vocab_size or math.inf) for t in bias_ids),
+            f"logit_bias must name token ids in [0, {vocab_size}), got "
+            f"{_outside(bias_ids, vocab_size)} (pass vocabulary ids)",
+        ),
+        (
+            any(not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for _, b in p.logit_bias),
+            f"logit_bias must map tokens to biases in [-100, 100], got "
+            f"{dict(p.logit_bias)!r:.120} (use -100 to ban a token, 100 to force it)",
+        ),
+        *[
+            (
+                not isinstance(getattr(p, name), bool),
+                f"{name} must be true or false, got {getattr(p, name)!r:.40} (send a boolean)",
+            )
+            for name in BOOL_FIELDS
+        ],
     ]
     grammar = "" if p.grammar is None else _grammar_problem(p.grammar)
     return [message for bad, message in checks if bad] + ([grammar] if grammar else [])
+
+
+def _outside(ids: Sequence[int], vocab_size: int | None) -> int | None:
+    return next((t for t in ids if not 0 <= t < (vocab_size or math.inf)), None)
 
 
 def _grammar_problem(grammar: tuple[str, str]) -> str:
@@ -274,6 +322,12 @@ class Sampler:
         self, logits: torch.Tensor, params: Sequence[SamplingParams], states: Sequence[SamplerState]
     ) -> torch.Tensor:
         logits = self._mask_early_stops(logits, params, states)
+        logits = self._penalized(logits, params, states)
+        return apply_logit_bias(logits, params)
+
+    def _penalized(
+        self, logits: torch.Tensor, params: Sequence[SamplingParams], states: Sequence[SamplerState]
+    ) -> torch.Tensor:
         rows = [i for i, p in enumerate(params) if p.has_penalties]
         if not rows:
             return logits
@@ -365,12 +419,14 @@ def plain_greedy(
     params: Sequence[SamplingParams], states: Sequence[SamplerState], masked: bool = False
 ) -> bool:
     """True when every row's token is just the argmax of its raw logits and nothing else is
-    wanted from them: greedy, no logprobs, no penalties, no min_tokens ban still in force. With
-    `masked` (an LM head that takes a grammar's token bitmask) constrained rows count too."""
+    wanted from them: greedy, no logprobs, no penalties, no logit bias, no min_tokens ban still
+    in force. With `masked` (an LM head that takes a grammar's token bitmask) constrained rows
+    count too."""
     return all(
         p.is_greedy
         and p.logprobs is None
         and not p.has_penalties
+        and not p.logit_bias
         and s.num_output_tokens >= p.min_tokens
         and (masked or s.matcher is None)
         for p, s in zip(params, states, strict=True)
@@ -424,6 +480,22 @@ def apply_penalties(
     logits = torch.where(prompt_mask | appeared, repeated, logits)
     logits = logits - frequency[:, None].to(logits.dtype) * counts
     return logits - presence[:, None].to(logits.dtype) * appeared.to(logits.dtype)
+
+
+def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """``logits [B, V]`` with each row's ``logit_bias`` added (a copy when any row has one)."""
+    rows, cols, values = [], [], []
+    for row, p in enumerate(params):
+        for token, bias in p.logit_bias:
+            rows.append(row)
+            cols.append(token)
+            values.append(bias)
+    if not rows:
+        return logits
+    device = logits.device
+    index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+    bias = torch.tensor(values, dtype=logits.dtype, device=device)
+    return logits.index_put(index, bias, accumulate=True)
 
 
 def apply_top_k_top_p(

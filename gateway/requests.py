@@ -1,18 +1,20 @@
 """Incoming requests, validated and summarized for routing (`Prepared`).
 
 The client's JSON is forwarded as it came (plus the PD fields): validation here only rejects what
-no node would take, applies the gateway's limits, and extracts what the policies look at.
+no node would take, applies the gateway's limits, and extracts what the policies look at. With
+`max_tokens_limit` set, the body also tells the nodes that limit (`pd_max_tokens_limit`): a
+request without max_tokens then gets at most that many tokens, not the rest of the context.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from api.errors import ApiError, invalid_request, not_found
-from api.openai import ChatCompletionRequest, CompletionRequest, parse_request
+from api.openai import MAX_TOKENS_LIMIT, ChatCompletionRequest, CompletionRequest, parse_request
 
 from .limits import PromptCounter
 from .policies import RouteKey
@@ -57,6 +59,8 @@ def prepare(route: str, body: dict[str, Any], limits: RequestLimits) -> Prepared
     else:
         prepared = _generate(body, limits)
     _check_sequences(prepared.rooms or 1, limits)
+    if limits.max_tokens is not None:  # NOTE: the nodes cap an omitted max_tokens with it
+        prepared = replace(prepared, body={**prepared.body, MAX_TOKENS_LIMIT: limits.max_tokens})
     return prepared
 
 
@@ -77,15 +81,14 @@ def _completion(body: dict[str, Any], limits: RequestLimits) -> Prepared:
     counts = [_prompt_tokens(p, limits, "prompt") for p in prompts]
     # NOTE: a list of token ids is one prompt; a list of strings or of id lists is a batch.
     batched = isinstance(req.prompt, list) and not isinstance(req.prompt[0], int)
-    key = _key(_routing_text(prompts[0]), counts, req.max_tokens, req.n)
+    key = _key(_routing_text(prompts[0]), counts, req.max_tokens or 16, req.n)  # OpenAI default: 16
     return Prepared(COMPLETIONS, body, req.stream, key, _rooms(len(prompts), req.n, batched))
 
 
 def _chat(body: dict[str, Any], limits: RequestLimits) -> Prepared:
     req = parse_request(ChatCompletionRequest, body)
     _check_model(req.model, limits)
-    name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    _check_max_tokens(req.output_limit, name, limits)
+    _check_max_tokens(req.output_limit, req.output_limit_name, limits)
     messages = req.chat_messages()
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     count = None
@@ -103,9 +106,10 @@ def _generate(body: dict[str, Any], limits: RequestLimits) -> Prepared:
     if not isinstance(params, dict):
         raise invalid_request("sampling_params must be an object", param="sampling_params")
     max_new = params.get("max_new_tokens")
-    if max_new is not None and (not isinstance(max_new, int) or max_new < 0):
+    if max_new is not None and (type(max_new) is not int or max_new < 1):
         raise invalid_request(
-            f"sampling_params.max_new_tokens must be an integer >= 0 (got {max_new!r})",
+            f"max_new_tokens must be an integer >= 1 (ask for at least one token), "
+            f"got {max_new!r:.40}",
             param="sampling_params.max_new_tokens",
         )
     _check_max_tokens(max_new, "sampling_params.max_new_tokens", limits)

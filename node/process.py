@@ -28,6 +28,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerFast
 
 from engine.engine import Engine
+from engine.parent_death import die_with_parent
 from node.channel import SchedulerChannel
 from node.kv_link import rank_setup
 from node.loop import NodeLoop
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 900.0
 STOP_SIGNAL = signal.SIGUSR1  # the HTTP process's "stop now" (SIGTERM is the node's drain)
+
+
+class SchedulerFailed(RuntimeError):
+    """The scheduler process could not start; what went wrong is in its own log above."""
 
 
 @dataclass(frozen=True)
@@ -80,15 +85,19 @@ def start_scheduler(
     child.close()
     if not parent.poll(READY_TIMEOUT_S):
         proc.kill()
-        raise RuntimeError(f"scheduler of {settings.name} did not start in {READY_TIMEOUT_S:.0f}s")
+        raise SchedulerFailed(
+            f"scheduler of {settings.name} did not start in {READY_TIMEOUT_S:.0f}s"
+        )
     try:
         ready = parent.recv()
     except EOFError:
         proc.join(5)
-        raise RuntimeError(f"scheduler of {settings.name} exited with {proc.exitcode}") from None
+        raise SchedulerFailed(f"scheduler of {settings.name} exited with {proc.exitcode}") from None
     if "error" in ready:
         proc.join(5)
-        raise RuntimeError(f"scheduler of {settings.name} failed to start: {ready['error']}")
+        if ready.get("setting"):
+            raise ValueError(ready["error"])
+        raise SchedulerFailed(f"scheduler of {settings.name} failed to start: {ready['error']}")
     return Scheduler(proc, ready, requests_addr, outputs_addr)
 
 
@@ -116,6 +125,7 @@ def scheduler_main(
     tokenizer: PreTrainedTokenizerFast | None = None,
 ) -> None:
     """Body of a scheduler process: build the loop (reporting failures), say ready, run it."""
+    die_with_parent()  # a node's HTTP process killed outright takes its scheduler along
     logging.basicConfig(
         force=True,
         level=settings.log_level.upper(),
@@ -127,6 +137,13 @@ def scheduler_main(
     os.environ["PDSERVE_LOG_LEVEL"] = settings.log_level
     try:
         loop = build_loop(settings, loop_cls, requests_addr, outputs_addr, tokenizer)
+    except (ValueError, FileNotFoundError) as exc:
+        # NOTE: a setting this machine or checkpoint cannot take (engine.device cuda without a
+        # GPU): the node says it in one line and exits 2, as `pdserve` does for a bad config, so
+        # the launcher does not retry it; the traceback only at log_level debug
+        log.debug("scheduler start failed", exc_info=True)
+        conn.send({"error": str(exc), "setting": True})
+        raise SystemExit(2) from None
     except Exception as exc:
         log.exception("scheduler start failed")
         conn.send({"error": f"{type(exc).__name__}: {exc}"})

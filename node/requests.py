@@ -2,7 +2,9 @@
 
 A job is one prompt and one sample: a completions request with 2 prompts and n=3 makes 6 jobs,
 indexed prompt * n + sample (OpenAI's choice order). Sampling options become SamplingParams
-fields by name; the scheduler validates them and answers 400 for bad values.
+fields by name; the scheduler validates them and answers 400 for bad values. How many tokens a
+prompt may generate is `OutputBudget`'s: what the client asked for, when it fits beside the
+prompt, else the rest of the context (capped by the route's default and the gateway's limit).
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from api.errors import invalid_request
-from api.openai import ChatCompletionRequest, CompletionRequest
+from api.errors import ApiError, invalid_request
+from api.openai import ChatCompletionRequest, CompletionRequest, max_tokens_limit
 from api.resume import RESUME_IDS, resume_ids
 from node.messages import GenerateRequest
 
-# Extra sampling fields clients may send beside OpenAI's (SGLang / vLLM extensions).
+# Extra sampling fields clients may send beside OpenAI's (SGLang / vLLM extensions); null is
+# the default.
 EXTRA_PARAMS = (
     "top_k",
     "min_p",
@@ -28,6 +31,8 @@ EXTRA_PARAMS = (
     "skip_special_tokens",
     "include_stop_str_in_output",
 )
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's, for /v1/completions
+NATIVE_DEFAULT_MAX_TOKENS = 128  # SGLang's, for /generate
 # SGLang's /generate sampling_params names that differ from ours.
 NATIVE_RENAMES = {
     "max_new_tokens": "max_tokens",
@@ -35,6 +40,8 @@ NATIVE_RENAMES = {
     "no_stop_trim": "include_stop_str_in_output",
 }
 NATIVE_IGNORED = ("spaces_between_special_tokens", "n", "sampling_seed")
+# /generate's boolean sampling_params: strict, so that "maybe" is a 400 naming the field sent
+NATIVE_BOOLS = ("ignore_eos", "skip_special_tokens", "no_stop_trim", "include_stop_str_in_output")
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,9 @@ def make_jobs(
     params: dict[str, Any],
     n: int,
     body: dict[str, Any],
+    max_tokens: Sequence[int],
 ) -> list[Job]:
+    """The request's jobs; `max_tokens` holds each prompt's (`OutputBudget.for_prompts`)."""
     total = len(prompts) * n
     room = body.get("bootstrap_room")
     if room is not None and not isinstance(room, list) and total > 1:
@@ -95,7 +104,7 @@ def make_jobs(
     jobs = []
     for p, prompt in enumerate(prompts):
         for i in range(n):
-            sample = dict(params)
+            sample = {**params, "max_tokens": max_tokens[p]}
             if n > 1 and sample.get("seed") is not None:
                 sample["seed"] = sample["seed"] + i  # n different samples, still reproducible
             index = p * n + i
@@ -106,10 +115,75 @@ def make_jobs(
     return jobs
 
 
-def openai_params(req: Any, max_tokens: int, logprobs: int | None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class OutputBudget:
+    """How many tokens each prompt of a request may generate.
+
+    An explicit value (`asked`, sent as `param`) must fit beside the prompt in the context, else
+    a 400 in vLLM's words; an omitted one is the rest of the context, at most the route's
+    `default` (None: no default of its own) and the gateway's `limit` (api/openai.py's
+    MAX_TOKENS_LIMIT field), as vLLM caps its default with its configured limits.
+    """
+
+    asked: int | None
+    param: str
+    default: int | None = None
+    limit: int | None = None
+    prompt_noun: str = "prompt"  # "messages" for a chat, as the error calls the input
+
+    def for_prompts(self, prompts: Sequence[list[int]], max_model_len: int) -> list[int]:
+        return [self.for_prompt(len(p), max_model_len) for p in prompts]
+
+    def for_prompt(self, prompt_tokens: int, max_model_len: int) -> int:
+        if self.asked is not None:
+            if prompt_tokens + self.asked > max_model_len:
+                raise self._too_long(prompt_tokens, max_model_len)
+            return self.asked
+        # NOTE: a prompt that fills the context gets 1 here; the engine refuses that prompt
+        rest = max(max_model_len - prompt_tokens, 1)
+        return min(v for v in (rest, self.default, self.limit) if v is not None)
+
+    def _too_long(self, prompt_tokens: int, max_model_len: int) -> ApiError:
+        assert self.asked is not None
+        noun, field = self.prompt_noun, self.param.rpartition(".")[2]
+        return ApiError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_tokens + self.asked} tokens ({prompt_tokens} in the {noun}, "
+            f"{self.asked} in the completion). Please reduce the length of the {noun} or "
+            f"{field}.",
+            param=self.param,
+            code="context_length_exceeded",
+        )
+
+
+def completion_budget(req: CompletionRequest, body: dict[str, Any]) -> OutputBudget:
+    limit = max_tokens_limit(body)
+    return OutputBudget(req.max_tokens, "max_tokens", COMPLETION_DEFAULT_MAX_TOKENS, limit)
+
+
+def chat_budget(req: ChatCompletionRequest, body: dict[str, Any]) -> OutputBudget:
+    limit = max_tokens_limit(body)
+    return OutputBudget(req.output_limit, req.output_limit_name, None, limit, "messages")
+
+
+def native_budget(body: dict[str, Any]) -> OutputBudget:
+    """/generate's: sampling_params.max_new_tokens (an integer >= 1), default 128."""
+    raw = body.get("sampling_params") or {}
+    asked = raw.get("max_new_tokens") if isinstance(raw, dict) else None
+    param = "sampling_params.max_new_tokens"
+    if asked is not None and (type(asked) is not int or asked < 1):
+        raise invalid_request(
+            f"max_new_tokens must be an integer >= 1 (ask for at least one token), "
+            f"got {asked!r:.40}",
+            param=param,
+        )
+    return OutputBudget(asked, param, NATIVE_DEFAULT_MAX_TOKENS, max_tokens_limit(body))
+
+
+def openai_params(req: Any, logprobs: int | None) -> dict[str, Any]:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     params: dict[str, Any] = {
-        "max_tokens": max_tokens,
         "temperature": 1.0 if req.temperature is None else req.temperature,
         "top_p": 1.0 if req.top_p is None else req.top_p,
         "stop": stop,
@@ -118,8 +192,11 @@ def openai_params(req: Any, max_tokens: int, logprobs: int | None) -> dict[str, 
         "frequency_penalty": req.frequency_penalty or 0.0,
         "logprobs": logprobs,
     }
+    if req.logit_bias:
+        params["logit_bias"] = req.logit_bias
+    # NOTE: the declared extensions (the booleans) and the undeclared ones alike
+    params.update(req.model_dump(include=set(EXTRA_PARAMS), exclude_none=True))
     extra = req.model_extra or {}
-    params.update({k: extra[k] for k in EXTRA_PARAMS if k in extra})
     grammar = openai_grammar(extra)
     if grammar is not None:
         params["grammar"] = grammar
@@ -181,15 +258,6 @@ def completion_prompts(
     return prompts
 
 
-def completion_max_tokens(req: CompletionRequest) -> int:
-    return 16 if req.max_tokens is None else req.max_tokens
-
-
-def chat_max_tokens(req: ChatCompletionRequest, prompt_len: int, max_model_len: int) -> int:
-    limit = req.output_limit
-    return max(max_model_len - prompt_len, 1) if limit is None else limit
-
-
 def chat_logprobs(req: ChatCompletionRequest) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
@@ -198,11 +266,22 @@ def native_params(body: dict[str, Any]) -> dict[str, Any]:
     raw = body.get("sampling_params") or {}
     if not isinstance(raw, dict):
         raise invalid_request("sampling_params must be an object", param="sampling_params")
-    params: dict[str, Any] = {"max_tokens": 128}
+    params: dict[str, Any] = {}
     grammars = []
     for key, value in raw.items():
         if key in NATIVE_IGNORED or (key in GRAMMAR_KEYS and value is None):
             continue
+        if key == "max_new_tokens":
+            continue  # native_budget's
+        if key in NATIVE_BOOLS and not isinstance(value, bool):
+            raise invalid_request(
+                f"{key} must be true or false, got {value!r:.40}", param=f"sampling_params.{key}"
+            )
+        if key == "min_new_tokens" and value is not None and (type(value) is not int or value < 0):
+            raise invalid_request(
+                f"min_new_tokens must be an integer >= 0, got {value!r:.40}",
+                param="sampling_params.min_new_tokens",
+            )
         if key in GRAMMAR_KEYS:
             grammars.append(grammar_field(key, value))
             continue
@@ -211,9 +290,18 @@ def native_params(body: dict[str, Any]) -> dict[str, Any]:
         raise invalid_request("give one of json_schema, regex or ebnf", param="sampling_params")
     if grammars:
         params["grammar"] = grammars[0]
-    if body.get("return_logprob"):
+    if native_flag(body, "return_logprob"):
         params["logprobs"] = int(body.get("top_logprobs_num") or 0)
     return params
+
+
+def native_flag(body: dict[str, Any], key: str) -> bool:
+    """A /generate boolean (`stream`, `return_logprob`): absent or null is false; anything but
+    true or false is a 400, as in the OpenAI routes."""
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise invalid_request(f"{key} must be true or false, got {value!r:.40}", param=key)
+    return bool(value)
 
 
 def native_prompts(body: dict[str, Any], encode: Callable[[str], list[int]]) -> tuple[list, bool]:

@@ -65,51 +65,77 @@ class NodeRoutes:
     async def completions(self, request: Request, body: dict, rid: str) -> Response:
         req = parse_request(CompletionRequest, body)
         prompts = nreq.completion_prompts(req, self.ctx.encode)
-        params = nreq.openai_params(req, nreq.completion_max_tokens(req), req.logprobs)
-        jobs = nreq.make_jobs(rid, prompts, params, req.n, body)
+        budget = nreq.completion_budget(req, body).for_prompts(prompts, self.ctx.max_model_len)
+        params = nreq.openai_params(req, req.logprobs)
+        jobs = nreq.make_jobs(rid, prompts, params, req.n, body, budget)
+        # echo: each choice's text starts with its prompt's (as sent, or decoded from its ids)
+        echoes = [self._prompt_text(p) if req.echo else "" for p in req.prompts]
         run, first = await self._start(request, jobs)
         created, model = int(time.time()), self.ctx.model_name
         want_lp = req.logprobs is not None
 
-        def choice(state: JobState, out: TokenOutput, reason: str | None) -> CompletionChoice:
+        def choice(
+            state: JobState, out: TokenOutput, reason: str | None, echo: str, start: int
+        ) -> CompletionChoice:
             logprobs = None
             if want_lp:
                 logprobs = fmt.completion_logprobs(
-                    out.token_ids, out.logprobs, out.top_logprobs, self.ctx.token_text, 0
+                    out.token_ids, out.logprobs, out.top_logprobs, self.ctx.token_text, start
                 )
             return CompletionChoice(
                 index=state.job.index,
-                text=out.text,
+                text=echo + out.text,
                 logprobs=logprobs,
                 finish_reason=reason,
                 matched_stop=state.out.matched_stop if reason else None,
             )
 
         if req.stream:
+            # a resumed stream (api/resume.py) echoed its prompt on the node it came from
+            echoed = {s.job.index for s in run.states.values() if s.job.request.num_resumed}
+            offsets: dict[int, int] = {}  # each choice's text_offset of its next token
 
             def chunk(state: JobState, out: TokenOutput) -> dict:
+                index = state.job.index
+                echo = "" if index in echoed else echoes[state.job.prompt_index]
+                echoed.add(index)
+                if want_lp and index not in offsets:  # what came before: a resumed stream's
+                    seen = state.out.token_ids[: len(state.out.token_ids) - len(out.token_ids)]
+                    offsets[index] = self._text_length(seen)
                 reason = out.finish_reason if out.finished else None
-                c = choice(state, out, reason)
+                c = choice(state, out, reason, echo, offsets.get(index, 0))
+                if want_lp:
+                    offsets[index] += self._text_length(out.token_ids)
                 resp = CompletionResponse(id=rid, created=created, model=model, choices=[c])
                 return chunk_payload(resp, reason)
 
             tail = usage_tail(req.include_usage, run, CompletionResponse, rid, created, model)
             return self._stream(run, first, chunk, tail, rid, wants_token_ids(body))
         await self._finish(request, run)
-        choices = [choice(s, s.out, s.out.finish_reason) for s in run.ordered]
+        choices = [
+            choice(s, s.out, s.out.finish_reason, echoes[s.job.prompt_index], 0)
+            for s in run.ordered
+        ]
         usage = fmt.usage_of(run.ordered)
         resp = CompletionResponse(
             id=rid, created=created, model=model, choices=choices, usage=usage
         )
         return self._json(resp.model_dump(exclude_none=True), rid, run)
 
+    def _prompt_text(self, prompt: str | list[int]) -> str:
+        return prompt if isinstance(prompt, str) else self.ctx.tokenizer.decode(prompt)
+
+    def _text_length(self, ids: list[int]) -> int:
+        """Characters of `ids`' token texts: how far logprobs' text_offset moves over them."""
+        return sum(len(self.ctx.token_text(t)) for t in ids)
+
     async def chat(self, request: Request, body: dict, rid: str) -> Response:
         req = parse_request(ChatCompletionRequest, body)
         prompt = self.ctx.encode_chat(req.chat_messages(), req.template_tools())
-        max_tokens = nreq.chat_max_tokens(req, len(prompt), self.ctx.max_model_len)
+        budget = nreq.chat_budget(req, body).for_prompts([prompt], self.ctx.max_model_len)
         tools = tool_mode(req, self.ctx.tool_parser)
-        params = nreq.openai_params(req, max_tokens, nreq.chat_logprobs(req))
-        jobs = nreq.make_jobs(rid, [prompt], with_tool_grammar(params, tools), req.n, body)
+        params = with_tool_grammar(nreq.openai_params(req, nreq.chat_logprobs(req)), tools)
+        jobs = nreq.make_jobs(rid, [prompt], params, req.n, body, budget)
         run, first = await self._start(request, jobs)
         created, model = int(time.time()), self.ctx.model_name
         reasoning = self.ctx.settings.reasoning_parser
@@ -177,15 +203,16 @@ class NodeRoutes:
 
     async def generate(self, request: Request, body: dict, rid: str) -> Response:
         prompts, batch = nreq.native_prompts(body, self.ctx.encode)
+        budget = nreq.native_budget(body).for_prompts(prompts, self.ctx.max_model_len)
         params = nreq.native_params(body)
-        jobs = nreq.make_jobs(rid, prompts, params, 1, body)
+        jobs = nreq.make_jobs(rid, prompts, params, 1, body, budget)
+        stream, with_lp = nreq.native_flag(body, "stream"), "logprobs" in params
         run, first = await self._start(request, jobs)
-        with_lp = bool(body.get("return_logprob"))
 
         def result(state: JobState) -> dict:
             return fmt.native_result(state.out, time.monotonic() - run.started, with_lp)
 
-        if body.get("stream"):
+        if stream:
             tag = wants_token_ids(body)
             return self._stream(run, first, lambda s, _o: result(s), list, rid, tag)
         await self._finish(request, run)

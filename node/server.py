@@ -4,7 +4,9 @@
 until its model is loaded, and serves the HTTP API with uvicorn (uvloop) until a signal drains it
 (node/drain.py): then it stops the scheduler and returns, and the node exits 0. If the scheduler
 process dies, the HTTP process stops at once and exits 1, so a supervisor sees the node go down
-instead of a node that answers nothing.
+instead of a node that answers nothing. A setting the node cannot start with (one the engine
+refuses on this machine) ends it at start with one line and exit code 2, which a supervisor
+does not retry; any other failure at start exits 1 after the scheduler's traceback.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from node.channel import SchedulerClient
 from node.context import NodeContext
 from node.drain import Drain
 from node.loop import NodeLoop
-from node.process import Scheduler, start_scheduler, stop_process
+from node.process import Scheduler, SchedulerFailed, start_scheduler, stop_process
 from node.settings import NodeSettings
 
 log = logging.getLogger(__name__)
@@ -93,14 +95,18 @@ class NodeServer(uvicorn.Server):
 
 
 def serve_node(settings: NodeSettings, loop_cls: type[NodeLoop]) -> None:
-    """Run one node until it is drained (SIGINT/SIGTERM); SystemExit(1) if its scheduler dies."""
+    """Run one node until it is drained (SIGINT/SIGTERM); SystemExit(1) if its scheduler fails
+    to start or dies, ValueError for a setting it cannot start with (`pdserve` exits 2)."""
     if settings.role != loop_cls.ROLE:
         raise ValueError(f"settings for a {settings.role} node given to {loop_cls.__name__}")
     tokenizer = load_tokenizer(settings.model)
     ipc_dir = tempfile.mkdtemp(prefix="pdserve-")
     scheduler = None
     try:
-        scheduler = start_scheduler(settings, loop_cls, ipc_dir, tokenizer)
+        try:
+            scheduler = start_scheduler(settings, loop_cls, ipc_dir, tokenizer)
+        except SchedulerFailed as exc:  # NOTE: its traceback is the scheduler's, logged above
+            raise SystemExit(str(exc)) from None
         server = node_server(settings, tokenizer, scheduler)
         log.warning(
             "%s node %s serving on http://%s:%d",

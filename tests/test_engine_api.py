@@ -3,6 +3,7 @@ and bad input that must fail with an error naming the fix."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -216,6 +217,25 @@ def test_generation_stops_at_context_end(small_llm) -> None:
     out = small_llm.generate([list(range(120))], params)[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 8
     assert_pages_released(small_llm)
+
+
+def test_logit_bias_steers_greedy_through_the_argmax_path(make_tiny) -> None:
+    """Without keep_logits, plain greedy steps take the argmax of the LM head alone: a request
+    with a logit_bias must not (the bias would be lost)."""
+    llm = LLM(str(make_tiny("llama")), dtype="float32", page_size=4, max_total_tokens=2048)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    plain = llm.generate("Tell me", greedy)[0].token_ids
+    forced_id = next(t for t in range(1000, 2000) if t not in plain)
+    forced = dataclasses.replace(greedy, logit_bias={str(forced_id): 100})
+    assert llm.generate("Tell me", forced)[0].token_ids == [forced_id] * 6
+    banned = dataclasses.replace(greedy, logit_bias={str(plain[0]): -100})
+    assert llm.generate("Tell me", banned)[0].token_ids[0] != plain[0]
+    # batched beside an unbiased greedy request, each keeps its own
+    both = llm.generate(["Tell me", "Tell me"], [greedy, forced])
+    assert [o.token_ids for o in both] == [plain, [forced_id] * 6]
+    with pytest.raises(ValueError, match="logit_bias must name token ids"):
+        llm.generate("Tell me", dataclasses.replace(greedy, logit_bias={"10000000": 1}))
+    assert_pages_released(llm)
 
 
 def test_abort_frees_a_request_pages_once_wherever_it_is(make_tiny) -> None:

@@ -76,6 +76,18 @@ def test_seeded_sampling_continues_across_nodes(make_tiny) -> None:
     assert [o.text for o in pd] == [o.text for o in single]
 
 
+def test_logit_bias_holds_on_both_nodes(make_tiny) -> None:
+    """Prefill draws the first token and decode the rest, each under the request's bias."""
+    path = make_tiny("llama")
+    prompts = random_prompts([12], 150_000, seed=9)
+    forced = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logit_bias={"777": 100})
+    prefill, decode = new_llm(path), new_llm(path)
+    pd = run_pd(prefill.engine, decode.engine, prompts, forced)
+    assert pd[0].token_ids == [777] * 5
+    assert_pages_released(prefill)
+    assert_pages_released(decode)
+
+
 def test_prefill_cache_hit_counts_and_reservation_limits(make_tiny) -> None:
     path = make_tiny("llama")
     prefill = new_llm(path)

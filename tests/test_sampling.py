@@ -344,6 +344,49 @@ def test_min_tokens_with_ignore_eos_leaves_eos_alone() -> None:
     assert sample(logits, [params, SamplingParams(temperature=0.0)]).token_ids == [EOS, 1]
 
 
+# --- logit bias ----------------------------------------------------------------------------------
+
+
+def test_logit_bias_moves_greedy_and_sampled_rows_alike() -> None:
+    logits = torch.tensor([[9.0, 8.0, 1.0, 0.0]] * 3)
+    forced = SamplingParams(temperature=0.0, logit_bias={"3": 100})
+    banned = SamplingParams(temperature=0.0, logit_bias={"0": -100})
+    sampled = SamplingParams(temperature=1.0, seed=3, logit_bias={"2": 100})
+    assert sample(logits, [forced, banned, sampled]).token_ids == [3, 1, 2]
+    # a row without bias beside them keeps its argmax
+    assert sample(logits[:2], [forced, SamplingParams(temperature=0.0)]).token_ids == [3, 0]
+
+
+def test_logprobs_are_of_the_biased_logits() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    params = SamplingParams(temperature=0.0, logprobs=1, logit_bias=[(2, 5.0)])
+    out = sample(logits, [params])
+    expected = torch.tensor([[2.0, 1.0, 5.0]]).log_softmax(-1)[0, 2].item()
+    assert out.token_ids == [2] and out.logprobs[0] == pytest.approx(expected)
+
+
+def test_a_biased_request_never_takes_the_plain_argmax() -> None:
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logit_bias={"1": 1})]
+    states = [SamplerState.create(p, []) for p in params]
+    assert sampling.plain_greedy(params[:1], states[:1])
+    assert not sampling.plain_greedy(params, states)
+
+
+@pytest.mark.parametrize(
+    ("bias", "says"),
+    [
+        ({"5": 100.5}, r"logit_bias must map tokens to biases in \[-100, 100\]"),
+        ({"32": 1}, r"logit_bias must name token ids in \[0, 32\), got 32"),
+        ({"-1": 1}, r"logit_bias must name token ids in \[0, 32\), got -1"),
+        ({"x": 1}, "logit_bias must map token ids to numbers"),
+        ({"5": "high"}, "logit_bias must map token ids to numbers"),
+    ],
+)
+def test_bad_logit_bias_is_named(bias: dict, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        SamplingParams(logit_bias=bias).validate(vocab_size=32)
+
+
 # --- stop handling -------------------------------------------------------------------------------
 
 
@@ -506,6 +549,9 @@ def test_max_tokens_error_names_the_fix() -> None:
         ("min_tokens", 17),
         ("stop", ("",)),
         ("stop_token_ids", (-1,)),
+        ("ignore_eos", "maybe"),
+        ("skip_special_tokens", 1),
+        ("include_stop_str_in_output", "yes"),
     ],
 )
 def test_bad_fields_are_named(field: str, value: object) -> None:

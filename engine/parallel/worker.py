@@ -8,8 +8,6 @@ engine knowing of nodes. Its result is kept for the life of the rank."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import importlib
 import logging
 import multiprocessing as mp
@@ -31,6 +29,7 @@ import torch.distributed as dist
 from engine.config import ModelConfig
 from engine.options import EngineOptions
 from engine.parallel.ranks import RankGroup
+from engine.parent_death import die_with_parent
 from engine.runner import ModelRunner, use_device
 
 log = logging.getLogger(__name__)
@@ -171,12 +170,6 @@ def serve_ranks(model_path: str, options: EngineOptions, setup: RankSetup | None
         proc.join()
         codes.append(proc.exitcode)
     return 0 if all(code == 0 for code in codes) else 1
-
-
-def die_with_parent() -> None:
-    """Linux: SIGKILL this process when the one that started it dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def rank_main(

@@ -8,6 +8,7 @@ under `pdserve launch`. Backoffs are tiny here (RESTARTS), so a restart takes a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,7 +38,8 @@ REPO = Path(__file__).resolve().parents[2]
 # A component: serves `directory` on `port` (GET /health answers 200 when the directory holds a
 # `health` file), after starting a grandchild; writes "own_pid grandchild_pid" to `pidfile`.
 # on_term: "default" dies, "ignore" ignores SIGTERM, "record" appends "term T" to PIDFILE.term,
-# takes a moment (an open stream finishing), appends "exit T" and exits (T: time.monotonic()).
+# takes a moment (an open stream finishing), appends "exit T" and exits 0 (T: time.monotonic()),
+# as a node exits once drained; "exit2" exits with code 2.
 COMPONENT = """
 import functools, http.server, os, signal, subprocess, sys, time
 port, directory, pidfile, on_term = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
@@ -55,6 +57,8 @@ if on_term == "ignore":
 grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
 if on_term == "record":
     signal.signal(signal.SIGTERM, record)
+if on_term == "exit2":
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(2))
 with open(pidfile + ".tmp", "w") as f:
     f.write(f"{os.getpid()} {grandchild.pid}")
 os.rename(pidfile + ".tmp", pidfile)
@@ -63,6 +67,11 @@ handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=dire
 http.server.ThreadingHTTPServer(("127.0.0.1", port), handler).serve_forever()
 """
 CRASH = "print('bad option: --frobnicate'); raise SystemExit(3)"
+# what argparse does with a flag it does not know (and `pdserve` with a bad setting): exit 2
+USAGE_ERROR = (
+    "print('usage: pdserve prefill [-h] [--config CONFIG]'); "
+    "print('pdserve prefill: error: unrecognized arguments: --frobnicate'); raise SystemExit(2)"
+)
 
 SUPERVISE = """
 import json, sys
@@ -136,8 +145,8 @@ class StandIn:
 
 
 def needed_group(name: str) -> str | None:
-    """As the launcher sets it: the gateway and the decode nodes are needed."""
-    return next((g for g in ("gateway", "decode") if name.startswith(g)), None)
+    """As the launcher sets it where no decode node prefills itself: every role is needed."""
+    return next((g for g in ("gateway", "decode", "prefill") if name.startswith(g)), None)
 
 
 class Run:
@@ -152,7 +161,12 @@ class Run:
         self.log_dir: Path | None = None
 
     def add(
-        self, name: str, healthy: bool = True, on_term: str = "default", stage: int = 0
+        self,
+        name: str,
+        healthy: bool = True,
+        on_term: str = "default",
+        stage: int = 0,
+        needed: bool = True,
     ) -> StandIn:
         port, site = free_port(), self.tmp / f"site-{name}"
         site.mkdir()
@@ -160,11 +174,14 @@ class Run:
             (site / "health").write_text("ok")
         stand_in = StandIn(name, port, self.tmp / f"{name}.pids")
         argv = [sys.executable, "-c", COMPONENT, str(port), str(site), str(stand_in.pidfile)]
-        self.add_command(name, [*argv, on_term], port, stage)
+        self.add_command(name, [*argv, on_term], port, stage, needed)
         self.stand_ins.append(stand_in)
         return stand_in
 
-    def add_command(self, name: str, argv: list[str], port: int | None, stage: int = 0) -> None:
+    def add_command(
+        self, name: str, argv: list[str], port: int | None, stage: int = 0, needed: bool = True
+    ) -> None:
+        """`needed`: False for a prefill node beside a decode node that prefills itself."""
         url = f"http://127.0.0.1:{port}/health" if port else None
         self.components.append(
             {
@@ -172,7 +189,7 @@ class Run:
                 "argv": argv,
                 "health_url": url,
                 "stage": stage,
-                "needed_group": needed_group(name),
+                "needed_group": needed_group(name) if needed else None,
             }
         )
 
@@ -399,6 +416,150 @@ def test_giving_up_on_the_gateway_stops_everything(run: Run) -> None:
     assert wait_until(lambda: not any(alive(pid) for pid in pids)), "orphans left behind"
 
 
+def test_a_drained_exit_restarts_at_once_outside_the_crash_budget(run: Run, tmp_path: Path) -> None:
+    run.add("decode-0")
+    node = run.add("prefill-0", on_term="record")  # SIGTERM: it drains and exits 0
+    # NOTE: a crash would wait a minute for its restart, and one more would be given up on
+    backoff = {"restart_backoff_s": 60.0, "restart_backoff_max_s": 60.0}
+    run.start(log_dir=tmp_path / "logs", restart_budget=1, **backoff)
+    run.wait_ready()
+    for restarts in range(1, 4):  # a rolling restart, three times over, uses none of the budget
+        before = node.pids()
+        os.kill(before[0], signal.SIGTERM)
+        back = {"state": "up", "restarts": restarts}.items()
+        assert wait_until(lambda b=back: b <= run.state()["prefill-0"].items()), run.stderr()
+        assert node.pids()[0] != before[0] and serves(node.port)
+        assert run.state()["prefill-0"]["last_exit"] == "exited with code 0"
+    message = run.stderr()
+    assert (
+        message.count(
+            "pdserve launch: component 'prefill-0' exited with code 0; restarting it now (a clean "
+            "exit: not counted against the restart budget)"
+        )
+        == 3
+    ), message
+    assert "gave up" not in message
+
+    os.killpg(node.pids()[0], signal.SIGKILL)  # a crash still counts, as the first of its budget
+    crashed = "component 'prefill-0' was killed by SIGKILL; restarting it in 60s (restart 1 of 1"
+    assert wait_until(lambda: crashed in run.stderr()), run.stderr()
+    assert run.state()["prefill-0"]["state"] == "backoff"
+
+
+def test_a_run_that_exits_0_before_it_is_healthy_counts_as_a_crash(run: Run) -> None:
+    run.add("decode-0")
+    run.add_command("prefill-0", [sys.executable, "-c", "print('nothing to do')"], free_port())
+    run.start(restart_budget=1)
+    assert run.wait_exit() == 1  # not restarted again and again at once: given up on
+    message = run.stderr()
+    assert "component 'prefill-0' exited with code 0; restarting it in 0.05s (restart 1" in message
+    assert "gave up on component 'prefill-0' after 1 restarts in 300s" in message
+
+
+def test_a_usage_error_at_start_fails_the_launch_without_a_retry(run: Run, tmp_path: Path) -> None:
+    run.add_command("prefill-0", [sys.executable, "-c", USAGE_ERROR], free_port())
+    run.add("decode-0")
+    gateway = run.add("gateway", stage=1)
+    run.start(log_dir=tmp_path / "logs")  # a budget of 5 restarts: none is spent on it
+    assert run.wait_exit() == 1
+    assert not run.ready.is_set()
+    assert run.stderr() == (
+        "pdserve launch: component 'prefill-0' exited with code 2 at start, a usage or config "
+        "error that a restart would repeat, so the launcher stopped the cluster; its log ends "
+        "with:\n    pdserve prefill: error: unrecognized arguments: --frobnicate\n"
+    )
+    assert run.state()["prefill-0"] == {
+        "pid": None,
+        "state": "given_up",
+        "restarts": 0,
+        "last_exit": "exited with code 2",
+    }
+    assert not gateway.pidfile.exists()
+    run.stand_ins.remove(gateway)
+    assert wait_until(lambda: not any(alive(pid) for pid in run.written_pids()))
+
+
+def test_exit_code_2_after_a_healthy_run_is_restarted_as_a_crash(run: Run) -> None:
+    node = run.add("decode-0", on_term="exit2")
+    run.start()
+    run.wait_ready()
+    before = node.pids()
+    os.kill(before[0], signal.SIGTERM)
+    restarted = "component 'decode-0' exited with code 2; restarting it in 0.05s (restart 1 of 5"
+    assert wait_until(lambda: restarted in run.stderr()), run.stderr()
+    assert wait_until(lambda: node.pids()[0] != before[0] and serves(node.port))
+    assert run.proc.poll() is None
+
+
+def test_giving_up_on_every_prefill_stops_everything(run: Run) -> None:
+    prefill = run.add("prefill-0")
+    run.add("decode-0")
+    run.add("gateway", stage=1)
+    run.start(restart_budget=0)
+    run.wait_ready()
+    pids = run.all_pids()
+    os.killpg(prefill.pids()[0], signal.SIGKILL)
+    assert run.wait_exit() == 1
+    assert (
+        "gave up on component 'prefill-0' without a restart (launch.restart_budget is 0); its "
+        "last run was killed by SIGKILL; with no prefill component left nothing can serve, so "
+        "the launcher stopped the cluster"
+    ) in run.stderr()
+    assert wait_until(lambda: not any(alive(pid) for pid in pids)), "orphans left behind"
+
+
+def test_a_prefill_given_up_beside_a_decode_that_prefills_itself_leaves_it_serving(
+    run: Run,
+) -> None:
+    prefill = run.add("prefill-0", needed=False)  # as launch.py marks it then
+    decode = run.add("decode-0")
+    run.start(restart_budget=0)
+    run.wait_ready()
+    os.killpg(prefill.pids()[0], signal.SIGKILL)
+    assert wait_until(lambda: "gave up on component 'prefill-0'" in run.stderr())
+    assert run.proc.poll() is None and serves(decode.port)
+
+
+def test_a_stop_records_how_each_last_run_ended(run: Run, tmp_path: Path) -> None:
+    node = run.add("decode-0", on_term="record")  # drains and exits 0 on SIGTERM
+    stubborn = run.add("prefill-0", on_term="ignore")
+    run.start(log_dir=tmp_path / "logs", grace_s=0.5)
+    run.wait_ready()
+    os.killpg(node.pids()[0], signal.SIGKILL)
+    back = {"state": "up", "restarts": 1, "last_exit": "was killed by SIGKILL"}
+    assert wait_until(lambda: back.items() <= run.state()["decode-0"].items())
+    run.proc.terminate()
+    assert run.wait_exit() == 0
+    state = run.state()
+    assert state["decode-0"] == {
+        "pid": None,
+        "state": "stopped",
+        "restarts": 1,
+        "last_exit": "exited with code 0",
+    }
+    assert (state["prefill-0"]["state"], state["prefill-0"]["last_exit"]) == (
+        "stopped",
+        "was killed by SIGKILL",
+    )
+    assert wait_until(lambda: not any(alive(pid) for pid in stubborn.pids()))
+
+
+def test_killing_the_launcher_stops_every_component(run: Run) -> None:
+    """kill -9 of the launcher: each component gets SIGTERM (drains and goes) instead of living
+    on as an orphan that holds its ports."""
+    nodes = [run.add("prefill-0", on_term="record"), run.add("decode-0", on_term="record")]
+    gateway = run.add("gateway", stage=1)
+    run.start()
+    run.wait_ready()
+    leaders = [s.pids()[0] for s in run.stand_ins]
+    run.proc.kill()
+    run.proc.wait()
+    assert wait_until(lambda: not any(alive(pid) for pid in leaders)), "orphans left behind"
+    for node in nodes:
+        assert node.stop_record().keys() == {"term", "exit"}  # a drain, not a kill
+    assert wait_until(lambda: not serves(gateway.port))
+
+
 def test_the_last_decode_failing_at_start_names_itself_with_its_log(run: Run) -> None:
     run.add("prefill-0")
     run.add_command("decode-0", [sys.executable, "-c", CRASH], free_port())
@@ -486,7 +647,22 @@ def test_components_of_a_config_run_the_cli_with_the_same_overrides() -> None:
     )
     assert components[0].argv[3] == "prefill" and components[1].argv[3] == "decode"
     assert [c.stage for c in components] == [0, 0, 1]  # the gateway finds its nodes up
-    # nothing serves without a gateway or without a decode node; prefill nodes can go
+    # nothing serves without a gateway, a decode node, or (no decode node prefills itself) a
+    # prefill node
+    assert [c.needed_group for c in components] == ["prefill", "decode", "gateway"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["decode.0.local_prefill_threshold=64"], ["transfer.backend=none"]],
+    ids=["local_prefill_threshold", "colocated"],
+)
+def test_prefill_nodes_are_not_needed_where_a_decode_node_prefills_itself(
+    overrides: list[str],
+) -> None:
+    cluster = load_cluster(DEFAULT_CONFIG, overrides)
+    components = cluster_components(cluster, DEFAULT_CONFIG, overrides)
+    assert [c.name for c in components] == ["prefill-0", "decode-0", "gateway"]
     assert [c.needed_group for c in components] == [None, "decode", "gateway"]
 
 
@@ -522,50 +698,119 @@ def test_launch_with_a_bad_config_fails_cleanly(
 # --- the real cluster ----------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_pdserve_launch_serves_the_default_config(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    ports = free_ports(4)
-    overrides = [
-        f"gateway.port={ports[0]}",
-        f"prefill.0.port={ports[1]}",
-        f"prefill.0.bootstrap_port={ports[2]}",
-        f"decode.0.port={ports[3]}",
-    ]
-    sets = [arg for text in overrides for arg in ("--set", text)]
-    env = {**os.environ, "PDSERVE_CACHE": str(tmp_path / "models")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "launch", *sets, "--timeout", "120"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=(tmp_path / "stderr").open("w"),
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == f"pdserve cluster ready: http://127.0.0.1:{ports[0]}/v1", (
-            tmp_path / "stderr"
-        ).read_text()
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(f"http://127.0.0.1:{ports[0]}/v1/models", timeout=10) as response:
-            assert "tiny-qwen3" in response.read().decode()
-        body = {"model": "tiny-qwen3", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{ports[0]}/v1/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
+@dataclass
+class Launch:
+    """`pdserve launch` of the default config on free ports (its stderr in a file)."""
+
+    proc: subprocess.Popen
+    overrides: list[str]
+    stderr_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.overrides[0].split('=')[1]}"
+
+    def wait_ready(self) -> None:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.strip() == f"pdserve cluster ready: {self.url}/v1", self.stderr()
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+
+@pytest.fixture
+def launch_default(tmp_path: Path):
+    """`launch_default(*overrides, *args) -> Launch`; every launcher it started is gone after."""
+    started: list[Launch] = []
+
+    def start(*more: str, args: tuple[str, ...] = ()) -> Launch:
+        ports = free_ports(4)
+        overrides = [
+            f"gateway.port={ports[0]}",
+            f"prefill.0.port={ports[1]}",
+            f"prefill.0.bootstrap_port={ports[2]}",
+            f"decode.0.port={ports[3]}",
+            *more,
+        ]
+        sets = [arg for text in overrides for arg in ("--set", text)]
+        env = {**os.environ, "PDSERVE_CACHE": str(tmp_path / "models")}
+        stderr_path = tmp_path / f"stderr-{len(started)}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "launch", *sets, "--timeout", "120", *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=stderr_path.open("w"),
+            text=True,
         )
-        with opener.open(request, timeout=60) as response:
-            assert json.loads(response.read())["usage"]["completion_tokens"] == 4
-        groups = children_of(proc.pid)  # each component leads its own process group
-        assert len(groups) == 3
-        proc.terminate()
-        assert proc.wait(timeout=60) == 0
-        assert not any(group_has_live_member(g) for g in groups), "orphans left behind"
+        started.append(Launch(proc, overrides, stderr_path))
+        return started[-1]
+
+    yield start
+    for launch in started:
+        if launch.proc.poll() is None:
+            launch.proc.kill()
+            launch.proc.wait()
+
+
+@pytest.mark.slow
+def test_pdserve_launch_serves_the_default_config(launch_default) -> None:
+    launch = launch_default()
+    proc = launch.proc
+    launch.wait_ready()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{launch.url}/v1/models", timeout=10) as response:
+        assert "tiny-qwen3" in response.read().decode()
+    body = {"model": "tiny-qwen3", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    request = urllib.request.Request(
+        f"{launch.url}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with opener.open(request, timeout=60) as response:
+        assert json.loads(response.read())["usage"]["completion_tokens"] == 4
+    groups = children_of(proc.pid)  # each component leads its own process group
+    assert len(groups) == 3
+    proc.terminate()
+    assert proc.wait(timeout=60) == 0
+    assert not any(group_has_live_member(g) for g in groups), "orphans left behind"
+
+
+@pytest.mark.slow
+def test_a_setting_a_node_cannot_start_with_fails_the_launch_in_one_line(launch_default) -> None:
+    """The engine refuses the device at start: the node says so in one line and exits 2, and
+    the launcher stops at once, quoting that line (no retries, no traceback)."""
+    launch = launch_default("prefill.0.engine.device=cuda:99")
+    assert launch.proc.wait(timeout=120) == 1
+    message = launch.stderr()
+    assert (
+        "pdserve launch: component 'prefill-0' exited with code 2 at start, a usage or config "
+        "error that a restart would repeat, so the launcher stopped the cluster; its log ends "
+        "with:\n    pdserve prefill: error: engine.device is 'cuda:99' but"
+    ) in message
+    assert "Traceback" not in message and "restarting it" not in message, message
+    assert "[prefill-0] pdserve prefill: error: engine.device is 'cuda:99'" in message
+
+
+@pytest.mark.slow
+def test_killing_the_launcher_leaves_no_process_and_no_port_behind(
+    launch_default, tmp_path: Path
+) -> None:
+    """kill -9 of `pdserve launch`: every process of every component (a node's scheduler
+    process too) goes, so the same cluster launches again."""
+    launch = launch_default(args=("--log-dir", str(tmp_path / "logs")))
+    launch.wait_ready()
+    state = json.loads((tmp_path / "logs" / "launch-state.json").read_text())["components"]
+    groups = [c["pid"] for c in state.values()]
+    assert len(groups) == 3 and all(group_has_live_member(g) for g in groups)
+    try:
+        launch.proc.kill()
+        launch.proc.wait()
+        gone = wait_until(lambda: not any(group_has_live_member(g) for g in groups), 60.0)
+        assert gone, "orphans left behind"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
+    check_can_listen(load_cluster(DEFAULT_CONFIG, launch.overrides))  # every port is free

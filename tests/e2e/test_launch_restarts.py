@@ -261,4 +261,9 @@ def test_nodes_killed_under_load_cost_no_client_anything_and_come_back(
         "(restart 1 of 5 in 300s)"
     ) in launcher
     assert "pdserve launch: component 'decode-1' is healthy again" in launcher
+    # the drain is a rolling restart: at once, and none of the crash budget
+    assert (
+        "pdserve launch: component 'decode-1' exited with code 0; restarting it now (a clean "
+        "exit: not counted against the restart budget)"
+    ) in launcher
     assert cluster.proc.returncode == 0

@@ -11,6 +11,7 @@ from api.openai import ChatCompletionRequest, CompletionRequest, parse_request
 from api.sse import DONE, DONE_PAYLOAD, SSEDecoder, encode_event, error_event, error_in
 
 ERROR_KEYS = {"message", "type", "param", "code"}
+USER = {"role": "user", "content": "x"}
 
 
 def test_error_shape_and_types() -> None:
@@ -87,8 +88,8 @@ def test_completion_validation_names_the_field(body: dict, param: str) -> None:
         ({"model": "m", "messages": []}, "messages"),
         ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"model": "m", "messages": [{"content": "x"}]}, "messages[0].role"),
-        ({"model": "m", "messages": [{"role": "user"}], "top_logprobs": 2}, "top_logprobs"),
-        ({"model": "m", "messages": [{"role": "user"}], "max_completion_tokens": -2},
+        ({"model": "m", "messages": [USER], "top_logprobs": 2}, "top_logprobs"),
+        ({"model": "m", "messages": [USER], "max_completion_tokens": -2},
          "max_completion_tokens"),
     ],
 )  # fmt: skip
@@ -118,7 +119,8 @@ def test_requests_keep_extensions_and_read_helpers() -> None:
     assert chat.output_limit == 7 and chat.include_usage and chat.messages[0].text == "hi"
     assert chat.model_extra == {"top_k": 5}
     done = parse_request(CompletionRequest, {"model": "m", "prompt": [[1, 2], [3]], "n": 2})
-    assert done.prompts == [[1, 2], [3]] and done.max_tokens == 16
+    # NOTE: an omitted max_tokens stays None here: the node makes it 16, at most the context's rest
+    assert done.prompts == [[1, 2], [3]] and done.max_tokens is None
     assert parse_request(CompletionRequest, {"model": "m", "prompt": [1, 2]}).prompts == [[1, 2]]
     with pytest.raises(ApiError, match="JSON object"):
         parse_request(CompletionRequest, ["not", "an", "object"])
@@ -138,3 +140,53 @@ def test_too_few_tokens_say_at_least_one_and_name_the_param(name: str, value: in
         assert (
             info.value.message == f"{name}: must be >= 1 (ask for at least one token) (got {value})"
         )
+
+
+TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+
+
+@pytest.mark.parametrize(
+    ("model", "fields", "param", "says"),
+    [
+        (ChatCompletionRequest, {"messages": [{"role": "user"}]}, "messages[0]", "needs content"),
+        (ChatCompletionRequest, {"messages": [USER, {"role": "assistant"}]}, "messages[1]",
+         "needs content or tool_calls"),
+        (ChatCompletionRequest, {"messages": [{"role": "user", "content": [IMAGE]}]},
+         "messages[0].content", "takes text only"),
+        (ChatCompletionRequest, {"messages": [USER], "stream": "yes"}, "stream", "boolean"),
+        (ChatCompletionRequest, {"messages": [USER], "ignore_eos": "maybe"}, "ignore_eos",
+         "boolean"),
+        (ChatCompletionRequest, {"messages": [USER], "logprobs": 1}, "logprobs", "boolean"),
+        (ChatCompletionRequest, {"messages": [USER], "logit_bias": {"5": 101}}, "logit_bias",
+         "[-100, 100]"),
+        (ChatCompletionRequest, {"messages": [USER], "logit_bias": {"the": 1}}, "logit_bias",
+         "token ids"),
+        (CompletionRequest, {"prompt": "x", "suffix": "!"}, "suffix", "suffix is not supported"),
+        (CompletionRequest, {"prompt": "x", "best_of": 2}, "best_of", "best_of must equal n"),
+        (CompletionRequest, {"prompt": "x", "echo": True, "logprobs": 1}, "echo",
+         "prompt's logprobs"),
+        (CompletionRequest, {"prompt": "x", "echo": "true"}, "echo", "boolean"),
+    ],
+)  # fmt: skip
+def test_what_the_server_cannot_honour_is_a_400_naming_the_field(
+    model: type, fields: dict, param: str, says: str
+) -> None:
+    with pytest.raises(ApiError) as info:
+        parse_request(model, {"model": "m", **fields})
+    assert (info.value.status, info.value.param) == (400, param)
+    assert says in info.value.message
+
+
+def test_what_the_server_honours_passes() -> None:
+    messages = [USER, {"role": "assistant", "tool_calls": [TOOL_CALL]},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"},
+                {"role": "user", "content": [{"type": "text", "text": "and?"}]}]  # fmt: skip
+    chat = parse_request(
+        ChatCompletionRequest,
+        {"model": "m", "messages": messages, "logit_bias": {"5": -100, "7": 100}},
+    )
+    assert chat.messages[1].content is None and chat.logit_bias == {"5": -100.0, "7": 100.0}
+    done = parse_request(CompletionRequest, {"model": "m", "prompt": "x", "best_of": 3, "n": 3})
+    assert done.best_of == 3
+    assert parse_request(CompletionRequest, {"model": "m", "prompt": "x", "echo": True}).echo

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -32,6 +33,7 @@ UNFINISHABLE = CONTEXT - 1024
 ENGINE = ["--served-model-name", "tiny", "--engine-opt", f"max_total_tokens={CONTEXT}"]
 ENGINE += ["--engine-opt", f"max_model_len={CONTEXT}"]
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
+USER = {"role": "user", "content": "Hi"}
 
 
 @dataclass
@@ -291,7 +293,28 @@ def test_bad_requests_are_400s_that_leave_no_traceback_on_the_nodes(nodes: Nodes
         ("/v1/completions", {"model": "tiny", "prompt": "", "stream": True}, "prompt"),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -1}, "max_tokens"),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ]
+        ("/generate", {"text": "x", "sampling_params": {"max_new_tokens": 0}},
+         "sampling_params.max_new_tokens"),
+        ("/generate", {"text": "x", "sampling_params": {"ignore_eos": "maybe"}},
+         "sampling_params.ignore_eos"),
+        ("/generate", {"text": "x", "stream": "yes"}, "stream"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user"}]},
+         "messages[0]"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]},
+         "messages[0].content"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [USER], "stream": "yes"}, "stream"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [USER], "ignore_eos": "maybe"},
+         "ignore_eos"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [USER],
+                                  "logit_bias": {"5": -101}}, "logit_bias"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [USER],
+                                  "logit_bias": {"99999999": 1}}, None),  # past the vocabulary
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "suffix": "y"}, "suffix"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "best_of": 2}, "best_of"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "echo": True, "logprobs": 0},
+         "echo"),
+    ]  # fmt: skip
     with httpx.Client(timeout=60.0, trust_env=False) as http:
         for route, body, param in bad:
             for url in (nodes.pd.url, nodes.decode.url):  # through the gateway, and direct
@@ -308,6 +331,88 @@ def test_bad_requests_are_400s_that_leave_no_traceback_on_the_nodes(nodes: Nodes
     for log in ("prefill.log", "decode.log"):
         text = (nodes.logs / log).read_text(errors="replace")
         assert "Traceback" not in text and "never retrieved" not in text, text[-3000:]
+
+
+def test_an_omitted_max_tokens_stays_within_the_gateway_limit(nodes: Nodes) -> None:
+    """gateway.max_tokens_limit 32 (and a context of CONTEXT tokens): leaving max_tokens out,
+    or sending null, gets at most 32 tokens, whatever the route's own default."""
+    chat = {"model": "tiny", "messages": [USER], "temperature": 0, "ignore_eos": True}
+    native = {"text": PROMPT, "sampling_params": {"temperature": 0, "ignore_eos": True}}
+    headers = {"Authorization": "Bearer sk-key"}
+    with httpx.Client(base_url=nodes.limited.url, headers=headers, timeout=60.0) as c:
+        for body in (chat, {**chat, "max_tokens": None}, {**chat, "max_completion_tokens": None}):
+            answer = c.post("/v1/chat/completions", json=body)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["usage"]["completion_tokens"] == 32
+        answer = c.post("/generate", json=native)
+        assert answer.json()["meta_info"]["completion_tokens"] == 32  # not /generate's 128
+        body = {"model": "tiny", "prompt": PROMPT, "ignore_eos": True}
+        assert c.post("/v1/completions", json=body).json()["usage"]["completion_tokens"] == 16
+        too_many = c.post("/v1/chat/completions", json={**chat, "max_tokens": 33})
+        assert too_many.status_code == 400 and "limit of 32" in too_many.text
+
+
+def test_an_explicit_max_tokens_that_does_not_fit_the_context_is_a_400(
+    nodes: Nodes, gateway: ServerThread
+) -> None:
+    """Not cut short to what fits: refused, in vLLM's words, by the node and through the
+    gateway alike."""
+    ids = [100] * (CONTEXT - 10)
+    completion = {"model": "tiny", "prompt": ids, "max_tokens": 16}
+    native = {"input_ids": ids, "sampling_params": {"max_new_tokens": 11}}
+    with httpx.Client(timeout=60.0, trust_env=False) as http:
+        for url in (gateway.url, nodes.decode.url):
+            answer = http.post(f"{url}/v1/completions", json=completion)
+            assert answer.status_code == 400, answer.text
+            error = answer.json()["error"]
+            assert (error["param"], error["code"]) == ("max_tokens", "context_length_exceeded")
+            assert error["message"].startswith(
+                f"This model's maximum context length is {CONTEXT} tokens. However, you "
+                f"requested {CONTEXT + 6} tokens ({CONTEXT - 10} in the prompt, 16 in the "
+                "completion)."
+            )
+            answer = http.post(f"{url}/generate", json=native)
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["error"]["param"] == "sampling_params.max_new_tokens"
+
+
+def test_logit_bias_steers_every_token_through_pd_and_colocated(
+    nodes: Nodes, gateway: ServerThread, tiny_tokenizer: Callable[[str], Any]
+) -> None:
+    client = nodes.client(gateway)
+    bias = {"777": 100}
+    answer = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, logit_bias=bias,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert answer.choices[0].text == tiny_tokenizer("qwen").decode([777] * 4)
+    params = {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True, "logit_bias": bias}
+    body = {"text": PROMPT, "sampling_params": params}
+    answer = httpx.post(f"{gateway.url}/generate", json=body, timeout=60.0, trust_env=False)
+    assert answer.json()["output_ids"] == [777] * 4
+
+
+def test_echo_puts_the_prompt_before_each_choice(nodes: Nodes, gateway: ServerThread) -> None:
+    client = nodes.client(gateway)
+    greedy = {"model": "tiny", "max_tokens": 6, "temperature": 0}
+    plain = client.completions.create(prompt=PROMPT, **greedy).choices[0].text
+    echoed = client.completions.create(prompt=[PROMPT, "Two"], echo=True, **greedy).choices
+    assert echoed[0].text == PROMPT + plain and echoed[1].text.startswith("Two")
+    chunks = list(client.completions.create(prompt=PROMPT, echo=True, stream=True, **greedy))
+    assert chunks[0].choices[0].text.startswith(PROMPT)
+    assert "".join(c.choices[0].text for c in chunks) == PROMPT + plain
+
+
+def test_streamed_text_offsets_run_on_as_in_the_whole_answer(
+    nodes: Nodes, gateway: ServerThread
+) -> None:
+    client = nodes.client(gateway)
+    greedy = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 1}
+    whole = client.completions.create(**greedy).choices[0].logprobs
+    chunks = list(client.completions.create(stream=True, **greedy))
+    offsets = [o for c in chunks for o in c.choices[0].logprobs.text_offset]
+    assert offsets == whole.text_offset and len(offsets) == 8
+    assert offsets == sorted(offsets) and offsets[-1] > 0
 
 
 def test_a_node_takes_a_plain_rid_and_refuses_one_no_header_can_carry(nodes: Nodes) -> None:

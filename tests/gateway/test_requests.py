@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from api.errors import ApiError
+from api.openai import MAX_TOKENS_LIMIT
 from api.settings import Instance
 from gateway.breaker import CircuitBreaker
 from gateway.dispatch import attempt_rid
@@ -38,7 +39,7 @@ def test_room_lists_follow_sglang() -> None:
     assert batch(COMPLETIONS, {"model": "m", "prompt": [5, 6]}) is None
     assert batch(COMPLETIONS, {"model": "m", "prompt": ["a", "b", "c"]}) == 3
     assert batch(CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}]}) is None
-    assert batch(CHAT, {"model": "m", "messages": [{"role": "user"}], "n": 3}) == 3
+    assert batch(CHAT, {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 3}) == 3
     assert batch(COMPLETIONS, {"model": "m", "prompt": "a", "n": 2}) == 2
     assert batch(COMPLETIONS, {"model": "m", "prompt": ["a", "b"], "n": 2}) == 4
     assert batch(COMPLETIONS, {"model": "m", "prompt": ["a"]}) == 1
@@ -67,6 +68,30 @@ def test_max_tokens_limit() -> None:
     )
     e = error_of(GENERATE, {"text": "a", "sampling_params": {"max_new_tokens": 101}}, limits)
     assert e.param == "sampling_params.max_new_tokens"
+
+
+def test_max_tokens_limit_reaches_the_nodes_for_requests_that_omit_max_tokens() -> None:
+    """Leaving max_tokens out must not get around the limit: the body tells the nodes the limit,
+    and they cap the default (the rest of the context, 16, or /generate's 128) with it."""
+    limits = RequestLimits(max_tokens=50)
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    bodies = [
+        (CHAT, chat),
+        (CHAT, {**chat, "max_tokens": None}),
+        (COMPLETIONS, {"model": "m", "prompt": "a"}),
+        (GENERATE, {"text": "a"}),
+        (GENERATE, {"text": "a", "sampling_params": {"temperature": 0}}),
+    ]
+    for route, body in bodies:
+        assert prepare(route, body, limits).body[MAX_TOKENS_LIMIT] == 50, (route, body)
+        assert MAX_TOKENS_LIMIT not in prepare(route, body, NO_LIMITS).body
+    assert MAX_TOKENS_LIMIT not in chat  # the client's body is not changed
+
+
+def test_max_new_tokens_of_zero_names_the_field_sent() -> None:
+    e = error_of(GENERATE, {"text": "a", "sampling_params": {"max_new_tokens": 0}})
+    assert e.param == "sampling_params.max_new_tokens"
+    assert e.message.startswith("max_new_tokens must be an integer >= 1")
 
 
 def test_sequences_limit_counts_prompts_times_n() -> None:

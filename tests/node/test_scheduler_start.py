@@ -1,29 +1,38 @@
 """The scheduler process a node's HTTP process starts takes the HTTP process's tokenizer: forked
 on CPU (every node of the e2e tests starts so), or pickled where it is spawned (CUDA nodes), and
-then loads its own when that tokenizer does not pickle."""
+then loads its own when that tokenizer does not pickle. A start that fails says whether a setting
+was refused (ValueError: `pdserve` exits 2, which the launcher does not retry) or it crashed."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+
+import pytest
 
 from decode.loop import DecodeLoop
 from engine.options import EngineOptions
 from engine.tokenizer import load_tokenizer
-from node.process import start_method, start_scheduler, stop_process
+from node.process import SchedulerFailed, start_method, start_scheduler, stop_process
 from node.settings import NodeSettings
+from prefill.loop import PrefillLoop
 from transfer.config import TransferConfig
+
+
+def colocated_decode(path: Path) -> NodeSettings:
+    return NodeSettings(
+        role="decode",
+        model=str(path),
+        engine=EngineOptions(dtype="float32", page_size=16, max_total_tokens=1024),
+        transfer=TransferConfig(backend="none"),
+    )
 
 
 def test_a_tokenizer_that_does_not_pickle_is_loaded_by_the_scheduler(
     make_tiny, tmp_path: Path
 ) -> None:
     path = make_tiny("llama")
-    settings = NodeSettings(
-        role="decode",
-        model=str(path),
-        engine=EngineOptions(dtype="float32", page_size=16, max_total_tokens=1024),
-        transfer=TransferConfig(backend="none"),
-    )
+    settings = colocated_decode(path)
     tokenizer = load_tokenizer(path)
     tokenizer.not_picklable = lambda: None  # a remote-code tokenizer may hold such things
     assert start_method(settings) == "fork"  # a CPU node's; a CUDA node's is spawned
@@ -34,3 +43,25 @@ def test_a_tokenizer_that_does_not_pickle_is_loaded_by_the_scheduler(
     finally:
         stop_process(scheduler.process)
     assert not scheduler.process.is_alive()
+
+
+def test_a_setting_the_engine_refuses_is_a_value_error_without_a_traceback(
+    make_tiny, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    settings = colocated_decode(make_tiny("llama"))
+    engine = dataclasses.replace(settings.engine, device="cuda:99")  # no machine has that GPU
+    settings = dataclasses.replace(settings, engine=engine)
+    with pytest.raises(ValueError, match=r"^engine.device is 'cuda:99' but") as refused:
+        start_scheduler(settings, DecodeLoop, str(tmp_path))  # spawned, as a CUDA node's is
+    assert not isinstance(refused.value, SchedulerFailed)
+    assert "Traceback" not in capfd.readouterr().err  # the node says it in one line
+
+
+def test_a_scheduler_that_crashes_at_start_keeps_its_traceback(
+    make_tiny, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    settings = colocated_decode(make_tiny("llama"))
+    with pytest.raises(SchedulerFailed, match="TypeError: PrefillLoop does not run decode nodes"):
+        start_scheduler(settings, PrefillLoop, str(tmp_path), method="fork")
+    err = capfd.readouterr().err
+    assert "scheduler start failed" in err and "Traceback" in err
