@@ -102,12 +102,13 @@ def component_of(
 
 def needed_roles(cluster: ClusterConfig) -> tuple[str, ...]:
     """The roles the cluster serves nothing without, once every component of one is given up
-    on: the gateway, decode, and prefill unless a decode node prefills itself (transfer.backend
-    none: every prompt; a local_prefill_threshold: short ones)."""
-    prefills_itself = cluster.transfer.backend == NO_TRANSFER or any(
-        (d.local_prefill_threshold or 0) > 0 for d in cluster.decode
-    )
-    return ("gateway", "decode") if prefills_itself else ("gateway", "decode", "prefill")
+    on: the gateway, decode, and prefill unless the nodes are colocated (transfer.backend none).
+
+    NOTE: a decode node's local_prefill_threshold does not make prefill nodes optional: the
+    gateway pairs every request with a prefill instance and answers 503 while it has none."""
+    if cluster.transfer.backend == NO_TRANSFER:
+        return ("gateway", "decode")
+    return ("gateway", "decode", "prefill")
 
 
 def component_argv(role: str, path: Path, name: str, overrides: Sequence[str]) -> tuple[str, ...]:

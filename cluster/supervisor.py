@@ -4,7 +4,7 @@ Components start stage by stage (the gateway once the nodes are healthy). One th
 restarted with the same command after a backoff that doubles, while the others keep serving,
 until it spends its budget of restarts in a window (cluster/launch_settings.py); then it stays
 down, unless nothing could serve without it (no gateway, no decode node, or no prefill node
-where no decode node prefills itself: cluster/launch.py sets these groups): then the supervisor
+of a PD cluster: cluster/launch.py sets these groups): then the supervisor
 stops everything and fails, naming it and quoting the end of its log. One that served and exited
 0 (a node drained by SIGTERM) is restarted at once, outside the budget. At start, a component
 whose first run exits with code 2 (a usage or config error, which a restart would only repeat)

@@ -508,10 +508,8 @@ def test_giving_up_on_every_prefill_stops_everything(run: Run) -> None:
     assert wait_until(lambda: not any(alive(pid) for pid in pids)), "orphans left behind"
 
 
-def test_a_prefill_given_up_beside_a_decode_that_prefills_itself_leaves_it_serving(
-    run: Run,
-) -> None:
-    prefill = run.add("prefill-0", needed=False)  # as launch.py marks it then
+def test_a_component_no_role_needs_is_given_up_and_the_rest_serve(run: Run) -> None:
+    prefill = run.add("prefill-0", needed=False)  # a group launch.py marks as not needed
     decode = run.add("decode-0")
     run.start(restart_budget=0)
     run.wait_ready()
@@ -653,17 +651,19 @@ def test_components_of_a_config_run_the_cli_with_the_same_overrides() -> None:
 
 
 @pytest.mark.parametrize(
-    "overrides",
-    [["decode.0.local_prefill_threshold=64"], ["transfer.backend=none"]],
+    ("overrides", "prefill"),
+    [(["decode.0.local_prefill_threshold=64"], "prefill"), (["transfer.backend=none"], None)],
     ids=["local_prefill_threshold", "colocated"],
 )
-def test_prefill_nodes_are_not_needed_where_a_decode_node_prefills_itself(
-    overrides: list[str],
+def test_prefill_nodes_are_needed_unless_colocated(
+    overrides: list[str], prefill: str | None
 ) -> None:
+    """A decode node prefilling short prompts itself does not make prefill nodes optional: the
+    gateway pairs every request with one (503 without)."""
     cluster = load_cluster(DEFAULT_CONFIG, overrides)
     components = cluster_components(cluster, DEFAULT_CONFIG, overrides)
     assert [c.name for c in components] == ["prefill-0", "decode-0", "gateway"]
-    assert [c.needed_group for c in components] == [None, "decode", "gateway"]
+    assert [c.needed_group for c in components] == [prefill, "decode", "gateway"]
 
 
 def test_busy_port_is_reported_before_anything_starts() -> None:
