@@ -10,10 +10,11 @@ not true). `parse_request` validates a JSON body into a model and turns pydantic
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -26,6 +27,10 @@ from pydantic import (
 from .errors import ApiError, invalid_request
 
 Stop = str | list[str] | None
+# a boolean that defaults to false, where OpenAI's schema (and vLLM) also take null for it
+FalseOrNull = Annotated[
+    StrictBool, BeforeValidator(lambda value: False if value is None else value)
+]
 Prompt = str | list[str] | list[int] | list[list[int]]
 LOGIT_BIAS_RANGE = 100.0  # OpenAI's: a bias is in [-100, 100]
 
@@ -50,8 +55,8 @@ class _Open(BaseModel):
 
 
 class StreamOptions(_Open):
-    include_usage: StrictBool = False
-    continuous_usage_stats: StrictBool = False
+    include_usage: FalseOrNull = False
+    continuous_usage_stats: FalseOrNull = False
 
 
 class _SamplingRequest(_Open):
@@ -61,7 +66,7 @@ class _SamplingRequest(_Open):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, ge=0.0, le=1.0)
     n: int = Field(1, ge=1, le=128)
-    stream: StrictBool = False
+    stream: FalseOrNull = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
     seed: int | None = None
@@ -118,7 +123,7 @@ class CompletionRequest(_SamplingRequest):
     # value that does not fit beside the prompt is a 400 instead
     max_tokens: int | None = None
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: StrictBool = False
+    echo: FalseOrNull = False
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
@@ -241,7 +246,7 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    logprobs: StrictBool = False
+    logprobs: FalseOrNull = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None

@@ -190,3 +190,17 @@ def test_what_the_server_honours_passes() -> None:
     done = parse_request(CompletionRequest, {"model": "m", "prompt": "x", "best_of": 3, "n": 3})
     assert done.best_of == 3
     assert parse_request(CompletionRequest, {"model": "m", "prompt": "x", "echo": True}).echo
+
+
+def test_null_booleans_are_their_default() -> None:
+    """OpenAI's schema (and vLLM) take null for stream, echo, chat logprobs and the stream
+    options: false, as when left out; "yes" stays a 400."""
+    nulls = {"stream": None, "echo": None}
+    done = parse_request(CompletionRequest, {"model": "m", "prompt": "x", **nulls})
+    assert (done.stream, done.echo) == (False, False)
+    options = {"include_usage": None, "continuous_usage_stats": None}
+    body = {"model": "m", "prompt": "x", "stream": True, "stream_options": options}
+    assert parse_request(CompletionRequest, body).include_usage is False
+    body = {"model": "m", "messages": [USER], "logprobs": None, "stream": None}
+    chat = parse_request(ChatCompletionRequest, body)
+    assert (chat.logprobs, chat.stream) == (False, False)
