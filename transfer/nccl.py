@@ -56,7 +56,7 @@ class _Peer:
     address: DecodeAddress
     kind: str
     pair: PrefillPair | None = None
-    closed: bool = False
+    closed: str = ""  # why it was closed (abandoned or disconnected); empty while open
     opening: Future[PrefillPair] | None = None  # the rendezvous under way, if one is
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -160,7 +160,7 @@ class NcclBackend(TransferBackend):
         longer than our timeout, and must not hold the rooms of the writers waiting on it."""
         with peer.lock:
             if peer.closed:
-                raise TransferError("nccl: peer disconnected")
+                raise TransferError(f"nccl: {peer.closed}")
             if peer.pair is not None and not peer.pair.broken:
                 return peer.pair
             if peer.opening is None:
@@ -225,7 +225,7 @@ class NcclBackend(TransferBackend):
 
     def _close_peer(self, peer: _Peer, reason: str, join: bool = True) -> None:
         with peer.lock:
-            peer.closed = True
+            peer.closed = reason
             pair, peer.pair = peer.pair, None
             if peer.opening is not None and not peer.opening.done():
                 # wakes every writer waiting for the rendezvous; its thread closes what it opens

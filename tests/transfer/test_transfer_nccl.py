@@ -223,6 +223,10 @@ def test_abandoning_a_decode_wakes_the_writers_waiting_for_its_rendezvous() -> N
         assert not any(w.is_alive() for w in writers), "a writer still waits for the pair"
         assert len(errors) == 3 and all("decode dropped" in e for e in errors), errors
         assert len(decode._conns) == 1, "one rendezvous, shared by the writers"
+        # a writer that comes after the drop hears the same reason (one that lost the race to
+        # the rendezvous above did too)
+        with pytest.raises(TransferError, match="decode dropped"):
+            prefill.submit(key, batch)
     finally:
         prefill.close()
         decode.close()
