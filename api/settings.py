@@ -58,6 +58,11 @@ class GatewaySettings:
     breaker_errors: int = setting(5, "consecutive request errors that open an instance's breaker")
     breaker_cooldown_s: float = setting(10.0, "an open breaker lets a request through after this")
     max_retries: int = setting(2, "more attempts on other pairs while nothing reached the client")
+    prefill_fallback: bool = setting(
+        True,
+        "PD mode: while no prefill instance can take requests (all unhealthy, circuit-open or "
+        "removed), decode instances prefill them themselves (slower first tokens, no 503s)",
+    )
     max_migrations: int = setting(
         3,
         "times a stream may move to another pair after its decode node failed mid-stream "

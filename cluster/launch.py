@@ -102,11 +102,13 @@ def component_of(
 
 def needed_roles(cluster: ClusterConfig) -> tuple[str, ...]:
     """The roles the cluster serves nothing without, once every component of one is given up
-    on: the gateway, decode, and prefill unless the nodes are colocated (transfer.backend none).
+    on: the gateway, decode, and prefill unless the nodes are colocated (transfer.backend none)
+    or the gateway lets decode nodes prefill while no prefill node is ready
+    (gateway.prefill_fallback, on by default).
 
-    NOTE: a decode node's local_prefill_threshold does not make prefill nodes optional: the
-    gateway pairs every request with a prefill instance and answers 503 while it has none."""
-    if cluster.transfer.backend == NO_TRANSFER:
+    NOTE: a decode node's local_prefill_threshold alone does not make prefill nodes optional:
+    without the fallback the gateway pairs every request with a prefill instance."""
+    if cluster.transfer.backend == NO_TRANSFER or cluster.gateway.prefill_fallback:
         return ("gateway", "decode")
     return ("gateway", "decode", "prefill")
 

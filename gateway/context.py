@@ -52,6 +52,7 @@ class Gateway:
         self.models: frozenset[str] = frozenset()
         self.counter: PromptCounter | None = None
         self.tasks = Background()
+        self.falling_back = False  # PD mode, no prefill ready: decode instances prefill
         self._upstream: Upstream | None = None
 
     @property
@@ -79,13 +80,29 @@ class Gateway:
         )  # fmt: skip
 
     def pick_pair(self, key: RouteKey, exclude: Iterable[str] = ()) -> Pair:
-        """A pair for one attempt; 503 when a role has no instance that may take requests."""
+        """A pair for one attempt; 503 when a role has no instance that may take requests.
+
+        In PD mode with no prefill instance ready, the pair is colocated (the decode instance
+        prefills) where `prefill_fallback` allows it."""
         now, exclude = self.clock(), set(exclude)
         prefill = None
         if self.pool.has_prefill():
-            prefill = self.policies["prefill"].pick(self._ready("prefill", now, exclude), key)
+            fallback = self.settings.prefill_fallback and not self.pool.available("prefill", now)
+            if not fallback:
+                prefill = self.policies["prefill"].pick(self._ready("prefill", now, exclude), key)
+            self._note_fallback(fallback)
         decode = self.policies["decode"].pick(self._ready("decode", now, exclude), key)
         return Pair(prefill, decode)
+
+    def _note_fallback(self, on: bool) -> None:
+        """Count the fallback's attempts, and log when it starts and ends (not per request)."""
+        if on:
+            self.metrics.prefill_fallbacks += 1
+        if on == self.falling_back:
+            return
+        self.falling_back = on
+        # NOTE: "on": no prefill instance can take requests, so decode instances prefill them
+        log_event(logging.WARNING, "prefill_fallback", state="on" if on else "off")
 
     def _ready(self, role: Role, now: float, exclude: set[str]) -> list[Worker]:
         workers = self.pool.available(role, now, exclude)

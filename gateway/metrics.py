@@ -59,6 +59,7 @@ class GatewayMetrics:
         self.migrations = 0  # streams moved to another pair mid-stream
         self.stream_errors = 0  # streams that ended in an error event
         self.draining_refusals = 0  # attempts a draining instance turned away
+        self.prefill_fallbacks = 0  # PD-mode attempts a decode instance prefilled (no prefill)
         self.inflight = 0
         self.ttft = Histogram()
         self.latency = Histogram()
@@ -96,6 +97,12 @@ class GatewayMetrics:
             "counter",
             "Attempts an instance refused because it was draining (taken out, not a breaker error).",
             self.draining_refusals,
+        )
+        lines += _scalar(
+            "prefill_fallbacks_total",
+            "counter",
+            "Attempts sent to a decode instance to prefill itself, no prefill instance being ready.",
+            self.prefill_fallbacks,
         )
         for name, hist, text in (
             ("time_to_first_token_seconds", self.ttft, "Time to the first streamed event."),

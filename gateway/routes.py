@@ -128,11 +128,13 @@ async def models(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    """200 while a request could be served (a decode instance, and a prefill one in PD mode)."""
+    """200 while a request could be served (a decode instance, and a prefill one in PD mode
+    unless decode instances may prefill: `prefill_fallback`)."""
     gw = gateway_of(request)
     now = gw.clock()
     ready = {role: len(gw.pool.available(role, now)) for role in ("prefill", "decode")}
-    ok = ready["decode"] > 0 and (ready["prefill"] > 0 or not gw.pool.has_prefill())
+    prefill_ok = ready["prefill"] > 0 or gw.settings.prefill_fallback or not gw.pool.has_prefill()
+    ok = ready["decode"] > 0 and prefill_ok
     body = {"status": "ok" if ok else "unavailable", "available": ready}
     return JSONResponse(body, status_code=200 if ok else 503)
 

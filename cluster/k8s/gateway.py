@@ -56,7 +56,8 @@ def gateway_deployment(cluster: ClusterConfig) -> dict[str, Any]:
 
 
 def gateway_probes() -> dict[str, Any]:
-    # NOTE: /health answers 503 while no node pair can serve, which is the gateway's readiness
+    # NOTE: /health answers 503 while nothing can serve (no decode node; no prefill node either
+    # unless gateway.prefill_fallback lets decode nodes prefill), which is the gateway's readiness
     # but not its liveness: restarting it would not bring a node back. Liveness asks /metrics,
     # which answers whenever the gateway's own event loop does.
     return {

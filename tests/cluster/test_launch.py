@@ -645,21 +645,26 @@ def test_components_of_a_config_run_the_cli_with_the_same_overrides() -> None:
     )
     assert components[0].argv[3] == "prefill" and components[1].argv[3] == "decode"
     assert [c.stage for c in components] == [0, 0, 1]  # the gateway finds its nodes up
-    # nothing serves without a gateway, a decode node, or (no decode node prefills itself) a
-    # prefill node
-    assert [c.needed_group for c in components] == ["prefill", "decode", "gateway"]
+    # nothing serves without a gateway or a decode node (decode nodes prefill while no prefill
+    # node is left: gateway.prefill_fallback)
+    assert [c.needed_group for c in components] == [None, "decode", "gateway"]
 
 
 @pytest.mark.parametrize(
     ("overrides", "prefill"),
-    [(["decode.0.local_prefill_threshold=64"], "prefill"), (["transfer.backend=none"], None)],
-    ids=["local_prefill_threshold", "colocated"],
+    [
+        ([], None),
+        (["gateway.prefill_fallback=false"], "prefill"),
+        (["gateway.prefill_fallback=false", "decode.0.local_prefill_threshold=64"], "prefill"),
+        (["gateway.prefill_fallback=false", "transfer.backend=none"], None),
+    ],
+    ids=["fallback", "no_fallback", "local_prefill_threshold", "colocated"],
 )
-def test_prefill_nodes_are_needed_unless_colocated(
+def test_prefill_nodes_are_needed_only_without_a_fallback(
     overrides: list[str], prefill: str | None
 ) -> None:
-    """A decode node prefilling short prompts itself does not make prefill nodes optional: the
-    gateway pairs every request with one (503 without)."""
+    """Prefill nodes are needed only where the gateway may not send their requests to decode
+    nodes to prefill; a decode node prefilling short prompts itself does not change that."""
     cluster = load_cluster(DEFAULT_CONFIG, overrides)
     components = cluster_components(cluster, DEFAULT_CONFIG, overrides)
     assert [c.name for c in components] == ["prefill-0", "decode-0", "gateway"]

@@ -699,3 +699,42 @@ def test_prefill_kill_retries_waiting_requests_on_the_other_prefill(nodes: Nodes
     assert all(o.status == 200 for o in asyncio.run(complete_all(gateway, more)))
     # rooms of the dead prefill end by abort/heartbeat timeouts on decode (FAST_TRANSFER)
     wait_pages_free([nodes.url(n) for n in ("prefill-0", "decode-0", "decode-1")])
+
+
+# ---- every prefill node dead -----------------------------------------------------------------
+
+
+def test_with_every_prefill_dead_decode_nodes_prefill_until_one_is_back(nodes: Nodes) -> None:
+    """The last prefill node killed too (the test before killed prefill-1): decode nodes prefill
+    the requests themselves (gateway.prefill_fallback), the same tokens, no failures; a
+    restarted prefill node takes its share back."""
+    gateway, back = nodes.gateway, nodes.url("prefill-0")
+    for name in ("prefill-0", "prefill-1"):
+        nodes.components[name].kill()
+    for name in ("prefill-0", "prefill-1"):
+        url = nodes.url(name)
+        wait_until(lambda url=url: not healthy_in(gateway, url), f"gateway takes {name} out", 30)
+    assert httpx.get(f"{gateway}/health", timeout=10).status_code == 200
+    fallbacks, retries = (
+        gateway_metric(gateway, m) for m in ("prefill_fallbacks_total", "retries_total")
+    )
+    bodies = [
+        completion(f"No prefill node left {i}: " + "abc " * i, SHORT, stream=i % 2 == 0,
+                   native=i % 4 >= 2)
+        for i in range(6)
+    ]  # fmt: skip
+    outcomes = asyncio.run(complete_all(gateway, bodies))
+    assert [(o.status, o.error) for o in outcomes] == [(200, None)] * len(bodies)
+    assert [o.output for o in outcomes] == expected_outputs(nodes.model, bodies, SHORT)
+    assert gateway_metric(gateway, "prefill_fallbacks_total") - fallbacks == len(bodies)
+    assert gateway_metric(gateway, "retries_total") == retries
+
+    nodes.components["prefill-0"].start()
+    nodes.components["prefill-0"].wait_healthy()
+    wait_until(lambda: healthy_in(gateway, back), "gateway takes prefill-0 back", 30)
+    fallbacks, before = gateway_metric(gateway, "prefill_fallbacks_total"), served(back)
+    again = [completion(f"Prefill is back {i}", SHORT, stream=False) for i in range(4)]
+    assert all(o.status == 200 for o in asyncio.run(complete_all(gateway, again)))
+    assert served(back) - before == 4
+    assert gateway_metric(gateway, "prefill_fallbacks_total") == fallbacks
+    wait_pages_free([nodes.url(n) for n in ("prefill-0", "decode-0", "decode-1")])

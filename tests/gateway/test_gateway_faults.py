@@ -242,6 +242,53 @@ def test_health_checks_take_an_instance_out_and_back(harness: Callable[..., Harn
     wait_until(lambda: sick.healthy, what="restarted d0 back")
 
 
+BOOTSTRAP = {"bootstrap_host", "bootstrap_port", "bootstrap_room"}
+
+
+def test_no_prefill_ready_sends_requests_to_decode_to_prefill(
+    harness: Callable[..., Harness],
+) -> None:
+    """PD mode with every prefill instance out: decode instances get the requests without
+    bootstrap fields (they prefill themselves), until a prefill instance is back."""
+    h = harness(prefill=1, decode=1, health_interval_s=0.05, health_failures=2)
+    sick = next(w for w in h.gw.pool.all() if w.url == h.url_of(h.prefill[0]))
+    h.prefill[0].behavior.healthy = False
+    wait_until(lambda: not sick.healthy, what="p0 taken out")
+    with h.client() as c:
+        assert c.get("/health").json() == {
+            "status": "ok",
+            "available": {"prefill": 0, "decode": 1},
+        }
+        plain = c.post("/v1/completions", json=COMPLETION)
+        streamed = c.post("/v1/completions", json=STREAM)
+        assert plain.status_code == 200 and plain.json()["node"] == "d0"
+        assert streamed.status_code == 200 and events(streamed)[-1] == "[DONE]"
+        assert h.prefill[0].received == []
+        assert [BOOTSTRAP & body.keys() for body in h.decode[0].bodies()] == [set(), set()]
+        assert "pdserve_gateway_prefill_fallbacks_total 2" in c.get("/metrics").text
+        h.prefill[0].behavior.healthy = True
+        wait_until(lambda: sick.healthy, what="p0 back")
+        h.decode[0].behavior.after = h.prefill
+        assert c.post("/v1/completions", json=COMPLETION).status_code == 200
+    assert len(h.prefill[0].received) == 1
+    assert h.decode[0].bodies()[-1].keys() >= BOOTSTRAP
+    assert h.gw.metrics.prefill_fallbacks == 2 and h.gw.metrics.retries == 0
+
+
+def test_without_the_fallback_no_prefill_ready_is_a_503(harness: Callable[..., Harness]) -> None:
+    h = harness(prefill=1, decode=1, health_interval_s=0.05, health_failures=2,
+                prefill_fallback=False)  # fmt: skip
+    sick = next(w for w in h.gw.pool.all() if w.url == h.url_of(h.prefill[0]))
+    h.prefill[0].behavior.healthy = False
+    wait_until(lambda: not sick.healthy, what="p0 taken out")
+    with h.client() as c:
+        r = c.post("/v1/completions", json=COMPLETION)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_healthy_instance"
+        assert "prefill" in r.json()["error"]["message"]
+        assert c.get("/health").status_code == 503
+    assert h.decode[0].received == [] and h.gw.metrics.prefill_fallbacks == 0
+
+
 def test_client_disconnect_mid_stream_aborts_both_nodes(harness: Callable[..., Harness]) -> None:
     h = harness(prefill=1, decode=1)
     h.decode[0].behavior.mode = "hang"  # one event, then silence
