@@ -50,7 +50,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--attention-backend", default="torch")
-    p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per prompt per line (else text)"
+    )
     commands.add_parallel_flags(p)
     p.set_defaults(func=_generate)
 
@@ -86,7 +88,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _print_completions(llm: Any, args: argparse.Namespace, params: Any) -> None:
-    for done in llm.generate(args.prompt, params):
+    """One prompt: its text alone. Several: each prompt and its text quoted (an output may hold
+    newlines), so that where one ends is never in doubt; --json: one object per prompt."""
+    for prompt, done in zip(args.prompt, llm.generate(args.prompt, params), strict=True):
         if args.json:
             record = {
                 "text": done.text,
@@ -94,8 +98,10 @@ def _print_completions(llm: Any, args: argparse.Namespace, params: Any) -> None:
                 "finish_reason": done.finish_reason,
             }
             print(json.dumps(record, ensure_ascii=False), flush=True)
-        else:
+        elif len(args.prompt) == 1:
             print(done.text, flush=True)
+        else:
+            print(f"Prompt: {prompt!r}\nOutput: {done.text!r}", flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

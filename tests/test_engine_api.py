@@ -133,6 +133,25 @@ def test_cli_generate_json(make_tiny) -> None:
         assert rec["finish_reason"] in ("stop", "length")
 
 
+def test_cli_generate_text_marks_where_each_prompts_output_ends(make_tiny) -> None:
+    path = make_tiny("qwen2")
+    cmd = [sys.executable, "-m", "cluster.cli", "generate", "--model", str(path)]
+    cmd += ["--max-tokens", "5", "--prompt", "Hello"]
+    one = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    cmd += ["--prompt", "The sky\nis"]
+    two = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    expected = new_llm(path).generate(
+        ["Hello", "The sky\nis"], SamplingParams(temperature=0, max_tokens=5)
+    )
+    assert one == expected[0].text + "\n"
+    assert two.splitlines() == [
+        "Prompt: 'Hello'",
+        f"Output: {expected[0].text!r}",
+        "Prompt: 'The sky\\nis'",
+        f"Output: {expected[1].text!r}",
+    ]
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 
