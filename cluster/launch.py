@@ -21,11 +21,12 @@ from .child import Component
 from .config import load_cluster, resolve_config_path
 from .launch_settings import LaunchSettings
 from .schema import ConfigError
-from .spec import GATEWAY, ClusterConfig, http_url
+from .spec import GATEWAY, ClusterConfig, http_url, ranks_here
 from .supervisor import Supervisor
 from .validate import listeners
 
 ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+MAX_CPU_KV_SHARE = 0.9  # of this machine's free memory, for all the KV pools of CPU nodes
 FLAGS = {"health_timeout_s": "--timeout", "grace_s": "--grace"}
 
 
@@ -43,6 +44,7 @@ def launch(
     cluster = load_cluster(path, list(overrides))
     settings = with_flags(cluster.launch, health_timeout_s=timeout_s, grace_s=grace_s)
     check_can_listen(cluster)
+    check_kv_memory(cluster)
     if cluster.model.make is not None and not Path(cluster.model_path()).exists():
         print(f"pdserve launch: writing model.make to {cluster.model_path()}", file=sys.stderr)
     cluster.ensure_model()  # once, here, before the nodes would race to write it
@@ -70,6 +72,7 @@ def dry_run(config: str | None, overrides: Sequence[str] = ()) -> int:
     component, start nothing."""
     path = resolve_config_path(config).resolve()
     cluster = load_cluster(path, list(overrides))
+    check_kv_memory(cluster)
     for component in cluster_components(cluster, path, overrides):
         host = cluster.address_of(component.name)[0]
         role = cluster.role_of(component.name)
@@ -131,6 +134,28 @@ def check_can_listen(cluster: ClusterConfig) -> None:
             try_bind(host, port)
         except OSError as exc:
             raise ConfigError(f"{label}: {bind_problem(exc, host, port)}") from None
+
+
+def check_kv_memory(cluster: ClusterConfig) -> None:
+    """The KV pools that CPU nodes size from `mem_fraction` fit this machine together.
+
+    Every rank process takes its fraction of the memory free when it starts, and the launcher
+    starts them all at once on one machine: fractions over the whole of it would be killed by
+    the kernel (OOM), over and over, under the restart budget."""
+    shares = []
+    for node in (*cluster.prefill, *cluster.decode):
+        engine = node.engine
+        if not engine.device.startswith("cuda") and engine.max_total_tokens is None:
+            shares += [engine.cache.mem_fraction] * ranks_here(engine)
+    if sum(shares) <= MAX_CPU_KV_SHARE:
+        return
+    most = MAX_CPU_KV_SHARE / len(shares)
+    raise ConfigError(
+        f"engine.mem_fraction: the {len(shares)} CPU rank processes this launch starts would "
+        "each take their engine.mem_fraction of this machine's free memory for a KV pool, "
+        f"{sum(shares):.2f}x that memory together; set engine.mem_fraction to at most "
+        f"{most:.3f} (or engine.max_total_tokens) on every node"
+    )
 
 
 def try_bind(host: str, port: int) -> None:

@@ -65,7 +65,8 @@ def _add(request: Request, body: dict[str, Any]) -> Response:
         # NOTE: decode fetches a prefill's KV through its bootstrap server; without the port
         # every request paired with this prefill would fail
         raise invalid_request(
-            "a prefill worker needs its bootstrap_port (the node's transfer.bootstrap_port)",
+            "a prefill worker needs its bootstrap_port (its prefill entry's bootstrap_port in "
+            "the cluster config; the node's /get_server_info shows it)",
             "bootstrap_port",
         )
     try:

@@ -28,7 +28,7 @@ import pytest
 from cluster.child import group_has_live_member
 from cluster.cli import main as pdserve_main
 from cluster.config import DEFAULT_CONFIG, load_cluster
-from cluster.launch import check_can_listen, cluster_components, with_flags
+from cluster.launch import check_can_listen, cluster_components, dry_run, with_flags
 from cluster.launch_settings import LaunchSettings
 from cluster.schema import ConfigError
 from tests.ports import free_port, free_ports
@@ -669,6 +669,23 @@ def test_prefill_nodes_are_needed_only_without_a_fallback(
     components = cluster_components(cluster, DEFAULT_CONFIG, overrides)
     assert [c.name for c in components] == ["prefill-0", "decode-0", "gateway"]
     assert [c.needed_group for c in components] == [prefill, "decode", "gateway"]
+
+
+def test_cpu_kv_pools_over_the_machine_fail_at_load(capsys: pytest.CaptureFixture) -> None:
+    """A GPU config moved to CPU keeps its mem_fraction (0.85) in every rank process: the
+    launcher refuses it, rather than start processes the kernel kills for memory."""
+    sets = ["engine.max_total_tokens=null", "engine.mem_fraction=0.5"]
+    with pytest.raises(ConfigError) as failed:
+        dry_run(str(DEFAULT_CONFIG), sets)
+    assert str(failed.value) == (
+        "engine.mem_fraction: the 2 CPU rank processes this launch starts would each take "
+        "their engine.mem_fraction of this machine's free memory for a KV pool, 1.00x that "
+        "memory together; set engine.mem_fraction to at most 0.450 (or engine.max_total_tokens) "
+        "on every node"
+    )
+    assert dry_run(str(DEFAULT_CONFIG), [*sets, "prefill.0.engine.max_total_tokens=4096"]) == 0
+    assert dry_run(str(DEFAULT_CONFIG), [sets[0], "engine.mem_fraction=0.45"]) == 0
+    capsys.readouterr()
 
 
 def test_busy_port_is_reported_before_anything_starts() -> None:
