@@ -34,6 +34,7 @@ from node.kv_link import rank_setup
 from node.loop import NodeLoop
 from node.settings import NodeSettings
 
+MOONCAKE_LOG_LEVELS = {"debug": "INFO", "info": "WARNING", "warning": "WARNING", "error": "ERROR"}
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 900.0
@@ -135,6 +136,8 @@ def scheduler_main(
     # the engine's other ranks (if any) say whose they are in their log lines
     os.environ["PDSERVE_NODE_NAME"] = settings.name
     os.environ["PDSERVE_LOG_LEVEL"] = settings.log_level
+    # Mooncake's C++ log reads this when it loads (below); its INFO is a line per transfer
+    os.environ.setdefault("MC_LOG_LEVEL", MOONCAKE_LOG_LEVELS[settings.log_level])
     try:
         loop = build_loop(settings, loop_cls, requests_addr, outputs_addr, tokenizer)
     except (ValueError, FileNotFoundError) as exc:

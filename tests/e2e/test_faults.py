@@ -524,6 +524,15 @@ def test_bad_input_is_a_4xx_in_openai_shape(strict: str, case: str) -> None:
     assert normal.json()["usage"]["completion_tokens"] == 4
 
 
+def test_nodes_keep_the_transfer_engines_info_lines_out_of_their_logs(nodes: Nodes) -> None:
+    """At the default log_level (warning) Mooncake's C++ log says no INFO line (one per
+    transfer, as "Batch Transfer completed!", before MC_LOG_LEVEL followed log_level)."""
+    assert served(nodes.url("decode-0")) + served(nodes.url("decode-1")) > 0
+    for name in ("prefill-0", "prefill-1", "decode-0", "decode-1"):
+        text = nodes.components[name].log.read_text()
+        assert not re.search(r"^I\d{4} ", text, re.M), f"{name} logged Mooncake INFO lines"
+
+
 # ---- SIGSTOP of a decode node -----------------------------------------------------------------
 
 HANG_BOUND_S = (
