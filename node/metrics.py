@@ -8,7 +8,7 @@ from typing import Any
 
 from node.jobs import JobState
 from node.settings import NodeSettings
-from transfer import RoomStatus, TransferState
+from transfer import RoomStatus, room_outcome
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 GAUGES = {
@@ -18,6 +18,19 @@ GAUGES = {
     "waiting": "requests waiting to be scheduled",
     "held": "requests holding pages outside the batch (PD transfer)",
 }
+
+
+# NOTE: prefill nodes count a request's first token, and both roles its prompt: sum by role
+GENERATED = "Tokens generated for finished requests (a prefill node's: the first of each)."
+ROOMS = (
+    "KV transfer rooms ended, by how: success, declined (decode prefilled the request itself), "
+    "aborted (by the client), failed."
+)
+
+
+def header(name: str, kind: str, text: str) -> list[str]:
+    """The # HELP and # TYPE lines of the family pdserve_node_`name`."""
+    return [f"# HELP pdserve_node_{name} {text}", f"# TYPE pdserve_node_{name} {kind}"]
 
 
 class Histogram:
@@ -59,7 +72,7 @@ class TransferStats:
         self.seconds = Histogram(TRANSFER_BUCKETS)
 
     def observe(self, status: RoomStatus) -> None:
-        self.rooms["success" if status.state is TransferState.SUCCESS else "failed"] += 1
+        self.rooms[room_outcome(status)] += 1
         if status.metrics is not None:
             self.bytes += status.metrics.bytes
             self.seconds.observe(status.metrics.duration_s)
@@ -75,15 +88,13 @@ class TransferStats:
 
 def transfer_lines(info: dict[str, Any], labels: str) -> list[str]:
     """/metrics lines of a TransferStats.info()."""
-    lines = ["# TYPE pdserve_node_transfer_rooms_total counter"]
-    for state in ("success", "failed"):
+    lines = header("transfer_rooms_total", "counter", ROOMS)
+    for state in ("success", "declined", "aborted", "failed"):
         n = info["rooms"].get(state, 0)
         lines.append(f'pdserve_node_transfer_rooms_total{{{labels},state="{state}"}} {n}')
-    lines += [
-        "# TYPE pdserve_node_transfer_bytes_total counter",
-        f"pdserve_node_transfer_bytes_total{{{labels}}} {info['bytes']}",
-        "# TYPE pdserve_node_transfer_seconds histogram",
-    ]
+    lines += header("transfer_bytes_total", "counter", "KV bytes moved by this node's rooms.")
+    lines.append(f"pdserve_node_transfer_bytes_total{{{labels}}} {info['bytes']}")
+    lines += header("transfer_seconds", "histogram", "Each room's KV transfer time.")
     seconds = Histogram(TRANSFER_BUCKETS)
     seconds.counts, seconds.total = list(info["seconds"]["counts"]), info["seconds"]["total"]
     seconds.sum = info["seconds"]["sum"]
@@ -119,36 +130,41 @@ class NodeMetrics:
 
     def render(self, info: dict[str, Any], settings: NodeSettings) -> str:
         labels = f'role="{settings.role}",name="{settings.name}"'
-        lines = ["# TYPE pdserve_node_requests_total counter"]
+        lines = header("requests_total", "counter", "Generation requests answered, by HTTP status.")
         for (route, status), n in sorted(self.requests.items()):
             lines.append(
                 f'pdserve_node_requests_total{{{labels},route="{route}",status="{status}"}} {n}'
             )
-        for name, value in (
-            ("prompt_tokens_total", self.prompt_tokens),
-            ("generation_tokens_total", self.generation_tokens),
-            ("cached_tokens_total", self.cached_tokens),
+        for name, value, text in (
+            ("prompt_tokens_total", self.prompt_tokens, "Prompt tokens of finished requests."),
+            ("generation_tokens_total", self.generation_tokens, GENERATED),
+            (
+                "cached_tokens_total",
+                self.cached_tokens,
+                "Prompt tokens read from the prefix cache.",
+            ),
         ):
-            lines += [
-                f"# TYPE pdserve_node_{name} counter",
-                f"pdserve_node_{name}{{{labels}}} {value}",
-            ]
+            lines += header(name, "counter", text)
+            lines.append(f"pdserve_node_{name}{{{labels}}} {value}")
         for key, help_text in GAUGES.items():
             if key in info:
                 metric = f"pdserve_node_{key}"
                 lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} gauge"]
                 lines.append(f"{metric}{{{labels}}} {info[key]}")
-        lines.append("# TYPE pdserve_node_time_to_first_token_seconds histogram")
-        lines += self.ttft.lines("pdserve_node_time_to_first_token_seconds", labels)
-        lines.append("# TYPE pdserve_node_e2e_request_latency_seconds histogram")
-        lines += self.e2e.lines("pdserve_node_e2e_request_latency_seconds", labels)
-        lines.append("# TYPE pdserve_node_time_per_output_token_seconds histogram")
-        lines += self.tpot.lines("pdserve_node_time_per_output_token_seconds", labels)
+        for name, hist, text in (
+            (
+                "time_to_first_token_seconds",
+                self.ttft,
+                "From a request's arrival to its first token.",
+            ),
+            ("e2e_request_latency_seconds", self.e2e, "From a request's arrival to its end."),
+            ("time_per_output_token_seconds", self.tpot, "Per request: after the first token."),
+        ):
+            lines += header(name, "histogram", text)
+            lines += hist.lines(f"pdserve_node_{name}", labels)
         if "transfer" in info:
             lines += transfer_lines(info["transfer"], labels)
         if "started" in info:  # NOTE: changes() of it over a window counts restarts
-            lines += [
-                "# TYPE pdserve_node_start_time_seconds gauge",
-                f"pdserve_node_start_time_seconds{{{labels}}} {info['started']:.3f}",
-            ]
+            lines += header("start_time_seconds", "gauge", "When the node started (Unix time).")
+            lines.append(f"pdserve_node_start_time_seconds{{{labels}}} {info['started']:.3f}")
         return "\n".join(lines) + "\n"

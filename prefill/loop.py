@@ -19,11 +19,16 @@ from node.kv_link import build_sender
 from node.loop import NodeLoop
 from node.messages import GenerateRequest, TokenOutput
 from node.settings import NodeSettings
-from transfer import KVSender, RoomMetadata, RoomStatus, TransferState
+from transfer import (
+    ABORTED_BY_CLIENT,
+    DECLINED,
+    KVSender,
+    RoomMetadata,
+    RoomStatus,
+    TransferState,
+)
 
 log = logging.getLogger(__name__)
-
-DECLINED = "declined by decode"  # transfer's reason when decode prefills the request itself
 
 
 @dataclass
@@ -92,7 +97,7 @@ class PrefillLoop(NodeLoop):
             return
         if not room.sending:
             self.engine.abort(rid)  # not computed yet: nothing reads its pages
-        self.sender.abort(room.room, "aborted by client")
+        self.sender.abort(room.room, ABORTED_BY_CLIENT)
 
     def has_pending(self) -> bool:
         return bool(self.by_rid)

@@ -57,6 +57,8 @@ NCCL) are gathered into one staging message per batch, longer ones sent as they 
 from __future__ import annotations
 
 from .base import (
+    ABORTED_BY_CLIENT,
+    DECLINED,
     Endpoint,
     IncompatiblePeerError,
     RoomMetadata,
@@ -65,6 +67,7 @@ from .base import (
     TransferError,
     TransferMetrics,
     TransferState,
+    room_outcome,
 )
 from .buffers import KVBuffer, MemoryRegion
 from .compat import KVCompat, check_compatible
@@ -74,7 +77,9 @@ from .registry import BACKENDS, NO_TRANSFER, check_backend, create_backend, serv
 from .sender import KVSender
 
 __all__ = [
+    "ABORTED_BY_CLIENT",
     "BACKENDS",
+    "DECLINED",
     "NO_TRANSFER",
     "Endpoint",
     "IncompatiblePeerError",
@@ -93,5 +98,6 @@ __all__ = [
     "check_backend",
     "check_compatible",
     "create_backend",
+    "room_outcome",
     "served_backends",
 ]

@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from .config import TransferConfig
 
 
+# Reasons a room ends without a transfer that are not failures: decode prefilled the request
+# itself (its local_prefill_threshold), or the client went away.
+DECLINED = "declined by decode"
+ABORTED_BY_CLIENT = "aborted by client"
+
+
 class TransferState(enum.IntEnum):
     """Where a room is. States only move forward; FAILED is reachable from any live state."""
 
@@ -83,6 +89,16 @@ class RoomStatus:
     # without prefill confirming that it stopped writing (it went silent, or never confirmed an
     # abort): a hung, not dead, prefill could still land a late write there.
     quarantine_s: float = 0.0
+
+
+def room_outcome(status: RoomStatus) -> str:
+    """How a final room ended, for metrics: success, declined, aborted (by the client) or
+    failed."""
+    if status.state is TransferState.SUCCESS:
+        return "success"
+    if DECLINED in status.reason:
+        return "declined"
+    return "aborted" if ABORTED_BY_CLIENT in status.reason else "failed"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,14 @@ from collections.abc import Sequence
 
 import zmq
 
-from .base import RoomMetadata, RoomStatus, TransferBackend, TransferError, TransferState
+from .base import (
+    DECLINED,
+    RoomMetadata,
+    RoomStatus,
+    TransferBackend,
+    TransferError,
+    TransferState,
+)
 from .buffers import KVBuffer, regions_for
 from .compat import KVCompat
 from .config import TransferConfig
@@ -326,7 +333,7 @@ class KVSender:
         elif isinstance(msg, RoomAbort):
             self._on_room_abort(peer, msg)
         elif isinstance(msg, RoomDecline):
-            self._abort(msg.room, f"declined by decode: {msg.reason}")
+            self._abort(msg.room, f"{DECLINED}: {msg.reason}")
         else:
             log.warning("unexpected %s from decode %s", type(msg).__name__, decode_id)
 

@@ -29,22 +29,38 @@ def cluster(make_tiny, tmp_path_factory) -> Cluster:
         yield c
 
 
-def prefill_prompt_tokens(cluster: Cluster) -> int:
+def prefill_metric(cluster: Cluster, name: str) -> int:
     node = cluster.config["prefill"][0]
     text = httpx.get(f"http://127.0.0.1:{node['port']}/metrics", timeout=10).text
-    return int(re.search(r"^pdserve_node_prompt_tokens_total\{[^}]*\} (\d+)", text, re.M).group(1))
+    found = re.search(rf"^pdserve_node_{name} (\d+)$", text, re.M)
+    return int(found.group(1)) if found else 0
+
+
+def prefill_prompt_tokens(cluster: Cluster) -> int:
+    return prefill_metric(cluster, r"prompt_tokens_total\{[^}]*\}")
+
+
+def prefill_rooms(cluster: Cluster, state: str) -> int:
+    return prefill_metric(cluster, rf'transfer_rooms_total\{{[^}}]*state="{state}"\}}')
 
 
 def test_short_prompts_prefill_on_decode_long_ones_disaggregate(cluster: Cluster) -> None:
     api = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="none", max_retries=0)
     short, long = "short prompt", "a much longer prompt " * 20
     params = {"temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
-    before = prefill_prompt_tokens(cluster)
+    before, declined = prefill_prompt_tokens(cluster), prefill_rooms(cluster, "declined")
+    failed = prefill_rooms(cluster, "failed")
     start = time.monotonic()
     got_short = api.completions.create(model="tiny", prompt=short, **params)
     # declined at once: no wait for the prefill's bootstrap timeout
     assert time.monotonic() - start < 10
     assert prefill_prompt_tokens(cluster) == before  # the prefill node computed nothing
+    # its room counts as declined, not failed (alerts on failed rooms stay quiet)
+    wait_until = time.monotonic() + 10
+    while prefill_rooms(cluster, "declined") == declined and time.monotonic() < wait_until:
+        time.sleep(0.05)
+    assert prefill_rooms(cluster, "declined") == declined + 1
+    assert prefill_rooms(cluster, "failed") == failed
     got_long = api.completions.create(model="tiny", prompt=long, **params)
     assert got_long.usage.prompt_tokens >= THRESHOLD
     assert prefill_prompt_tokens(cluster) == before + got_long.usage.prompt_tokens

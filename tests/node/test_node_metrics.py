@@ -9,7 +9,7 @@ import msgpack
 
 from node.metrics import NodeMetrics, TransferStats
 from node.settings import NodeSettings
-from transfer import RoomStatus, TransferState
+from transfer import ABORTED_BY_CLIENT, DECLINED, RoomStatus, TransferState
 from transfer.base import TransferMetrics
 
 
@@ -25,11 +25,16 @@ def test_transfers_tpot_and_start_time_are_exported() -> None:
     stats.observe(RoomStatus(1, TransferState.SUCCESS, metrics=done))
     stats.observe(RoomStatus(2, TransferState.SUCCESS, metrics=done))
     stats.observe(RoomStatus(3, TransferState.FAILED, "peer gone"))
+    # neither is a failure: decode prefilled the request itself; the client went away
+    stats.observe(RoomStatus(4, TransferState.FAILED, f"{DECLINED}: it prefills locally"))
+    stats.observe(RoomStatus(5, TransferState.FAILED, ABORTED_BY_CLIENT))
     # the info crosses from the scheduler process as msgpack
     info = msgpack.unpackb(msgpack.packb({"transfer": stats.info(), "started": 1700000000.5}))
     text = NodeMetrics().render(info, NodeSettings(role="prefill", model="/m"))
     assert re.search(r'pdserve_node_transfer_rooms_total\{[^}]*state="success"\} 2$', text, re.M)
-    assert re.search(r'pdserve_node_transfer_rooms_total\{[^}]*state="failed"\} 1$', text, re.M)
+    for state, n in (("failed", 1), ("declined", 1), ("aborted", 1)):
+        found = rf'pdserve_node_transfer_rooms_total\{{[^}}]*state="{state}"\}} {n}$'
+        assert re.search(found, text, re.M), state
     assert sample(text, "pdserve_node_transfer_bytes_total") == 8192
     assert sample(text, "pdserve_node_transfer_seconds_count") == 2
     assert re.search(r'pdserve_node_transfer_seconds_bucket\{[^}]*le="0.005"\} 2$', text, re.M)
@@ -48,3 +53,12 @@ def test_time_per_output_token_is_the_decode_time_over_the_tokens_after_the_firs
     text = metrics.render({}, NodeSettings(role="decode", model="/m"))
     assert sample(text, "pdserve_node_time_per_output_token_seconds_sum") == 0.1
     assert sample(text, "pdserve_node_time_per_output_token_seconds_count") == 1
+
+
+def test_every_family_says_what_it_counts() -> None:
+    metrics = NodeMetrics()
+    info = {"transfer": TransferStats().info(), "started": 1.0, "free_pages": 3, "held": 0}
+    text = metrics.render(info, NodeSettings(role="prefill", model="/m"))
+    typed = re.findall(r"^# TYPE (\S+) ", text, re.M)
+    helped = re.findall(r"^# HELP (\S+) ", text, re.M)
+    assert len(typed) >= 12 and helped == typed
