@@ -49,6 +49,13 @@ def launch(
         print(f"pdserve launch: writing model.make to {cluster.model_path()}", file=sys.stderr)
     cluster.ensure_model()  # once, here, before the nodes would race to write it
     components = cluster_components(cluster, path, overrides)
+    for name, commands in other_hosts(cluster, path, overrides):
+        print(
+            f"pdserve launch: {name}'s rank group spans hosts (engine.nnodes); this launch runs "
+            f"node rank 0 only, and it waits for the others: run on their hosts\n  "
+            + "\n  ".join(commands),
+            file=sys.stderr,
+        )
     host, port = cluster.address_of(GATEWAY)
     ready = f"pdserve cluster ready: {http_url(ANY_ADDRESS.get(host, host), port)}/v1"
     return Supervisor(components, settings, log_dir).run(ready)
@@ -78,9 +85,26 @@ def dry_run(config: str | None, overrides: Sequence[str] = ()) -> int:
         role = cluster.role_of(component.name)
         print(f"# {component.name}: {role} on {host}")
         print(shlex.join(component.argv))
+    for name, commands in other_hosts(cluster, path, overrides):
+        print(f"# {name}'s other node ranks, each on its own host (not started by launch)")
+        print("\n".join(commands))
     host, port = cluster.address_of(GATEWAY)
     print(f"# config ok: {path}; the gateway would serve {http_url(host, port)}/v1")
     return 0
+
+
+def other_hosts(
+    cluster: ClusterConfig, path: Path, overrides: Sequence[str]
+) -> list[tuple[str, list[str]]]:
+    """Per node whose rank group spans hosts: the commands of its node ranks 1.., which run on
+    the other hosts (launch starts node rank 0 only)."""
+    found = []
+    for node in (*cluster.prefill, *cluster.decode):
+        if node.engine.nnodes > 1:
+            argv = component_argv(cluster.role_of(node.name), path, node.name, overrides)
+            ranks = range(1, node.engine.nnodes)
+            found.append((node.name, [shlex.join([*argv, "--node-rank", str(r)]) for r in ranks]))
+    return found
 
 
 def cluster_components(

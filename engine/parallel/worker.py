@@ -33,6 +33,7 @@ from engine.parent_death import die_with_parent
 from engine.runner import ModelRunner, use_device
 
 log = logging.getLogger(__name__)
+REMOTE_RANKS_REMINDER_S = 5.0  # rank 0 says whom it waits for once this has passed
 
 RankSetup = tuple[str, Any]  # ("module:function", payload)
 
@@ -90,9 +91,19 @@ def wait_for_ranks(store: dist.Store, options: EngineOptions, children: list[Bas
     """Until every rank has reached the rendezvous; a local rank that exits first, or a group
     incomplete after dist_timeout_s, is an error (instead of a long wait inside torch)."""
     keys = [f"joined/{rank}" for rank in range(1, options.tp_size)]
-    deadline = time.monotonic() + options.dist_timeout_s
+    start = time.monotonic()
+    deadline, remind = start + options.dist_timeout_s, start + REMOTE_RANKS_REMINDER_S
     while not store.check(keys):
         _check_alive(children)
+        if options.nnodes > 1 and time.monotonic() > remind:
+            remind = float("inf")  # once: a long wait for other hosts must not be silent
+            missing = [k.split("/")[1] for k in keys if not store.check([k])]
+            log.warning(
+                "waiting up to %gs for ranks %s from the other hosts (each starts the same "
+                "node with --nnodes %d --node-rank N --dist-init-addr %s)",
+                options.dist_timeout_s, ",".join(missing), options.nnodes,
+                options.dist_init_addr,
+            )  # fmt: skip
         if time.monotonic() > deadline:
             raise RuntimeError(
                 f"the rank group did not gather in {options.dist_timeout_s:.0f}s (ranks on other "

@@ -688,6 +688,20 @@ def test_cpu_kv_pools_over_the_machine_fail_at_load(capsys: pytest.CaptureFixtur
     capsys.readouterr()
 
 
+def test_dry_run_prints_the_other_hosts_commands_of_a_node_spanning_hosts(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    sets = ["decode.0.engine.tp_size=2", "decode.0.engine.nnodes=2",
+            "decode.0.engine.dist_init_addr=127.0.0.1:29500"]  # fmt: skip
+    assert dry_run(str(DEFAULT_CONFIG), sets) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index("# decode-0's other node ranks, each on its own host (not started by launch)")
+    command = lines[at + 1].split()
+    assert command[1:7] == ["-m", "cluster.cli", "decode", "--config", str(DEFAULT_CONFIG),
+                            "--name"]  # fmt: skip
+    assert command[-2:] == ["--node-rank", "1"] and "decode.0.engine.nnodes=2" in command
+
+
 def test_busy_port_is_reported_before_anything_starts() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

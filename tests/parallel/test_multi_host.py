@@ -85,3 +85,30 @@ def test_dp_attention_across_two_hosts_equals_one_rank(make_tiny) -> None:
     assert outputs(first) == expected
     second.communicate(timeout=60)
     assert second.returncode == 0
+
+
+def test_rank_0_says_which_ranks_of_other_hosts_it_waits_for(monkeypatch, caplog) -> None:
+    """Started alone (the other host's command not run), rank 0 names the missing ranks and
+    the command that starts them, once, then fails at dist_timeout_s."""
+    import logging
+    from datetime import timedelta
+
+    import pytest
+    import torch.distributed as dist
+
+    from engine.options import EngineOptions
+    from engine.parallel import worker
+
+    monkeypatch.setattr(worker, "REMOTE_RANKS_REMINDER_S", 0.1)
+    store = dist.TCPStore("127.0.0.1", 0, 4, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=5))  # fmt: skip
+    store.set("joined/1", "1")  # this host's other rank; ranks 2 and 3 live on the other host
+    addr = f"127.0.0.1:{store.port}"
+    options = EngineOptions(tp_size=4, nnodes=2, dist_init_addr=addr, dist_timeout_s=0.5)
+    with caplog.at_level(logging.WARNING), pytest.raises(RuntimeError, match="did not gather"):
+        worker.wait_for_ranks(store, options, [])
+    said = [r.getMessage() for r in caplog.records if "waiting up to" in r.getMessage()]
+    assert said == [
+        "waiting up to 0.5s for ranks 2,3 from the other hosts (each starts the same node with "
+        f"--nnodes 2 --node-rank N --dist-init-addr {addr})"
+    ]
