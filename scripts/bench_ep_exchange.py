@@ -88,7 +88,7 @@ def rank_main(rank: int, args: argparse.Namespace, port: int, out: Any) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 128])
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--experts", type=int, default=16)

@@ -59,7 +59,7 @@ def step_ms(batch: int, vocab: int, name: str, steps: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--batch", type=int, nargs="+", default=[8, 64])
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--steps", type=int, default=20)

@@ -74,7 +74,7 @@ ERROR_TEXT = 160  # errors are grouped by their first characters
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("config", help="a cluster YAML or the name of a shipped config")
     p.add_argument("--minutes", type=float, required=True, help="of load, from the first request")
     p.add_argument("--no-faults", action="store_true", help="load only (the baseline)")

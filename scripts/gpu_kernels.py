@@ -102,7 +102,7 @@ def compare(name: str, case: str, layout: KVLayout, heads: int, scale: float) ->
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--backends", default="triton,flashinfer")
     args = p.parse_args()
     cases = [

@@ -137,7 +137,7 @@ def output_tok_s(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> 
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("model")
     p.add_argument("--backend", default="triton")
     a = p.parse_args()
