@@ -4,7 +4,7 @@
     SchedulerClient.push  --requests-->  PULL  SchedulerChannel
     SchedulerClient.pull  <--outputs---  PUSH  SchedulerChannel
 
-The HTTP side binds both ipc:// endpoints (it owns their directory); the scheduler connects.
+The HTTP side binds both ipc:// endpoints (abstract: no files); the scheduler connects.
 """
 
 from __future__ import annotations

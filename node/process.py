@@ -58,14 +58,17 @@ class Scheduler:
 def start_scheduler(
     settings: NodeSettings,
     loop_cls: type[NodeLoop],
-    ipc_dir: str,
+    ipc_name: str,
     tokenizer: PreTrainedTokenizerFast | None = None,
     method: str | None = None,
 ) -> Scheduler:
     """Start the scheduler process and wait until its model is loaded. `tokenizer`, the HTTP
     process's own, goes along (pickled where the process is spawned): a scheduler then skips
-    loading it again (seconds). `method`: "fork" or "spawn"; by default `start_method`."""
-    requests_addr, outputs_addr = f"ipc://{ipc_dir}/requests", f"ipc://{ipc_dir}/outputs"
+    loading it again (seconds). `method`: "fork" or "spawn"; by default `start_method`.
+
+    The channel's sockets are in Linux's abstract namespace (`ipc://@ipc_name/...`): no file
+    to leave behind when the node is killed."""
+    requests_addr, outputs_addr = (f"ipc://@{ipc_name}/{end}" for end in ("requests", "outputs"))
     ctx = mp.get_context(method or start_method(settings))
     parent, child = ctx.Pipe(duplex=False)
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
+import os
+import secrets
 import socket
-import tempfile
 from collections.abc import AsyncIterator
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -100,11 +100,11 @@ def serve_node(settings: NodeSettings, loop_cls: type[NodeLoop]) -> None:
     if settings.role != loop_cls.ROLE:
         raise ValueError(f"settings for a {settings.role} node given to {loop_cls.__name__}")
     tokenizer = load_tokenizer(settings.model)
-    ipc_dir = tempfile.mkdtemp(prefix="pdserve-")
+    ipc_name = f"pdserve-{settings.name}-{os.getpid()}-{secrets.token_hex(4)}"
     scheduler = None
     try:
         try:
-            scheduler = start_scheduler(settings, loop_cls, ipc_dir, tokenizer)
+            scheduler = start_scheduler(settings, loop_cls, ipc_name, tokenizer)
         except SchedulerFailed as exc:  # NOTE: its traceback is the scheduler's, logged above
             raise SystemExit(str(exc)) from None
         server = node_server(settings, tokenizer, scheduler)
@@ -121,7 +121,6 @@ def serve_node(settings: NodeSettings, loop_cls: type[NodeLoop]) -> None:
     finally:
         if scheduler is not None:
             stop_process(scheduler.process)
-        shutil.rmtree(ipc_dir, ignore_errors=True)
 
 
 def node_server(

@@ -20,6 +20,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
@@ -747,3 +748,11 @@ def test_with_every_prefill_dead_decode_nodes_prefill_until_one_is_back(nodes: N
     assert served(back) - before == 4
     assert gateway_metric(gateway, "prefill_fallbacks_total") == fallbacks
     wait_pages_free([nodes.url(n) for n in ("prefill-0", "decode-0", "decode-1")])
+
+
+def test_killed_nodes_leave_no_files_behind(nodes: Nodes) -> None:
+    """The kills above left nothing in the temp dir: a node's HTTP-scheduler channel lives in
+    the abstract socket namespace (it used to leave a /tmp/pdserve-* directory per kill -9)."""
+    since = nodes.config_path.stat().st_mtime  # written before any node started
+    left = [p for p in Path(tempfile.gettempdir()).glob("pdserve-*") if p.stat().st_mtime >= since]
+    assert left == []

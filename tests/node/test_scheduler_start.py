@@ -6,6 +6,7 @@ was refused (ValueError: `pdserve` exits 2, which the launcher does not retry) o
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from pathlib import Path
 
 import pytest
@@ -29,14 +30,16 @@ def colocated_decode(path: Path) -> NodeSettings:
 
 
 def test_a_tokenizer_that_does_not_pickle_is_loaded_by_the_scheduler(
-    make_tiny, tmp_path: Path
+    make_tiny,
 ) -> None:
     path = make_tiny("llama")
     settings = colocated_decode(path)
     tokenizer = load_tokenizer(path)
     tokenizer.not_picklable = lambda: None  # a remote-code tokenizer may hold such things
     assert start_method(settings) == "fork"  # a CPU node's; a CUDA node's is spawned
-    scheduler = start_scheduler(settings, DecodeLoop, str(tmp_path), tokenizer, method="spawn")
+    scheduler = start_scheduler(
+        settings, DecodeLoop, f"pdserve-test-{uuid.uuid4().hex}", tokenizer, method="spawn"
+    )
     try:
         assert scheduler.process.is_alive()
         assert scheduler.ready["ok"]
@@ -46,22 +49,24 @@ def test_a_tokenizer_that_does_not_pickle_is_loaded_by_the_scheduler(
 
 
 def test_a_setting_the_engine_refuses_is_a_value_error_without_a_traceback(
-    make_tiny, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    make_tiny, capfd: pytest.CaptureFixture[str]
 ) -> None:
     settings = colocated_decode(make_tiny("llama"))
     engine = dataclasses.replace(settings.engine, device="cuda:99")  # no machine has that GPU
     settings = dataclasses.replace(settings, engine=engine)
     with pytest.raises(ValueError, match=r"^engine.device is 'cuda:99' but") as refused:
-        start_scheduler(settings, DecodeLoop, str(tmp_path))  # spawned, as a CUDA node's is
+        start_scheduler(
+            settings, DecodeLoop, f"pdserve-test-{uuid.uuid4().hex}"
+        )  # spawned, as a CUDA node's is
     assert not isinstance(refused.value, SchedulerFailed)
     assert "Traceback" not in capfd.readouterr().err  # the node says it in one line
 
 
 def test_a_scheduler_that_crashes_at_start_keeps_its_traceback(
-    make_tiny, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    make_tiny, capfd: pytest.CaptureFixture[str]
 ) -> None:
     settings = colocated_decode(make_tiny("llama"))
     with pytest.raises(SchedulerFailed, match="TypeError: PrefillLoop does not run decode nodes"):
-        start_scheduler(settings, PrefillLoop, str(tmp_path), method="fork")
+        start_scheduler(settings, PrefillLoop, f"pdserve-test-{uuid.uuid4().hex}", method="fork")
     err = capfd.readouterr().err
     assert "scheduler start failed" in err and "Traceback" in err
