@@ -1,10 +1,13 @@
-"""OpenAI-compatible request and response models, shared by the gateway and the nodes.
+"""OpenAI-compatible request models, shared by the gateway and the nodes (the responses are
+openai_responses.py's).
 
 Requests keep fields they do not name (`extra="allow"`): SGLang's extensions (`top_k`, `min_p`,
 `repetition_penalty`, `regex`, ...) and the PD fields (`bootstrap_*`, `rid`) travel through
 untouched; the boolean ones are declared, so that they are as strict as OpenAI's own (`"yes"` is
 not true). `parse_request` validates a JSON body into a model and turns pydantic's errors into a
-400 in OpenAI's shape, naming the offending field.
+400 in OpenAI's shape, naming the offending field. vLLM's `prompt_logprobs` is declared too,
+and with completions' `echo` and `logprobs` says how much of the prompt's logprobs a request
+needs (`prompt_top`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ FalseOrNull = Annotated[
 ]
 Prompt = str | list[str] | list[int] | list[list[int]]
 LOGIT_BIAS_RANGE = 100.0  # OpenAI's: a bias is in [-100, 100]
+MAX_LOGPROBS = 20  # best tokens per position at most (OpenAI's; vLLM's default max_logprobs)
 
 # pdserve's own body field: the gateway's max_tokens_limit, told to the nodes so that a request
 # without max_tokens (max_completion_tokens, /generate's max_new_tokens) gets at most this many
@@ -78,6 +82,8 @@ class _SamplingRequest(_Open):
     ignore_eos: StrictBool | None = None
     skip_special_tokens: StrictBool | None = None
     include_stop_str_in_output: StrictBool | None = None
+    # vLLM's: the prompt's own logprobs, with this many best tokens per position
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("logit_bias")
     @classmethod
@@ -105,6 +111,13 @@ class _SamplingRequest(_Open):
             raise ValueError("stream_options is only allowed when stream is true")
         return options
 
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs_not_streamed(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top and info.data.get("stream"):
+            raise ValueError("prompt_logprobs are not available when stream is true (as in vLLM)")
+        return top
+
     @field_validator("max_tokens", "max_completion_tokens", check_fields=False)
     @classmethod
     def _at_least_one_token(cls, value: int | None) -> int | None:
@@ -116,13 +129,24 @@ class _SamplingRequest(_Open):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def answered_prompt_logprobs(self) -> int | None:
+        """`prompt_logprobs` as the answer carries it: not in a stream (vLLM takes 0 there, and
+        sends nothing)."""
+        return None if self.stream else self.prompt_logprobs
+
+    @property
+    def prompt_top(self) -> int | None:
+        """How many best tokens each prompt position needs, or None: no prompt logprobs."""
+        return self.answered_prompt_logprobs
+
 
 class CompletionRequest(_SamplingRequest):
     prompt: Prompt
     # NOTE: None when omitted (it is 16 then, at most the rest of the context): an explicit
     # value that does not fit beside the prompt is a 400 instead
     max_tokens: int | None = None
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: FalseOrNull = False
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
@@ -133,16 +157,6 @@ class CompletionRequest(_SamplingRequest):
         if suffix is not None:
             raise ValueError("suffix is not supported (leave it out)")
         return suffix
-
-    @field_validator("echo")
-    @classmethod
-    def _echo_without_logprobs(cls, echo: bool, info: ValidationInfo) -> bool:
-        if echo and info.data.get("logprobs") is not None:
-            raise ValueError(
-                "echo with logprobs needs the prompt's logprobs, which this server does not "
-                "compute (leave out echo or logprobs)"
-            )
-        return echo
 
     @field_validator("best_of")
     @classmethod
@@ -162,6 +176,23 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(prompt, list) and (not prompt or any(p == [] or p == "" for p in prompt)):
             raise ValueError("prompt must not be empty (send a string or a non-empty list)")
         return prompt
+
+    @property
+    def echo_logprobs(self) -> bool:
+        """Whether the logprobs cover the echoed prompt's tokens too (lm-eval's loglikelihood)."""
+        return self.echo and self.logprobs is not None
+
+    @property
+    def answered_prompt_logprobs(self) -> int | None:
+        """vLLM's rule: echo's logprobs stand for an omitted prompt_logprobs (not in a stream)."""
+        if self.stream:
+            return None
+        return self.logprobs if self.prompt_logprobs is None and self.echo else self.prompt_logprobs
+
+    @property
+    def prompt_top(self) -> int | None:
+        asked = [self.answered_prompt_logprobs, self.logprobs if self.echo else None]
+        return max((k for k in asked if k is not None), default=None)
 
     @property
     def prompts(self) -> list[str | list[int]]:
@@ -247,7 +278,7 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: FalseOrNull = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
@@ -328,135 +359,6 @@ def template_call(call: ToolCall) -> dict[str, Any]:
         "type": "function",
         "function": {"name": call.function.name, "arguments": args},
     }
-
-
-# ---- responses ----
-
-
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    prompt_tokens_details: PromptTokensDetails | None = None
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
-    text_offset: list[int] = Field(default_factory=list)
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
-    matched_stop: int | str | None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class ChatTokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChatLogprobs(BaseModel):
-    content: list[ChatTokenLogprob] | None = None
-
-
-class ResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[ToolCall] | None = None
-
-
-class ChatCompletionChoice(BaseModel):
-    index: int
-    message: ResponseMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
-    matched_stop: int | str | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatCompletionChoice]
-    usage: Usage | None = None
-
-
-class DeltaFunction(BaseModel):
-    name: str | None = None
-    arguments: str = ""
-
-
-class DeltaToolCall(BaseModel):
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: DeltaFunction
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    reasoning_content: str | None = None
-    tool_calls: list[DeltaToolCall] | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-# A completions stream chunk has the response's shape (object "text_completion").
-CompletionChunk = CompletionResponse
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = 0
-    owned_by: str = "pdserve"
-    root: str | None = None
-    max_model_len: int | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard] = Field(default_factory=list)
 
 
 # ---- validation ----

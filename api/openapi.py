@@ -77,8 +77,9 @@ GENERATE_SCHEMA: dict[str, Any] = {
         "stream": {"type": "boolean"},
         "rid": {"type": "string"},
         "return_logprob": {"type": "boolean"},
-        "top_logprobs_num": {"type": "integer", "minimum": 0},
-        "logprob_start_len": {"type": "integer"},
+        "top_logprobs_num": {"type": "integer", "minimum": 0, "maximum": 20},
+        "logprob_start_len": {"type": "integer", "minimum": -1},
+        "return_text_in_logprobs": {"type": "boolean"},
     },
 }
 

@@ -3,8 +3,9 @@
 Three queues, in DESIGN.md's words: prealloc (requests waiting for pages: reserved for prompt +
 decode headroom before any transfer, never overcommitted, FIFO, with a timeout), transfer
 (rooms in flight; pages return only when the transfer layer says no write can touch them), and
-running (the engine's continuous batch). Requests without bootstrap fields, or whose uncached
-prompt is shorter than `local_prefill_threshold`, are prefilled here (the colocated path).
+running (the engine's continuous batch). Requests without bootstrap fields, whose uncached
+prompt is shorter than `local_prefill_threshold`, or that ask for their prompt's logprobs (which
+need every prompt position's logits, here), are prefilled here (the colocated path).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class DecodeLoop(NodeLoop):
 
     def on_generate(self, req: GenerateRequest) -> None:
         params = self.sampling_params(req)
-        if not req.disaggregated or self._prefill_here(req):
+        if not req.disaggregated or self._prefill_here(req, params):
             self.engine.add_request(req.rid, req.prompt_ids, params, resumed=req.num_resumed)
             return
         if req.bootstrap_room in self.rooms:
@@ -72,13 +73,16 @@ class DecodeLoop(NodeLoop):
         self.engine.check_request(req.prompt_ids, params, req.num_resumed)
         self.prealloc[req.rid] = Pending(req, params, time.monotonic())
 
-    def _prefill_here(self, req: GenerateRequest) -> bool:
-        threshold = self.settings.local_prefill_threshold
-        if threshold <= 0 or self.receiver is None:
-            return self.receiver is None
-        uncached = len(req.prompt_ids) - self.engine.cached_prefix_len(req.prompt_ids)
-        if uncached >= threshold:
-            return False
+    def _prefill_here(self, req: GenerateRequest, params: SamplingParams) -> bool:
+        if self.receiver is None:
+            return True
+        if params.prompt_logprobs is None or req.num_resumed:
+            threshold = self.settings.local_prefill_threshold
+            if threshold <= 0:
+                return False
+            uncached = len(req.prompt_ids) - self.engine.cached_prefix_len(req.prompt_ids)
+            if uncached >= threshold:
+                return False
         # NOTE: the prefill node got the same request; tell it to drop the room.
         self.receiver.decline(req.bootstrap_room, req.bootstrap_address, "it prefills locally")
         return True

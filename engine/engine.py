@@ -7,7 +7,6 @@ detokenization and stop rules. It knows nothing of HTTP or other nodes; servers 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -16,11 +15,13 @@ from transformers import PreTrainedTokenizerFast
 
 from engine.config import ModelConfig
 from engine.dp_scheduler import DPScheduler, rank_pools
+from engine.environment import check_device, limit_onednn_caches
 from engine.grammar import Grammars
 from engine.kv.radix import RadixCache
 from engine.options import EngineOptions
 from engine.parallel.check import check_parallel
 from engine.parallel.worker import RankSetup, start_group, threads_per_rank
+from engine.prompt_logprobs import PromptLogprobs
 from engine.request import Req
 from engine.runner import ModelRunner, StepResult
 from engine.sampling import SamplerState, SamplingParams
@@ -46,39 +47,9 @@ class RequestOutput:
     cached_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # with the first output of a request that asked: prompt position i's at entry i - 1
+    prompt_logprobs: PromptLogprobs | None = None
     logits: torch.Tensor | None = None  # only when the engine keeps logits (tests)
-
-
-def limit_onednn_caches(entries: int) -> None:
-    """Bound oneDNN's and ideep's caches of compiled matmul kernels at `entries` each (0: their
-    defaults). Each distinct matmul shape compiles one kernel; a prefill node's batches come in
-    ever-new token counts, so with the default limits (1024) its RSS grew by about 1 GB before
-    the caches filled. Rebuilding an evicted kernel costs little next to a prefill step.
-
-    NOTE: process-wide: both libraries read these variables when they first build a kernel, and a
-    variable the user set wins.
-    """
-    if entries > 0:
-        for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-            os.environ.setdefault(name, str(entries))
-
-
-def check_device(device: str) -> None:
-    """A CUDA device that torch cannot use is refused before anything loads."""
-    if not device.startswith("cuda"):
-        return
-    if not torch.cuda.is_available():
-        why = "it was built without CUDA" if torch.version.cuda is None else "it finds no GPU"
-        raise ValueError(
-            f"engine.device is {device!r} but torch {torch.__version__} cannot use CUDA ({why}): "
-            "set engine.device: cpu, or install a CUDA build of torch on a GPU machine"
-        )
-    index = torch.device(device).index
-    if index is not None and index >= torch.cuda.device_count():
-        raise ValueError(
-            f"engine.device is {device!r} but this machine has {torch.cuda.device_count()} "
-            "GPU(s) (use cuda:0 .. cuda:N-1)"
-        )
 
 
 class Engine:
@@ -154,9 +125,13 @@ class Engine:
         `resumed`: the last this many of `prompt_ids` are output the request already produced
         elsewhere (a stream moved off a failed node): they are computed like prompt, and count as
         output for max_tokens, penalties, the seeded draw's position, stop text and usage.
+        `params.prompt_logprobs` come with the first output, but for a resumed request (its
+        first node reported them) and a prefill-only one (the node answering its client does).
         """
         req = self._new_req(rid, prompt_ids, params, resumed)
         req.prefill_only = prefill_only
+        if params.prompt_logprobs is not None and not (resumed or prefill_only):
+            req.prompt_logprobs = PromptLogprobs(len(req.prompt_ids) - 1)
         self.scheduler.add(req)
         return req
 
@@ -212,6 +187,11 @@ class Engine:
         Returns the page ids that will hold the prompt's KV, or None when memory is short (try
         again later; nothing is held). Raises ValueError for a request that can never run.
         """
+        if params.prompt_logprobs is not None and not resumed:
+            raise ValueError(
+                "prompt_logprobs need the prompt computed on the node that answers (send the "
+                "request without bootstrap fields)"
+            )
         req = self._new_req(rid, prompt_ids, params, resumed)
         tokens = min(len(req.prompt_ids) + max(headroom, 1), self.max_model_len)
         if not self.scheduler.reserve(req, tokens):
@@ -315,6 +295,10 @@ class Engine:
             out.top_logprobs = [result.output.top_logprobs[i]] if result.output.top_logprobs else []
         if self.keep_logits and result.logits is not None:
             out.logits = result.logits[i].clone()
+        prompt = req.prompt_logprobs
+        if prompt is not None and not prompt.sent:
+            assert not prompt.pending, f"{req.rid} sampled before its prompt logprobs were all in"
+            out.prompt_logprobs, prompt.sent = prompt, True
         self._finish_output(req, token, out)
         return out
 

@@ -88,13 +88,15 @@ class GraphSteps:
         return logits.argmax(dim=-1), logits
 
     def _replays(self, plan: StepPlan, batch: AttentionBatch) -> bool:
-        """Whether this step runs through the decode graphs: decode-only, every row sampling,
-        within the largest bucket and the static page tables."""
+        """Whether this step runs through the decode graphs: decode-only, every row sampling
+        (and none reporting a prompt logprob), within the largest bucket and the static page
+        tables."""
         graphs = self.decode_graphs
         return (
             graphs is not None
             and plan.mode != "none"
             and len(plan.logit_rows) == len(plan.q_lens)
+            and not plan.prompt_rows
             and graphs.fits(batch)
         )
 

@@ -10,6 +10,7 @@ import torch
 
 from engine.engine import Engine, RequestOutput
 from engine.options import EngineOptions
+from engine.prompt_logprobs import PromptLogprobs
 from engine.sampling import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -27,6 +28,7 @@ class Completion:
     cached_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: PromptLogprobs | None = None  # when its params asked for them
     logits: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, out: RequestOutput) -> None:
@@ -35,6 +37,8 @@ class Completion:
         self.logprobs.extend(out.logprobs)
         self.top_logprobs.extend(out.top_logprobs)
         self.cached_tokens = out.cached_tokens
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if out.logits is not None:
             self.logits.append(out.logits)
         if out.finished:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from engine.prompt_logprobs import PromptLogprobs
 from engine.sampling import SamplingParams
 
 
@@ -47,6 +48,8 @@ class Req:
     sampler_state: Any = None
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # the prompt's own logprobs, when asked (computed here: never from cached or moved KV)
+    prompt_logprobs: PromptLogprobs | None = None
     prefill_only: bool = False  # a prefill node: finish after the first token
     dp_rank: int = 0  # DP attention: the rank whose pool holds this request's KV
     # the last this many prompt_ids are output produced elsewhere before (a moved stream)
@@ -74,6 +77,11 @@ class Req:
         if start >= n:
             return self.output_ids[start - n : end - n]
         return self.prompt_ids[start:] + self.output_ids[: end - n]
+
+    @property
+    def needs_prompt_rows(self) -> bool:
+        """Whether prompt positions still need their logits (so none may come from the cache)."""
+        return self.prompt_logprobs is not None and self.prompt_logprobs.pending
 
     @property
     def own_pages(self) -> list[int]:

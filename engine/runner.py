@@ -40,6 +40,7 @@ from engine.parallel.dp import gather_rows, is_idle, split_plan
 from engine.parallel.group import Parallel
 from engine.parallel.ranks import RankFailure, RankGroup
 from engine.parallel.step import StepPlan, decode_plans, encode_plans
+from engine.prompt_logprobs import PromptRows, reduce_rows, reduced_width
 from engine.sampling import SampleOutput, Sampler, plain_greedy
 from engine.scheduler import ScheduledBatch
 from engine.weights import iter_weights
@@ -175,12 +176,14 @@ class ModelRunner(GraphSteps):
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepResult:
         """Compute the batch's tokens; sample for requests that reach their sequence end."""
-        plan, sampled = self.plan(batch)
+        plan, sampled, prompt = self.plan(batch)
         if self.group is None:
-            tokens, logits = self.execute(plan, self._grammar_mask(plan, sampled))
+            tokens, logits, reduced = self.execute(plan, self._grammar_mask(plan, sampled))
         else:
             owners = [r.dp_rank for r in batch.reqs]
-            tokens, logits = self._execute_in_group(self.group, plan, owners)
+            tokens, logits, reduced = self._execute_in_group(self.group, plan, owners)
+        if reduced is not None:
+            prompt.scatter(reduced)
         if not sampled:
             return StepResult([], None, None)
         if tokens is not None:
@@ -202,14 +205,16 @@ class ModelRunner(GraphSteps):
             group.fail(f"a step failed: {type(exc).__name__}: {exc}")
             raise RankFailure(group.failure) from exc
 
-    def plan(self, batch: ScheduledBatch) -> tuple[StepPlan, list[Any]]:
-        """The step as plain lists (what every rank runs), and the requests that sample."""
+    def plan(self, batch: ScheduledBatch) -> tuple[StepPlan, list[Any], PromptRows]:
+        """The step as plain lists (what every rank runs), the requests that sample, and the
+        rows of prompt logprobs."""
         ids, logit_rows, sampled, page_tables = [], [], [], []
-        row, page_size = 0, self.pool.page_size
+        row, page_size, prompt = 0, self.pool.page_size, PromptRows()
         kv_lens = [r.num_computed + n for r, n in zip(batch.reqs, batch.num_tokens)]
         for req, n, samples, kv_len in zip(batch.reqs, batch.num_tokens, batch.samples, kv_lens):
             ids.extend(req.token_slice(req.num_computed, req.num_computed + n))
             page_tables.append(list(req.page_table[: -(-kv_len // page_size)]))
+            prompt.add(req, n, row)
             row += n
             if samples:
                 logit_rows.append(row - 1)
@@ -221,8 +226,11 @@ class ModelRunner(GraphSteps):
             params = [r.params for r in sampled]
             greedy = not self.keep_logits and plain_greedy(params, states, masked)
             mode = "argmax" if greedy else "logits"
-        plan = StepPlan(ids, list(batch.num_tokens), kv_lens, page_tables, logit_rows, mode)
-        return plan, sampled
+        plan = StepPlan(
+            ids, list(batch.num_tokens), kv_lens, page_tables, logit_rows, mode,
+            prompt.rows, prompt.targets, prompt.top,
+        )  # fmt: skip
+        return plan, sampled, prompt
 
     def follow(self, data: bytes) -> None:
         """Ranks 1..: run the step rank 0 broadcast."""
@@ -231,13 +239,14 @@ class ModelRunner(GraphSteps):
         else:
             self.execute(StepPlan.decode(data))
 
-    def execute_dp(self, plans: list[StepPlan]) -> tuple[Any, Any]:
+    def execute_dp(self, plans: list[StepPlan]) -> tuple[Any, Any, Any]:
         """DP attention: run this rank's plan, then gather every rank's sampled rows (greedy
-        ids or logits, in rank order) onto every rank."""
+        ids or logits) and prompt-logprob rows, in rank order, onto every rank."""
         assert self.group is not None
         tp = self.group.parallel
         mine, counts = plans[tp.rank], [len(p.logit_rows) for p in plans]
         bucket_rows = self._dp_bucket_rows(plans)
+        reduced = None
         if bucket_rows is not None:  # every rank replays its graph of the same bucket
             idle = AttentionBatch([], [], [], self.pool.page_size)  # an idle rank: no rows
             batch = idle if is_idle(mine) else self._attention_batch(mine)
@@ -246,15 +255,21 @@ class ModelRunner(GraphSteps):
             decode = all(p.decodes_only() for p in plans)
             rows = max(len(p.ids) for p in plans) if decode else None
             plan = mine if mine.logit_rows else replace(mine, mode="none")
-            tokens, logits = self.execute(plan, replay=False, fixed_rows=rows)
+            tokens, logits, reduced = self.execute(plan, replay=False, fixed_rows=rows)
+        prompt_counts = [len(p.prompt_rows) for p in plans]
+        if any(prompt_counts):
+            if reduced is None:
+                width = reduced_width(max(p.prompt_top for p in plans))
+                reduced = torch.zeros(0, width, dtype=torch.float64, device=self.device)
+            reduced = gather_rows(tp, reduced, prompt_counts)
         if mine.mode == "argmax":
             ids = torch.zeros(0, dtype=torch.long) if tokens is None else tokens.long()
-            return gather_rows(tp, ids.to(self.device), counts), None
+            return gather_rows(tp, ids.to(self.device), counts), None, reduced
         if mine.mode == "logits":
             if logits is None:
                 logits = torch.zeros(0, self.model_cfg.vocab_size, device=self.device)
-            return None, gather_rows(tp, logits, counts)
-        return None, None
+            return None, gather_rows(tp, logits, counts), reduced
+        return None, None, reduced
 
     def _masked_argmax(self) -> bool:
         """Whether greedy constrained rows can take the argmax path: one rank whose CPU LM
@@ -277,16 +292,16 @@ class ModelRunner(GraphSteps):
         *,
         replay: bool = True,
         fixed_rows: int | None = None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Run the plan's forward on this rank: (greedy token ids, None), (None, float32 logits)
-        or (None, None), as `plan.mode` asks; `allowed`, a grammar's token bitmask for an
-        argmax step (only where `_masked_argmax`). Through the decode graphs where the step
-        fits them and `replay` allows. A decode step exchanges the experts' tokens at a fixed
-        capacity (DP attention: `fixed_rows`, the most tokens a rank has), others at sizes
-        the ranks tell each other."""
+        or (None, None), as `plan.mode` asks, then the plan's prompt-logprob rows reduced (or
+        None); `allowed`, a grammar's token bitmask for an argmax step (only where
+        `_masked_argmax`). Through the decode graphs where the step fits them and `replay`
+        allows. A decode step exchanges the experts' tokens at a fixed capacity (DP attention:
+        `fixed_rows`, the most tokens a rank has), others at sizes the ranks tell each other."""
         batch = self._attention_batch(plan)
         if replay and self._replays(plan, batch):
-            return self._execute_static(plan, batch)
+            return (*self._execute_static(plan, batch), None)
         meta = self.attention.prepare(batch)
         input_ids = torch.tensor(plan.ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(plan.positions(), dtype=torch.long, device=self.device)
@@ -297,6 +312,19 @@ class ModelRunner(GraphSteps):
                 fixed_rows = len(plan.ids)  # the same plan on every rank
             with self.exchange.fixed(fixed_rows):
                 hidden = self.model(input_ids, pos, ForwardContext(self.attention, meta))
+        reduced = None
+        if plan.prompt_rows:  # NOTE: before the sampled rows, alike on every rank
+            targets = torch.tensor(plan.prompt_targets, dtype=torch.long, device=self.device)
+            rows = hidden[plan.prompt_rows]
+            # NOTE: torch's LM head, not the native kernel, which streams the weight once per 16
+            # rows: at 256 rows oneDNN's GEMM took 0.6x its time (hidden 896, 152k vocab)
+            logits_of = self.model.compute_logits
+            reduced = reduce_rows(rows, targets, plan.prompt_top, logits_of)
+        return (*self._sampled_rows(plan, hidden, allowed), reduced)
+
+    def _sampled_rows(
+        self, plan: StepPlan, hidden: torch.Tensor, allowed: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if plan.mode == "none":
             return None, None
         rows = hidden[plan.logit_rows]

@@ -60,6 +60,8 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    # the prompt's own logprobs (engine/prompt_logprobs.py), with this many best tokens each
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # constrained decoding: (kind, source), kind one of engine/grammar.py's KINDS
@@ -160,6 +162,11 @@ def _param_problems(
             p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS,
             f"logprobs must be in [0, {MAX_LOGPROBS}], got {p.logprobs} "
             "(use None for no logprobs, 0 for the chosen token only)",
+        ),
+        (
+            p.prompt_logprobs is not None and not 0 <= p.prompt_logprobs <= MAX_LOGPROBS,
+            f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {p.prompt_logprobs} "
+            "(use None for none, 0 for each prompt token's own only)",
         ),
         (
             any(not isinstance(s, str) or not s for s in p.stop),

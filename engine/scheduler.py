@@ -117,7 +117,9 @@ class Scheduler:
     def _admit(self, req: Req) -> bool:
         """Match the prefix cache and reserve pages for the whole sequence."""
         matched: list[int] = []
-        if self.cache is not None:
+        # NOTE: cached tokens are not computed again, and a prompt's logprobs need every
+        # position computed: such a request takes no cached prefix (it still caches its own)
+        if self.cache is not None and not req.needs_prompt_rows:
             match = self.cache.match_prefix(req.token_slice(0, req.seq_len - 1))
             matched = match.pages
             self.cache.lock(match.node)

@@ -79,25 +79,31 @@ class Gateway:
             s.max_grammar_bytes, s.max_sequences,
         )  # fmt: skip
 
-    def pick_pair(self, key: RouteKey, exclude: Iterable[str] = ()) -> Pair:
+    def pick_pair(
+        self, key: RouteKey, exclude: Iterable[str] = (), colocated: bool = False
+    ) -> Pair:
         """A pair for one attempt; 503 when a role has no instance that may take requests.
 
-        In PD mode with no prefill instance ready, the pair is colocated (the decode instance
-        prefills) where `prefill_fallback` allows it."""
+        The pair is colocated (no prefill: the decode instance prefills) when the request asks
+        it (`Prepared.colocated`), and in PD mode, where `prefill_fallback` allows it, when no
+        prefill instance is ready or every ready one failed this request already (in
+        `exclude`: they died before the health checks could take them out)."""
         now, exclude = self.clock(), set(exclude)
         prefill = None
-        if self.pool.has_prefill():
-            fallback = self.settings.prefill_fallback and not self.pool.available("prefill", now)
-            if not fallback:
+        if self.pool.has_prefill() and not colocated:
+            ready = self.pool.available("prefill", now)
+            fallback = self.settings.prefill_fallback
+            if fallback:
+                self._note_fallback(not ready)
+            if fallback and all(w.url in exclude for w in ready):
+                self.metrics.prefill_fallbacks += 1
+            else:
                 prefill = self.policies["prefill"].pick(self._ready("prefill", now, exclude), key)
-            self._note_fallback(fallback)
         decode = self.policies["decode"].pick(self._ready("decode", now, exclude), key)
         return Pair(prefill, decode)
 
     def _note_fallback(self, on: bool) -> None:
-        """Count the fallback's attempts, and log when it starts and ends (not per request)."""
-        if on:
-            self.metrics.prefill_fallbacks += 1
+        """Log when no prefill instance is ready any more, and when one is again."""
         if on == self.falling_back:
             return
         self.falling_back = on

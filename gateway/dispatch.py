@@ -51,7 +51,7 @@ async def open_request(
     tagged = movable(gw, req)
     for number in range(attempts):
         try:
-            pair = gw.pick_pair(req.key, failed)
+            pair = gw.pick_pair(req.key, failed, req.colocated)
         except ApiError:
             if last is None:
                 raise

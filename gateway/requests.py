@@ -1,7 +1,10 @@
 """Incoming requests, validated and summarized for routing (`Prepared`).
 
 The client's JSON is forwarded as it came (plus the PD fields): validation here only rejects what
-no node would take, applies the gateway's limits, and extracts what the policies look at. With
+no node would take, applies the gateway's limits, and extracts what the policies look at. A
+request for its prompt's logprobs (`echo` with `logprobs`, vLLM's `prompt_logprobs`, /generate's
+`logprob_start_len`) is `colocated`: the decode instance prefills it, as only the node that
+computes every prompt position has their logits (and it answers the client). With
 `max_tokens_limit` set, the body also tells the nodes that limit (`pd_max_tokens_limit`): a
 request without max_tokens then gets at most that many tokens, not the rest of the context.
 """
@@ -43,6 +46,7 @@ class Prepared:
     # PD fields as lists of this many items (one room per generated sequence, prompt-major:
     # prompt p's sample i is item p * n + i), for batched input or n > 1; None: scalars
     rooms: int | None = None
+    colocated: bool = False  # the prompt's logprobs: no prefill instance, the decode prefills
 
 
 # constraints a node compiles (tools too: "required" and a named function constrain the output)
@@ -82,7 +86,8 @@ def _completion(body: dict[str, Any], limits: RequestLimits) -> Prepared:
     # NOTE: a list of token ids is one prompt; a list of strings or of id lists is a batch.
     batched = isinstance(req.prompt, list) and not isinstance(req.prompt[0], int)
     key = _key(_routing_text(prompts[0]), counts, req.max_tokens or 16, req.n)  # OpenAI default: 16
-    return Prepared(COMPLETIONS, body, req.stream, key, _rooms(len(prompts), req.n, batched))
+    rooms, colocated = _rooms(len(prompts), req.n, batched), req.prompt_top is not None
+    return Prepared(COMPLETIONS, body, req.stream, key, rooms, colocated)
 
 
 def _chat(body: dict[str, Any], limits: RequestLimits) -> Prepared:
@@ -96,7 +101,8 @@ def _chat(body: dict[str, Any], limits: RequestLimits) -> Prepared:
         count = limits.counter.count_chat(messages, req.template_tools())
         _check_prompt_length(count, limits, "messages")
     key = _key(text, [count], req.output_limit, req.n)
-    return Prepared(CHAT, body, req.stream, key, _rooms(1, req.n, batched=False))
+    rooms, colocated = _rooms(1, req.n, batched=False), req.prompt_top is not None
+    return Prepared(CHAT, body, req.stream, key, rooms, colocated)
 
 
 def _generate(body: dict[str, Any], limits: RequestLimits) -> Prepared:
@@ -119,7 +125,15 @@ def _generate(body: dict[str, Any], limits: RequestLimits) -> Prepared:
     name = "text" if "text" in body else "input_ids"
     counts = [_prompt_tokens(p, limits, name) for p in inputs]
     key = _key(_routing_text(inputs[0]), counts, max_new, 1)
-    return Prepared(GENERATE, body, stream, key, _rooms(len(inputs), 1, _is_batch(body)))
+    rooms = _rooms(len(inputs), 1, _is_batch(body))
+    return Prepared(GENERATE, body, stream, key, rooms, _input_logprobs(body))
+
+
+def _input_logprobs(body: dict[str, Any]) -> bool:
+    """Whether a /generate body asks for its prompt's logprobs (SGLang: return_logprob with a
+    logprob_start_len >= 0; the node checks the values)."""
+    start = body.get("logprob_start_len")
+    return body.get("return_logprob") is True and type(start) is int and start >= 0
 
 
 def _generate_inputs(body: dict[str, Any]) -> list[str | list[int]]:

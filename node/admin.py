@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from api.errors import DRAINING, ApiError, invalid_request
 from api.http import error_response, parse_json, read_body
-from api.openai import ModelCard, ModelList
+from api.openai_responses import ModelCard, ModelList
 from node import requests as nreq
 from node.context import NodeContext
 from node.jobs import JobRun

@@ -51,6 +51,11 @@ class JobRun:
     def ordered(self) -> list[JobState]:
         return sorted(self.states.values(), key=lambda s: s.job.index)
 
+    def first_of(self, prompt_index: int) -> JobState:
+        """The prompt's first sample's job: the one that computes the prompt's logprobs."""
+        states = [s for s in self.states.values() if s.job.prompt_index == prompt_index]
+        return min(states, key=lambda s: s.job.index)
+
     @property
     def done(self) -> bool:
         return all(s.out.finished for s in self.states.values())

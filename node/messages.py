@@ -14,6 +14,7 @@ from transfer.codec import MessageCodec
 
 if TYPE_CHECKING:
     from engine.engine import RequestOutput
+    from engine.prompt_logprobs import PromptLogprobs
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class TokenOutput:
     cached_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[list[float]]] = field(default_factory=list)  # [[id, logprob], ...]
+    # the prompt's own (with the first output of a request that asked): position i's at i - 1
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_ranks: list[int] = field(default_factory=list)
+    prompt_top_logprobs: list[list[list[float]]] = field(default_factory=list)
     error: str | None = None
     status: int = 200
 
@@ -87,6 +92,9 @@ class TokenOutput:
         self.text += delta.text
         self.logprobs.extend(delta.logprobs)
         self.top_logprobs.extend(delta.top_logprobs)
+        self.prompt_logprobs.extend(delta.prompt_logprobs)
+        self.prompt_ranks.extend(delta.prompt_ranks)
+        self.prompt_top_logprobs.extend(delta.prompt_top_logprobs)
         self.prompt_tokens = delta.prompt_tokens or self.prompt_tokens
         self.completion_tokens = delta.completion_tokens or self.completion_tokens
         self.cached_tokens = delta.cached_tokens or self.cached_tokens
@@ -105,6 +113,7 @@ class TokenOutput:
 
     @staticmethod
     def from_output(out: RequestOutput) -> TokenOutput:
+        prompt = out.prompt_logprobs
         return TokenOutput(
             rid=out.rid,
             token_ids=list(out.new_token_ids),
@@ -117,7 +126,17 @@ class TokenOutput:
             cached_tokens=out.cached_tokens,
             logprobs=list(out.logprobs),
             top_logprobs=[[[t, lp] for t, lp in row] for row in out.top_logprobs],
+            **({} if prompt is None else prompt_fields(prompt)),
         )
+
+
+def prompt_fields(prompt: PromptLogprobs) -> dict[str, list]:
+    """A request's prompt logprobs as `TokenOutput`'s fields."""
+    return {
+        "prompt_logprobs": list(prompt.logprobs),
+        "prompt_ranks": list(prompt.ranks),
+        "prompt_top_logprobs": [[[t, lp] for t, lp in row] for row in prompt.top],
+    }
 
 
 NodeMessage = GenerateRequest | AbortRequest | ControlRequest | ControlReply | TokenOutput

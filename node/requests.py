@@ -1,10 +1,12 @@
 """From an HTTP body (OpenAI or SGLang native) to the node's tokenized jobs.
 
 A job is one prompt and one sample: a completions request with 2 prompts and n=3 makes 6 jobs,
-indexed prompt * n + sample (OpenAI's choice order). Sampling options become SamplingParams
-fields by name; the scheduler validates them and answers 400 for bad values. How many tokens a
-prompt may generate is `OutputBudget`'s: what the client asked for, when it fits beside the
-prompt, else the rest of the context (capped by the route's default and the gateway's limit).
+indexed prompt * n + sample (OpenAI's choice order); a prompt's logprobs, when asked, are its
+first sample's job's to compute, and every sample of it reports them. Sampling options become
+SamplingParams fields by name; the scheduler validates them and answers 400 for bad values.
+How many tokens a prompt may generate is `OutputBudget`'s: what the client asked for, when it
+fits beside the prompt, else the rest of the context (capped by the route's default and the
+gateway's limit).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.errors import ApiError, invalid_request
-from api.openai import ChatCompletionRequest, CompletionRequest, max_tokens_limit
+from api.openai import MAX_LOGPROBS, ChatCompletionRequest, CompletionRequest, max_tokens_limit
 from api.resume import RESUME_IDS, resume_ids
 from node.messages import GenerateRequest
 
@@ -107,6 +109,8 @@ def make_jobs(
             sample = {**params, "max_tokens": max_tokens[p]}
             if n > 1 and sample.get("seed") is not None:
                 sample["seed"] = sample["seed"] + i  # n different samples, still reproducible
+            if i > 0:
+                sample.pop("prompt_logprobs", None)  # the same for every sample: computed once
             index = p * n + i
             boot = bootstrap_of(body, index, total)
             ids, rid_i = [*prompt, *resume], job_rid(rid, index, total)
@@ -192,6 +196,8 @@ def openai_params(req: Any, logprobs: int | None) -> dict[str, Any]:
         "frequency_penalty": req.frequency_penalty or 0.0,
         "logprobs": logprobs,
     }
+    if req.prompt_top is not None:
+        params["prompt_logprobs"] = req.prompt_top
     if req.logit_bias:
         params["logit_bias"] = req.logit_bias
     # NOTE: the declared extensions (the booleans) and the undeclared ones alike
@@ -291,8 +297,48 @@ def native_params(body: dict[str, Any]) -> dict[str, Any]:
     if grammars:
         params["grammar"] = grammars[0]
     if native_flag(body, "return_logprob"):
-        params["logprobs"] = int(body.get("top_logprobs_num") or 0)
+        params["logprobs"] = native_top_logprobs(body)
+        if logprob_start(body) is not None:
+            params["prompt_logprobs"] = params["logprobs"]
     return params
+
+
+def native_top_logprobs(body: dict[str, Any]) -> int:
+    """/generate's top_logprobs_num: an integer in [0, 20] (null: 0)."""
+    top = body.get("top_logprobs_num")
+    if top is not None and (type(top) is not int or not 0 <= top <= MAX_LOGPROBS):
+        raise invalid_request(
+            f"top_logprobs_num must be an integer in [0, {MAX_LOGPROBS}], got {top!r:.40}",
+            param="top_logprobs_num",
+        )
+    return top or 0
+
+
+def logprob_start(body: dict[str, Any]) -> int | None:
+    """/generate's logprob_start_len with return_logprob: the first prompt position whose
+    logprob is reported, or None for none (SGLang's default, -1)."""
+    start = body.get("logprob_start_len")
+    if start is None or not native_flag(body, "return_logprob"):
+        return None
+    if type(start) is not int or start < -1:
+        raise invalid_request(
+            f"logprob_start_len must be an integer >= 0, or -1 for no prompt logprobs "
+            f"(got {start!r:.40})",
+            param="logprob_start_len",
+        )
+    return None if start == -1 else start
+
+
+def check_logprob_start(body: dict[str, Any], prompts: Sequence[list[int]]) -> None:
+    """A logprob_start_len past a prompt's end is a 400, in SGLang's words."""
+    start = logprob_start(body)
+    longer = [len(p) for p in prompts if start is not None and start > len(p)]
+    if longer:
+        raise invalid_request(
+            f"logprob_start_len={start} is higher than the number of input tokens "
+            f"{longer[0]}. Please use a smaller logprob_start_len.",
+            param="logprob_start_len",
+        )
 
 
 def native_flag(body: dict[str, Any], key: str) -> bool:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from api.openai import (
+from api.openai_responses import (
     ChatLogprobs,
     ChatTokenLogprob,
     CompletionLogprobs,
@@ -15,8 +16,7 @@ from api.openai import (
 )
 from node.jobs import JobState
 from node.messages import TokenOutput
-
-TokenText = Callable[[int], str]
+from node.prompt_logprobs import Entries, TokenText, has_prompt_logprobs, sglang_input_logprobs
 
 
 def usage_of(states: Sequence[JobState]) -> Usage:
@@ -33,24 +33,34 @@ def usage_of(states: Sequence[JobState]) -> Usage:
     )
 
 
-def completion_logprobs(
-    ids: Sequence[int],
-    lps: Sequence[float],
-    tops: Sequence[Sequence],
-    text_of: TokenText,
-    start: int,
-) -> CompletionLogprobs:
-    tokens = [text_of(t) for t in ids]
+def output_entries(out: TokenOutput) -> Entries:
+    """The generated tokens of `out` with their logprobs and best tokens."""
+    return Entries(list(out.token_ids), list(out.logprobs), list(out.top_logprobs))
+
+
+def completion_logprobs(entries: Entries, text_of: TokenText, start: int) -> CompletionLogprobs:
+    """OpenAI's legacy logprobs: each token's text, logprob, best tokens (the token itself
+    included, as OpenAI and vLLM give up to logprobs + 1 of them) and text offset from `start`."""
+    tokens = [text_of(t) for t in entries.ids]
     offsets, pos = [], start
     for tok in tokens:
         offsets.append(pos)
         pos += len(tok)
+    rows = zip(entries.ids, entries.logprobs, entries.tops)
     return CompletionLogprobs(
         tokens=tokens,
-        token_logprobs=list(lps),
-        top_logprobs=[{text_of(int(t)): lp for t, lp in row} for row in tops] if tops else [],
+        token_logprobs=list(entries.logprobs),
+        top_logprobs=[_best(token, lp, top or (), text_of) for token, lp, top in rows],
         text_offset=offsets,
     )
+
+
+def _best(
+    token: int, logprob: float | None, top: Sequence[Sequence[float]], text_of: TokenText
+) -> dict[str, float] | None:
+    if logprob is None:
+        return None
+    return {text_of(token): logprob} | {text_of(int(t)): v for t, v in top}
 
 
 def chat_logprobs(
@@ -76,8 +86,24 @@ def chat_logprobs(
     return ChatLogprobs(content=content)
 
 
-def native_result(out: TokenOutput, latency_s: float, with_logprobs: bool) -> dict:
-    """SGLang's /generate result of one job (its added-up output)."""
+@dataclass(frozen=True)
+class NativeLogprobs:
+    """What /generate's return_logprob asks: `top` best tokens per position, the prompt's from
+    position `start` on (None: SGLang's -1, none), token texts (return_text_in_logprobs)."""
+
+    top: int
+    start: int | None = None
+    text_of: TokenText | None = None
+
+
+def native_result(
+    out: TokenOutput,
+    latency_s: float,
+    logprobs: NativeLogprobs | None,
+    prompt: Sequence[int] = (),
+) -> dict:
+    """SGLang's /generate result of one job (its added-up output; `prompt` its prompt's ids,
+    and `out` carries their logprobs where asked)."""
     reason: dict[str, Any] | None = None
     if out.finish_reason == "length":
         reason = {"type": "length", "length": out.completion_tokens}
@@ -91,11 +117,22 @@ def native_result(out: TokenOutput, latency_s: float, with_logprobs: bool) -> di
         "cached_tokens": out.cached_tokens,
         "e2e_latency": round(latency_s, 6),
     }
-    if with_logprobs:
-        meta["output_token_logprobs"] = [
-            [lp, tid, None] for lp, tid in zip(out.logprobs, out.token_ids)
-        ]
-        meta["output_top_logprobs"] = [
-            [[v, int(t), None] for t, v in row] for row in out.top_logprobs
-        ]
+    if logprobs is not None:
+        meta.update(native_logprobs(out, logprobs, prompt))
     return {"text": out.text, "output_ids": list(out.token_ids), "meta_info": meta}
+
+
+def native_logprobs(out: TokenOutput, asked: NativeLogprobs, prompt: Sequence[int]) -> dict:
+    text = asked.text_of or (lambda _token: None)
+    meta: dict[str, Any] = {"input_token_logprobs": []}
+    if asked.top > 0:
+        meta["input_top_logprobs"] = []
+    if asked.start is not None and has_prompt_logprobs(out, prompt):
+        meta = sglang_input_logprobs(prompt, out, asked.start, asked.top, asked.text_of)
+    meta["output_token_logprobs"] = [
+        [lp, tid, text(tid)] for lp, tid in zip(out.logprobs, out.token_ids)
+    ]
+    meta["output_top_logprobs"] = [
+        [[v, int(t), text(int(t))] for t, v in row] for row in out.top_logprobs
+    ]
+    return meta

@@ -28,18 +28,17 @@ from api.http import (
     request_id,
     until_disconnect,
 )
-from api.openai import (
+from api.openai import ChatCompletionRequest, CompletionRequest, parse_request
+from api.openai_responses import (
     ChatChunkChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChoice,
-    CompletionRequest,
     CompletionResponse,
-    parse_request,
 )
 from api.resume import wants_token_ids
 from api.sse import MEDIA_TYPE, STREAM_HEADERS
+from node import prompt_logprobs as plp
 from node import requests as nreq
 from node import responses as fmt
 from node.context import NodeContext
@@ -71,23 +70,31 @@ class NodeRoutes:
         # echo: each choice's text starts with its prompt's (as sent, or decoded from its ids)
         echoes = [self._prompt_text(p) if req.echo else "" for p in req.prompts]
         run, first = await self._start(request, jobs)
-        created, model = int(time.time()), self.ctx.model_name
-        want_lp = req.logprobs is not None
+        created, model, text_of = int(time.time()), self.ctx.model_name, self.ctx.token_text
 
         def choice(
             state: JobState, out: TokenOutput, reason: str | None, echo: str, start: int
         ) -> CompletionChoice:
+            """`echo`: the prompt's text, which leads this choice (and its tokens its logprobs,
+            with echo_logprobs); `start`: the text offset of the first token."""
             logprobs = None
-            if want_lp:
-                logprobs = fmt.completion_logprobs(
-                    out.token_ids, out.logprobs, out.top_logprobs, self.ctx.token_text, start
-                )
+            if req.logprobs is not None:
+                entries = fmt.output_entries(out)
+                if echo and req.echo_logprobs:
+                    entries = self._echo_entries(run, state, req.logprobs) + entries
+                logprobs = fmt.completion_logprobs(entries, text_of, start)
+            prompt_logprobs = None
+            if req.answered_prompt_logprobs is not None:
+                prompt, source = self._prompt_source(run, state)
+                top = req.answered_prompt_logprobs
+                prompt_logprobs = plp.vllm_prompt_logprobs(prompt, source, top, text_of)
             return CompletionChoice(
                 index=state.job.index,
                 text=echo + out.text,
                 logprobs=logprobs,
                 finish_reason=reason,
                 matched_stop=state.out.matched_stop if reason else None,
+                prompt_logprobs=prompt_logprobs,
             )
 
         if req.stream:
@@ -99,13 +106,12 @@ class NodeRoutes:
                 index = state.job.index
                 echo = "" if index in echoed else echoes[state.job.prompt_index]
                 echoed.add(index)
-                if want_lp and index not in offsets:  # what came before: a resumed stream's
-                    seen = state.out.token_ids[: len(state.out.token_ids) - len(out.token_ids)]
-                    offsets[index] = self._text_length(seen)
+                if req.logprobs is not None and index not in offsets:
+                    offsets[index] = self._offset_before(state, out, req.echo_logprobs)
                 reason = out.finish_reason if out.finished else None
                 c = choice(state, out, reason, echo, offsets.get(index, 0))
-                if want_lp:
-                    offsets[index] += self._text_length(out.token_ids)
+                if c.logprobs is not None:
+                    offsets[index] += sum(len(token) for token in c.logprobs.tokens)
                 resp = CompletionResponse(id=rid, created=created, model=model, choices=[c])
                 return chunk_payload(resp, reason)
 
@@ -121,6 +127,22 @@ class NodeRoutes:
             id=rid, created=created, model=model, choices=choices, usage=usage
         )
         return self._json(resp.model_dump(exclude_none=True), rid, run)
+
+    def _prompt_source(self, run: JobRun, state: JobState) -> tuple[list[int], TokenOutput]:
+        """A job's prompt and the output carrying its logprobs."""
+        return _prompt_of(state), run.first_of(state.job.prompt_index).out
+
+    def _echo_entries(self, run: JobRun, state: JobState, top: int) -> plp.Entries:
+        return plp.echo_entries(*self._prompt_source(run, state), top)
+
+    def _offset_before(self, state: JobState, out: TokenOutput, echo_logprobs: bool) -> int:
+        """The text offset of a stream's first chunk of `state`'s choice: 0, or where a
+        resumed stream's first node left it (after the prompt's tokens, with echo_logprobs)."""
+        seen = state.out.token_ids[: len(state.out.token_ids) - len(out.token_ids)]
+        resumed_echo = echo_logprobs and state.job.request.num_resumed > 0
+        return self._text_length(_prompt_of(state) if resumed_echo else []) + self._text_length(
+            seen
+        )
 
     def _prompt_text(self, prompt: str | list[int]) -> str:
         return prompt if isinstance(prompt, str) else self.ctx.tokenizer.decode(prompt)
@@ -196,6 +218,12 @@ class NodeRoutes:
         resp = ChatCompletionResponse(
             id=rid, created=created, model=model, choices=choices, usage=usage
         )
+        if req.answered_prompt_logprobs is not None:  # vLLM's: the prompt's, beside the choices
+            prompt, source = self._prompt_source(run, run.ordered[0])
+            top = req.answered_prompt_logprobs
+            resp.prompt_logprobs = plp.vllm_prompt_logprobs(
+                prompt, source, top, self.ctx.token_text
+            )
         payload = resp.model_dump(exclude_none=True)
         for choice in payload["choices"]:  # NOTE: OpenAI says content: null beside tool calls
             choice["message"].setdefault("content", None)
@@ -205,12 +233,19 @@ class NodeRoutes:
         prompts, batch = nreq.native_prompts(body, self.ctx.encode)
         budget = nreq.native_budget(body).for_prompts(prompts, self.ctx.max_model_len)
         params = nreq.native_params(body)
+        nreq.check_logprob_start(body, prompts)
         jobs = nreq.make_jobs(rid, prompts, params, 1, body, budget)
-        stream, with_lp = nreq.native_flag(body, "stream"), "logprobs" in params
+        stream, logprobs = nreq.native_flag(body, "stream"), None
+        if "logprobs" in params:
+            with_text = nreq.native_flag(body, "return_text_in_logprobs")
+            text_of = self.ctx.token_text if with_text else None
+            start = nreq.logprob_start(body)
+            logprobs = fmt.NativeLogprobs(params["logprobs"], start, text_of)
         run, first = await self._start(request, jobs)
 
         def result(state: JobState) -> dict:
-            return fmt.native_result(state.out, time.monotonic() - run.started, with_lp)
+            latency = time.monotonic() - run.started
+            return fmt.native_result(state.out, latency, logprobs, _prompt_of(state))
 
         if stream:
             tag = wants_token_ids(body)
@@ -263,6 +298,12 @@ class NodeRoutes:
         elapsed = time.monotonic() - run.started
         self.ctx.metrics.observe_done(run.first_token_s, elapsed, run.ordered)
         return JSONResponse(payload, headers={"X-Request-Id": rid})
+
+
+def _prompt_of(state: JobState) -> list[int]:
+    """A job's prompt as the client sent it (a resumed stream's output left out)."""
+    req = state.job.request
+    return req.prompt_ids[: len(req.prompt_ids) - req.num_resumed]
 
 
 async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:

@@ -18,15 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from api.errors import invalid_request
-from api.openai import (
-    ChatCompletionRequest,
-    DeltaFunction,
-    DeltaMessage,
-    DeltaToolCall,
-    FunctionCall,
-    ResponseMessage,
-    ToolCall,
-)
+from api.openai import ChatCompletionRequest, FunctionCall, ToolCall
+from api.openai_responses import DeltaFunction, DeltaMessage, DeltaToolCall, ResponseMessage
 from node.reasoning import ReasoningSplitter
 from node.tool_parsers import TOOL_PARSERS, ToolCallDelta, ToolCallStream, view_of, whole_calls
 

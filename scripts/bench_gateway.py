@@ -76,7 +76,7 @@ def stream_events(route: str, tokens: int, tagged: bool = False) -> list[bytes]:
     """The SSE events of one streamed answer, `{rid}` where the node writes the request id;
     `tagged`: each with its token id's comment line first, as our nodes send them when the
     gateway asks (api/resume.py)."""
-    from api.openai import (
+    from api.openai_responses import (
         ChatChunkChoice,
         ChatCompletionChunk,
         CompletionChoice,

@@ -2,12 +2,13 @@
 
 Everything a rank needs to run the same forward: the step's token ids, each request's new and
 total token counts (positions follow from them), the page tables, the rows that reach the LM
-head, and how the logits are wanted (`mode`): not at all, greedy ids only, or whole.
+head, and how the logits are wanted (`mode`): not at all, greedy ids only, or whole. Steps that
+hold a request asking for its prompt's logprobs also name those rows (engine/prompt_logprobs.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import msgpack
@@ -23,6 +24,10 @@ class StepPlan:
     page_tables: list[list[int]]
     logit_rows: list[int]
     mode: LogitsMode
+    # prompt logprobs: the rows reduced, the token each one predicts, the most best tokens asked
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_targets: list[int] = field(default_factory=list)
+    prompt_top: int = 0
 
     def positions(self) -> list[int]:
         out: list[int] = []
@@ -36,7 +41,10 @@ class StepPlan:
 
     def astuple(self) -> tuple:
         # NOTE: not dataclasses.astuple: it deep-copies every list (a third of a tiny step)
-        return self.ids, self.q_lens, self.kv_lens, self.page_tables, self.logit_rows, self.mode
+        return (
+            self.ids, self.q_lens, self.kv_lens, self.page_tables, self.logit_rows, self.mode,
+            self.prompt_rows, self.prompt_targets, self.prompt_top,
+        )  # fmt: skip
 
     def encode(self) -> bytes:
         return msgpack.packb(self.astuple())

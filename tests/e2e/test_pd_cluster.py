@@ -3,17 +3,22 @@
 The gateway pairs each request with the prefill and the decode node; the KV pages cross
 processes through Mooncake, NIXL or NCCL (gloo on CPU). Outputs must equal transformers' greedy output: the token
 ids (random weights often decode to U+FFFD, so different ids can make equal text), which the
-native /generate returns, and the text every API returns.
+native /generate returns, and the text every API returns. Requests for their prompt's logprobs
+(lm-eval-harness's echo with logprobs, vLLM's prompt_logprobs, SGLang's logprob_start_len) are
+prefilled by the decode node alone, and match transformers' log_softmax at every position.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -21,6 +26,11 @@ import pytest
 
 from engine.tokenizer import load_tokenizer
 from tests.e2e.cluster_util import Cluster, cluster_yaml, free_ports, launched, make_load
+from tests.e2e.logprob_oracle import (
+    assert_echo_logprobs,
+    assert_sglang_input_logprobs,
+    assert_vllm_prompt_logprobs,
+)
 from tests.test_engine_oracle import MAX_NEW, hf_reference
 
 pytestmark = pytest.mark.slow
@@ -279,3 +289,102 @@ def test_bench_ttft_agrees_with_the_gateways_own(cluster: Cluster, tmp_path: Pat
     # NOTE: the same requests measured twice; the client's share (its event loop, on 2 busy
     # cores) reached 71 ms over the gateway's 79 in CI, so the bound is loose
     assert bench_ms - gateway_ms <= max(150.0, gateway_ms), (bench_ms, gateway_ms)
+
+
+# ---- prompt logprobs: every such request is prefilled by its decode node ----
+
+
+def prefill_requests(cluster: Cluster) -> int:
+    """Generation requests the prefill node has answered (its /metrics)."""
+    text = httpx.get(f"{cluster.node_urls()[0]}/metrics", timeout=10).text
+    found = re.findall(r"^pdserve_node_requests_total\{.*\} (\d+)$", text, re.M)
+    return sum(int(n) for n in found)
+
+
+def test_echo_logprobs_score_prompts_as_transformers(cluster: Cluster) -> None:
+    """lm-eval-harness's loglikelihood request (echo, logprobs, max_tokens 1) through the
+    gateway: the prompt's logprobs and the next token's; a batch of token-id prompts with n=2
+    too. The prefill node never sees them."""
+    tok, api = load_tokenizer(cluster.model), client(cluster)
+    before = prefill_requests(cluster)
+    lm_eval = {"max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True, "seed": 1234}
+    for prompt in PROMPTS[:3]:
+        choice = api.completions.create(model="tiny", prompt=prompt, **lm_eval).choices[0]
+        ids = tok(prompt)["input_ids"]
+        assert choice.text.startswith(prompt)
+        assert_echo_logprobs(cluster.model, ids, choice.logprobs, top=1)
+        assert_vllm_prompt_logprobs(cluster.model, ids, choice.prompt_logprobs, top=1)
+    batch = [tok(p)["input_ids"] for p in PROMPTS[1:3]]
+    out = api.completions.create(
+        model="tiny", prompt=batch, n=2, max_tokens=2, temperature=0, logprobs=0, echo=True
+    )
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    for c in out.choices:
+        assert_echo_logprobs(cluster.model, batch[c.index // 2], c.logprobs, top=0)
+    assert prefill_requests(cluster) == before
+
+
+def test_echo_logprobs_stream_lead_with_the_prompt(cluster: Cluster) -> None:
+    """A stream's first chunk carries the echoed prompt and its logprobs (as vLLM's); the
+    chunks add up to the whole answer."""
+    api, prompt = client(cluster), PROMPTS[1]
+    asked = {"max_tokens": 4, "temperature": 0, "logprobs": 2, "echo": True}
+    whole = api.completions.create(model="tiny", prompt=prompt, **asked).choices[0].logprobs
+    chunks = list(api.completions.create(model="tiny", prompt=prompt, stream=True, **asked))
+    first = chunks[0].choices[0]
+    assert first.text.startswith(prompt) and first.logprobs.token_logprobs[0] is None
+    parts = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == whole.tokens
+    assert [o for p in parts for o in p.text_offset] == whole.text_offset
+    streamed = [lp for p in parts for lp in p.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(whole.token_logprobs[1:])
+
+
+def test_prompt_logprobs_of_chat_and_generate(cluster: Cluster) -> None:
+    """vLLM's prompt_logprobs on a chat (beside the choices), SGLang's input logprobs from
+    logprob_start_len on; a start past the prompt is a 400."""
+    tok, api = load_tokenizer(cluster.model), client(cluster)
+    messages = [{"role": "user", "content": "Score this prompt."}]
+    chat = api.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=1, extra_body={"prompt_logprobs": 2}
+    )
+    ids = tok.encode(
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )
+    assert_vllm_prompt_logprobs(cluster.model, ids, chat.prompt_logprobs, top=2)
+    ids = tok(PROMPTS[2])["input_ids"]
+    body = {"input_ids": ids, "return_logprob": True, "logprob_start_len": 3,
+            "top_logprobs_num": 2, "return_text_in_logprobs": True,
+            "sampling_params": generate_params(2)}  # fmt: skip
+    answer = httpx.post(f"{cluster.url}/generate", json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
+    assert_sglang_input_logprobs(cluster.model, ids, answer.json()["meta_info"], 3, top=2)
+    past = httpx.post(
+        f"{cluster.url}/generate", json={**body, "logprob_start_len": len(ids) + 1}, timeout=60
+    )
+    assert past.status_code == 400 and past.json()["error"]["param"] == "logprob_start_len"
+
+
+def test_a_pd_request_for_prompt_logprobs_is_prefilled_by_its_decode_node(
+    cluster: Cluster,
+) -> None:
+    """Sent to both nodes with bootstrap fields, as SGLang's router sends it: the decode node
+    declines the room and prefills it, the prefill node drops it."""
+    prefill, decode = cluster.node_urls()[0], cluster.node_urls()[-1]
+    ids = load_tokenizer(cluster.model)(PROMPTS[1])["input_ids"]
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": 1,
+            "echo": True, "bootstrap_host": "127.0.0.1", "rid": "plp-pd",
+            "bootstrap_port": cluster.config["prefill"][0]["bootstrap_port"],
+            "bootstrap_room": random.getrandbits(63)}  # fmt: skip
+    with ThreadPoolExecutor(2) as pool:
+        answers = [
+            pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=120)
+            for url in (prefill, decode)
+        ]
+    dropped, answer = (a.result() for a in answers)
+    assert dropped.status_code < 500 and answer.status_code == 200, answer.text
+    # NOTE: the openai package's types say float, not null: its client reads them unvalidated
+    logprobs = SimpleNamespace(**answer.json()["choices"][0]["logprobs"])
+    assert_echo_logprobs(cluster.model, ids, logprobs, top=1)
+    cluster.wait_pages_free()

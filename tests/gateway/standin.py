@@ -94,7 +94,8 @@ class StandIn:
             self.received.append(Received(request.url.path, dict(request.headers), body))
         b, rid = self.behavior, body.get("rid")
         try:
-            if not await self.wait_turn(rid):
+            # NOTE: a body without a room (colocated) waits for no prefill, as a decode node
+            if not await self.wait_turn(rid if "bootstrap_room" in body else None):
                 return JSONResponse(error_body(f"{self.name}: {rid} aborted", "server_error"), 500)
             if b.mode == "hang" and not body.get("stream"):
                 await asyncio.sleep(3600)
@@ -115,10 +116,10 @@ class StandIn:
             return StreamingResponse(self.events(body), media_type="text/event-stream")
         return JSONResponse(self.answer(body, "".join(self.tokens())))
 
-    async def wait_turn(self, rid: str) -> bool:
+    async def wait_turn(self, rid: str | None) -> bool:
         """True once one of `behavior.after` answered `rid` with a success (at once without
-        any); False once the gateway aborted `rid` here."""
-        after = self.behavior.after
+        any, or without a rid); False once the gateway aborted `rid` here."""
+        after = self.behavior.after if rid is not None else []
         deadline = asyncio.get_running_loop().time() + TURN_TIMEOUT_S
         while after and not any(s.has_succeeded(rid) for s in after):
             if rid in self.aborts:

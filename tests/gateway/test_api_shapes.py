@@ -164,8 +164,14 @@ IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"
          "token ids"),
         (CompletionRequest, {"prompt": "x", "suffix": "!"}, "suffix", "suffix is not supported"),
         (CompletionRequest, {"prompt": "x", "best_of": 2}, "best_of", "best_of must equal n"),
-        (CompletionRequest, {"prompt": "x", "echo": True, "logprobs": 1}, "echo",
-         "prompt's logprobs"),
+        (CompletionRequest, {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs",
+         "less than or equal to 20"),
+        (CompletionRequest, {"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs",
+         "greater than or equal to 0"),
+        (CompletionRequest, {"prompt": "x", "prompt_logprobs": 1, "stream": True},
+         "prompt_logprobs", "not available when stream is true"),
+        (ChatCompletionRequest, {"messages": [USER], "prompt_logprobs": 1.5}, "prompt_logprobs",
+         "integer"),
         (CompletionRequest, {"prompt": "x", "echo": "true"}, "echo", "boolean"),
     ],
 )  # fmt: skip
@@ -190,6 +196,24 @@ def test_what_the_server_honours_passes() -> None:
     done = parse_request(CompletionRequest, {"model": "m", "prompt": "x", "best_of": 3, "n": 3})
     assert done.best_of == 3
     assert parse_request(CompletionRequest, {"model": "m", "prompt": "x", "echo": True}).echo
+
+
+def test_the_prompt_logprobs_a_request_needs() -> None:
+    """lm-eval's echo with logprobs, vLLM's prompt_logprobs (the more of both), none in a
+    stream but echo's (vLLM takes prompt_logprobs 0 there, and sends none)."""
+
+    def top(model: type, **fields: object) -> int | None:
+        body = {"model": "m", "prompt": "x", "messages": [USER], **fields}
+        return parse_request(model, body).prompt_top
+
+    assert top(CompletionRequest, echo=True, logprobs=1, max_tokens=1, temperature=0) == 1
+    assert top(CompletionRequest, echo=True, logprobs=0, stream=True) == 0
+    assert top(CompletionRequest, echo=True, logprobs=2, prompt_logprobs=5) == 5
+    assert top(CompletionRequest, logprobs=2, prompt_logprobs=0) == 0
+    assert top(CompletionRequest, logprobs=2) is top(CompletionRequest, echo=True) is None
+    assert top(CompletionRequest, prompt_logprobs=0, stream=True) is None
+    assert top(ChatCompletionRequest, prompt_logprobs=3) == 3
+    assert top(ChatCompletionRequest, logprobs=True, top_logprobs=3) is None
 
 
 def test_null_booleans_are_their_default() -> None:

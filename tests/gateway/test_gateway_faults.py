@@ -275,6 +275,24 @@ def test_no_prefill_ready_sends_requests_to_decode_to_prefill(
     assert h.gw.metrics.prefill_fallbacks == 2 and h.gw.metrics.retries == 0
 
 
+def test_prefills_that_all_failed_a_request_fall_back_before_the_health_checks_notice(
+    harness: Callable[..., Harness],
+) -> None:
+    """Both prefill instances dead (refused connections) but not yet taken out: the request
+    tries each, then a decode instance prefilling itself, and succeeds."""
+    h = harness(prefill=2, decode=1, prefill_policy="round_robin")
+    h.upstreams["p0"].stop()
+    h.upstreams["p1"].stop()
+    h.decode[0].behavior.after = h.prefill
+    with h.client() as c:
+        r = c.post("/v1/completions", json=COMPLETION, headers=RID)
+    assert r.status_code == 200 and r.json()["node"] == "d0"
+    assert [b["rid"] for b in h.decode[0].bodies()] == ["rq1", "rq1-retry1", "rq1-retry2"]
+    assert [BOOTSTRAP & b.keys() for b in h.decode[0].bodies()] == [BOOTSTRAP, BOOTSTRAP, set()]
+    assert h.gw.metrics.prefill_fallbacks == 1 and h.gw.metrics.retries == 2
+    assert not h.gw.falling_back  # both still count as healthy: no cluster-wide fallback
+
+
 def test_without_the_fallback_no_prefill_ready_is_a_503(harness: Callable[..., Harness]) -> None:
     h = harness(prefill=1, decode=1, health_interval_s=0.05, health_failures=2,
                 prefill_fallback=False)  # fmt: skip

@@ -61,6 +61,31 @@ def test_batched_generate_gets_one_room_per_item(harness: Callable[..., Harness]
     assert len(set(body["bootstrap_room"])) == 2
 
 
+def test_prompt_logprob_requests_go_to_the_decode_alone(harness: Callable[..., Harness]) -> None:
+    """lm-eval's echo with logprobs, vLLM's prompt_logprobs and SGLang's logprob_start_len
+    reach the decode instance without PD fields (it prefills them: only it sees every prompt
+    position's logits); other requests stay PD, and none counts as a prefill fallback."""
+    h = harness(prefill=1, decode=1)
+    bootstrap = {"bootstrap_host", "bootstrap_port", "bootstrap_room"}
+    asking = [
+        ("/v1/completions", {**COMPLETION, "echo": True, "logprobs": 1, "max_tokens": 1}),
+        ("/v1/completions", {**COMPLETION, "prompt": ["a", "b"], "n": 2, "prompt_logprobs": 0}),
+        ("/v1/chat/completions",
+         {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 2}),
+        ("/generate", {"text": "hi", "return_logprob": True, "logprob_start_len": 0}),
+    ]  # fmt: skip
+    with h.client() as c:
+        for route, body in asking:
+            assert c.post(route, json=body).status_code == 200, (route, body)
+        assert h.prefill[0].received == []
+        assert all(not bootstrap & b.keys() for b in h.decode[0].bodies())
+        h.decode[0].behavior.after = h.prefill
+        plain = {"text": "hi", "return_logprob": True}  # no logprob_start_len: none of the prompt
+        assert c.post("/generate", json=plain).status_code == 200
+    assert len(h.prefill[0].received) == 1 and h.decode[0].bodies()[-1].keys() >= bootstrap
+    assert h.gw.metrics.prefill_fallbacks == 0
+
+
 def test_api_key(harness: Callable[..., Harness]) -> None:
     h = harness(prefill=0, decode=1, api_key="sk-test")
     with h.client() as c:

@@ -312,8 +312,14 @@ def test_bad_requests_are_400s_that_leave_no_traceback_on_the_nodes(nodes: Nodes
                                   "logit_bias": {"99999999": 1}}, None),  # past the vocabulary
         ("/v1/completions", {"model": "tiny", "prompt": "x", "suffix": "y"}, "suffix"),
         ("/v1/completions", {"model": "tiny", "prompt": "x", "best_of": 2}, "best_of"),
-        ("/v1/completions", {"model": "tiny", "prompt": "x", "echo": True, "logprobs": 0},
-         "echo"),
+        ("/v1/completions", {"model": "tiny", "prompt": "x", "prompt_logprobs": 21},
+         "prompt_logprobs"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [USER], "stream": True,
+                                  "prompt_logprobs": 1}, "prompt_logprobs"),
+        ("/generate", {"text": "x", "return_logprob": True, "logprob_start_len": -2},
+         "logprob_start_len"),
+        ("/generate", {"text": "x", "return_logprob": True, "top_logprobs_num": 21},
+         "top_logprobs_num"),
     ]  # fmt: skip
     with httpx.Client(timeout=60.0, trust_env=False) as http:
         for route, body, param in bad:
