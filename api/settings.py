@@ -36,7 +36,9 @@ class GatewaySettings:
     prefill_policy: str = setting("cache_aware", "how a prefill instance is picked")
     decode_policy: str = setting("least_load", "how a decode instance is picked")
     api_key: str | None = setting(None, "the clients' key (401 without it)")
-    admin_key: str | None = setting(None, "the admin routes' key (/workers; 403 when unset)")
+    admin_key: str | None = setting(
+        None, "the admin routes' key (/workers; 401 without it, 403 when unset)"
+    )
     max_body_bytes: int = setting(8 * 1024 * 1024, "request body limit (413 above)")
     max_prompt_tokens: int | None = setting(None, "prompt length limit (400 above)")
     max_tokens_limit: int | None = setting(

@@ -14,11 +14,14 @@ from api.errors import ApiError, invalid_request, not_found
 from api.http import error_response, parse_json, read_body, request_id
 from api.settings import Instance
 
+from .context import Gateway
 from .limits import check_admin_key
 from .routes import gateway_of
+from .upstream import Probe
 from .workers import ROLES
 
 MAX_ADMIN_BODY = 64 * 1024
+NOT_CHECKED = "added, not checked yet"  # a new instance's reason to be out of routing
 
 
 async def workers(request: Request) -> Response:
@@ -29,7 +32,7 @@ async def workers(request: Request) -> Response:
             return _listing(request)
         body = parse_json(await read_body(request, MAX_ADMIN_BODY))
         if request.method == "POST":
-            return _add(request, body)
+            return await _add(request, body)
         return _remove(request, _url_of(body))
     except ApiError as exc:
         return error_response(exc, rid)
@@ -51,7 +54,10 @@ def _listing(request: Request) -> Response:
     return JSONResponse({"workers": [w.describe(now) for w in gw.pool.all()]})
 
 
-def _add(request: Request, body: dict[str, Any]) -> Response:
+async def _add(request: Request, body: dict[str, Any]) -> Response:
+    """Add the instance, out of routing until its /health answers 200 (checked at once, then
+    by the health rounds); refused (409) when it answers and serves none of the models the
+    other instances serve."""
     gw = gateway_of(request)
     role = body.get("role")
     if role not in ROLES:
@@ -75,7 +81,32 @@ def _add(request: Request, body: dict[str, Any]) -> Response:
         raise invalid_request(str(exc), "url") from None
     except KeyError as exc:
         raise ApiError(409, exc.args[0], param="url", code="worker_exists") from None
+    worker.take_out(NOT_CHECKED)
+    if await gw.upstream.probe(worker.url, gw.settings.health_timeout_s) is Probe.UP:
+        other = await _other_models(gw, worker.url)
+        if other is not None:
+            gw.remove_worker(worker.url)
+            raise ApiError(409, other, param="url", code="model_mismatch")
+        worker.take_back()
     return JSONResponse(worker.describe(gw.clock()), status_code=201)
+
+
+async def _other_models(gw: Gateway, url: str) -> str | None:
+    """Why the instance at `url` does not fit: it serves none of the gateway's models (None:
+    it does, or it lists none within the health timeout, or the gateway knows none yet)."""
+    if not gw.models:
+        return None
+    try:
+        cards = await gw.fetch_models([url], gw.settings.health_timeout_s)
+    except ApiError:
+        return None
+    served = {card["id"] for card in cards}
+    if served & gw.models:
+        return None
+    return (
+        f"{url} serves {', '.join(sorted(served))}, not the gateway's "
+        f"{', '.join(sorted(gw.models))}"
+    )
 
 
 def _remove(request: Request, url: str) -> Response:

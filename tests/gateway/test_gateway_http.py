@@ -224,6 +224,35 @@ def test_added_decode_instance_takes_traffic(harness: Callable[..., Harness]) ->
     assert nodes == {"d0"}
 
 
+def test_an_added_instance_routes_once_healthy_and_only_serving_the_same_model(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(prefill=0, decode=1, admin_key="k")
+    live, elsewhere = harness(prefill=0, decode=1), harness(prefill=0, decode=1)
+    elsewhere.decode[0].model = "another-model"
+    auth, dead = {"Authorization": "Bearer k"}, "http://127.0.0.1:1"
+    with h.client() as c:
+        wait_until(lambda: h.gw.models, what="model ids from the first health round")
+        added = c.post("/workers", json={"role": "decode", "url": dead}, headers=auth)
+        assert added.status_code == 201 and added.json()["healthy"] is False  # out until up
+        url = live.url_of(live.decode[0])
+        added = c.post("/workers", json={"role": "decode", "url": url}, headers=auth)
+        assert added.status_code == 201 and added.json()["healthy"] is True
+        wrong = elsewhere.url_of(elsewhere.decode[0])
+        refused = c.post("/workers", json={"role": "decode", "url": wrong}, headers=auth)
+        error = assert_openai_error(refused, 409)
+        assert error["code"] == "model_mismatch" and "another-model" in error["message"]
+        listing = c.get("/workers", headers=auth).json()["workers"]
+        assert {w["url"]: w["healthy"] for w in listing} == {
+            h.url_of(h.decode[0]): True,
+            dead: False,
+            url: True,
+        }
+        for _ in range(4):
+            assert c.post("/v1/completions", json=COMPLETION).status_code == 200
+    assert len(h.decode[0].received) + len(live.decode[0].received) == 4
+
+
 def test_models_health_and_metrics(harness: Callable[..., Harness]) -> None:
     h = harness(prefill=1, decode=2)
     with h.client() as c:
