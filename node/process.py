@@ -55,6 +55,17 @@ class Scheduler:
     outputs_addr: str
 
 
+def how_it_ended(code: int | None) -> str:
+    """A scheduler's exit, in words: a SIGKILL nobody here sent is most often the kernel's OOM
+    killer, so it says where to look."""
+    if code is None or code >= 0:
+        return f"exited with {code}"
+    name = signal.Signals(-code).name
+    if -code == signal.SIGKILL:
+        return f"was killed by {name} (out of memory? the kernel log, dmesg, says)"
+    return f"was killed by {name}"
+
+
 def start_scheduler(
     settings: NodeSettings,
     loop_cls: type[NodeLoop],
@@ -96,7 +107,9 @@ def start_scheduler(
         ready = parent.recv()
     except EOFError:
         proc.join(5)
-        raise SchedulerFailed(f"scheduler of {settings.name} exited with {proc.exitcode}") from None
+        raise SchedulerFailed(
+            f"scheduler of {settings.name} {how_it_ended(proc.exitcode)}"
+        ) from None
     if "error" in ready:
         proc.join(5)
         if ready.get("setting"):

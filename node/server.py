@@ -31,7 +31,13 @@ from node.channel import SchedulerClient
 from node.context import NodeContext
 from node.drain import Drain
 from node.loop import NodeLoop
-from node.process import Scheduler, SchedulerFailed, start_scheduler, stop_process
+from node.process import (
+    Scheduler,
+    SchedulerFailed,
+    how_it_ended,
+    start_scheduler,
+    stop_process,
+)
 from node.settings import NodeSettings
 
 log = logging.getLogger(__name__)
@@ -89,7 +95,7 @@ class NodeServer(uvicorn.Server):
     async def _watch_scheduler(self) -> None:
         while self.proc.is_alive():
             await asyncio.sleep(WATCH_INTERVAL_S)
-        log.error("scheduler process exited with %s; stopping the node", self.proc.exitcode)
+        log.error("scheduler process %s; stopping the node", how_it_ended(self.proc.exitcode))
         self.scheduler_died = True
         self.should_exit = True
 

@@ -14,7 +14,13 @@ import pytest
 from decode.loop import DecodeLoop
 from engine.options import EngineOptions
 from engine.tokenizer import load_tokenizer
-from node.process import SchedulerFailed, start_method, start_scheduler, stop_process
+from node.process import (
+    SchedulerFailed,
+    how_it_ended,
+    start_method,
+    start_scheduler,
+    stop_process,
+)
 from node.settings import NodeSettings
 from prefill.loop import PrefillLoop
 from transfer.config import TransferConfig
@@ -70,3 +76,9 @@ def test_a_scheduler_that_crashes_at_start_keeps_its_traceback(
         start_scheduler(settings, PrefillLoop, f"pdserve-test-{uuid.uuid4().hex}", method="fork")
     err = capfd.readouterr().err
     assert "scheduler start failed" in err and "Traceback" in err
+
+
+def test_a_scheduler_killed_outright_points_at_the_oom_killer() -> None:
+    assert how_it_ended(-9) == "was killed by SIGKILL (out of memory? the kernel log, dmesg, says)"
+    assert how_it_ended(-15) == "was killed by SIGTERM"
+    assert how_it_ended(1) == "exited with 1"
