@@ -27,6 +27,15 @@ class DecodePeer:
     ranks: tuple[RankKV, ...] = ()  # the decode node's ranks (rank 0 first)
     plan: tuple[Slice, ...] = ()  # which of our ranks writes what into which of them
     keys: dict[tuple[int, int], str] = field(default_factory=dict)  # (ours, theirs) -> engine key
+    session: str = ""  # its transfer engine's address (host:port): where it is, for the logs
+
+    @property
+    def label(self) -> str:
+        return (
+            f"decode {self.decode_id} at {self.session}"
+            if self.session
+            else f"decode {self.decode_id}"
+        )
 
     @classmethod
     def from_register(cls, msg: Register, peer_key: str) -> DecodePeer:
@@ -40,6 +49,7 @@ class DecodePeer:
             msg.meta_slots,
             time.monotonic(),
             decode_ranks(msg),
+            session=msg.session,
         )
 
     def meta_address(self, slot: int) -> int:

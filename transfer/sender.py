@@ -279,7 +279,7 @@ class KVSender:
         for peer in list(self._peers.values()):
             silent = now - peer.last_seen
             if silent > self.config.heartbeat_timeout_s:
-                self._drop_peer(peer, f"decode {peer.decode_id} silent for {silent:.1f}s")
+                self._drop_peer(peer, f"{peer.label} silent for {silent:.1f}s")
 
     def _drop_peer(self, peer: DecodePeer, reason: str) -> None:
         log.warning("dropping decode peer: %s", reason)
@@ -340,7 +340,9 @@ class KVSender:
     def _on_register(self, decode_id: str, msg: Register) -> None:
         errors = registration_errors(msg, self.backend.name, self.compat, self.buffers, self.ranks)
         if not errors and decode_id in self._peers:
-            self._drop_peer(self._peers[decode_id], f"decode {decode_id} registered again")
+            self._drop_peer(
+                self._peers[decode_id], f"{self._peers[decode_id].label} registered again"
+            )
         peer = None
         if not errors:
             peer = DecodePeer.from_register(msg, "")

@@ -233,7 +233,7 @@ def test_prefill_fails_rooms_of_a_silent_decode(pair: Pair) -> None:
         pair.sender.open_room(9)
         ghost.send(encode(RoomRequest(9, (1,), 0)))
         status = pair.finished(pair.sender, 9, timeout=5)
-        assert status.state is S.FAILED and "decode ghost silent" in status.reason
+        assert status.state is S.FAILED and "decode ghost at nowhere silent" in status.reason
     finally:
         ghost.close(linger=0)
         context.term()
