@@ -57,6 +57,8 @@ async def open_request(
                 raise
             break  # NOTE: the failure says more than "no instance left"
         node_rid = attempt_rid(rid, number, move)
+        log_event(logging.DEBUG, "attempt", rid, number=number, decode=pair.decode.url,
+                  prefill=pair.prefill.url if pair.prefill else "none")  # fmt: skip
         attempt = Attempt.make(req, rid, node_rid, pair, gw.rng, tagged, resume)
         exchange = Exchange(attempt, gw.upstream, gw.tasks, gw.clock, gw.settings)
         try:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import logging
 from collections.abc import Callable
 
 import httpx
@@ -276,16 +277,23 @@ def test_no_prefill_ready_sends_requests_to_decode_to_prefill(
 
 
 def test_prefills_that_all_failed_a_request_fall_back_before_the_health_checks_notice(
-    harness: Callable[..., Harness],
+    harness: Callable[..., Harness], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Both prefill instances dead (refused connections) but not yet taken out: the request
-    tries each, then a decode instance prefilling itself, and succeeds."""
+    tries each, then a decode instance prefilling itself, and succeeds; at debug level the
+    gateway logs each attempt's pair."""
     h = harness(prefill=2, decode=1, prefill_policy="round_robin")
     h.upstreams["p0"].stop()
     h.upstreams["p1"].stop()
     h.decode[0].behavior.after = h.prefill
-    with h.client() as c:
+    with h.client() as c, caplog.at_level(logging.DEBUG, logger="pdserve.gateway"):
         r = c.post("/v1/completions", json=COMPLETION, headers=RID)
+    d0, p0, p1 = (h.url_of(s) for s in (h.decode[0], *h.prefill))
+    attempts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attempt ")]
+    assert attempts == [
+        f"attempt rid=rq1 number={n} decode={d0} prefill={p}"
+        for n, p in enumerate((p0, p1, "none"))
+    ]
     assert r.status_code == 200 and r.json()["node"] == "d0"
     assert [b["rid"] for b in h.decode[0].bodies()] == ["rq1", "rq1-retry1", "rq1-retry2"]
     assert [BOOTSTRAP & b.keys() for b in h.decode[0].bodies()] == [BOOTSTRAP, BOOTSTRAP, set()]
