@@ -249,7 +249,10 @@ class Supervisor:
         """`launch-state.json` in the log dir, replaced whole (readers never see half of it)."""
         if self.log_dir is None:
             return
-        state = {"components": {m.name: m.describe() for m in self.members}}
+        # NOTE: the launcher's pid says whether the file is current: a launcher killed with
+        # SIGKILL leaves its last word here, components "up" with pids long gone
+        launcher = {"pid": os.getpid(), "written": round(time.time(), 3)}
+        state = {"launcher": launcher, "components": {m.name: m.describe() for m in self.members}}
         path = self.log_dir / STATE_FILE
         temporary = path.with_name(f".{STATE_FILE}.tmp")
         temporary.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")

@@ -837,9 +837,12 @@ def test_killing_the_launcher_leaves_no_process_and_no_port_behind(
     process too) goes, so the same cluster launches again."""
     launch = launch_default(args=("--log-dir", str(tmp_path / "logs")))
     launch.wait_ready()
-    state = json.loads((tmp_path / "logs" / "launch-state.json").read_text())["components"]
+    written = json.loads((tmp_path / "logs" / "launch-state.json").read_text())
+    state = written["components"]
     groups = [c["pid"] for c in state.values()]
     assert len(groups) == 3 and all(group_has_live_member(g) for g in groups)
+    # what tells a reader the file is stale once the launcher is gone
+    assert written["launcher"]["pid"] == launch.proc.pid
     try:
         launch.proc.kill()
         launch.proc.wait()
