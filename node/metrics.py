@@ -17,6 +17,9 @@ GAUGES = {
     "running": "requests in the running batch",
     "waiting": "requests waiting to be scheduled",
     "held": "requests holding pages outside the batch (PD transfer)",
+    "prealloc": "decode: requests waiting for pages before their transfer",
+    "transferring": "decode: requests whose KV is being written here",
+    "quarantined": "decode: failed requests whose pages wait out transfer.quarantine_s",
 }
 
 

@@ -57,8 +57,10 @@ def test_time_per_output_token_is_the_decode_time_over_the_tokens_after_the_firs
 
 def test_every_family_says_what_it_counts() -> None:
     metrics = NodeMetrics()
-    info = {"transfer": TransferStats().info(), "started": 1.0, "free_pages": 3, "held": 0}
+    info = {"transfer": TransferStats().info(), "started": 1.0, "free_pages": 3, "held": 2}
+    info |= {"prealloc": 0, "transferring": 1, "quarantined": 1}  # a decode node's
     text = metrics.render(info, NodeSettings(role="prefill", model="/m"))
     typed = re.findall(r"^# TYPE (\S+) ", text, re.M)
     helped = re.findall(r"^# HELP (\S+) ", text, re.M)
-    assert len(typed) >= 12 and helped == typed
+    assert len(typed) >= 15 and helped == typed
+    assert sample(text, "pdserve_node_quarantined") == 1
