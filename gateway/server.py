@@ -16,7 +16,7 @@ from api.settings import GatewaySettings
 
 from .app import create_app
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+LOG_FORMAT = "%(asctime)s gateway %(levelname)s %(name)s: %(message)s"
 
 
 class GatewayServer(uvicorn.Server):
@@ -30,7 +30,10 @@ class GatewayServer(uvicorn.Server):
 
 def run(settings: GatewaySettings) -> None:
     """Blocking; returns after SIGINT/SIGTERM once in-flight responses are closed."""
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    # NOTE: force: `pdserve` configured its own logging first, without the level in the lines
+    logging.basicConfig(force=True, level=settings.log_level.upper(), format=LOG_FORMAT)
+    for chatty in ("httpx", "httpcore"):  # a line per upstream call at info, more at debug
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     logging.getLogger("pdserve.gateway").setLevel(settings.log_level.upper())
     config = uvicorn.Config(
         create_app(settings),

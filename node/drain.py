@@ -97,7 +97,7 @@ class Drain:
             await self._until_idle(CUT_WAIT_S)
         info = await self._settled(scheduler)
         fields = ("free_pages", "total_pages", "running", "waiting", "held", "quarantined")
-        log.warning("drained: %s", " ".join(f"{key}={info.get(key)}" for key in fields))
+        log.warning("drained: %s", " ".join(f"{k}={info[k]}" for k in fields if k in info))
 
     async def _until_idle(self, timeout_s: float, hurry: bool = False) -> bool:
         """True once nothing is in flight; False when `timeout_s` passes (or, with `hurry`, once

@@ -105,6 +105,11 @@ def serve_node(settings: NodeSettings, loop_cls: type[NodeLoop]) -> None:
     to start or dies, ValueError for a setting it cannot start with (`pdserve` exits 2)."""
     if settings.role != loop_cls.ROLE:
         raise ValueError(f"settings for a {settings.role} node given to {loop_cls.__name__}")
+    logging.basicConfig(  # NOTE: force: the node's log_level, not the `pdserve` command's
+        force=True,
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s {settings.name} %(levelname)s %(name)s: %(message)s",
+    )
     tokenizer = load_tokenizer(settings.model)
     ipc_name = f"pdserve-{settings.name}-{os.getpid()}-{secrets.token_hex(4)}"
     scheduler = None
