@@ -233,9 +233,11 @@ def test_sglang_router_drives_our_nodes_unchanged(cluster: Cluster) -> None:
     pytest.importorskip("sglang_router")
     from tests.e2e.test_2p2d_policies import wait_healthy
 
-    port = free_ports(1)[0]
+    port, metrics_port = free_ports(2)
     prefill, decode = cluster.config["prefill"][0], cluster.config["decode"][0]
     argv = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation"]
+    # NOTE: its metrics port too (29000 by default): test sessions on one machine run at once
+    argv += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)]
     argv += ["--prefill", f"http://127.0.0.1:{prefill['port']}", str(prefill["bootstrap_port"])]
     argv += ["--decode", f"http://127.0.0.1:{decode['port']}", "--host", "127.0.0.1"]
     argv += ["--port", str(port)]
