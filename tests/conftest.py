@@ -45,6 +45,17 @@ def make_tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     return make
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: a second intra-op thread only spins against the other jobs on the 2 cores
+    (greedy generate ran 10x slower with 2 threads on a busy machine). A module takes it with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(make_tiny: Callable[..., Path]) -> Callable[[str], Any]:
     """`tiny_tokenizer("qwen" | "deepseek")`: the HF tokenizer of a tiny checkpoint, loaded once.

@@ -15,6 +15,8 @@ import torch
 from modelgen import weights
 from modelgen.make import make_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -40,16 +42,6 @@ VOCAB = {"qwen": 151936, "deepseek": 129280}
 TOKENS = {"qwen": 151646, "deepseek": 129280}
 CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 PROMPTS = ["Hello, my name is", "The capital of France is", "1 2 3", "日本語", "def f(x):"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: a second intra-op thread only spins against the other jobs on the 2 cores
-    (greedy generate ran 10x slower with 2 threads on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @cache

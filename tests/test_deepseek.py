@@ -24,6 +24,8 @@ from tests.test_engine_oracle import (
 )
 from tests.test_engine_pd import run_pd
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VOCAB = 129280
 # DeepSeek-V2's YaRN cos/sin factor differs from 1 when mscale != mscale_all_dim
 YARN_MSCALE = {
@@ -50,15 +52,6 @@ VARIANTS = [
     # softmax scores, group_limited_greedy, two shared experts
     pytest.param(("deepseek_v2", {"layers": 2}), id="v2"),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: a second intra-op thread only spins against the other jobs on the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=VARIANTS)

@@ -18,6 +18,8 @@ from engine.prompt_logprobs import PromptLogprobs
 from engine.sampling import SamplingParams
 from tests.test_engine_oracle import _hf_model, assert_pages_released, new_llm, random_prompts
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ATOL = 1e-4
 TOP = 3
 ASK = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, prompt_logprobs=TOP)
@@ -26,15 +28,6 @@ MODELS = [
     pytest.param(("llama", "qwen", {}), id="llama"),
     pytest.param(("deepseek_v3", "deepseek", {"layers": 3}), id="deepseek-v3"),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: a second intra-op thread only spins against the other jobs on the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=MODELS)
