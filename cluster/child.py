@@ -126,6 +126,16 @@ def group_has_live_member(pgid: int) -> bool:
     return False
 
 
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot), None when there is none (or it is
+    a zombie): with the pid, it names one process even where pids are reused."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
 def health_error(url: str) -> str | None:
     """None when GET `url` answers 200, else what went wrong (proxies ignored: local checks)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -27,6 +27,11 @@ class LaunchSettings:
         "node)",
     )
     restart_window_s: float = setting(300.0, "the window the restart budget counts over")
+    revive_after_s: float = setting(
+        600.0,
+        "a component given up on is started again this long after, with a fresh restart budget "
+        "(0: never by itself; SIGHUP to `pdserve launch`, or `pdserve revive`, does it at once)",
+    )
     grace_s: float = setting(
         45.0,
         "at stop, seconds from SIGTERM to SIGKILL, waited for the gateway and then for the "
@@ -49,8 +54,9 @@ class LaunchSettings:
             )
         if self.restart_budget < 0:
             raise ValueError(f"restart_budget must be >= 0 (0: never), got {self.restart_budget}")
-        if self.grace_s < 0:
-            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+        for name in ("grace_s", "revive_after_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def backoff_s(self, restart: int) -> float:
         """The wait before restart number `restart` (1 for the first) of the current window."""

@@ -2,6 +2,8 @@
 
     starting -> up -> (exit) -> backoff -> starting -> up ...
                           \\-> given_up, once the budget of restarts in the window is spent
+                                  -> backoff (revived: a fresh budget) after revive_after_s,
+                                     or at once on SIGHUP
 
 A run that was up and exited 0 (a node drained by SIGTERM: a rolling restart) is started again
 at once and spends none of the budget, which is for crashes.
@@ -42,6 +44,7 @@ class Supervised:
         self.recent: deque[float] = deque()  # when each restart of the window was scheduled
         self.last_exit: str | None = None
         self.restart_at = 0.0
+        self.given_up_at = 0.0
         self.deadline = 0.0  # to be healthy by
         self.was_up = False  # whether the current (or last) run became healthy
 
@@ -97,7 +100,7 @@ class Supervised:
         while self.recent and now - self.recent[0] >= window:
             self.recent.popleft()
         if len(self.recent) >= self.settings.restart_budget:
-            self.state = "given_up"
+            self.give_up(now)
             return None
         self.recent.append(now)
         self.restarts += 1
@@ -105,6 +108,22 @@ class Supervised:
         self.restart_at = now + delay
         self.state = "backoff"
         return delay
+
+    def give_up(self, now: float) -> None:
+        self.state = "given_up"
+        self.given_up_at = now
+
+    def revive_due(self, now: float) -> bool:
+        """Whether it was given up on revive_after_s ago (never with revive_after_s 0)."""
+        after = self.settings.revive_after_s
+        return self.state == "given_up" and after > 0 and now - self.given_up_at >= after
+
+    def revive(self, now: float) -> None:
+        """Start it again at the next poll, with the whole restart budget to spend."""
+        self.recent.clear()
+        self.restarts += 1
+        self.restart_at = now
+        self.state = "backoff"
 
     def budget_line(self) -> str:
         """'restart 2 of 5 in 300s': the restart just scheduled, against the budget."""

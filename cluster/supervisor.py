@@ -3,7 +3,8 @@
 Components start stage by stage (the gateway once the nodes are healthy). One that crashes is
 restarted with the same command after a backoff that doubles, while the others keep serving,
 until it spends its budget of restarts in a window (cluster/launch_settings.py); then it stays
-down, unless nothing could serve without it (no gateway, no decode node, or no prefill node
+down for `revive_after_s` (or until a SIGHUP to the supervisor), and is then started again with
+a fresh budget, unless nothing could serve without it (no gateway, no decode node, or no prefill node
 of a PD cluster: cluster/launch.py sets these groups): then the supervisor
 stops everything and fails, naming it and quoting the end of its log. One that served and exited
 0 (a node drained by SIGTERM) is restarted at once, outside the budget. At start, a component
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from .child import Child, Component, health_error
+from .child import Child, Component, health_error, process_start
 from .launch_settings import LaunchSettings
 from .supervised import Supervised
 
@@ -72,12 +73,14 @@ class Supervisor:
         self.start_deadline = 0.0
         self.ready = False
         self.signal_received: int | None = None
+        self.revive_requested = False  # SIGHUP: start every component given up on again
         self.stopped = False
 
     def run(self, ready_message: str) -> int:
         """Start all, wait for health, print `ready_message`, supervise; 0 after a requested
         stop, 1 when the cluster could not start or can no longer serve."""
         previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self.on_hangup)
         try:
             self.write_state()
             self.start_stages()
@@ -99,6 +102,9 @@ class Supervisor:
 
     def on_signal(self, signum: int, frame: object) -> None:
         self.signal_received = signum  # NOTE: only a flag; the loops act on it between polls
+
+    def on_hangup(self, signum: int, frame: object) -> None:
+        self.revive_requested = True  # NOTE: as on_signal, acted on at the next poll
 
     def check_stop(self) -> None:
         if self.signal_received is not None:
@@ -146,6 +152,7 @@ class Supervisor:
     def poll(self) -> None:
         """One look at every started component: exits, health, restarts that are due."""
         now = time.monotonic()
+        self.revive(now)
         for member in self.active:
             if member.exited():
                 assert member.child is not None
@@ -156,6 +163,22 @@ class Supervisor:
                 timeout = self.settings.health_timeout_s
                 member.start(now + timeout if self.ready else self.start_deadline)
                 self.write_state()
+
+    def revive(self, now: float) -> None:
+        """Give each component given up on a fresh restart budget and start it at the next
+        look: all of them after a SIGHUP, else those given up on revive_after_s ago."""
+        requested, self.revive_requested = self.revive_requested, False
+        given_up = [m for m in self.active if m.state == "given_up"]
+        if requested and not given_up:
+            self.say("SIGHUP: no component is given up on, so there is nothing to start again")
+        after = self.settings.revive_after_s
+        why = "on SIGHUP" if requested else f"{after:g}s after giving up on it"
+        revived = [m for m in given_up if requested or m.revive_due(now)]
+        for member in revived:
+            member.revive(now)
+            self.say(f"starting component {member.name!r} again {why}, with a fresh budget")
+        if revived:
+            self.write_state()
 
     def check_health(self, member: Supervised, now: float) -> None:
         url = member.component.health_url
@@ -180,7 +203,7 @@ class Supervisor:
         first_run = member.restarts == 0 and not member.was_up
         member.end_run(description)
         if first_run and member.exit_code() == USAGE_ERROR:
-            member.state = "given_up"
+            member.give_up(time.monotonic())
             raise ComponentFailed(
                 f"component {member.name!r} {description} at start, a usage or config error "
                 "that a restart would repeat, so the launcher stopped the cluster",
@@ -249,9 +272,11 @@ class Supervisor:
         """`launch-state.json` in the log dir, replaced whole (readers never see half of it)."""
         if self.log_dir is None:
             return
-        # NOTE: the launcher's pid says whether the file is current: a launcher killed with
-        # SIGKILL leaves its last word here, components "up" with pids long gone
-        launcher = {"pid": os.getpid(), "written": round(time.time(), 3)}
+        # NOTE: the launcher's pid (and its start, for a reused pid) says whether the file is
+        # current: a launcher killed with SIGKILL leaves its last word here, components "up"
+        # with pids long gone
+        pid = os.getpid()
+        launcher = {"pid": pid, "start": process_start(pid), "written": round(time.time(), 3)}
         state = {"launcher": launcher, "components": {m.name: m.describe() for m in self.members}}
         path = self.log_dir / STATE_FILE
         temporary = path.with_name(f".{STATE_FILE}.tmp")

@@ -248,20 +248,6 @@ class Run:
         return [pid for s in self.stand_ins if s.pidfile.exists() for pid in s.pids()]
 
 
-@pytest.fixture
-def run(tmp_path: Path):
-    started = Run(tmp_path)
-    yield started
-    if getattr(started, "proc", None) is not None and started.proc.poll() is None:
-        started.proc.kill()
-        started.proc.wait()
-    for stand_in in started.stand_ins:  # never leave a process behind, even when a test fails
-        if stand_in.pidfile.exists():
-            for pid in stand_in.pids():
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_every_process_tree(run: Run, signum: int) -> None:
     run.add("prefill-0")
