@@ -131,7 +131,9 @@ class Engine:
         req = self._new_req(rid, prompt_ids, params, resumed)
         req.prefill_only = prefill_only
         if params.prompt_logprobs is not None and not (resumed or prefill_only):
-            req.prompt_logprobs = PromptLogprobs(len(req.prompt_ids) - 1)
+            total = len(req.prompt_ids) - 1
+            first = min(params.prompt_logprobs_start, total)
+            req.prompt_logprobs = PromptLogprobs(total, first)
         self.scheduler.add(req)
         return req
 

@@ -31,22 +31,29 @@ SLICE_ROWS = 256  # rows whose full-vocabulary logits exist at once (152k vocab:
 
 @dataclass
 class PromptLogprobs:
-    """One request's prompt logprobs as they come in: entry j is prompt position j + 1's."""
+    """One request's prompt logprobs as they come in: entry j is prompt position first + j + 1's
+    (`first` > 0: SGLang's logprob_start_len, the positions before it not wanted)."""
 
-    total: int  # positions to report: every prompt token but the first
+    total: int  # every prompt token but the first
+    first: int = 0  # the first hidden position reported; those before it may come from cache
     logprobs: list[float] = field(default_factory=list)
     ranks: list[int] = field(default_factory=list)  # 1 = the likeliest token
     top: list[list[tuple[int, float]]] = field(default_factory=list)  # best first
     sent: bool = False  # handed out with the request's first output
 
     @property
+    def next_position(self) -> int:
+        """The first hidden position still wanted: tokens before it may come from the cache."""
+        return self.first + len(self.logprobs)
+
+    @property
     def pending(self) -> bool:
-        return len(self.logprobs) < self.total
+        return self.next_position < self.total
 
     def positions(self, computed: int, n: int) -> range:
         """The hidden positions (each predicting the next prompt token) still wanted among the
         step's [computed, computed + n): a recomputed request (retracted) skips what it has."""
-        return range(max(computed, len(self.logprobs)), min(computed + n, self.total))
+        return range(max(computed, self.next_position), min(computed + n, self.total))
 
 
 @dataclass

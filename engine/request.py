@@ -79,9 +79,12 @@ class Req:
         return self.prompt_ids[start:] + self.output_ids[: end - n]
 
     @property
-    def needs_prompt_rows(self) -> bool:
-        """Whether prompt positions still need their logits (so none may come from the cache)."""
-        return self.prompt_logprobs is not None and self.prompt_logprobs.pending
+    def cacheable_len(self) -> int:
+        """How many leading tokens may come from the prefix cache: all but the last, or, while
+        prompt positions still need their logits, those before the first of them."""
+        if self.prompt_logprobs is not None and self.prompt_logprobs.pending:
+            return min(self.prompt_logprobs.next_position, self.seq_len - 1)
+        return self.seq_len - 1
 
     @property
     def own_pages(self) -> list[int]:

@@ -62,6 +62,9 @@ class SamplingParams:
     logprobs: int | None = None
     # the prompt's own logprobs (engine/prompt_logprobs.py), with this many best tokens each
     prompt_logprobs: int | None = None
+    # ... only for the prompt positions from this one on (SGLang's logprob_start_len): the
+    # positions before it may come from the prefix cache
+    prompt_logprobs_start: int = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # constrained decoding: (kind, source), kind one of engine/grammar.py's KINDS
@@ -167,6 +170,10 @@ def _param_problems(
             p.prompt_logprobs is not None and not 0 <= p.prompt_logprobs <= MAX_LOGPROBS,
             f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {p.prompt_logprobs} "
             "(use None for none, 0 for each prompt token's own only)",
+        ),
+        (
+            p.prompt_logprobs_start < 0,
+            f"prompt_logprobs_start must be >= 0, got {p.prompt_logprobs_start}",
         ),
         (
             any(not isinstance(s, str) or not s for s in p.stop),

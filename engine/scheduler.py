@@ -117,10 +117,10 @@ class Scheduler:
     def _admit(self, req: Req) -> bool:
         """Match the prefix cache and reserve pages for the whole sequence."""
         matched: list[int] = []
-        # NOTE: cached tokens are not computed again, and a prompt's logprobs need every
-        # position computed: such a request takes no cached prefix (it still caches its own)
-        if self.cache is not None and not req.needs_prompt_rows:
-            match = self.cache.match_prefix(req.token_slice(0, req.seq_len - 1))
+        # NOTE: cached tokens are not computed again, and a prompt's logprobs need their
+        # positions computed: such a request takes a cached prefix only up to the first of them
+        if self.cache is not None:
+            match = self.cache.match_prefix(req.token_slice(0, req.cacheable_len))
             matched = match.pages
             self.cache.lock(match.node)
             req.node = match.node

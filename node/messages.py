@@ -79,10 +79,12 @@ class TokenOutput:
     cached_tokens: int = 0
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[list[float]]] = field(default_factory=list)  # [[id, logprob], ...]
-    # the prompt's own (with the first output of a request that asked): position i's at i - 1
+    # the prompt's own (with the first output of a request that asked): position i's at
+    # i - 1 - prompt_logprobs_first (those before a /generate logprob_start_len are left out)
     prompt_logprobs: list[float] = field(default_factory=list)
     prompt_ranks: list[int] = field(default_factory=list)
     prompt_top_logprobs: list[list[list[float]]] = field(default_factory=list)
+    prompt_logprobs_first: int = 0
     error: str | None = None
     status: int = 200
 
@@ -95,6 +97,7 @@ class TokenOutput:
         self.prompt_logprobs.extend(delta.prompt_logprobs)
         self.prompt_ranks.extend(delta.prompt_ranks)
         self.prompt_top_logprobs.extend(delta.prompt_top_logprobs)
+        self.prompt_logprobs_first = delta.prompt_logprobs_first or self.prompt_logprobs_first
         self.prompt_tokens = delta.prompt_tokens or self.prompt_tokens
         self.completion_tokens = delta.completion_tokens or self.completion_tokens
         self.cached_tokens = delta.cached_tokens or self.cached_tokens
@@ -130,9 +133,10 @@ class TokenOutput:
         )
 
 
-def prompt_fields(prompt: PromptLogprobs) -> dict[str, list]:
+def prompt_fields(prompt: PromptLogprobs) -> dict[str, Any]:
     """A request's prompt logprobs as `TokenOutput`'s fields."""
     return {
+        "prompt_logprobs_first": prompt.first,
         "prompt_logprobs": list(prompt.logprobs),
         "prompt_ranks": list(prompt.ranks),
         "prompt_top_logprobs": [[[t, lp] for t, lp in row] for row in prompt.top],

@@ -38,8 +38,11 @@ class Entries:
 
 
 def has_prompt_logprobs(out: TokenOutput, prompt: Sequence[int]) -> bool:
-    """Whether `out` carries `prompt`'s logprobs (a moved stream's first node reported them)."""
-    return len(out.prompt_logprobs) == len(prompt) - 1 == len(out.prompt_top_logprobs)
+    """Whether `out` carries `prompt`'s logprobs, from entry `out.prompt_logprobs_first` on (a
+    moved stream's first node reported them)."""
+    reported = len(out.prompt_logprobs)
+    whole = out.prompt_logprobs_first + reported == len(prompt) - 1
+    return whole and reported == len(out.prompt_top_logprobs)
 
 
 def echo_entries(prompt: Sequence[int], out: TokenOutput, top: int) -> Entries:
@@ -70,14 +73,15 @@ def sglang_input_logprobs(
 ) -> dict[str, list]:
     """meta_info's input_token_logprobs (and input_top_logprobs) from position `start` on."""
     text = text_of or (lambda _token: None)
-    logprobs = [None, *out.prompt_logprobs]
+    skipped = [None] * (1 + out.prompt_logprobs_first)  # NOTE: start >= prompt_logprobs_first
+    logprobs = [*skipped, *out.prompt_logprobs]
     tokens = [
         [None if i == start else logprobs[i], prompt[i], text(prompt[i])]
         for i in range(start, len(prompt))
     ]
     meta: dict[str, list] = {"input_token_logprobs": tokens}
     if top > 0:
-        best = [None, *out.prompt_top_logprobs]
+        best = [*skipped, *out.prompt_top_logprobs]
         meta["input_top_logprobs"] = [
             None if i == start else [[v, int(t), text(int(t))] for t, v in best[i][:top]]
             for i in range(start, len(prompt))

@@ -298,8 +298,10 @@ def native_params(body: dict[str, Any]) -> dict[str, Any]:
         params["grammar"] = grammars[0]
     if native_flag(body, "return_logprob"):
         params["logprobs"] = native_top_logprobs(body)
-        if logprob_start(body) is not None:
+        start = logprob_start(body)
+        if start is not None:
             params["prompt_logprobs"] = params["logprobs"]
+            params["prompt_logprobs_start"] = start
     return params
 
 

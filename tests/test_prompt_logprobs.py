@@ -44,20 +44,24 @@ def hf_logprobs(path: str, prompt: tuple[int, ...]) -> torch.Tensor:
     return logits.log_softmax(dim=-1)
 
 
-def assert_prompt_logprobs(path: Path, prompt: list[int], got: PromptLogprobs | None) -> None:
-    assert got is not None and got.sent and len(got.logprobs) == len(prompt) - 1
-    assert len(got.ranks) == len(got.top) == len(prompt) - 1
+def assert_prompt_logprobs(
+    path: Path, prompt: list[int], got: PromptLogprobs | None, first: int = 0
+) -> None:
+    """`got` holds every prompt position from `first` + 1 on, as transformers computes them."""
+    assert got is not None and got.sent and got.first == first
+    assert len(got.logprobs) == len(got.ranks) == len(got.top) == len(prompt) - 1 - first
     expected = hf_logprobs(str(path), tuple(prompt))
-    for i, token in enumerate(prompt[1:]):
+    for j, token in enumerate(prompt[first + 1 :]):
+        i = first + j
         row = expected[i]
         want = row[token].item()
-        assert got.logprobs[i] == pytest.approx(want, abs=ATOL), f"position {i + 1}"
+        assert got.logprobs[j] == pytest.approx(want, abs=ATOL), f"position {i + 1}"
         # the rank as transformers' logprobs give it, up to ties within the tolerance
-        assert (row >= want + ATOL).sum() + 1 <= got.ranks[i] <= (row >= want - ATOL).sum()
-        ids = [t for t, _ in got.top[i]]
+        assert (row >= want + ATOL).sum() + 1 <= got.ranks[j] <= (row >= want - ATOL).sum()
+        ids = [t for t, _ in got.top[j]]
         assert len(ids) == TOP and len(set(ids)) == TOP
-        assert [v for _, v in got.top[i]] == pytest.approx(row.topk(TOP).values.tolist(), abs=ATOL)
-        assert [v for _, v in got.top[i]] == pytest.approx(row[ids].tolist(), abs=ATOL)
+        assert [v for _, v in got.top[j]] == pytest.approx(row.topk(TOP).values.tolist(), abs=ATOL)
+        assert [v for _, v in got.top[j]] == pytest.approx(row[ids].tolist(), abs=ATOL)
 
 
 def run(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
@@ -107,6 +111,22 @@ def test_a_cached_prefix_is_computed_again_for_them(tiny: Path) -> None:
         assert_prompt_logprobs(tiny, prompt, out.prompt_logprobs)
     plain = run(llm, [prompt], [PLAIN])[0]
     assert plain.cached_tokens >= 64 and plain.prompt_logprobs is None
+    assert_pages_released(llm)
+
+
+def test_a_start_reports_from_there_and_takes_the_cached_prefix_before_it(tiny: Path) -> None:
+    """SGLang's logprob_start_len (lm-eval scoring a continuation): the context before it comes
+    from the prefix cache and goes through no LM head; the positions after it are exact."""
+    llm = new_llm(tiny)
+    prompt = random_prompts([70], len(llm.tokenizer), seed=26)[0]
+    run(llm, [prompt], [PLAIN])  # the context is cached
+    start = 40
+    out = run(llm, [prompt], [replace(ASK, prompt_logprobs_start=start)])[0]
+    assert out.cached_tokens == start  # 10 pages of 4
+    assert_prompt_logprobs(tiny, prompt, out.prompt_logprobs, first=start)
+    past = run(llm, [prompt], [replace(ASK, prompt_logprobs_start=len(prompt))])[0]
+    assert_prompt_logprobs(tiny, prompt, past.prompt_logprobs, first=len(prompt) - 1)
+    assert past.cached_tokens == (len(prompt) - 1) // 4 * 4  # no position left to compute
     assert_pages_released(llm)
 
 

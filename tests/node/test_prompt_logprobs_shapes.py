@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from node import responses as fmt
 from node.messages import TokenOutput
-from node.prompt_logprobs import echo_entries, sglang_input_logprobs, vllm_prompt_logprobs
+from node.prompt_logprobs import (
+    echo_entries,
+    has_prompt_logprobs,
+    sglang_input_logprobs,
+    vllm_prompt_logprobs,
+)
 
 PROMPT = [10, 11, 12]
 TEXT = {10: "A", 11: "b", 12: "cd", 7: "x", 8: "yy"}
@@ -73,6 +78,26 @@ def test_sglang_input_logprobs_start_where_asked_first_null() -> None:
         "input_token_logprobs": [],
         "input_top_logprobs": [],
     }
+
+
+def test_sglang_input_logprobs_of_a_job_that_computed_only_from_the_start() -> None:
+    """A job asked from position 1 on reports position 2 alone (prompt_logprobs_first 1)."""
+    whole = output()
+    out = TokenOutput(
+        "r", token_ids=[7], prompt_logprobs=whole.prompt_logprobs[1:],
+        prompt_ranks=whole.prompt_ranks[1:], prompt_top_logprobs=whole.prompt_top_logprobs[1:],
+        prompt_logprobs_first=1,
+    )  # fmt: skip
+    assert has_prompt_logprobs(out, PROMPT)
+    assert sglang_input_logprobs(PROMPT, out, start=1, top=1, text_of=text_of) == (
+        sglang_input_logprobs(PROMPT, whole, start=1, top=1, text_of=text_of)
+    )
+    merged = TokenOutput("r")
+    merged.add(out)  # the HTTP side adds the deltas up
+    assert merged.prompt_logprobs_first == 1 and has_prompt_logprobs(merged, PROMPT)
+    assert not has_prompt_logprobs(
+        TokenOutput("r", prompt_logprobs=[-0.25], prompt_top_logprobs=[[]]), PROMPT
+    )
 
 
 def test_native_result_without_a_start_has_no_prompt_logprobs() -> None:
