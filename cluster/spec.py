@@ -12,7 +12,7 @@ from pathlib import Path
 from api.settings import GatewaySettings, Instance, setting
 from engine.options import EngineOptions
 from modelgen.spec import MakeSpec
-from node.settings import NodeSettings, check_node_choices
+from node.settings import NodeSettings, check_log_stats_interval, check_node_choices
 from transfer.config import TransferConfig
 
 from .k8s.settings import K8sSettings
@@ -42,9 +42,11 @@ class PrefillSpec:
     )
     drain_timeout_s: float | None = None
     log_level: str | None = None
+    log_stats_interval_s: float | None = None
 
     def __post_init__(self) -> None:
         check_node_choices(self.log_level, None, None)
+        check_log_stats_interval(self.log_stats_interval_s)
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,13 @@ class DecodeSpec:
     prealloc_timeout_s: float | None = None
     drain_timeout_s: float | None = None
     log_level: str | None = None
+    log_stats_interval_s: float | None = None
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         check_node_choices(self.log_level, self.reasoning_parser, self.tool_call_parser)
+        check_log_stats_interval(self.log_stats_interval_s)
 
 
 @dataclass(frozen=True)

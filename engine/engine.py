@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from engine.config import ModelConfig
+from engine.counters import StepCounters
 from engine.dp_scheduler import DPScheduler, rank_pools
 from engine.environment import check_device, limit_onednn_caches
 from engine.grammar import Grammars
@@ -106,6 +107,7 @@ class Engine:
         self.max_model_len = options.max_model_len or self.model_cfg.max_position_embeddings
         self.grammars = Grammars(self.tokenizer, self.model_cfg.vocab_size, self.eos_token_ids)
         self.keep_logits = keep_logits
+        self.counters = StepCounters()  # tokens computed and sampled so far (stats lines)
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -282,6 +284,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        self.counters.count(batch)
         result = self.runner.run(batch)
         self.scheduler.advance(batch)
         return [self._emit(i, req, result) for i, req in enumerate(result.sampled)]

@@ -7,6 +7,7 @@ then the drain's error.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from node.drain import Drain
 from node.messages import TokenOutput
 from node.requests import Job
 
+log = logging.getLogger(__name__)
 WAKE = TokenOutput("")  # put on a cut run's queue so that a waiting `next()` returns
 
 
@@ -26,6 +28,7 @@ class JobState:
 
     job: Job
     out: TokenOutput
+    first_token_s: float | None = None  # from the run's start
 
 
 class JobRun:
@@ -95,10 +98,30 @@ class JobRun:
         if out.error is not None:
             state.out.finished = True
             raise ApiError(out.status, out.error)
-        if self.first_token_s is None and out.token_ids:
-            self.first_token_s = time.monotonic() - self.started
+        if out.token_ids and state.first_token_s is None:
+            state.first_token_s = time.monotonic() - self.started
+            if self.first_token_s is None:
+                self.first_token_s = state.first_token_s
         state.out.add(out)
+        if out.finished:
+            self._log_finished(state)
         return state, out
+
+    def _log_finished(self, state: JobState) -> None:
+        if not log.isEnabledFor(logging.DEBUG):
+            return
+        out, ttft = state.out, state.first_token_s
+        log.debug(
+            "[%s] finished: prompt_tokens=%d cached_tokens=%d output_tokens=%d finish_reason=%s "
+            "ttft_s=%s e2e_s=%.3f",
+            out.rid,
+            out.prompt_tokens,
+            out.cached_tokens,
+            out.completion_tokens,
+            out.finish_reason,
+            "-" if ttft is None else f"{ttft:.3f}",
+            time.monotonic() - self.started,
+        )
 
     async def first_outputs(self) -> list[tuple[JobState, TokenOutput]]:
         """Wait until every job answered once (so a bad request fails before any byte is sent)."""

@@ -27,6 +27,7 @@ from node.messages import (
 )
 from node.metrics import TransferStats
 from node.settings import NodeSettings, Role
+from node.stats_log import StatsLog, StatsSample
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ class NodeLoop:
 
     # ---- the loop ----------------------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self, stats: StatsLog | None = None) -> None:
+        """Serve until `stop_event`; `stats` (the node's stats line) is ticked every iteration."""
         while not self.stop_event.is_set():
             self.engine.check_health()  # a lost rank ends the loop (and the node) at once
             # NOTE: a compiling grammar does not make the loop busy: spinning would take a core
@@ -95,6 +97,8 @@ class NodeLoop:
             if self.engine.has_work():
                 for out in self.engine.step():
                     self.on_output(out)
+            if stats is not None:
+                stats.tick(self.stats_sample)
 
     def dispatch(self, msg: NodeMessage) -> None:
         if isinstance(msg, GenerateRequest):
@@ -159,6 +163,9 @@ class NodeLoop:
             "transfer": self.transfers.info(),
             **self.extra_info(),
         }
+
+    def stats_sample(self) -> StatsSample:
+        return StatsSample.of(self.server_info(), self.engine.counters)
 
     def send(self, out: TokenOutput | ControlReply) -> None:
         self.channel.send(out)

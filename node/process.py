@@ -33,6 +33,7 @@ from node.channel import SchedulerChannel
 from node.kv_link import rank_setup
 from node.loop import NodeLoop
 from node.settings import NodeSettings
+from node.stats_log import StatsLog
 
 MOONCAKE_LOG_LEVELS = {"debug": "INFO", "info": "WARNING", "warning": "WARNING", "error": "ERROR"}
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def scheduler_main(
     conn.send({"ok": True, **loop.ready_info()})
     conn.close()
     try:
-        loop.run()
+        loop.run(StatsLog(settings.role, settings.log_stats_interval_s))
     finally:
         loop.close()
 

@@ -47,6 +47,11 @@ class NodeSettings:
         "what is left then ends with a `draining` error",
     )
     log_level: str = setting("warning", "debug, info, warning or error")
+    log_stats_interval_s: float = setting(
+        10.0,
+        "while the node has work, its scheduler logs a `stats role=... running=... "
+        "gen_tok_s=...` line this often (at INFO: shown with log_level info or debug; 0: never)",
+    )
     reasoning_parser: str | None = setting(
         None,
         "split a thinking model's <think>...</think> into reasoning_content: deepseek-r1 (the "
@@ -62,6 +67,7 @@ class NodeSettings:
 
     def __post_init__(self) -> None:
         check_node_choices(self.log_level, self.reasoning_parser, self.tool_call_parser)
+        check_log_stats_interval(self.log_stats_interval_s)
         if self.drain_timeout_s < 0:
             raise ValueError(
                 f"drain_timeout_s must be >= 0, got {self.drain_timeout_s} (0: end what is in "
@@ -90,3 +96,9 @@ def check_node_choices(
             f"reasoning_parser {reasoning_parser!r} is unknown (use one of "
             f"{', '.join(REASONING_PARSERS)})"
         )
+
+
+def check_log_stats_interval(interval_s: float | None) -> None:
+    """ValueError (naming the field) for a negative interval; None: the default."""
+    if interval_s is not None and interval_s < 0:
+        raise ValueError(f"log_stats_interval_s must be >= 0, got {interval_s} (0: no stats lines)")
