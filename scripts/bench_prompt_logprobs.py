@@ -1,7 +1,9 @@
 """What a prompt's logprobs cost: one request of a --input-len prompt, max_tokens 1, greedy,
 timed with `prompt_logprobs` (every prompt position through the full-vocabulary LM head) and
 without, on one engine, alternating, the prefix cache flushed before each; the best and the
-median of --repeats each (the best is what a busy machine distorts least).
+median of --repeats each (the best is what a busy machine distorts least). With `--start S`
+a third request asks only for the positions from S on (SGLang's logprob_start_len: scoring a
+continuation after a context), its first S tokens cached by an untimed request beforehand.
 
     python scripts/bench_prompt_logprobs.py [--model DIR | --layers 24 --hidden 896 ...]
 
@@ -17,6 +19,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from engine.llm import LLM
@@ -38,6 +41,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--intermediate", type=int, default=None)
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--top", type=int, default=1, help="prompt_logprobs: best tokens per position")
+    p.add_argument("--start", type=int, default=0, help="also time logprob_start_len S (cached)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--chunk-size", type=int, default=2048)
@@ -56,7 +60,12 @@ def checkpoint(args: argparse.Namespace, tmp: Path) -> str:
 
 
 def timed(llm: LLM, prompt: list[int], params: SamplingParams) -> float:
+    """One request's seconds, the cache flushed before (and, for a start S, the context's S
+    tokens cached again by an untimed request)."""
     assert llm.engine.flush_cache()
+    if params.prompt_logprobs_start:
+        context = prompt[: params.prompt_logprobs_start + 1]
+        llm.generate([context], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
     start = time.perf_counter()
     out = llm.generate([prompt], params)[0]
     elapsed = time.perf_counter() - start
@@ -75,23 +84,26 @@ def main() -> None:
         asked = SamplingParams(
             temperature=0, max_tokens=1, ignore_eos=True, prompt_logprobs=args.top
         )
-        for params in (plain, asked):  # warm-up: kernels built, caches filled
+        cases = {"without": plain, "with": asked}
+        if args.start:
+            cases["from start"] = replace(asked, prompt_logprobs_start=args.start)
+        for params in cases.values():  # warm-up: kernels built, caches filled
             timed(llm, prompt, params)
-        times: dict[str, list[float]] = {"without": [], "with": []}
+        times: dict[str, list[float]] = {name: [] for name in cases}
         for _ in range(args.repeats):
-            times["without"].append(timed(llm, prompt, plain))
-            times["with"].append(timed(llm, prompt, asked))
+            for name, params in cases.items():
+                times[name].append(timed(llm, prompt, params))
         llm.close()
     best = {k: min(v) * 1000 for k, v in times.items()}
     medians = {k: statistics.median(v) * 1000 for k, v in times.items()}
     print(f"model {path}, vocab {vocab}, prompt {args.input_len} tokens, top {args.top}")
     for name in times:
-        print(f"  {name:>7} prompt logprobs: best {best[name]:8.1f} ms, "
+        print(f"  {name:>10} prompt logprobs: best {best[name]:8.1f} ms, "
               f"median {medians[name]:8.1f} ms (of {args.repeats})")  # fmt: skip
     print(f"  extra (best): {best['with'] - best['without']:.1f} ms "
           f"({best['with'] / best['without']:.2f}x)")  # fmt: skip
-    print(json.dumps({"input_len": args.input_len, "vocab": vocab, "best_ms": best,
-                      "median_ms": medians}))  # fmt: skip
+    print(json.dumps({"input_len": args.input_len, "start": args.start, "vocab": vocab,
+                      "best_ms": best, "median_ms": medians}))  # fmt: skip
 
 
 if __name__ == "__main__":
