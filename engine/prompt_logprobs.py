@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from engine.sampling import argmax_rows
+from engine.sampler import argmax_rows
 
 SLICE_ROWS = 256  # rows whose full-vocabulary logits exist at once (152k vocab: 156 MB)
 

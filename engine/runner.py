@@ -41,7 +41,7 @@ from engine.parallel.group import Parallel
 from engine.parallel.ranks import RankFailure, RankGroup
 from engine.parallel.step import StepPlan, decode_plans, encode_plans
 from engine.prompt_logprobs import PromptRows, reduce_rows, reduced_width
-from engine.sampling import SampleOutput, Sampler, plain_greedy
+from engine.sampler import SampleOutput, Sampler, plain_greedy
 from engine.scheduler import ScheduledBatch
 from engine.weights import iter_weights
 

@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from engine.sampling import Sampler, SamplerState, SamplingParams
+from engine.sampler import Sampler
+from engine.sampling import SamplerState, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, ignore_eos=True)
 

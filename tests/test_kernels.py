@@ -24,7 +24,7 @@ from engine.layers.linear import SMALL_ROWS, linear
 from engine.layers.vocab import VocabEmbedding
 from engine.models.base import DecoderOnlyLM
 from engine.parallel.group import Parallel
-from engine.sampling import argmax_rows
+from engine.sampler import argmax_rows
 
 
 @pytest.mark.parametrize("cols", [7, 255, 256, 257, 1000, 4096 + 63, 151936])

@@ -9,15 +9,10 @@ import random
 import pytest
 import torch
 
-from engine import sampling
-from engine.sampling import (
-    Sampler,
-    SamplerState,
-    SamplingParams,
-    apply_min_p,
-    apply_penalties,
-    apply_top_k_top_p,
-)
+from engine import logit_filters
+from engine.logit_filters import apply_min_p, apply_penalties, apply_top_k_top_p
+from engine.sampler import Sampler, plain_greedy
+from engine.sampling import SamplerState, SamplingParams
 from engine.stop import StopChecker, find_stop_string, stop_hold_back
 
 EOS = 0
@@ -79,12 +74,12 @@ def test_top_p_from_the_best_candidates_keeps_what_the_full_sort_keeps(
     """Top-p looks for the nucleus among each row's best candidates first: the same tokens
     survive as with a sort of the whole row (ties at the cut, top-k before it, p of 1), and a
     row whose nucleus is wider than the candidates takes the sort."""
-    monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", candidates)
+    monkeypatch.setattr(logit_filters, "NUCLEUS_CANDIDATES", candidates)
     gen = torch.Generator().manual_seed(5)
     logits = torch.randint(0, 40, (5, 3000), generator=gen).float()  # peaked, many ties
     top_p = torch.tensor([0.5, 0.9, 1.0, 0.99, 0.3])
     top_k = torch.tensor([0, 0, 0, 0, 3])
-    expected = sampling.sorted_top_p(sampling.apply_top_k(logits, top_k), top_p)
+    expected = logit_filters.sorted_top_p(logit_filters.apply_top_k(logits, top_k), top_p)
     assert torch.equal(apply_top_k_top_p(logits, top_k, top_p), expected)
     assert torch.isfinite(expected).sum(dim=-1)[2] == 3000  # p = 1 keeps everything
 
@@ -368,8 +363,8 @@ def test_logprobs_are_of_the_biased_logits() -> None:
 def test_a_biased_request_never_takes_the_plain_argmax() -> None:
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logit_bias={"1": 1})]
     states = [SamplerState.create(p, []) for p in params]
-    assert sampling.plain_greedy(params[:1], states[:1])
-    assert not sampling.plain_greedy(params, states)
+    assert plain_greedy(params[:1], states[:1])
+    assert not plain_greedy(params, states)
 
 
 @pytest.mark.parametrize(
