@@ -13,7 +13,7 @@ from typing import Any
 from api.settings import LOG_LEVELS
 from cluster import commands
 from cluster.k8s.command import add_k8s
-from cluster.revive import add_revive
+from cluster.running import add_running
 from modelgen.spec import add_flags, spec_from_flags
 
 
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_model(sub)
     _add_generate(sub)
     commands.add_launch(sub)
-    add_revive(sub)
+    add_running(sub)
     commands.add_node(sub, "prefill")
     commands.add_node(sub, "decode")
     commands.add_gateway(sub)

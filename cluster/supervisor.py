@@ -277,7 +277,11 @@ class Supervisor:
         # with pids long gone
         pid = os.getpid()
         launcher = {"pid": pid, "start": process_start(pid), "written": round(time.time(), 3)}
-        state = {"launcher": launcher, "components": {m.name: m.describe() for m in self.members}}
+        state = {
+            "launcher": launcher,
+            "components": {m.name: m.describe() for m in self.members},
+            "health_urls": {m.name: m.component.health_url for m in self.members},
+        }
         path = self.log_dir / STATE_FILE
         temporary = path.with_name(f".{STATE_FILE}.tmp")
         temporary.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")

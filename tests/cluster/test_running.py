@@ -1,5 +1,6 @@
-"""A component the launcher gave up on starts again: by itself after `revive_after_s`, or at
-once on SIGHUP (`pdserve revive --log-dir DIR`), with a fresh restart budget.
+"""`pdserve status` and `pdserve revive` over a running launcher's log dir; a component the
+launcher gave up on starts again: by itself after `revive_after_s`, or at once on SIGHUP
+(`pdserve revive --log-dir DIR`), with a fresh restart budget.
 
 The launcher and its components are test_launch.py's real processes (a supervisor process over
 small HTTP servers); the flaky component here crashes while its FLAG file exists, as a node does
@@ -44,6 +45,24 @@ def test_pdserve_revive_starts_what_was_given_up_on_with_a_fresh_budget(
     run.start(log_dir=logs, restart_budget=2, revive_after_s=0)  # 0: never by itself
     run.wait_ready()  # the start went on without decode-1
     assert run.state()["decode-1"]["state"] == "given_up"
+    capsys.readouterr()
+    assert pdserve_main(["status", "--log-dir", str(logs)]) == 1  # not all up
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith(f"launcher pid {run.proc.pid}: running; state written ")
+    assert table[1].split() == ["component", "state", "pid", "restarts", "health", "last", "exit"]
+    assert table[2].split()[:5] == ["decode-0", "up", str(run.stand_ins[0].pids()[0]), "0",
+                                    "healthy"]  # fmt: skip
+    assert table[3].split() == [
+        "decode-1",
+        "given_up",
+        "-",
+        "2",
+        "-",
+        "exited",
+        "with",
+        "code",
+        "3",
+    ]
     flag.unlink()  # the cause is fixed; the launcher does not know
     assert pdserve_main(["revive", "--log-dir", str(logs)]) == 0
     out = capsys.readouterr().out
@@ -55,6 +74,13 @@ def test_pdserve_revive_starts_what_was_given_up_on_with_a_fresh_budget(
     message = run.stderr()
     assert "starting component 'decode-1' again on SIGHUP, with a fresh budget" in message
     assert "component 'decode-1' is healthy again" in message
+    assert pdserve_main(["status", "--log-dir", str(logs), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["launcher"]["running"] and status["launcher"]["pid"] == run.proc.pid
+    assert {n: (c["state"], c["health"]) for n, c in status["components"].items()} == {
+        "decode-0": ("up", "healthy"),
+        "decode-1": ("up", "healthy"),
+    }
 
     assert pdserve_main(["revive", "--log-dir", str(logs)]) == 0
     assert "has given up on no component" in capsys.readouterr().out
@@ -66,6 +92,8 @@ def test_pdserve_revive_starts_what_was_given_up_on_with_a_fresh_budget(
     assert run.wait_exit() == 0
     assert pdserve_main(["revive", "--log-dir", str(logs)]) == 1  # the state file outlives it
     assert f"no `pdserve launch` runs with pid {run.proc.pid}" in capsys.readouterr().out
+    assert pdserve_main(["status", "--log-dir", str(logs)]) == 1
+    assert "NOT running (this state is stale)" in capsys.readouterr().out
 
 
 def test_a_component_given_up_on_is_started_again_after_revive_after_s(
