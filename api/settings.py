@@ -93,9 +93,20 @@ class GatewaySettings:
         "sending finish for up to this long",
     )
     log_level: str = setting("warning", "debug, info, warning or error")
+    log_stats_interval_s: float = setting(
+        10.0,
+        "while requests come or are in flight, the gateway logs a `stats role=gateway "
+        "requests_s=... in_flight=...` line this often (at INFO: shown with log_level info or "
+        "debug; 0: never)",
+    )
 
     def __post_init__(self) -> None:
         check_log_level(self.log_level)
+        if self.log_stats_interval_s < 0:
+            raise ValueError(
+                f"log_stats_interval_s must be >= 0, got {self.log_stats_interval_s} (0: no "
+                "stats lines)"
+            )
         if self.max_migrations < 0:
             raise ValueError(f"max_migrations must be >= 0, got {self.max_migrations}")
         for name in ("first_token_timeout_s", "token_timeout_s"):

@@ -27,6 +27,7 @@ from . import admin, routes
 from .context import Gateway
 from .health import HealthMonitor
 from .requests import CHAT, COMPLETIONS, GENERATE
+from .stats_log import log_stats
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 SERVED = (
@@ -62,6 +63,7 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Gat
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gw.start()
         gw.tasks.spawn(HealthMonitor(gw).run())
+        gw.tasks.spawn(log_stats(settings.log_stats_interval_s, gw.stats_sample))
         try:
             yield
         finally:

@@ -24,6 +24,7 @@ from .metrics import GatewayMetrics
 from .policies import Policy, RouteKey, make_policy
 from .requests import RequestLimits
 from .resolve import Resolve, system_resolve
+from .stats_log import GatewaySample
 from .upstream import Upstream
 from .workers import Pair, Worker, WorkerPool
 
@@ -71,6 +72,10 @@ class Gateway:
         await self.tasks.cancel_all()
         if self._upstream is not None:
             await self._upstream.aclose()
+
+    def stats_sample(self) -> GatewaySample:
+        """What the stats line (gateway/stats_log.py) reads: metrics, instances, now."""
+        return GatewaySample.of(self.metrics, self.pool, self.clock())
 
     def limits(self) -> RequestLimits:
         s = self.settings

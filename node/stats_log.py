@@ -14,12 +14,12 @@ so an idle node stays quiet.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from api.periodic_log import PeriodicLine, key_values
 from engine.counters import StepCounters
 from node.metrics import GAUGES
 
@@ -50,33 +50,14 @@ class StatsSample:
         return cls(gauges, kv_usage, {**asdict(counters), **transfers})
 
 
-class StatsLog:
+class StatsLog(PeriodicLine[StatsSample]):
     """Ticked once per loop iteration; a tick costs a clock read until the interval is up."""
 
     def __init__(
         self, role: str, interval_s: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
+        super().__init__(interval_s, self.line, log, clock)
         self.role = role
-        self.interval_s = interval_s
-        self.clock = clock
-        self.due_at = -math.inf if interval_s > 0 else math.inf  # the first tick: a baseline
-        self.last: StatsSample | None = None
-        self.last_at = 0.0
-
-    def tick(self, take: Callable[[], StatsSample]) -> str | None:
-        """Once the interval is up, a sample from `take` and the interval's line, logged and
-        returned; None when not yet due, or when the interval was idle."""
-        now = self.clock()
-        if now < self.due_at:
-            return None
-        sample, last, elapsed = take(), self.last, now - self.last_at
-        self.last, self.last_at, self.due_at = sample, now, now + self.interval_s
-        if last is None or elapsed <= 0:
-            return None
-        line = self.line(last, sample, elapsed)
-        if line is not None:
-            log.info("%s", line)
-        return line
 
     def line(self, last: StatsSample, now: StatsSample, elapsed: float) -> str | None:
         """The line for an interval of `elapsed` seconds from `last` to `now`; None if idle."""
@@ -94,4 +75,4 @@ class StatsLog:
             "transfers_ok": done["transfers_ok"],
             "transfers_failed": done["transfers_failed"],
         }
-        return "stats " + " ".join(f"{k}={v}" for k, v in fields.items())
+        return key_values("stats", fields)
