@@ -7,12 +7,15 @@ untouched; the boolean ones are declared, so that they are as strict as OpenAI's
 not true). `parse_request` validates a JSON body into a model and turns pydantic's errors into a
 400 in OpenAI's shape, naming the offending field. vLLM's `prompt_logprobs` is declared too,
 and with completions' `echo` and `logprobs` says how much of the prompt's logprobs a request
-needs (`prompt_top`).
+needs (`prompt_top`); so are vLLM's chat-template fields (`add_generation_prompt`,
+`continue_final_message`, `chat_template_kwargs`: `template_options`) and its
+`stream_options.continuous_usage_stats`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -27,13 +30,35 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ApiError, invalid_request
+from .chat import TemplateOptions
+from .errors import ApiError, invalid_request, not_found
 
 Stop = str | list[str] | None
 # a boolean that defaults to false, where OpenAI's schema (and vLLM) also take null for it
 FalseOrNull = Annotated[
     StrictBool, BeforeValidator(lambda value: False if value is None else value)
 ]
+TrueOrNull = Annotated[StrictBool, BeforeValidator(lambda value: True if value is None else value)]
+# transformers' apply_chat_template arguments: chat_template_kwargs holds the template's own
+# variables only (the encoder, api/chat.py, sets these; a request sets two as fields of its own)
+RENDERER_ARGUMENTS = (
+    "conversation",
+    "messages",
+    "tools",
+    "documents",
+    "chat_template",
+    "add_generation_prompt",
+    "continue_final_message",
+    "tokenize",
+    "sanitize_control_tokens",
+    "padding",
+    "truncation",
+    "max_length",
+    "return_tensors",
+    "return_dict",
+    "return_assistant_tokens_mask",
+    "tokenizer_kwargs",
+)
 Prompt = str | list[str] | list[int] | list[list[int]]
 LOGIT_BIAS_RANGE = 100.0  # OpenAI's: a bias is in [-100, 100]
 MAX_LOGPROBS = 20  # best tokens per position at most (OpenAI's; vLLM's default max_logprobs)
@@ -128,6 +153,13 @@ class _SamplingRequest(_Open):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's continuous_usage_stats (with include_usage): every chunk says its choice's
+        usage so far."""
+        options = self.stream_options
+        return bool(options and options.include_usage and options.continuous_usage_stats)
 
     @property
     def answered_prompt_logprobs(self) -> int | None:
@@ -282,6 +314,32 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
+    # vLLM's: how the chat template renders the messages (api/chat.py's TemplateOptions)
+    add_generation_prompt: TrueOrNull = True
+    continue_final_message: FalseOrNull = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _continue_without_generation_prompt(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("add_generation_prompt"):
+            raise ValueError(
+                "continue_final_message and add_generation_prompt cannot both be true (send "
+                "add_generation_prompt: false to have the model go on with the last message)"
+            )
+        return value
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables_only(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        taken = [k for k in RENDERER_ARGUMENTS if k in (kwargs or {})]
+        if taken:
+            raise ValueError(
+                f"{taken[0]!r} cannot be set here (chat_template_kwargs are the template's own "
+                "variables, such as enable_thinking; add_generation_prompt and "
+                "continue_final_message are request fields)"
+            )
+        return kwargs
 
     @field_validator("top_logprobs")
     @classmethod
@@ -323,6 +381,11 @@ class ChatCompletionRequest(_SamplingRequest):
             out.append(message)
         return out
 
+    def template_options(self) -> TemplateOptions:
+        return TemplateOptions(
+            self.add_generation_prompt, self.continue_final_message, self.chat_template_kwargs or {}
+        )
+
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The tools as a chat template takes them (OpenAI's shape)."""
         if not self.tools:
@@ -362,6 +425,18 @@ def template_call(call: ToolCall) -> dict[str, Any]:
 
 
 # ---- validation ----
+
+
+def check_model(model: str, served: Collection[str], server: str) -> None:
+    """A 404 (OpenAI's model_not_found) for a model `server` ("this node") does not serve."""
+    if model not in served:
+        names = ", ".join(sorted(served))
+        raise not_found(
+            f"the model {model!r} does not exist ({server} serves: {names})",
+            param="model",
+            code="model_not_found",
+        )
+
 
 M = TypeVar("M", bound=BaseModel)
 

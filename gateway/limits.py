@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from api.chat import chat_prompt_ids
+from api.chat import DEFAULT_OPTIONS, TemplateOptions, chat_prompt_ids
 from api.errors import forbidden, unauthorized
 
 
@@ -67,6 +67,7 @@ class PromptCounter:
         self,
         messages: Sequence[Mapping[str, Any]],
         tools: Sequence[Mapping[str, Any]] | None = None,
+        options: TemplateOptions = DEFAULT_OPTIONS,
     ) -> int:
         """Tokens of the chat as the nodes will encode it (api/chat.py); 400 without a template."""
-        return len(chat_prompt_ids(self.tokenizer, messages, tools=tools))
+        return len(chat_prompt_ids(self.tokenizer, messages, tools, options))

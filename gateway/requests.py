@@ -16,8 +16,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from api.errors import ApiError, invalid_request, not_found
-from api.openai import MAX_TOKENS_LIMIT, ChatCompletionRequest, CompletionRequest, parse_request
+from api.errors import ApiError, invalid_request
+from api.openai import (
+    MAX_TOKENS_LIMIT,
+    ChatCompletionRequest,
+    CompletionRequest,
+    check_model,
+    parse_request,
+)
 
 from .limits import PromptCounter
 from .policies import RouteKey
@@ -98,7 +104,7 @@ def _chat(body: dict[str, Any], limits: RequestLimits) -> Prepared:
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     count = None
     if limits.counter is not None:
-        count = limits.counter.count_chat(messages, req.template_tools())
+        count = limits.counter.count_chat(messages, req.template_tools(), req.template_options())
         _check_prompt_length(count, limits, "messages")
     key = _key(text, [count], req.output_limit, req.n)
     rooms, colocated = _rooms(1, req.n, batched=False), req.prompt_top is not None
@@ -190,13 +196,8 @@ def _check_grammar_size(body: dict[str, Any], limits: RequestLimits) -> None:
 
 
 def _check_model(model: str, limits: RequestLimits) -> None:
-    if limits.models and model not in limits.models:
-        served = ", ".join(sorted(limits.models))
-        raise not_found(
-            f"the model {model!r} does not exist (this cluster serves: {served})",
-            param="model",
-            code="model_not_found",
-        )
+    if limits.models:
+        check_model(model, limits.models, "this cluster")
 
 
 def _check_max_tokens(value: int | None, name: str, limits: RequestLimits) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
-from api.chat import chat_prompt_ids
+from api.chat import DEFAULT_OPTIONS, TemplateOptions, chat_prompt_ids
 from engine.stop import replay_text
 from engine.tokenizer import IncrementalDetokenizer
 from node.channel import SchedulerClient
@@ -39,9 +39,12 @@ class NodeContext:
         return list(self.tokenizer(text)["input_ids"])
 
     def encode_chat(
-        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        options: TemplateOptions = DEFAULT_OPTIONS,
     ) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, messages, tools=tools)
+        return chat_prompt_ids(self.tokenizer, messages, tools, options)
 
     @property
     def tool_parser(self) -> str:

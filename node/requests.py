@@ -123,7 +123,8 @@ def make_jobs(
 class OutputBudget:
     """How many tokens each prompt of a request may generate.
 
-    An explicit value (`asked`, sent as `param`) must fit beside the prompt in the context, else
+    A prompt that leaves no room for output is a 400 naming the prompt (`prompt_param`). An
+    explicit value (`asked`, sent as `param`) must fit beside the prompt in the context, else
     a 400 in vLLM's words; an omitted one is the rest of the context, at most the route's
     `default` (None: no default of its own) and the gateway's `limit` (api/openai.py's
     MAX_TOKENS_LIMIT field), as vLLM caps its default with its configured limits.
@@ -134,18 +135,32 @@ class OutputBudget:
     default: int | None = None
     limit: int | None = None
     prompt_noun: str = "prompt"  # "messages" for a chat, as the error calls the input
+    prompt_param: str | None = None  # the input's field, where it is not prompt_noun
 
     def for_prompts(self, prompts: Sequence[list[int]], max_model_len: int) -> list[int]:
         return [self.for_prompt(len(p), max_model_len) for p in prompts]
 
     def for_prompt(self, prompt_tokens: int, max_model_len: int) -> int:
+        if prompt_tokens >= max_model_len:
+            raise self._prompt_too_long(prompt_tokens, max_model_len)
         if self.asked is not None:
             if prompt_tokens + self.asked > max_model_len:
                 raise self._too_long(prompt_tokens, max_model_len)
             return self.asked
-        # NOTE: a prompt that fills the context gets 1 here; the engine refuses that prompt
-        rest = max(max_model_len - prompt_tokens, 1)
+        rest = max_model_len - prompt_tokens
         return min(v for v in (rest, self.default, self.limit) if v is not None)
+
+    def _prompt_too_long(self, prompt_tokens: int, max_model_len: int) -> ApiError:
+        """The prompt alone leaves no room for output: its fault, whatever max_tokens says."""
+        noun = self.prompt_noun
+        return ApiError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, there "
+            f"are {prompt_tokens} tokens in the {noun}, which leaves no room for any output. "
+            f"Please reduce the length of the {noun}.",
+            param=self.prompt_param or noun,
+            code="context_length_exceeded",
+        )
 
     def _too_long(self, prompt_tokens: int, max_model_len: int) -> ApiError:
         assert self.asked is not None
@@ -182,7 +197,9 @@ def native_budget(body: dict[str, Any]) -> OutputBudget:
             f"got {asked!r:.40}",
             param=param,
         )
-    return OutputBudget(asked, param, NATIVE_DEFAULT_MAX_TOKENS, max_tokens_limit(body))
+    field = "input_ids" if body.get("text") is None else "text"
+    limit = max_tokens_limit(body)
+    return OutputBudget(asked, param, NATIVE_DEFAULT_MAX_TOKENS, limit, prompt_param=field)
 
 
 def openai_params(req: Any, logprobs: int | None) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from api.http import (
     request_id,
     until_disconnect,
 )
-from api.openai import ChatCompletionRequest, CompletionRequest, parse_request
+from api.openai import ChatCompletionRequest, CompletionRequest, check_model, parse_request
 from api.openai_responses import (
     ChatChunkChoice,
     ChatCompletionChunk,
@@ -44,7 +44,7 @@ from node import responses as fmt
 from node.context import NodeContext
 from node.jobs import JobRun, JobState
 from node.messages import TokenOutput
-from node.streaming import ChunkMaker, chunk_payload, stream_jobs, usage_tail
+from node.streaming import ChunkMaker, chunk_payload, stream_jobs, usage_so_far, usage_tail
 from node.tools import ChoiceWriter, finish_reason, tool_mode, with_tool_grammar
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class NodeRoutes:
 
     async def completions(self, request: Request, body: dict, rid: str) -> Response:
         req = parse_request(CompletionRequest, body)
+        check_model(req.model, {self.ctx.model_name}, "this node")
         prompts = nreq.completion_prompts(req, self.ctx.encode)
         budget = nreq.completion_budget(req, body).for_prompts(prompts, self.ctx.max_model_len)
         params = nreq.openai_params(req, req.logprobs)
@@ -112,7 +113,10 @@ class NodeRoutes:
                 c = choice(state, out, reason, echo, offsets.get(index, 0))
                 if c.logprobs is not None:
                     offsets[index] += sum(len(token) for token in c.logprobs.tokens)
-                resp = CompletionResponse(id=rid, created=created, model=model, choices=[c])
+                usage = usage_so_far(req.continuous_usage, state)
+                resp = CompletionResponse(
+                    id=rid, created=created, model=model, choices=[c], usage=usage
+                )
                 return chunk_payload(resp, reason)
 
             tail = usage_tail(req.include_usage, run, CompletionResponse, rid, created, model)
@@ -153,7 +157,9 @@ class NodeRoutes:
 
     async def chat(self, request: Request, body: dict, rid: str) -> Response:
         req = parse_request(ChatCompletionRequest, body)
-        prompt = self.ctx.encode_chat(req.chat_messages(), req.template_tools())
+        check_model(req.model, {self.ctx.model_name}, "this node")
+        options = req.template_options()
+        prompt = self.ctx.encode_chat(req.chat_messages(), req.template_tools(), options)
         budget = nreq.chat_budget(req, body).for_prompts([prompt], self.ctx.max_model_len)
         tools = tool_mode(req, self.ctx.tool_parser)
         params = with_tool_grammar(nreq.openai_params(req, nreq.chat_logprobs(req)), tools)
@@ -195,7 +201,10 @@ class NodeRoutes:
                 c = ChatChunkChoice(
                     index=index, delta=delta, logprobs=logprobs_of(out), finish_reason=reason
                 )
-                resp = ChatCompletionChunk(id=rid, created=created, model=model, choices=[c])
+                usage = usage_so_far(req.continuous_usage, state)
+                resp = ChatCompletionChunk(
+                    id=rid, created=created, model=model, choices=[c], usage=usage
+                )
                 return chunk_payload(resp, reason)
 
             tail = usage_tail(req.include_usage, run, ChatCompletionChunk, rid, created, model)

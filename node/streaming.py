@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from api.errors import ApiError
+from api.openai_responses import Usage
 from api.resume import ids_comment
 from api.sse import DONE, encode_event, error_event
 from node.jobs import JobRun, JobState
@@ -68,6 +69,12 @@ def usage_tail(
         return [chunk.model_dump(exclude_none=True)]
 
     return tail
+
+
+def usage_so_far(include: bool, state: JobState) -> Usage | None:
+    """A chunk's own usage with vLLM's continuous_usage_stats: its choice's so far (as vLLM
+    counts it), else None."""
+    return usage_of([state]) if include else None
 
 
 def chunk_payload(response: Any, finish_reason: str | None) -> dict[str, Any]:

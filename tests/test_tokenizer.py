@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from api.chat import chat_prompt_ids
+from api.chat import TemplateOptions, chat_prompt_ids
 from api.errors import ApiError
 from engine.tokenizer import IncrementalDetokenizer, backend_decode, eos_token_ids, load_tokenizer
 
@@ -83,7 +83,7 @@ def test_valid_text_streams_whole_characters(tiny_tokenizer, name: str, text: st
 def test_chunks_and_specials_stream_like_single_tokens(tiny_tokenizer, name: str) -> None:
     tokenizer = tiny_tokenizer(name)
     chat = [{"role": "user", "content": TEXTS[1]}, {"role": "assistant", "content": TEXTS[2]}]
-    ids = chat_prompt_ids(tokenizer, chat, add_generation_prompt=False)
+    ids = chat_prompt_ids(tokenizer, chat, options=TemplateOptions(add_generation_prompt=False))
     for skip in (True, False):
         detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip)
         deltas = [detokenizer.extend(ids[i : i + 3]) for i in range(0, len(ids), 3)]
@@ -139,8 +139,47 @@ def test_chat_template_ids_equal_transformers(tiny_tokenizer, name: str) -> None
     expected = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=True)
     expected = expected["input_ids"] if hasattr(expected, "keys") else expected
     assert chat_prompt_ids(tokenizer, chat) == list(expected)
-    no_prompt = chat_prompt_ids(tokenizer, chat, add_generation_prompt=False)
+    no_prompt = chat_prompt_ids(
+        tokenizer, chat, options=TemplateOptions(add_generation_prompt=False)
+    )
     assert len(no_prompt) < len(expected)
+
+
+def test_vllm_template_options_reach_the_template(tiny_tokenizer) -> None:
+    """add_generation_prompt, continue_final_message and chat_template_kwargs render as
+    transformers renders them (what vLLM passes on)."""
+    tokenizer = tiny_tokenizer("qwen")
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, the"}]
+    go_on = TemplateOptions(add_generation_prompt=False, continue_final_message=True)
+    expected = tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+    assert tokenizer.decode(chat_prompt_ids(tokenizer, chat, options=go_on)) == expected
+    assert expected.endswith("Sure, the")
+    thinking = copy.deepcopy(tokenizer)
+    thinking.chat_template = (
+        "{% if enable_thinking is defined and not enable_thinking %}NO THINKING {% endif %}"
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    quiet = TemplateOptions(kwargs={"enable_thinking": False})
+    assert tokenizer.decode(chat_prompt_ids(thinking, chat[:1], options=quiet)) == "NO THINKING hi"
+    assert tokenizer.decode(chat_prompt_ids(thinking, chat[:1])) == "hi"
+
+
+def test_developer_messages_are_system_ones_to_a_template_without_that_role(
+    tiny_tokenizer,
+) -> None:
+    """vLLM's rule: OpenAI's developer role becomes system, all system messages merged first,
+    unless the template names the role itself."""
+    tokenizer = tiny_tokenizer("qwen")
+    user = {"role": "user", "content": "hi"}
+    as_system = chat_prompt_ids(tokenizer, [{"role": "system", "content": "Be brief."}, user])
+    developer = [{"role": "developer", "content": "Be brief."}, user]
+    assert chat_prompt_ids(tokenizer, developer) == as_system
+    both = [{"role": "system", "content": "A"}, user, {"role": "developer", "content": "B"}]
+    merged = [{"role": "system", "content": "A\n\nB"}, user]
+    assert chat_prompt_ids(tokenizer, both) == chat_prompt_ids(tokenizer, merged)
+    knows = copy.deepcopy(tokenizer)
+    knows.chat_template = "{% for m in messages %}{{ m.role == 'developer' }}{% endfor %}"
+    assert tokenizer.decode(chat_prompt_ids(knows, developer)) == "TrueFalse"
 
 
 def test_load_tokenizer_equals_auto_tokenizer(make_tiny, tiny_tokenizer) -> None:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from api.chat import TemplateOptions
 from api.errors import ApiError, from_body, invalid_request, rate_limited, server_error
 from api.openai import ChatCompletionRequest, CompletionRequest, parse_request
 from api.sse import DONE, DONE_PAYLOAD, SSEDecoder, encode_event, error_event, error_in
@@ -173,6 +174,12 @@ IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"
         (ChatCompletionRequest, {"messages": [USER], "prompt_logprobs": 1.5}, "prompt_logprobs",
          "integer"),
         (CompletionRequest, {"prompt": "x", "echo": "true"}, "echo", "boolean"),
+        (ChatCompletionRequest, {"messages": [USER], "continue_final_message": True},
+         "continue_final_message", "add_generation_prompt: false"),
+        (ChatCompletionRequest, {"messages": [USER], "chat_template_kwargs": "x"},
+         "chat_template_kwargs", "dictionary"),
+        (ChatCompletionRequest, {"messages": [USER], "chat_template_kwargs": {"tokenize": True}},
+         "chat_template_kwargs", "'tokenize' cannot be set here"),
     ],
 )  # fmt: skip
 def test_what_the_server_cannot_honour_is_a_400_naming_the_field(
@@ -228,3 +235,26 @@ def test_null_booleans_are_their_default() -> None:
     body = {"model": "m", "messages": [USER], "logprobs": None, "stream": None}
     chat = parse_request(ChatCompletionRequest, body)
     assert (chat.logprobs, chat.stream) == (False, False)
+
+
+def test_vllm_chat_template_fields_and_continuous_usage() -> None:
+    """vLLM's add_generation_prompt (null: true), continue_final_message and
+    chat_template_kwargs become the encoder's TemplateOptions; continuous_usage_stats counts
+    only beside include_usage, as in vLLM."""
+    chat = parse_request(ChatCompletionRequest, {"model": "m", "messages": [USER]})
+    assert chat.template_options() == TemplateOptions()
+    body = {"model": "m", "messages": [USER], "add_generation_prompt": None}
+    assert parse_request(ChatCompletionRequest, body).template_options().add_generation_prompt
+    body = {
+        "model": "m",
+        "messages": [USER],
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
+    options = parse_request(ChatCompletionRequest, body).template_options()
+    assert options == TemplateOptions(False, True, {"enable_thinking": False})
+    for usage, continuous in [(True, True), (False, False)]:
+        stream = {"include_usage": usage, "continuous_usage_stats": True}
+        body = {"model": "m", "prompt": "x", "stream": True, "stream_options": stream}
+        assert parse_request(CompletionRequest, body).continuous_usage is continuous

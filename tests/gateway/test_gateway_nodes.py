@@ -382,6 +382,104 @@ def test_an_explicit_max_tokens_that_does_not_fit_the_context_is_a_400(
             assert answer.json()["error"]["param"] == "sampling_params.max_new_tokens"
 
 
+def test_a_prompt_that_fills_the_context_is_a_400_naming_the_prompt(
+    nodes: Nodes, gateway: ServerThread
+) -> None:
+    """With max_tokens or without: the prompt is what to shorten (vLLM says so too), not
+    max_tokens; the node's check, relayed by the gateway."""
+    ids = [100] * CONTEXT
+    with httpx.Client(timeout=60.0, trust_env=False) as http:
+        for url in (gateway.url, nodes.decode.url):
+            for extra in ({"max_tokens": 4}, {}):
+                body = {"model": "tiny", "prompt": ids, **extra}
+                answer = http.post(f"{url}/v1/completions", json=body)
+                assert answer.status_code == 400, answer.text
+                error = answer.json()["error"]
+                assert (error["param"], error["code"]) == ("prompt", "context_length_exceeded")
+                assert f"there are {CONTEXT} tokens in the prompt" in error["message"]
+
+
+def test_a_node_refuses_a_model_it_does_not_serve(nodes: Nodes) -> None:
+    """As vLLM and the gateway do: 404 model_not_found naming the served model (it took any)."""
+    bodies = {
+        "/v1/completions": {"model": "no-such-model", "prompt": "x", "max_tokens": 1},
+        "/v1/chat/completions": {"model": "no-such-model", "messages": [USER], "max_tokens": 1},
+    }
+    with httpx.Client(timeout=60.0, trust_env=False) as http:
+        for route, body in bodies.items():
+            answer = http.post(f"{nodes.decode.url}{route}", json=body)
+            assert answer.status_code == 404, answer.text
+            error = answer.json()["error"]
+            assert (error["param"], error["code"]) == ("model", "model_not_found")
+            assert "serves: tiny" in error["message"]
+
+
+def test_vllm_chat_template_fields_render_the_prompt(
+    nodes: Nodes, gateway: ServerThread, tiny_tokenizer: Callable[[str], Any]
+) -> None:
+    """add_generation_prompt, continue_final_message and the developer role reach the template
+    as vLLM passes them, on the node and through the gateway (they were left out)."""
+    tokenizer = tiny_tokenizer("qwen")
+
+    def rendered(messages: list[dict], **options: bool) -> int:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **options)
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    system = [{"role": "system", "content": "Be brief."}, USER]
+    started = [USER, {"role": "assistant", "content": "Sure, the"}]
+    cases = [
+        ([USER], {}, rendered([USER], add_generation_prompt=True)),
+        ([USER], {"add_generation_prompt": False}, rendered([USER])),
+        (
+            started,
+            {"add_generation_prompt": False, "continue_final_message": True},
+            rendered(started, continue_final_message=True),
+        ),
+        (
+            [{**system[0], "role": "developer"}, USER],
+            {},
+            rendered(system, add_generation_prompt=True),
+        ),
+    ]
+    with httpx.Client(timeout=60.0, trust_env=False) as http:
+        for url in (gateway.url, nodes.decode.url):
+            for messages, fields, expected in cases:
+                body = {"model": "tiny", "messages": messages, "max_tokens": 1, **fields}
+                answer = http.post(f"{url}/v1/chat/completions", json=body)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["usage"]["prompt_tokens"] == expected, (url, fields)
+
+
+def test_continuous_usage_stats_put_each_choices_usage_on_its_chunks(
+    nodes: Nodes, gateway: ServerThread
+) -> None:
+    """vLLM's stream_options.continuous_usage_stats: every chunk of a choice carries that
+    choice's usage so far; the usage tail stays the whole request's."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    common = {"model": "tiny", "max_tokens": 4, "n": 2, "stream": True, "ignore_eos": True}
+    bodies = {
+        "/v1/chat/completions": {**common, "messages": [USER], "stream_options": options},
+        "/v1/completions": {**common, "prompt": PROMPT, "stream_options": options},
+    }
+    with httpx.Client(base_url=gateway.url, timeout=60.0, trust_env=False) as http:
+        for route, body in bodies.items():
+            text = http.post(route, json=body).text
+            chunks = [json.loads(line[6:]) for line in text.splitlines()
+                      if line.startswith("data: {")]  # fmt: skip
+            *steps, tail = chunks
+            counts: dict[int, list[int]] = {0: [], 1: []}
+            for chunk in steps:
+                usage = chunk["usage"]
+                assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+                counts[chunk["choices"][0]["index"]].append(usage["completion_tokens"])
+            for seen in counts.values():
+                assert seen == sorted(seen) and seen[-1] == 4, (route, counts)
+            assert tail["choices"] == [] and tail["usage"]["completion_tokens"] == 8
+            plain = {**body, "stream_options": {"include_usage": True}}
+            lines = http.post(route, json=plain).text.splitlines()
+            assert sum('"usage"' in line for line in lines) == 1  # the tail's alone
+
+
 def test_logit_bias_steers_every_token_through_pd_and_colocated(
     nodes: Nodes, gateway: ServerThread, tiny_tokenizer: Callable[[str], Any]
 ) -> None:

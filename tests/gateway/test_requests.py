@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from api.chat import TemplateOptions
 from api.errors import ApiError
 from api.openai import MAX_TOKENS_LIMIT
 from api.settings import Instance
@@ -127,6 +128,11 @@ def test_prompt_token_limit_with_the_model_tokenizer(make_tiny: Callable[..., Pa
     assert chat_tokens > n  # the template adds role markers
     e = error_of(CHAT, {"model": "m", "messages": messages}, limits)
     assert e.param == "messages" and f"{chat_tokens} tokens" in e.message
+    # counted as the node renders it: vLLM's add_generation_prompt false leaves the last tokens out
+    bare = counter.count_chat(messages, options=TemplateOptions(add_generation_prompt=False))
+    limits = RequestLimits(max_prompt_tokens=bare, counter=counter)
+    assert bare < chat_tokens and error_of(CHAT, {"model": "m", "messages": messages}, limits)
+    prepare(CHAT, {"model": "m", "messages": messages, "add_generation_prompt": False}, limits)
 
 
 def test_unknown_model_is_404_with_the_served_names() -> None:

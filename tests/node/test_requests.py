@@ -39,6 +39,30 @@ def test_an_explicit_max_tokens_that_does_not_fit_is_a_400_in_vllm_words() -> No
     assert "(4090 in the messages, 10 in the completion)" in info.value.message
 
 
+def test_a_prompt_that_leaves_no_room_for_output_is_its_own_400() -> None:
+    """Whatever max_tokens says (or without it): the prompt is what to shorten, named by its
+    field, in the context_length_exceeded shape."""
+    budgets = [
+        (nreq.completion_budget(completion(max_tokens=4), {}), "prompt", "prompt"),
+        (nreq.completion_budget(completion(), {}), "prompt", "prompt"),
+        (nreq.chat_budget(chat(max_tokens=4), {}), "messages", "messages"),
+        (nreq.native_budget({"input_ids": [1]}), "input_ids", "prompt"),
+        (nreq.native_budget({"text": "x"}), "text", "prompt"),
+    ]
+    for budget, param, noun in budgets:
+        for length in (CONTEXT, CONTEXT + 5):
+            with pytest.raises(ApiError) as info:
+                budget.for_prompt(length, CONTEXT)
+            error = info.value
+            assert (error.status, error.param, error.code) == (
+                400,
+                param,
+                "context_length_exceeded",
+            )
+            assert f"there are {length} tokens in the {noun}, which leaves no room" in error.message
+    assert nreq.completion_budget(completion(), {}).for_prompt(CONTEXT - 1, CONTEXT) == 1
+
+
 def test_an_omitted_max_tokens_fills_the_context_up_to_the_default_and_the_limit() -> None:
     assert nreq.chat_budget(chat(), {}).for_prompt(4090, CONTEXT) == 6  # the rest of the context
     assert nreq.chat_budget(chat(max_tokens=None), {}).for_prompt(96, CONTEXT) == 4000
