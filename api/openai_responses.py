@@ -38,7 +38,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None = None
-    matched_stop: int | str | None = None
+    matched_stop: int | str | None = None  # SGLang's: what stopped it, EOS id included
+    stop_reason: int | str | None = None  # vLLM's: the stop string or stop token id, else null
     prompt_logprobs: PromptLogprobs | None = None
 
 
@@ -78,6 +79,7 @@ class ChatCompletionChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
     matched_stop: int | str | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -114,6 +116,7 @@ class ChatChunkChoice(BaseModel):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -136,3 +136,11 @@ def native_logprobs(out: TokenOutput, asked: NativeLogprobs, prompt: Sequence[in
         [[v, int(t), text(int(t))] for t, v in row] for row in out.top_logprobs
     ]
     return meta
+
+
+def stop_reason(matched: int | str | None, params: dict[str, Any]) -> int | str | None:
+    """vLLM's `stop_reason`: the stop string or stop token id that ended a choice; None for an
+    EOS token (which SGLang's `matched_stop` names too) and for any other end."""
+    if isinstance(matched, str) or matched in params.get("stop_token_ids", ()):
+        return matched
+    return None

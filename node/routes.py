@@ -95,6 +95,7 @@ class NodeRoutes:
                 logprobs=logprobs,
                 finish_reason=reason,
                 matched_stop=state.out.matched_stop if reason else None,
+                stop_reason=fmt.stop_reason(state.out.matched_stop, params) if reason else None,
                 prompt_logprobs=prompt_logprobs,
             )
 
@@ -130,7 +131,10 @@ class NodeRoutes:
         resp = CompletionResponse(
             id=rid, created=created, model=model, choices=choices, usage=usage
         )
-        return self._json(resp.model_dump(exclude_none=True), rid, run)
+        payload = resp.model_dump(exclude_none=True)
+        for choice in payload["choices"]:
+            choice.setdefault("stop_reason", None)  # NOTE: vLLM's, null as vLLM writes it
+        return self._json(payload, rid, run)
 
     def _prompt_source(self, run: JobRun, state: JobState) -> tuple[list[int], TokenOutput]:
         """A job's prompt and the output carrying its logprobs."""
@@ -198,8 +202,13 @@ class NodeRoutes:
                     delta.role = "assistant"
                 reason = out.finish_reason if out.finished else None
                 reason = finish_reason(reason, writer.streamed_calls)
+                stopped = fmt.stop_reason(state.out.matched_stop, params) if reason else None
                 c = ChatChunkChoice(
-                    index=index, delta=delta, logprobs=logprobs_of(out), finish_reason=reason
+                    index=index,
+                    delta=delta,
+                    logprobs=logprobs_of(out),
+                    finish_reason=reason,
+                    stop_reason=stopped,
                 )
                 usage = usage_so_far(req.continuous_usage, state)
                 resp = ChatCompletionChunk(
@@ -221,6 +230,7 @@ class NodeRoutes:
                     "logprobs": None if logprobs is None else logprobs.model_dump(),
                     "finish_reason": finish_reason(s.out.finish_reason, bool(message.tool_calls)),
                     "matched_stop": s.out.matched_stop,
+                    "stop_reason": fmt.stop_reason(s.out.matched_stop, params),
                 }
             )
         usage = fmt.usage_of(run.ordered)
@@ -236,6 +246,7 @@ class NodeRoutes:
         payload = resp.model_dump(exclude_none=True)
         for choice in payload["choices"]:  # NOTE: OpenAI says content: null beside tool calls
             choice["message"].setdefault("content", None)
+            choice.setdefault("stop_reason", None)
         return self._json(payload, rid, run)
 
     async def generate(self, request: Request, body: dict, rid: str) -> Response:

@@ -78,8 +78,10 @@ def usage_so_far(include: bool, state: JobState) -> Usage | None:
 
 
 def chunk_payload(response: Any, finish_reason: str | None) -> dict[str, Any]:
-    """A stream chunk as OpenAI writes it: `finish_reason` null until the last one."""
+    """A stream chunk as OpenAI writes it: `finish_reason` null until the last one (and vLLM's
+    `stop_reason` null but on the last one)."""
     payload = response.model_dump(exclude_none=True)
     for choice in payload["choices"]:
         choice["finish_reason"] = finish_reason
+        choice.setdefault("stop_reason", None)
     return payload

@@ -540,3 +540,36 @@ def test_a_node_refuses_native_prompts_of_the_wrong_type(nodes: Nodes) -> None:
             bad = http.post(f"{nodes.decode.url}/generate", json=body)
             assert bad.status_code == 400, (body, bad.text)
             assert bad.json()["error"]["param"] == param
+
+
+def streamed_ids(text: str) -> list[int]:
+    """The token ids a node's stream tagged its events with (`pd_token_ids`: `:ids 5,17`)."""
+    lines = [
+        line[5:].removesuffix(" end") for line in text.splitlines() if line.startswith(":ids ")
+    ]
+    return [int(t) for line in lines for t in line.split(",") if t]
+
+
+def test_stop_reason_names_the_stop_token_as_vllm_does(nodes: Nodes) -> None:
+    """vLLM's stop_reason: the stop token id that ended a choice, null for a length end (and
+    on every chunk of a stream but the finishing one)."""
+    greedy = {"model": "tiny", **{"temperature": 0, "max_tokens": 4, "ignore_eos": True}}
+    requests = {
+        "/v1/completions": {"prompt": PROMPT, **greedy},
+        "/v1/chat/completions": {"messages": [USER], **greedy},
+    }
+    with httpx.Client(base_url=nodes.decode.url, timeout=60.0, trust_env=False) as http:
+        for route, request in requests.items():
+            tagged = http.post(route, json={**request, "stream": True, "pd_token_ids": True})
+            ids = streamed_ids(tagged.text)
+            assert len(ids) == 4, tagged.text
+            plain = http.post(route, json=request).json()["choices"][0]
+            assert (plain["finish_reason"], plain["stop_reason"]) == ("length", None)
+            stops = {**request, "stop_token_ids": [ids[1]]}
+            whole = http.post(route, json=stops).json()["choices"][0]
+            assert (whole["finish_reason"], whole["stop_reason"]) == ("stop", ids[1]), route
+            text = http.post(route, json={**stops, "stream": True}).text
+            chunks = [json.loads(line[6:])["choices"] for line in text.splitlines()
+                      if line.startswith("data: {")]  # fmt: skip
+            ends = [(c[0]["finish_reason"], c[0]["stop_reason"]) for c in chunks if c]
+            assert ends[-1] == ("stop", ids[1]) and set(ends[:-1]) == {(None, None)}, route
