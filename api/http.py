@@ -5,12 +5,14 @@ error_response(error, rid)     an `ApiError` as OpenAI's JSON error (with X-Requ
 read_body / parse_json         a bounded body (413) and a JSON object out of it (400)
 ClientWatch, until_disconnect  notice a client leaving while its answer is being made
 openai_http_errors(served)     Starlette's own 404/405 in OpenAI's shape
+version(request)               GET /version: the installed pdserve's version (vLLM's route)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import json
 import re
 import uuid
@@ -189,3 +191,12 @@ def docs(document: dict[str, Any]) -> Callable[[Request], Awaitable[Response]]:
         return HTMLResponse(page)
 
     return endpoint
+
+
+async def version(_request: Request) -> Response:
+    """`{"version": ...}`: the installed pdserve's version, as vLLM's GET /version answers."""
+    try:
+        installed = importlib.metadata.version("pdserve")
+    except importlib.metadata.PackageNotFoundError:
+        installed = "unknown"  # NOTE: run from a checkout without `pip install -e .`
+    return JSONResponse({"version": installed})

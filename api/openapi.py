@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from .openai import ChatCompletionRequest, CompletionRequest
+from .tokenize import Detokenize, TokenizePrompt
 
 REF = "#/components/schemas/{model}"
 
@@ -136,6 +137,16 @@ def generation_operations() -> list[Operation]:
                   ChatCompletionRequest, streams=True, tags=("openai",)),
         Operation("/generate", "post", "SGLang's native generation", "GenerateRequest",
                   streams=True, tags=("native",)),
+    ]  # fmt: skip
+
+
+def tokenize_operations() -> list[Operation]:
+    """vLLM's token-counting routes, which the gateway and the nodes both serve."""
+    return [
+        Operation("/tokenize", "post", "a prompt's (or, with messages, a chat's) token ids",
+                  TokenizePrompt, tags=("vllm",)),
+        Operation("/detokenize", "post", "token ids back to text", Detokenize, tags=("vllm",)),
+        Operation("/version", "get", "the pdserve version", tags=("vllm",)),
     ]  # fmt: skip
 
 

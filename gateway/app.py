@@ -13,12 +13,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from api.http import docs, openai_http_errors, openapi_json
+from api.http import docs, openai_http_errors, openapi_json, version
 from api.openapi import (
     INSTANCE_SCHEMA,
     Operation,
     generation_operations,
     openapi_document,
+    tokenize_operations,
     with_models,
 )
 from api.settings import GatewaySettings
@@ -26,6 +27,7 @@ from api.settings import GatewaySettings
 from . import admin, routes
 from .context import Gateway
 from .health import HealthMonitor
+from .passthrough import tokenizing
 from .requests import CHAT, COMPLETIONS, GENERATE
 from .stats_log import log_stats
 
@@ -48,6 +50,7 @@ GATEWAY_DOC = openapi_document(
                   tags=("admin",)),
         Operation("/workers/{url}", "delete", "remove the instance at url (admin key)",
                   tags=("admin",)),
+        *tokenize_operations(),
         Operation("/openapi.json", "get", "this document"),
         Operation("/docs", "get", "this document in Swagger UI", answers="text/html"),
     ],
@@ -79,6 +82,9 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Gat
             Route("/metrics", routes.metrics, methods=["GET"]),
             Route("/workers", admin.workers, methods=["GET", "POST", "DELETE"]),
             Route("/workers/{url:path}", admin.worker_by_url, methods=["DELETE"]),
+            Route("/tokenize", tokenizing, methods=["POST"]),
+            Route("/detokenize", tokenizing, methods=["POST"]),
+            Route("/version", version, methods=["GET"]),
             Route(
                 "/openapi.json",
                 openapi_json(lambda: with_models(GATEWAY_DOC, gw.models)),

@@ -2,7 +2,8 @@
 
 Routes: /generate, /v1/completions, /v1/chat/completions (node/routes.py); /v1/models, /health,
 /health_generate, /get_model_info, /get_server_info, /flush_cache, /check_integrity, /metrics,
-/abort_request (node/admin.py); /openapi.json and /docs (api/openapi.py). Starlette's own
+/abort_request (node/admin.py); /tokenize, /detokenize (node/tokenize.py), /version;
+/openapi.json and /docs (api/openapi.py). Starlette's own
 404/405 answer in OpenAI's shape.
 """
 
@@ -12,11 +13,12 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
-from api.http import docs, openai_http_errors, openapi_json
-from api.openapi import Operation, generation_operations, openapi_document
+from api.http import docs, openai_http_errors, openapi_json, version
+from api.openapi import Operation, generation_operations, openapi_document, tokenize_operations
 from node.admin import NodeAdmin
 from node.context import NodeContext
 from node.routes import NodeRoutes, generation_route
+from node.tokenize import Tokenizing
 
 ABORT_SCHEMA = {
     "type": "object",
@@ -38,6 +40,7 @@ NODE_DOC = openapi_document(
         Operation("/check_integrity", "get", "the KV pages' invariants"),
         Operation("/metrics", "get", "Prometheus metrics", answers="text/plain"),
         Operation("/abort_request", "post", "abort a request by rid", "AbortRequest"),
+        *tokenize_operations(),
         Operation("/openapi.json", "get", "this document"),
         Operation("/docs", "get", "this document in Swagger UI", answers="text/html"),
     ],
@@ -48,6 +51,7 @@ NODE_DOC = openapi_document(
 def create_node_app(ctx: NodeContext) -> Starlette:
     routes = NodeRoutes(ctx)
     admin = NodeAdmin(ctx)
+    tokenizing = Tokenizing(ctx)
     generation = {
         "/generate": generation_route(routes.generate, ctx, "generate"),
         "/v1/completions": generation_route(routes.completions, ctx, "completions"),
@@ -64,6 +68,9 @@ def create_node_app(ctx: NodeContext) -> Starlette:
         Route("/check_integrity", admin.check_integrity, methods=["GET"]),
         Route("/metrics", admin.metrics, methods=["GET"]),
         Route("/abort_request", admin.abort_request, methods=["POST"]),
+        Route("/tokenize", tokenizing.tokenize, methods=["POST"]),
+        Route("/detokenize", tokenizing.detokenize, methods=["POST"]),
+        Route("/version", version, methods=["GET"]),
         Route("/openapi.json", openapi_json(NODE_DOC), methods=["GET"]),
         Route("/docs", docs(NODE_DOC), methods=["GET"]),
     ]

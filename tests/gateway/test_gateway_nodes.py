@@ -573,3 +573,44 @@ def test_stop_reason_names_the_stop_token_as_vllm_does(nodes: Nodes) -> None:
                       if line.startswith("data: {")]  # fmt: skip
             ends = [(c[0]["finish_reason"], c[0]["stop_reason"]) for c in chunks if c]
             assert ends[-1] == ("stop", ids[1]) and set(ends[:-1]) == {(None, None)}, route
+
+
+def test_tokenize_counts_what_generation_encodes(nodes: Nodes, gateway: ServerThread) -> None:
+    """vLLM's /tokenize through the gateway: a prompt's and a chat's ids are those generation
+    bills as prompt_tokens; /detokenize gives the text back; /version answers."""
+    with httpx.Client(base_url=gateway.url, timeout=60.0, trust_env=False) as http:
+        said = http.post("/tokenize", json={"prompt": PROMPT, "return_token_strs": True}).json()
+        direct = httpx.post(f"{nodes.decode.url}/tokenize", json={"prompt": PROMPT}).json()
+        one = {"model": "tiny", "max_tokens": 1, "temperature": 0}
+        billed = http.post("/v1/completions", json={**one, "prompt": PROMPT}).json()["usage"]
+        chat = http.post("/tokenize", json={"model": "tiny", "messages": [USER]}).json()
+        chat_billed = http.post("/v1/chat/completions", json={**one, "messages": [USER]}).json()
+        bare = {"messages": [USER], "add_generation_prompt": False}
+        without_prompt = http.post("/tokenize", json=bare).json()
+        text = http.post("/detokenize", json={"tokens": said["tokens"]}).json()
+        version = http.get("/version")
+    assert said["count"] == len(said["tokens"]) == billed["prompt_tokens"] > 0
+    assert said["tokens"] == direct["tokens"] and direct["token_strs"] is None
+    assert len(said["token_strs"]) == said["count"] and said["max_model_len"] == CONTEXT
+    assert chat["count"] == chat_billed["usage"]["prompt_tokens"]
+    assert 0 < without_prompt["count"] < chat["count"]
+    assert text == {"prompt": PROMPT}
+    assert version.status_code == 200 and version.json()["version"]
+
+
+def test_tokenize_refuses_what_it_cannot_answer(nodes: Nodes) -> None:
+    cases = [
+        ("/tokenize", {"prompt": "hi", "model": "gpt-9"}, 404, "model"),
+        ("/tokenize", {"text": "hi"}, 400, "prompt"),
+        ("/tokenize", {"messages": [USER], "add_special_tokens": True}, 400, "add_special_tokens"),
+        ("/tokenize", {"messages": []}, 400, "messages"),
+        ("/detokenize", {"tokens": [-1]}, 400, "tokens[0]"),
+        ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
+    ]
+    for base in (nodes.colocated.url, nodes.decode.url):
+        for route, body, status, param in cases:
+            answer = httpx.post(f"{base}{route}", json=body, timeout=30.0, trust_env=False)
+            assert answer.status_code == status, (base, route, body, answer.text)
+            assert answer.json()["error"]["param"] == param, answer.text
+    locked = httpx.post(f"{nodes.limited.url}/tokenize", json={"prompt": "hi"}, timeout=30.0)
+    assert locked.status_code == 401
