@@ -19,6 +19,8 @@ from node.metrics import NodeMetrics
 from node.settings import NodeSettings
 from node.tools import parser_for
 
+MAX_BODY_BYTES = 64 * 1024 * 1024  # a request's body (the gateway's own limit is lower)
+
 
 @dataclass
 class NodeContext:

@@ -41,7 +41,7 @@ from api.sse import MEDIA_TYPE, STREAM_HEADERS
 from node import prompt_logprobs as plp
 from node import requests as nreq
 from node import responses as fmt
-from node.context import NodeContext
+from node.context import MAX_BODY_BYTES, NodeContext
 from node.jobs import JobRun, JobState
 from node.messages import TokenOutput
 from node.streaming import ChunkMaker, chunk_payload, stream_jobs, usage_so_far, usage_tail
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 RID = re.compile(r"[\x21-\x7e]{1,256}")  # a body's rid: what a header and a log line can carry
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
-MAX_BODY_BYTES = 64 * 1024 * 1024  # the gateway's own limit is lower (gateway.max_body_bytes)
 Handler = Callable[[Request, dict[str, Any], str], Awaitable[Response]]
 
 

@@ -20,8 +20,7 @@ from api.tokenize import (
     TokenizePrompt,
     TokenizeResponse,
 )
-from node.context import NodeContext
-from node.routes import MAX_BODY_BYTES
+from node.context import MAX_BODY_BYTES, NodeContext
 
 
 class Tokenizing:
