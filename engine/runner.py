@@ -34,6 +34,7 @@ from engine.kernels.lm_head import build_lm_head
 from engine.kv.pool import KVLayout, PagePool, available_memory_bytes, pages_for_budget
 from engine.layers.attention import create_backend
 from engine.layers.attention.base import AttentionBatch, ForwardContext
+from engine.layers.linear import pack_bf16_weights
 from engine.models import model_class
 from engine.options import EngineOptions
 from engine.parallel.dp import gather_rows, is_idle, split_plan
@@ -135,6 +136,9 @@ class ModelRunner(GraphSteps):
         self.fused_decode = None
         if options.cpu_kernels and self.device.type == "cpu":
             self._use_cpu_kernels(tp)
+            if self.fused_decode is None:  # NOTE: a fused decode step reads its own copies
+                packed = pack_bf16_weights(self.model)
+                log.info("bfloat16 weights packed for oneDNN: %d MiB", packed >> 20)
         self.sampler = Sampler(eos_token_ids, seed=options.seed)
         log.info(
             "model loaded: %s, %d KV pages of %d tokens",
