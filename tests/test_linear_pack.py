@@ -31,7 +31,10 @@ def test_a_packed_weight_gives_f_linears_numbers(rows: int) -> None:
     expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert pack_bf16_weights(layer) == 200 * 96 * 2 and layer.packed is not None
     assert torch.equal(layer(x), expected)
-    assert torch.equal(linear(x.float(), layer.weight.float()), x.float() @ layer.weight.float().T)
+    # float32 keeps its own path (oneDNN or MKL by row count: equal up to summation order)
+    torch.testing.assert_close(
+        linear(x.float(), layer.weight.float()), x.float() @ layer.weight.float().T
+    )
 
 
 @onednn
