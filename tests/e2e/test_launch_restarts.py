@@ -59,7 +59,7 @@ def load_bodies(tag: str) -> list[tuple[str, dict[str, Any]]]:
 
 
 async def stream(
-    client: httpx.AsyncClient, route: str, body: dict[str, Any], started: asyncio.Event
+    client: httpx.AsyncClient, route: str, body: dict[str, Any]
 ) -> tuple[str, Any, int | None]:
     """(text, native output ids, completion tokens) of one stream read to its end; an error
     event fails the test."""
@@ -74,7 +74,6 @@ async def stream(
         async for line in r.aiter_lines():
             if not line.startswith("data: "):
                 continue
-            started.set()
             if line == "data: [DONE]":
                 break
             event = json.loads(line[6:])
@@ -93,17 +92,14 @@ async def stream(
 async def streams_across(
     url: str, bodies: list[tuple[str, dict[str, Any]]], fault: Callable[[], None] | None
 ) -> list[tuple[str, Any, int | None]]:
-    """Run every stream; once one has begun, `fault()` (in a thread), then read them out.
+    """Run every stream, with `fault()` in a thread from the start (it waits for its node's
+    load itself), then read them out.
 
-    NOTE: not once all have begun: on a busy machine the streams a node got first can end
-    before the last one begins, and the fault would find no stream to land on."""
+    NOTE: the fault watches its node from before the first stream: a wait for the first byte at
+    the client first let a loaded machine finish decode-1's streams before it looked (CI twice)."""
     async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        started = asyncio.Event()
-        tasks = [
-            asyncio.ensure_future(stream(client, route, body, started)) for route, body in bodies
-        ]
+        tasks = [asyncio.ensure_future(stream(client, route, body)) for route, body in bodies]
         if fault is not None:
-            await asyncio.wait_for(started.wait(), 120)
             await asyncio.to_thread(fault)
         return await asyncio.wait_for(asyncio.gather(*tasks), 300)
 
@@ -111,15 +107,16 @@ async def streams_across(
 def wait_until(
     check: Callable[[], Any], what: str, timeout_s: float = 60.0, poll_s: float = 0.1
 ) -> Any:
-    deadline = time.monotonic() + timeout_s
+    deadline, last = time.monotonic() + timeout_s, None
     while True:
         try:
             if result := check():
                 return result
-        except (httpx.HTTPError, OSError, ValueError, KeyError):
-            pass  # a node or file in between states
+            last = result
+        except (httpx.HTTPError, OSError, ValueError, KeyError) as exc:
+            last = exc  # a node or file in between states
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s:g}s")
+            raise AssertionError(f"{what}: not within {timeout_s:g}s (last: {last!r})")
         time.sleep(poll_s)
 
 
