@@ -35,6 +35,7 @@ async def open_request(
     rid: str,
     *,
     resume: Sequence[int] = (),
+    resume_logprobs: dict[str, list] | None = None,
     move: int = 0,
     avoid: Sequence[str] = (),
 ) -> tuple[Exchange | None, Finished | Events]:
@@ -42,8 +43,9 @@ async def open_request(
 
     A refusal (a node's 4xx) comes back as `(None, answer)`; when every attempt fails, the last
     failure is raised as a 502 `ApiError` (503 when no instance can take requests at all).
-    `move` > 0: the stream's move number `move`, going on after the ids in `resume`, on a pair
-    without the instances in `avoid` where others can serve.
+    `move` > 0: the stream's move number `move`, going on after the ids in `resume` (and the
+    /generate logprob fields `resume_logprobs`), on a pair without the instances in `avoid`
+    where others can serve.
     """
     attempts = gw.settings.max_retries + 1
     failed: list[str] = list(avoid)
@@ -59,7 +61,7 @@ async def open_request(
         node_rid = attempt_rid(rid, number, move)
         log_event(logging.DEBUG, "attempt", rid, number=number, decode=pair.decode.url,
                   prefill=pair.prefill.url if pair.prefill else "none")  # fmt: skip
-        attempt = Attempt.make(req, rid, node_rid, pair, gw.rng, tagged, resume)
+        attempt = Attempt.make(req, rid, node_rid, pair, gw.rng, tagged, resume, resume_logprobs)
         exchange = Exchange(attempt, gw.upstream, gw.tasks, gw.clock, gw.settings)
         try:
             return exchange, await exchange.open()

@@ -76,6 +76,7 @@ class Exchange:
         self._closed = False
         # what the client was sent, as token ids (api/resume.py): for moving the stream on
         self._ids: list[bytes] = []  # the events' ids as they came (`streamed` parses them)
+        self.last_payload: bytes | None = None  # the last event the client got from here
         self.untagged = 0  # events sent without ids: the stream cannot be moved
         self.finished = False  # the node said the request finished
         self.ended_in_error = False  # a refusal's error event was relayed
@@ -219,10 +220,10 @@ class Exchange:
                     if error is not None and not outcome.is_refusal(error):
                         self._close_decode(ok=outcome.is_draining(error))
                         if good := _without_last_event(data):
-                            self._count(events)
+                            self._count(events, _last_payload(good))
                             yield good
                         raise StreamBroken(outcome.failed_mid_stream(self.pair.decode.url, error))
-                    self._count(events)
+                    self._count(events, events.last)
                     self.ended_in_error = error is not None
                 if events.done:
                     await self._finish_decode()
@@ -245,7 +246,8 @@ class Exchange:
         """The token ids the client was sent from this exchange."""
         return token_ids(b",".join(self._ids))
 
-    def _count(self, events: Events) -> None:
+    def _count(self, events: Events, last: bytes | None) -> None:
+        self.last_payload = last
         if events.ids:
             self._ids.append(events.ids)
         self.untagged += events.untagged
@@ -317,6 +319,12 @@ def _without_last_event(data: bytes) -> bytes:
     """`data` (whole events) without its last event."""
     cut = data.rfind(b"\n\ndata: ", 0, len(data) - 2)
     return data[: cut + 2] if cut >= 0 else b""
+
+
+def _last_payload(data: bytes) -> bytes:
+    """The payload of the last of `data`'s events (each one `data: ` line, as relayed)."""
+    cut = data.rfind(b"\n\ndata: ", 0, len(data) - 2)
+    return data[cut + 2 + len(b"data: ") : -2] if cut >= 0 else data[len(b"data: ") : -2]
 
 
 def _at_end(response: httpx.Response) -> bool:

@@ -18,6 +18,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from api.errors import ApiError, server_error
+from api.resume import INPUT_LOGPROB_FIELDS, OUTPUT_LOGPROB_FIELDS
 from api.sse import DONE, error_event
 
 from .context import Gateway
@@ -26,7 +27,7 @@ from .events import Events
 from .exchange import Exchange, StreamBroken
 from .logs import log_event
 from .outcome import Finished
-from .requests import Prepared
+from .requests import GENERATE, Prepared
 from .tracker import Tracker
 
 
@@ -37,6 +38,7 @@ class StreamRelay:
         self.gw, self.req, self.rid, self.tracker = gw, req, rid, tracker
         self.exchange = exchange  # the pair serving the stream now
         self.streamed: list[int] = []  # token ids the client was sent, over every pair
+        self.logprobs: dict[str, list] | None = None  # /generate's fields the client has
         self.moves = 0
 
     def abandon(self) -> None:
@@ -55,6 +57,7 @@ class StreamRelay:
                     return
                 except StreamBroken as broken:
                     self.streamed.extend(exchange.streamed)
+                    self._keep_logprobs(exchange)
                     if exchange.finished or exchange.ended_in_error:
                         yield DONE  # NOTE: the answer was whole (or refused): nothing to move
                         return
@@ -69,6 +72,16 @@ class StreamRelay:
                     exchange, first = moved
         finally:
             self.abandon()
+
+    def _keep_logprobs(self, exchange: Exchange) -> None:
+        """A /generate event holds every logprob so far: keep the last one's, for the next pair
+        to go on from (api/resume.py); an exchange that sent nothing leaves the earlier ones."""
+        if self.req.route != GENERATE or exchange.last_payload is None:
+            return
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            meta = json.loads(exchange.last_payload)["meta_info"]
+            fields = (*INPUT_LOGPROB_FIELDS, *OUTPUT_LOGPROB_FIELDS)
+            self.logprobs = {name: meta[name] for name in fields if name in meta} or None
 
     def _why_not_move(self, exchange: Exchange) -> str | None:
         if not movable(self.gw, self.req):
@@ -94,7 +107,13 @@ class StreamRelay:
         )
         try:
             exchange, answer = await open_request(
-                self.gw, self.req, self.rid, resume=self.streamed, move=self.moves, avoid=[dead]
+                self.gw,
+                self.req,
+                self.rid,
+                resume=self.streamed,
+                resume_logprobs=self.logprobs,
+                move=self.moves,
+                avoid=[dead],
             )
         except ApiError as exc:
             return self._fail(exc, "no pair took it over")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from api.resume import RESUME_IDS, TOKEN_IDS
+from api.resume import RESUME_IDS, RESUME_LOGPROBS, TOKEN_IDS
 
 from .requests import Prepared
 from .workers import Pair
@@ -36,14 +36,18 @@ class Attempt:
         rng: random.Random,
         movable: bool = False,
         resume: Sequence[int] = (),
+        logprobs: dict[str, list] | None = None,
     ) -> Attempt:
         """The attempt, with fresh bootstrap rooms drawn from `rng`. A `movable` stream asks
-        for its events' token ids; `resume` goes on after those ids (api/resume.py)."""
+        for its events' token ids; `resume` goes on after those ids, whose /generate logprob
+        fields the client got are `logprobs` (api/resume.py)."""
         body = pd_body(req, node_rid, pair, rng)
         if movable:
             body[TOKEN_IDS] = True
         if resume:
             body[RESUME_IDS] = list(resume)
+        if resume and logprobs:
+            body[RESUME_LOGPROBS] = logprobs
         return cls(req, rid, node_rid, pair, json.dumps(body).encode())
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from api.openai_responses import (
@@ -14,6 +14,7 @@ from api.openai_responses import (
     TopLogprob,
     Usage,
 )
+from api.resume import INPUT_LOGPROB_FIELDS
 from node.jobs import JobState
 from node.messages import TokenOutput
 from node.prompt_logprobs import Entries, TokenText, has_prompt_logprobs, sglang_input_logprobs
@@ -94,6 +95,8 @@ class NativeLogprobs:
     top: int
     start: int | None = None
     text_of: TokenText | None = None
+    # a resumed stream's fields as its client got them before the move (api/resume.py)
+    carried: dict[str, list] = field(default_factory=dict)
 
 
 def native_result(
@@ -129,12 +132,18 @@ def native_logprobs(out: TokenOutput, asked: NativeLogprobs, prompt: Sequence[in
         meta["input_top_logprobs"] = []
     if asked.start is not None and has_prompt_logprobs(out, prompt):
         meta = sglang_input_logprobs(prompt, out, asked.start, asked.top, asked.text_of)
-    meta["output_token_logprobs"] = [
-        [lp, tid, text(tid)] for lp, tid in zip(out.logprobs, out.token_ids)
+    carried = asked.carried
+    meta.update({name: carried[name] for name in INPUT_LOGPROB_FIELDS if name in carried})
+    # NOTE: a resumed stream's ids come first, without logprobs of this node (api/resume.py)
+    before = len(out.token_ids) - len(out.logprobs)
+    own = [[lp, tid, text(tid)] for lp, tid in zip(out.logprobs, out.token_ids[before:])]
+    earlier = carried.get("output_token_logprobs") or [
+        [None, tid, text(tid)] for tid in out.token_ids[:before]
     ]
-    meta["output_top_logprobs"] = [
-        [[v, int(t), text(int(t))] for t, v in row] for row in out.top_logprobs
-    ]
+    meta["output_token_logprobs"] = [*earlier, *own]
+    own_top = [[[v, int(t), text(int(t))] for t, v in row] for row in out.top_logprobs]
+    unknown = [None] * before if own_top or asked.top > 0 else []
+    meta["output_top_logprobs"] = [*(carried.get("output_top_logprobs") or unknown), *own_top]
     return meta
 
 

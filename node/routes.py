@@ -36,7 +36,7 @@ from api.openai_responses import (
     CompletionChoice,
     CompletionResponse,
 )
-from api.resume import wants_token_ids
+from api.resume import resume_ids, resume_logprobs, wants_token_ids
 from api.sse import MEDIA_TYPE, STREAM_HEADERS
 from node import prompt_logprobs as plp
 from node import requests as nreq
@@ -259,7 +259,8 @@ class NodeRoutes:
             with_text = nreq.native_flag(body, "return_text_in_logprobs")
             text_of = self.ctx.token_text if with_text else None
             start = nreq.logprob_start(body)
-            logprobs = fmt.NativeLogprobs(params["logprobs"], start, text_of)
+            carried = resume_logprobs(body, len(resume_ids(body)))
+            logprobs = fmt.NativeLogprobs(params["logprobs"], start, text_of, carried)
         run, first = await self._start(request, jobs)
 
         def result(state: JobState) -> dict:

@@ -37,8 +37,8 @@ STREAM_TOKENS = 96
 
 
 def load_bodies(tag: str) -> list[tuple[str, dict[str, Any]]]:
-    """(route, body) of STREAMS streams: completions, chat and native /generate, greedy but every
-    fourth seeded sampling (a moved stream draws on from the same position)."""
+    """(route, body) of STREAMS streams: completions, chat and native /generate (with logprobs),
+    greedy but every fourth seeded sampling (a moved stream draws on from the same position)."""
     out = []
     for i in range(STREAMS):
         greedy = {"temperature": 0, "ignore_eos": True}
@@ -54,7 +54,8 @@ def load_bodies(tag: str) -> list[tuple[str, dict[str, Any]]]:
             out.append(("/v1/chat/completions", body))
         else:
             params = {"max_new_tokens": STREAM_TOKENS, **greedy}
-            out.append(("/generate", {"text": prompt, "sampling_params": params}))
+            body = {"text": prompt, "sampling_params": params, "return_logprob": True}
+            out.append(("/generate", body))
     return out
 
 
@@ -81,6 +82,11 @@ async def stream(
             if route == "/generate":  # every event holds the whole output so far
                 text, ids = event["text"], event["output_ids"]
                 tokens = event["meta_info"]["completion_tokens"]
+                # NOTE: logprobs too, from before a move as well (api/resume.py)
+                logprobs = event["meta_info"]["output_token_logprobs"]
+                assert [t for _, t, _ in logprobs] == ids and None not in [
+                    lp for lp, _, _ in logprobs
+                ]
                 continue
             for choice in event["choices"]:
                 text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""

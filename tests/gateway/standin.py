@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from api.errors import error_body
-from api.resume import ids_comment, resume_ids, wants_token_ids
+from api.resume import RESUME_LOGPROBS, ids_comment, resume_ids, wants_token_ids
 from api.sse import DONE, encode_event
 
 GENERATION_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
@@ -113,7 +113,8 @@ class StandIn:
         with self.lock:
             self.succeeded.add(rid)
         if body.get("stream"):
-            return StreamingResponse(self.events(body), media_type="text/event-stream")
+            native = request.url.path == "/generate" and body.get("return_logprob") is True
+            return StreamingResponse(self.events(body, native), media_type="text/event-stream")
         return JSONResponse(self.answer(body, "".join(self.tokens())))
 
     async def wait_turn(self, rid: str | None) -> bool:
@@ -149,7 +150,7 @@ class StandIn:
             "usage": usage,
         }
 
-    async def events(self, body: dict[str, Any]) -> Any:
+    async def events(self, body: dict[str, Any], native: bool = False) -> Any:
         b = self.behavior
         if b.mode == "error_event":
             yield encode_event(error_body(f"{self.name} failed", "server_error"))
@@ -166,12 +167,30 @@ class StandIn:
             if b.mode == "cut" and i == b.hang_after:
                 raise ConnectionResetError(f"{self.name} cut the stream")  # uvicorn drops it
             await asyncio.sleep(b.event_delay_s)
-            event = encode_event(self.answer(body, token))
+            payload = self.native_event(body, start + i) if native else self.answer(body, token)
+            event = encode_event(payload)
             if tag:
                 last = start + i == b.events - 1
                 event = ids_comment([TOKEN_BASE + start + i], finished=last) + event
             yield event
         yield DONE
+
+    def native_event(self, body: dict[str, Any], last: int) -> dict[str, Any]:
+        """/generate's event after token `last` with return_logprob: the whole output so far.
+        Each logprob entry names the node that computed it; a resumed stream's earlier entries
+        are those its body carried (`pd_resume_logprobs`), as a node keeps them."""
+        start, carried = len(resume_ids(body)), body.get(RESUME_LOGPROBS) or {}
+        earlier = carried.get("output_token_logprobs") or [
+            [None, TOKEN_BASE + k, None] for k in range(start)
+        ]
+        own = [[-(k + 1) / 10, TOKEN_BASE + k, self.name] for k in range(start, last + 1)]
+        meta = {
+            "id": body.get("rid"),
+            "input_token_logprobs": carried.get("input_token_logprobs") or [[None, 1, self.name]],
+            "output_token_logprobs": [*earlier, *own],
+        }
+        ids = [TOKEN_BASE + k for k in range(last + 1)]
+        return {"text": "".join(self.tokens()[: last + 1]), "output_ids": ids, "meta_info": meta}
 
 
 def body_json(text: bytes) -> Any:

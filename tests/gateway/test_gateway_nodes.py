@@ -614,3 +614,47 @@ def test_tokenize_refuses_what_it_cannot_answer(nodes: Nodes) -> None:
             assert answer.json()["error"]["param"] == param, answer.text
     locked = httpx.post(f"{nodes.limited.url}/tokenize", json={"prompt": "hi"}, timeout=30.0)
     assert locked.status_code == 401
+
+
+def last_native_event(http: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    """The last event of a /generate stream (it holds the whole output so far)."""
+    text = http.post("/generate", json={**body, "stream": True}).text
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: {")]
+    assert events, text
+    return json.loads(events[-1])
+
+
+def test_a_resumed_generate_stream_goes_on_from_the_logprobs_it_carries(nodes: Nodes) -> None:
+    """A /generate stream the gateway moved here (api/resume.py): its events hold the logprobs
+    the client got before the move as they were, then this node's, in line with output_ids."""
+    greedy = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+    asked = {"text": PROMPT, "sampling_params": greedy, "return_logprob": True}
+    asked |= {"top_logprobs_num": 2, "logprob_start_len": 0}
+    k = 3  # the tokens streamed before the move
+    with httpx.Client(base_url=nodes.decode.url, timeout=60.0, trust_env=False) as http:
+        whole = last_native_event(http, asked)
+        ids, meta = whole["output_ids"], whole["meta_info"]
+        fields = {name: meta[name] for name in ("input_token_logprobs", "input_top_logprobs")}
+        fields |= {
+            name: meta[name][:k] for name in ("output_token_logprobs", "output_top_logprobs")
+        }
+        moved = {**asked, "pd_resume_ids": ids[:k]}
+        resumed = last_native_event(http, {**moved, "pd_resume_logprobs": fields})
+        bare = last_native_event(http, moved)["meta_info"]
+        short = {"output_token_logprobs": fields["output_token_logprobs"][:2]}
+        bad = http.post("/generate", json={**moved, "pd_resume_logprobs": short})
+    got = resumed["meta_info"]
+    assert resumed["output_ids"] == ids and len(ids) == 8
+    for name in ("input_token_logprobs", "input_top_logprobs"):
+        assert got[name] == meta[name]
+    assert got["output_token_logprobs"][:k] == meta["output_token_logprobs"][:k]
+    assert got["output_top_logprobs"][:k] == meta["output_top_logprobs"][:k]
+    for mine, first in zip(got["output_token_logprobs"][k:], meta["output_token_logprobs"][k:]):
+        assert mine[1:] == first[1:] and mine[0] == pytest.approx(first[0], abs=1e-3)
+    assert len(got["output_top_logprobs"]) == len(ids)
+    # without the carried fields (a client of the node itself), the resumed ids' entries say
+    # their logprobs are unknown, and every entry still belongs to its output id
+    assert [t for _, t, _ in bare["output_token_logprobs"]] == ids
+    assert [lp for lp, _, _ in bare["output_token_logprobs"][:k]] == [None] * k
+    assert bare["output_top_logprobs"][:k] == [None] * k and bare["input_token_logprobs"] == []
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "pd_resume_logprobs"

@@ -70,6 +70,36 @@ def test_a_stream_moved_again_and_again_streams_each_token_once(
     wait_until(lambda: settled(h), what="load accounting back to zero")
 
 
+def test_a_moved_generate_stream_keeps_every_logprob_its_client_got(
+    harness: Callable[..., Harness],
+) -> None:
+    """/generate events hold every logprob so far: after each move they still do, each entry
+    the one its client got from the node that computed it (no gap, no placeholder)."""
+    h = make(harness, decode=2)
+    for d, cut in zip(h.decode, (2, 1)):
+        d.behavior.mode, d.behavior.hang_after = "cut", cut
+    body = {"text": "hi", "stream": True, "return_logprob": True}
+    with h.client() as c, c.stream("POST", "/generate", json=body) as r:
+        assert r.status_code == 200
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    events = [json.loads(line) for line in lines if line != "[DONE]"]
+    assert all("error" not in e for e in events)
+    for event in events:  # every event's logprobs line up with its output ids
+        assert [t for _, t, _ in event["meta_info"]["output_token_logprobs"]] == event["output_ids"]
+    last = events[-1]["meta_info"]
+    assert last["output_token_logprobs"] == [
+        [-(k + 1) / 10, TOKEN_BASE + k, node]
+        for k, node in enumerate(["d0", "d0", "d1", "d0", "d0", "d1"])
+    ]
+    assert last["input_token_logprobs"] == [[None, 1, "d0"]]  # the first node's prompt logprobs
+    moves = [b for d in h.decode for b in d.bodies("/generate") if "pd_resume_ids" in b]
+    assert len(moves) == 3
+    for moved in moves:  # each move carried what its client had: one entry per resumed id
+        carried = moved["pd_resume_logprobs"]["output_token_logprobs"]
+        assert [t for _, t, _ in carried] == moved["pd_resume_ids"]
+        assert None not in [lp for lp, _, _ in carried]
+
+
 def test_moves_are_bounded_then_the_stream_ends_in_an_error(
     harness: Callable[..., Harness],
 ) -> None:
