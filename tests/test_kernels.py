@@ -113,32 +113,33 @@ ATTENTION_CASES = [
 ]
 
 
+@pytest.mark.parametrize("page", [1, 4, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("native, heads, kv_heads, dim", ATTENTION_CASES)
 def test_decode_attention_equals_dense_reference(
-    dtype: torch.dtype, native: bool, heads: int, kv_heads: int, dim: int
+    dtype: torch.dtype, native: bool, heads: int, kv_heads: int, dim: int, page: int
 ) -> None:
     """Ragged decode batch over scattered pages == per-request dense softmax attention, on
-    torch's path and on the native CPU kernel (which reads the pages in place)."""
+    torch's path and on the native CPU kernel (which reads the pages in place, prefetching
+    pages ahead: page sizes 1 to 16, contexts of one token to several pages)."""
     from engine.kernels.build import cpu_flags
     from engine.kernels.decode_attention import build_decode_attention
 
     if native and "avx512f" not in cpu_flags():
         pytest.skip("needs AVX-512: this CPU lacks avx512f (the [torch] case runs torch's path)")
-    page = 4
-    pool = PagePool(KVLayout.mha(1, kv_heads, dim, dtype), 64, page)
+    pool = PagePool(KVLayout.mha(1, kv_heads, dim, dtype), 128, page)
     backend = TorchAttention(pool, scale=dim**-0.5)
     if native:
         backend.decode_kernel = build_decode_attention(threads=2)
         assert backend.decode_kernel is not None, "an AVX-512 CPU must get the kernel (gcc?)"
         assert backend.decode_kernel.supports(dtype, heads, kv_heads, dim)  # the kernel runs
     gen = torch.Generator().manual_seed(dim)
-    lens = [1 + 5, 13, 2, 9, 40]  # context lengths after this step's token
+    lens = [1 + 5, 13, 2, 9, 40, 1]  # context lengths after this step's token
     tables = [pool.alloc(-(-n // page))[::-1] for n in lens]  # reversed: non-contiguous
     ctx = [torch.randn(2, n, kv_heads, dim, generator=gen).to(dtype) for n in lens]
     k_buf, v_buf = pool.k_buffer(0), pool.v_buffer(0)  # [pages, kv_heads, page, dim]
     for table, (k, v), n in zip(tables, ctx, lens):
-        pages = torch.tensor([table[p // page] for p in range(n - 1)])
+        pages = torch.tensor([table[p // page] for p in range(n - 1)], dtype=torch.long)
         offsets = torch.arange(n - 1) % page
         k_buf[pages, :, offsets], v_buf[pages, :, offsets] = k[: n - 1], v[: n - 1]
     q = torch.randn(len(lens), heads, dim, generator=gen).to(dtype)

