@@ -160,7 +160,8 @@ def test_decode_attention_equals_dense_reference(
 @pytest.mark.parametrize("waste", [1.0, 2.0, 100.0])
 def test_extend_attention_equals_dense_reference(dtype: torch.dtype, waste: float) -> None:
     """Ragged extends (fresh prompts, chunks after a cached prefix) mixed with decode rows,
-    attended in padded groups == per-request dense causal attention."""
+    attended in padded groups (or, fresh prompts of one length, in slices of the step's q, k
+    and v) == per-request dense causal attention."""
     from engine.layers.attention import torch_backend
 
     page, heads, kv_heads, dim = 4, 4, 2, 8
@@ -188,6 +189,9 @@ def test_extend_attention_equals_dense_reference(dtype: torch.dtype, waste: floa
     meta.extend_groups = torch_backend.group_extends(meta.extends, page, kv_heads, waste)
     if waste == 1.0:
         assert len(meta.extend_groups) > 1  # only equal shapes share a group
+        # the two fresh 12-token prompts, one after the other in q, are sliced, not gathered
+        fresh = [(g.n, g.q_len) for g in meta.extend_groups if g.first_row is not None]
+        assert (2, 12) in fresh
     if waste == 100.0:
         assert len(meta.extend_groups) == 1
     out = backend.forward(q, step_k, step_v, 0, meta)

@@ -53,6 +53,9 @@ class ExtendGroup:
     n: int
     q_len: int
     kv_len: int
+    # fresh prefills of one length whose rows of q follow each other: [start, start + n * q_len)
+    # of q, and of this step's k and v, which are all they attend to (no gather, no padding)
+    first_row: int | None = None
 
 
 def group_extends(
@@ -92,9 +95,12 @@ def _group(items: list[ExtendItem], page_size: int, kv_heads: int) -> ExtendGrou
         mask = keys[None, None, :] <= cols[None, :, None] + offset
         mask = (mask & (keys[None, None, :] < kv_lens[:, None, None]))[:, None]
     out_src = real.flatten().nonzero()[:, 0]
+    first = items[0].q_start
+    following = all(i.q_start == first + k * q_len for k, i in enumerate(items))
     return ExtendGroup(
-        q_src.flatten(), kv_rows, mask, out_src, q_src.flatten()[out_src], n, q_len, kv_len
-    )
+        q_src.flatten(), kv_rows, mask, out_src, q_src.flatten()[out_src], n, q_len, kv_len,
+        first if mask is None and following else None,
+    )  # fmt: skip
 
 
 @dataclass
@@ -220,7 +226,10 @@ class TorchAttention(AttentionBackend):
         if meta.extends and meta.extend_groups is None:
             meta.extend_groups = group_extends(meta.extends, self.page_size, kv_heads)
         for group in meta.extend_groups or ():
-            self._extend(q, k_cache, v_cache, out, group)
+            if group.first_row is not None and k.dtype == k_cache.dtype:
+                self._fresh(q, k, v, out, group)
+            else:
+                self._extend(q, k_cache, v_cache, out, group)
         if meta.decode_rows is not None:
             self._decode(q, out, layer, meta)
         return out
@@ -246,6 +255,23 @@ class TorchAttention(AttentionBackend):
         )
         o = o.transpose(1, 2).reshape(g.n * g.q_len, heads, dim)
         out.index_copy_(0, g.out_rows, o.index_select(0, g.out_src).to(out.dtype))
+
+    def _fresh(self, q, k, v, out, g: ExtendGroup) -> None:
+        """`_extend` of fresh prefills that follow each other in q: slices of this step's q, k
+        and v in place of gathers (the same numbers: k and v are what the cache holds)."""
+        heads, dim = q.shape[1:]
+        rows = slice(g.first_row, g.first_row + g.n * g.q_len)
+
+        def by_request(x: torch.Tensor) -> torch.Tensor:
+            # NOTE: dense [n, q_len, heads, dim], then seen heads first: SDPA ran fastest so
+            # (converted after the transpose, a strided view of qkv came out heads-major)
+            return x[rows].view(g.n, g.q_len, -1, dim).float().transpose(1, 2)
+
+        o = F.scaled_dot_product_attention(
+            by_request(q), by_request(k), by_request(v), is_causal=True, scale=self.scale,
+            enable_gqa=True,
+        )  # fmt: skip
+        out[rows].view(g.n, g.q_len, heads, dim).copy_(o.transpose(1, 2))
 
     def _decode(self, q, out, layer: int, meta: TorchAttentionMeta) -> None:
         rows = meta.decode_rows
