@@ -31,10 +31,12 @@ from engine.kernels.build import keep_freed_memory_mapped
 from engine.kernels.decode_attention import build_decode_attention
 from engine.kernels.decode_layer import build_fused_decode
 from engine.kernels.lm_head import build_lm_head
+from engine.kernels.norm_act import build_norm_act
 from engine.kv.pool import KVLayout, PagePool, available_memory_bytes, pages_for_budget
 from engine.layers.attention import create_backend
 from engine.layers.attention.base import AttentionBatch, ForwardContext
 from engine.layers.linear import pack_bf16_weights
+from engine.layers.mlp import use_norm_act
 from engine.models import model_class
 from engine.options import EngineOptions
 from engine.parallel.dp import gather_rows, is_idle, split_plan
@@ -157,6 +159,7 @@ class ModelRunner(GraphSteps):
         whole-layer fused decode is off."""
         keep_freed_memory_mapped()
         threads = torch.get_num_threads()
+        use_norm_act(self.model, build_norm_act(threads))
         kernel = build_lm_head(self.model.lm_head_weight, threads)
         if tp.dp:  # DP attention: the LM head is whole here; the MoE layers meet the ranks
             self.lm_head_kernel = kernel

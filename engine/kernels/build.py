@@ -20,7 +20,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).parent / "csrc"
 CFLAGS = ("-O3", "-fopenmp", "-mavx512f", "-mavx512bf16", "-mfma", "-shared", "-fPIC")
-FLOAT_SOURCES = ("lm_head", "decode_attention", "decode_layer")
+FLOAT_SOURCES = ("lm_head", "decode_attention", "decode_layer", "norm_act")
 
 
 def cache_dir() -> Path:
@@ -46,13 +46,13 @@ def compile_library(
     out_dir: Path | None = None,
 ) -> Path:
     """The shared library built from csrc/`name`.c (or several sources, named after the first;
-    all may include lm_head.h), compiled into `out_dir` unless it is already there."""
+    all may include the headers there), compiled into `out_dir` unless it is already there."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (install gcc, or set CC) to build the CPU kernels")
     names = (name,) if isinstance(name, str) else name
     sources = [CSRC / f"{n}.c" for n in names]
-    text = b"".join(p.read_bytes() for p in [*sources, CSRC / "lm_head.h"])
+    text = b"".join(p.read_bytes() for p in [*sources, *sorted(CSRC.glob("*.h"))])
     digest = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
     target = out_dir / f"{names[0]}-{digest}.so"
@@ -74,8 +74,8 @@ def compile_library(
 
 
 def float_kernels() -> ctypes.CDLL:
-    """The float kernels (lm_head.c, decode_attention.c, decode_layer.c) as one library, built
-    on first use; every caller gets the same loaded object."""
+    """The float kernels (lm_head.c, decode_attention.c, decode_layer.c, norm_act.c) as one
+    library, built on first use; every caller gets the same loaded object."""
     return ctypes.CDLL(str(compile_library(FLOAT_SOURCES, CFLAGS)))
 
 

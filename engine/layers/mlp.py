@@ -7,7 +7,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.kernels.norm_act import NormAct
 from engine.layers.linear import MergedLinear, Part, RowLinear
+from engine.layers.norm import RMSNorm
 from engine.parallel.group import Parallel
 
 
@@ -23,7 +25,22 @@ class GatedMLP(nn.Module):
         half = Part.split(intermediate_size, tp, "intermediate_size")
         self.gate_up_proj = MergedLinear(hidden_size, (half, half))
         self.down_proj = RowLinear(intermediate_size, hidden_size, tp=tp, reduce=reduce)
+        self.act_kernel: NormAct | None = None  # the native bfloat16 pass, set by the runner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        kernel = self.act_kernel
+        if kernel is not None and kernel.serves_silu_mul(gate_up):
+            return self.down_proj(kernel.silu_mul(gate_up))
+        gate, up = self.gate_up_proj.split(gate_up)
         return self.down_proj(F.silu(gate) * up)
+
+
+def use_norm_act(model: nn.Module, kernel: NormAct | None) -> None:
+    """Every RMSNorm and gated MLP of `model` takes its bfloat16 pass from `kernel` (None:
+    torch's ops); float32 models and shapes the kernel does not serve keep torch's."""
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.kernel = kernel
+        elif isinstance(module, GatedMLP):
+            module.act_kernel = kernel
