@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 CFLAGS = ("-O3", "-fopenmp", "-mavx512f", "-mavx512bf16", "-mfma", "-shared", "-fPIC")
@@ -90,6 +93,19 @@ def bind(lib: ctypes.CDLL, names: tuple[str, ...], argtypes: list) -> list:
 
 # Errors a kernel module's build_* turns into "off, torch's op stays" (reason logged).
 BUILD_ERRORS = (OSError, RuntimeError, subprocess.SubprocessError)
+
+
+def avx512_float_kernels(what: str) -> ctypes.CDLL | None:
+    """`float_kernels()` for a kernel that needs only AVX-512F, or None with the reason logged
+    as "`what` off: ..." (the CPU lacks it, or the build failed)."""
+    if "avx512f" not in cpu_flags():
+        log.info("%s off: this CPU lacks avx512f", what)
+        return None
+    try:
+        return float_kernels()
+    except BUILD_ERRORS as exc:
+        log.info("%s off: %s", what, exc)
+        return None
 
 
 def keep_freed_memory_mapped() -> bool:

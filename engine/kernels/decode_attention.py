@@ -9,13 +9,10 @@ one (request, kv head) pair per OpenMP work item.
 from __future__ import annotations
 
 import ctypes
-import logging
 
 import torch
 
-from engine.kernels.build import BUILD_ERRORS, bind, cpu_flags, float_kernels
-
-log = logging.getLogger(__name__)
+from engine.kernels.build import avx512_float_kernels, bind
 
 # decode_attention_*(q, k, v, pages, lens, B, Hq, Hkv, D, page_size, max_pages, scale, out,
 #                    threads); see decode_attention.c
@@ -67,11 +64,5 @@ class DecodeAttention:
 
 def build_decode_attention(threads: int = 1) -> DecodeAttention | None:
     """The native decode attention, or None (reason logged) where it cannot run."""
-    if "avx512f" not in cpu_flags():
-        log.info("CPU decode attention kernel off: this CPU lacks avx512f")
-        return None
-    try:
-        return DecodeAttention(float_kernels(), threads)
-    except BUILD_ERRORS as exc:
-        log.info("CPU decode attention kernel off: %s", exc)
-        return None
+    lib = avx512_float_kernels("CPU decode attention kernel")
+    return None if lib is None else DecodeAttention(lib, threads)

@@ -10,13 +10,10 @@ reference implementations' (csrc/norm_act.c says where a result may differ by on
 from __future__ import annotations
 
 import ctypes
-import logging
 
 import torch
 
-from engine.kernels.build import BUILD_ERRORS, bind, cpu_flags, float_kernels
-
-log = logging.getLogger(__name__)
+from engine.kernels.build import avx512_float_kernels, bind
 
 _SILU_MUL_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
 _RMS_NORM_ARGS = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 2, ctypes.c_float]
@@ -28,10 +25,8 @@ class NormAct:
 
     def __init__(self, lib: ctypes.CDLL, threads: int) -> None:
         self.threads = max(1, threads)
-        self._silu_mul, self._rms_norm = bind(
-            lib, ("silu_mul_bf16", "rms_norm_bf16"), _SILU_MUL_ARGS
-        )
-        self._rms_norm.argtypes = _RMS_NORM_ARGS
+        (self._silu_mul,) = bind(lib, ("silu_mul_bf16",), _SILU_MUL_ARGS)
+        (self._rms_norm,) = bind(lib, ("rms_norm_bf16",), _RMS_NORM_ARGS)
 
     @staticmethod
     def _serves(x: torch.Tensor, width: int) -> bool:
@@ -74,11 +69,5 @@ class NormAct:
 
 def build_norm_act(threads: int = 1) -> NormAct | None:
     """The native norm and activation, or None (reason logged) where they cannot run."""
-    if "avx512f" not in cpu_flags():
-        log.info("CPU norm/activation kernels off: this CPU lacks avx512f")
-        return None
-    try:
-        return NormAct(float_kernels(), threads)
-    except BUILD_ERRORS as exc:
-        log.info("CPU norm/activation kernels off: %s", exc)
-        return None
+    lib = avx512_float_kernels("CPU norm/activation kernels")
+    return None if lib is None else NormAct(lib, threads)

@@ -39,8 +39,7 @@ static inline void prefetch(const void *rows, int64_t bytes) {
 static inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
 
 static inline __m512 load16_bf16(const uint16_t *p) {
-  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  return widen_bf16(_mm256_loadu_si256((const __m256i *)p));
 }
 
 // One (request, kv head) pair: the G = Hq / Hkv query heads q[G, D] (scale applied here)
